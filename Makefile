@@ -1,0 +1,28 @@
+# DeepMedix — two commands on a fresh clone: `make demo` and `make test`. Both bootstrap .venv themselves.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+RUN_DIR ?= runs/demo
+
+.PHONY: install demo test compile bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[all]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/deepmedix demo --run-dir $(RUN_DIR)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+compile: $(STAMP)
+	$(BIN)/python -m pipelines.compile --out pipelines/deepmedix_pipeline.yaml
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,176 @@
+"""``deepmedix …``: every stage from the command line, the pipeline, serving and the demo."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from typing import Iterator, List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+app = typer.Typer(help="DeepMedix-R1: grounded chest X-ray reasoning — curate, train, evaluate, serve.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Datasets: the phantom CXR generator and curation.", no_args_is_help=True)
+model_app = typer.Typer(help="Model folders.", no_args_is_help=True)
+train_app = typer.Typer(help="Stage 1 SFT, stage 2 cold start, stage 3 GRPO.", no_args_is_help=True)
+coldstart_app = typer.Typer(help="Cold-start trace synthesis.", no_args_is_help=True)
+eval_app = typer.Typer(help="Evaluation.", no_args_is_help=True)
+pipeline_app = typer.Typer(help="The KFP pipeline.", no_args_is_help=True)
+for sub, name in ((data_app, "data"), (model_app, "model"), (train_app, "train"), (coldstart_app, "coldstart"),
+                  (eval_app, "eval"), (pipeline_app, "pipeline")):
+    app.add_typer(sub, name=name)
+
+err = Console(stderr=True)
+CONFIG = typer.Option("tiny", "--config", "-c", help="config size (configs/<stage>/<size>.yaml) or a YAML path")
+SET = typer.Option(None, "--set", "-s", help="override a config key: KEY=VALUE (repeatable)")
+
+
+@contextmanager
+def cli_errors() -> Iterator[None]:
+    """Known failures become one clear line on stderr and exit code 2 (no traceback)."""
+    from deepmedix.config import ConfigError
+    from deepmedix.data.schema import RecordError
+    from deepmedix.model.load import ModelLoadError
+    from deepmedix.store import StoreError
+
+    try:
+        yield
+    except (ConfigError, RecordError, StoreError, ModelLoadError, ValueError, FileNotFoundError) as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2)
+
+
+@contextmanager
+def progress_bar(label: str):
+    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err) as p:
+        task = p.add_task(label, total=None)
+        yield lambda done, total: p.update(task, completed=done, total=total)
+
+
+def show(result: dict) -> None:
+    print(json.dumps(result, indent=2, default=str))
+
+
+@data_app.command("phantom")
+def data_phantom(out: str = typer.Option(..., help="output dataset folder or s3:// URI"), config: str = CONFIG,
+                 set_: Optional[List[str]] = SET):
+    """Generate the phantom CXR set (Records as Parquet + PNG, split by patient)."""
+    from deepmedix import stages
+
+    with cli_errors(), progress_bar("phantom studies") as prog:
+        show(stages.curate(out, config, set_, progress=prog))
+
+
+@model_app.command("tiny")
+def model_tiny(out: str = typer.Option(..., help="output model folder or s3:// URI"),
+               data: str = typer.Option("", help="a dataset whose train text the tokenizer learns"),
+               config: str = CONFIG, set_: Optional[List[str]] = SET):
+    """Build the tiny Qwen2.5-VL (random init, tokenizer trained here)."""
+    from deepmedix import stages, store
+    from deepmedix.config import load_config
+    from deepmedix.model.tiny import build_tiny
+
+    with cli_errors():
+        if data:
+            show(stages.base_model(data, out, config, set_))
+        else:
+            cfg = load_config("model", config, set_)
+            with store.atomic_dir(out) as folder:
+                build_tiny(folder, cfg)
+                store.write_lineage(folder, "base_model", cfg)
+            show({"stage": "base_model", "out": out})
+
+
+@train_app.command("sft")
+def train_sft(data: str = typer.Option(...), model: str = typer.Option(...), out: str = typer.Option(...),
+              config: str = CONFIG, set_: Optional[List[str]] = SET):
+    """Stage 1: instruction SFT (TRL SFTTrainer)."""
+    from deepmedix import stages
+
+    with cli_errors():
+        show(stages.sft(data, model, out, config, set_))
+
+
+@train_app.command("coldstart")
+def train_coldstart(traces: str = typer.Option(...), model: str = typer.Option(...), out: str = typer.Option(...),
+                    config: str = CONFIG, set_: Optional[List[str]] = SET):
+    """Stage 2: SFT on grounded reasoning traces."""
+    from deepmedix import stages
+
+    with cli_errors():
+        show(stages.coldstart_sft(traces, model, out, config, set_))
+
+
+@train_app.command("grpo")
+def train_grpo(data: str = typer.Option(...), model: str = typer.Option(...), out: str = typer.Option(...),
+               config: str = CONFIG, set_: Optional[List[str]] = SET):
+    """Stage 3: GRPO with rule-based rewards (TRL GRPOTrainer)."""
+    from deepmedix import stages
+
+    with cli_errors():
+        show(stages.grpo(data, model, out, config, set_))
+
+
+@coldstart_app.command("synth")
+def coldstart_synth(data: str = typer.Option(...), out: str = typer.Option(...), config: str = CONFIG,
+                    set_: Optional[List[str]] = SET):
+    """Write grounded traces for the selected records with a teacher, filtered."""
+    from deepmedix import stages
+
+    with cli_errors():
+        show(stages.coldstart_synth(data, out, config, set_))
+
+
+@eval_app.command("run")
+def eval_run(model: str = typer.Option(...), data: str = typer.Option(...), out: str = typer.Option(...),
+             split: str = typer.Option("", help="split to evaluate (default: the config's)"), config: str = CONFIG,
+             set_: Optional[List[str]] = SET):
+    """Generate on a split, write predictions JSONL, metrics JSON and a markdown table."""
+    from deepmedix import stages
+
+    overrides = list(set_ or []) + ([f"split={split}"] if split else [])
+    with cli_errors(), progress_bar("generating") as prog:
+        show(stages.evaluate(data, model, out, config, overrides, progress=prog))
+
+
+@app.command("serve")
+def serve(model: str = typer.Option(..., help="model folder or s3:// URI"), port: int = 8080,
+          host: str = "127.0.0.1", name: str = "deepmedix"):
+    """Serve a model with the KServe model server (v1 :predict)."""
+    from serving.server import main
+
+    main(["--model", model, "--port", str(port), "--host", host, "--name", name])
+
+
+@pipeline_app.command("compile")
+def pipeline_compile(out: str = typer.Option("pipelines/deepmedix_pipeline.yaml")):
+    """Write the pipeline IR YAML."""
+    from pipelines.compile import compile_pipeline
+
+    print(compile_pipeline(out))
+
+
+@pipeline_app.command("run-local")
+def pipeline_run_local(root: str = typer.Option("runs/local/pipeline_root"), size: str = "tiny"):
+    """Run the whole pipeline under kfp.local (subprocess runner)."""
+    from pathlib import Path
+
+    from deepmedix.demo import run_pipeline_local, stage_metrics
+
+    run = run_pipeline_local(Path(root).resolve(), size=size)
+    show({"run": str(run), "stages": stage_metrics(run)})
+
+
+@app.command("demo")
+def demo(run_dir: str = typer.Option("runs/demo")):
+    """The pipeline under kfp.local, then serving and one grounded answer."""
+    from deepmedix.demo import main
+
+    main(run_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(app())

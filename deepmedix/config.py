@@ -1,0 +1,192 @@
+"""One dataclass per stage, filled from ``configs/<stage>/<size>.yaml`` and overridden from the command line.
+
+``load_config("sft", "tiny", ["max_steps=10"])`` reads ``configs/sft/tiny.yaml``; a path to a YAML file works too.
+Unknown keys and values of the wrong type are errors that name the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class CurateConfig:
+    source: str = "phantom"
+    n_patients: int = 40
+    studies_per_patient: list[int] = field(default_factory=lambda: [1, 3])
+    image_size: int = 512
+    vqa_per_study: int = 3
+    split_ratios: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
+    records_per_shard: int = 5000
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """The tiny Qwen2.5-VL built locally (same classes as the 7B, toy sizes)."""
+    vocab_size: int = 2048
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    vision_depth: int = 2
+    vision_hidden_size: int = 64
+    vision_intermediate_size: int = 128
+    vision_num_heads: int = 4
+    max_position_embeddings: int = 4096
+    min_pixels: int = 168 * 168
+    max_pixels: int = 168 * 168
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """Fields shared by the trainers (stage 1 SFT, stage 2 cold start, stage 3 GRPO)."""
+    tasks: list[str] = field(default_factory=lambda: ["report_findings", "report_impression", "vqa", "grounding"])
+    task_ratios: dict[str, float] = field(default_factory=dict)  # task -> fraction kept (1.0 = all)
+    max_records: int = 0  # 0 = all
+    max_steps: int = 100
+    num_train_epochs: float = 1.0
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    lr_scheduler_type: str = "linear"
+    max_length: int = 0  # 0 = no limit
+    min_pixels: int = 0  # 0 = the model folder's own pixel budget
+    max_pixels: int = 0
+    frame: int = 512
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    freeze_vision: bool = False
+    eval_records: int = 24  # held-out validate records for the stage's before/after metric
+    eval_max_new_tokens: int = 96
+    logging_steps: int = 10
+    seed: int = 0
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    pass
+
+
+@dataclass
+class ColdStartConfig(TrainConfig):
+    teacher: str = "template"
+    tasks: list[str] = field(default_factory=lambda: ["report_impression", "vqa", "grounding"])
+
+
+@dataclass
+class GRPOConfig(TrainConfig):
+    tasks: list[str] = field(default_factory=lambda: ["vqa", "grounding"])
+    num_generations: int = 4
+    max_completion_length: int = 96
+    temperature: float = 1.0
+    beta: float = 0.0
+    reward: str = "paper"
+    learning_rate: float = 5e-5
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"
+    tasks: list[str] = field(default_factory=lambda: ["report_findings", "report_impression", "vqa", "grounding"])
+    max_records: int = 0
+    batch_size: int = 16
+    max_new_tokens: int = 160
+    min_pixels: int = 0
+    max_pixels: int = 0
+    frame: int = 512
+    seed: int = 0
+
+
+STAGES: dict[str, type] = {
+    "curate": CurateConfig,
+    "model": ModelConfig,
+    "sft": SFTConfig,
+    "coldstart": ColdStartConfig,
+    "grpo": GRPOConfig,
+    "eval": EvalConfig,
+}
+
+
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        _, vt = typing.get_args(tp)
+        return {str(k): _check_type(v, vt, f"{where}.{k}") for k, v in value.items()}
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], source: str = "<dict>") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {unknown} for {cls.__name__}; known: {sorted(names)}")
+    kwargs = {k: _check_type(v, hints[k], f"{source}: key '{k}'") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE")
+        key, raw = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(raw)
+    return out
+
+
+def config_path(stage: str, size_or_path: str) -> Path:
+    p = Path(size_or_path)
+    if p.suffix in (".yaml", ".yml"):
+        return p
+    return CONFIG_DIR / stage / f"{size_or_path}.yaml"
+
+
+def load_config(stage: str, size_or_path: str = "tiny", overrides: list[str] | None = None) -> Any:
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage {stage!r}; known: {sorted(STAGES)}")
+    path = config_path(stage, size_or_path)
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found for stage '{stage}'")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    data.update(parse_overrides(overrides))
+    return from_dict(STAGES[stage], data, str(path))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,78 @@
+"""Evaluation: generate on a split (batched, resumable, with progress), write the prediction file, then score it.
+
+Prediction file (JSONL, one line per record): record_id, task, question_type, source, prompt, raw_output,
+answer (parsed), boxes (parsed, model frame), format_ok, reference, ref_boxes_frame.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from deepmedix import store
+from deepmedix.config import EvalConfig
+from deepmedix.grounding import parse
+from deepmedix.train.common import batched, frame_boxes, load_split, record_images, write_json
+
+
+def predict(cfg: EvalConfig, data_uri: str, model_uri: str, pred_path: Path,
+            progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
+    """Append predictions to ``pred_path`` for records not already in it (so an interrupted run resumes)."""
+    from deepmedix.model.load import generate, load
+
+    root, records = load_split(data_uri, cfg.split, cfg.tasks, None, cfg.max_records, cfg.seed)
+    if not records:
+        raise ValueError(f"{data_uri}: no '{cfg.split}' records for tasks {cfg.tasks}")
+    done: dict[str, dict] = {}
+    if pred_path.exists():
+        for line in pred_path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                done[row["record_id"]] = row
+    todo = [r for r in records if r.record_id not in done]
+    if todo:
+        loaded = load(model_uri, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+        with pred_path.open("a") as f:
+            for chunk in batched(todo, cfg.batch_size):
+                outs = generate(loaded, [record_images(root, r) for r in chunk], [r.prompt for r in chunk],
+                                max_new_tokens=cfg.max_new_tokens)
+                for rec, raw in zip(chunk, outs):
+                    p = parse(raw)
+                    row = {"record_id": rec.record_id, "task": rec.task, "question_type": rec.question_type,
+                           "source": rec.source, "prompt": rec.prompt, "raw_output": raw, "answer": p.answer,
+                           "boxes": p.boxes, "format_ok": p.format_ok, "reference": rec.answer,
+                           "ref_boxes_frame": frame_boxes(rec, cfg.frame)}
+                    f.write(json.dumps(row) + "\n")
+                    done[rec.record_id] = row
+                f.flush()
+                if progress:
+                    progress(len(done), len(records))
+    return [done[r.record_id] for r in records]
+
+
+def evaluate(cfg: EvalConfig, data_uri: str, model_uri: str, out_uri: str,
+             progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    from deepmedix.eval.metrics import markdown_table, score_predictions
+
+    t0 = time.time()
+    with store.atomic_dir(out_uri) as out:
+        # resume: a previous partial prediction file for the same output is kept beside it
+        partial = store.local_path(out_uri).with_name(store.local_path(out_uri).name + ".partial.jsonl") \
+            if not store.is_s3(out_uri) else out / "predictions.partial.jsonl"
+        rows = predict(cfg, data_uri, model_uri, partial, progress)
+        scores = score_predictions(rows)
+        with (out / "predictions.jsonl").open("w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        metrics = {"stage": "evaluate", "metric": "format_compliance", "before": None,
+                   "after": scores.get("format_compliance"), "scores": scores, "n": len(rows),
+                   "wall_s": time.time() - t0}
+        write_json(metrics, out / "metrics.json")
+        (out / "metrics.md").write_text(markdown_table(scores) + "\n")
+        store.write_lineage(out, "evaluate", cfg, inputs={"data": data_uri, "model": model_uri},
+                            extra={"metrics": metrics})
+    if not store.is_s3(out_uri):
+        partial.unlink(missing_ok=True)
+    return metrics

@@ -1,0 +1,176 @@
+"""The output grammar, the prompt, box frames and box matching — one module used by every stage.
+
+Grammar (the paper's)::
+
+    <think> step 1 with [x1, y1, x2, y2]; step 2 ... </think> The answer is: \\boxed{answer}
+
+Boxes inside the reasoning live in the model's frame: a ``frame x frame`` square (512 for the paper's
+``min_pixels = max_pixels = 262144``). Records keep boxes in original pixels; :func:`to_frame` and
+:func:`from_frame` convert between the two.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# Verbatim: the released DeepMedix-R1 checkpoint expects exactly this after the task text.
+INSTRUCTION = (
+    "You FIRST think about the reasoning process as an internal monologue and then provide the final answer. "
+    "The reasoning process MUST BE enclosed within <think> </think> tags. During this reasoning process, "
+    "prioritize analyzing the local regions of the image by leveraging the bounding box coordinates in the format "
+    "[x_min, y_min, x_max, y_max]. The final answer MUST BE put in \\boxed{}. An example is like: <think> reasoning "
+    "process 1 with [x_min1, y_min1, x_max1, y_max1]; reasoning process 2 with [x_min2, y_min2, x_max2, y_max2] "
+    "</think>. The answer is: \\boxed{answer}."
+)
+
+DEFAULT_FRAME = 512
+LIST_SEP = " | "
+
+_NUM = r"[-+]?\d+(?:\.\d+)?"
+BOX_RE = re.compile(rf"\[\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*\]")
+THINK_RE = re.compile(r"<think>(.*?)</think>", re.S)
+STRICT_RE = re.compile(r"^\s*<think>.*</think>.*\\boxed\{.*\}.*$", re.S)
+
+
+def build_prompt(task_text: str) -> str:
+    """The user text for one query: the task, then the grounded-reasoning instruction (as the release does)."""
+    return f"{task_text.strip()}\n{INSTRUCTION}\n"
+
+
+def user_message(task_text: str, n_images: int = 1, reasoning: bool = True) -> dict:
+    """A chat ``user`` turn: the images first, then the task text (plus the instruction when ``reasoning``)."""
+    content = [{"type": "image"} for _ in range(n_images)]
+    content.append({"type": "text", "text": build_prompt(task_text) if reasoning else task_text.strip()})
+    return {"role": "user", "content": content}
+
+
+@dataclass
+class Step:
+    text: str
+    boxes: list[list[float]] = field(default_factory=list)
+
+
+@dataclass
+class Parsed:
+    raw: str
+    steps: list[Step]
+    answer: str | None
+    format_ok: bool
+
+    @property
+    def boxes(self) -> list[list[float]]:
+        return [b for s in self.steps for b in s.boxes]
+
+    def answer_items(self) -> list[str]:
+        return split_list(self.answer or "")
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{`` up to its matching brace (nested braces counted); None if absent/unclosed."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    i = start + len("\\boxed{")
+    depth = 1
+    for j in range(i, len(text)):
+        c = text[j]
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i:j].strip()
+    return None
+
+
+def find_boxes(text: str) -> list[list[float]]:
+    return [[float(v) for v in m.groups()] for m in BOX_RE.finditer(text)]
+
+
+def parse(text: str) -> Parsed:
+    """Parse one model output: reasoning steps with their boxes, the boxed answer, and format compliance."""
+    m = THINK_RE.search(text)
+    steps: list[Step] = []
+    if m:
+        for chunk in re.split(r";|\n", m.group(1)):
+            chunk = chunk.strip()
+            if chunk:
+                steps.append(Step(text=chunk, boxes=find_boxes(chunk)))
+    answer = last_boxed(text)
+    return Parsed(raw=text, steps=steps, answer=answer, format_ok=bool(STRICT_RE.match(text)) and answer is not None)
+
+
+def format_output(steps: list[Step] | list[tuple[str, list[list[float]]]], answer: str) -> str:
+    """Write steps and an answer in the grammar. Boxes are written as integers in the model frame."""
+    parts = []
+    for s in steps:
+        text, boxes = (s.text, s.boxes) if isinstance(s, Step) else s
+        if boxes:
+            text = f"{text} with " + ", ".join(box_str(b) for b in boxes)
+        parts.append(text)
+    return f"<think> {'; '.join(parts)} </think> The answer is: \\boxed{{{answer}}}"
+
+
+def box_str(box: list[float]) -> str:
+    return "[" + ", ".join(str(int(round(v))) for v in box) + "]"
+
+
+def split_list(answer: str) -> list[str]:
+    return [a.strip().lower() for a in answer.split("|") if a.strip()]
+
+
+def join_list(items: list[str]) -> str:
+    return LIST_SEP.join(items)
+
+
+# ---------------------------------------------------------------- frames
+
+def to_frame(box: list[float], width: int, height: int, frame: int = DEFAULT_FRAME) -> list[float]:
+    """Original pixels -> model frame (``frame x frame``)."""
+    sx, sy = frame / width, frame / height
+    return [box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy]
+
+
+def from_frame(box: list[float], width: int, height: int, frame: int = DEFAULT_FRAME) -> list[float]:
+    """Model frame -> original pixels, clipped to the image."""
+    sx, sy = width / frame, height / frame
+    out = [box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy]
+    return [min(max(out[0], 0.0), width), min(max(out[1], 0.0), height),
+            min(max(out[2], 0.0), width), min(max(out[3], 0.0), height)]
+
+
+def in_frame(box: list[float], frame: int = DEFAULT_FRAME) -> bool:
+    x1, y1, x2, y2 = box
+    return 0 <= x1 < x2 <= frame and 0 <= y1 < y2 <= frame
+
+
+# ---------------------------------------------------------------- IoU and matching
+
+def iou(a: list[float], b: list[float]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    area = lambda r: max(0.0, r[2] - r[0]) * max(0.0, r[3] - r[1])  # noqa: E731
+    union = area(a) + area(b) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def match_boxes(pred: list[list[float]], ref: list[list[float]]) -> list[tuple[int, int, float]]:
+    """Hungarian matching on IoU: (pred index, ref index, IoU) for each matched pair."""
+    if not pred or not ref:
+        return []
+    from scipy.optimize import linear_sum_assignment
+
+    m = np.array([[iou(p, r) for r in ref] for p in pred])
+    rows, cols = linear_sum_assignment(-m)
+    return [(int(i), int(j), float(m[i, j])) for i, j in zip(rows, cols)]
+
+
+def mean_matched_iou(pred: list[list[float]], ref: list[list[float]]) -> float:
+    """Mean IoU over reference boxes (an unmatched reference box counts 0); 0 when there are none."""
+    if not ref:
+        return 0.0
+    return sum(v for _, _, v in match_boxes(pred, ref)) / max(len(ref), len(pred))

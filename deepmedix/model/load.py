@@ -1,0 +1,90 @@
+"""Load a model folder (the tiny model, Qwen2.5-VL-7B-Instruct, the released DeepMedix-R1 — by path or ``s3://``)
+and generate grounded answers from images and questions."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from deepmedix import store
+from deepmedix.grounding import user_message
+from deepmedix.model.processor import load_processor
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+@dataclass
+class Loaded:
+    model: object
+    processor: object
+    path: Path
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+
+def check_model_folder(path: Path) -> None:
+    cfg = path / "config.json"
+    if not cfg.exists():
+        raise ModelLoadError(f"{path}: no config.json — not a model folder")
+    try:
+        data = json.loads(cfg.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{cfg}: not valid JSON ({exc})") from exc
+    if data.get("model_type") not in ("qwen2_5_vl", "qwen2_vl"):
+        raise ModelLoadError(f"{cfg}: model_type is {data.get('model_type')!r}, expected 'qwen2_5_vl'")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise ModelLoadError(f"{path}: no weights (*.safetensors)")
+
+
+def load(uri: str | Path, device: str | None = None, dtype: str | None = None, min_pixels: int = 0,
+         max_pixels: int = 0) -> Loaded:
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    path = store.fetch(uri)
+    check_model_folder(path)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is None:
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(path), dtype=getattr(torch, dtype))
+    model.to(device).eval()
+    processor = load_processor(path, min_pixels or None, max_pixels or None)
+    return Loaded(model=model, processor=processor, path=path)
+
+
+def open_image(path_or_image) -> Image.Image:
+    if isinstance(path_or_image, Image.Image):
+        img = path_or_image
+    else:
+        img = Image.open(path_or_image)
+        img.load()
+    return img.convert("RGB")
+
+
+def chat_prompts(processor, questions: list[str], n_images: list[int]) -> list[str]:
+    return [processor.apply_chat_template([user_message(q, n)], add_generation_prompt=True, tokenize=False)
+            for q, n in zip(questions, n_images)]
+
+
+@torch.no_grad()
+def generate(loaded: Loaded, images: list[list[Image.Image]], questions: list[str], max_new_tokens: int = 256,
+             do_sample: bool = False, temperature: float = 1.0) -> list[str]:
+    """One batched ``generate``: each query is one or more images and a task text (the instruction is added)."""
+    proc = loaded.processor
+    texts = chat_prompts(proc, questions, [len(i) for i in images])
+    flat = [open_image(im) for ims in images for im in ims]
+    inputs = proc(text=texts, images=flat or None, padding=True, padding_side="left", return_tensors="pt")
+    inputs = inputs.to(loaded.device)
+    kwargs = {"do_sample": do_sample}
+    if do_sample:
+        kwargs["temperature"] = temperature
+    out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, **kwargs)
+    new = out[:, inputs["input_ids"].shape[1]:]
+    return [t.strip() for t in proc.batch_decode(new, skip_special_tokens=True)]

@@ -1,0 +1,206 @@
+"""The artifact store: local folders (``/path`` or ``file://``) and ``s3://bucket/prefix`` (minio client).
+
+Every artifact is written atomically: it is built in a temporary folder and then renamed into place (local), or
+uploaded file by file with ``lineage.json`` written last as the commit marker (S3). Readers of an S3 artifact
+refuse a prefix without that marker. Beside each artifact sits ``lineage.json``: the stage, its config, the code
+version and the hashes of its inputs.
+
+S3 settings come from the environment, with KServe's names: ``S3_ENDPOINT`` (host:port or URL), ``S3_USE_HTTPS``
+(``0``/``1``), ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+LINEAGE = "lineage.json"
+_BIG = 256 * 1024 * 1024
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+def is_s3(uri: str | os.PathLike) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def local_path(uri: str | os.PathLike) -> Path:
+    s = str(uri)
+    return Path(s[len("file://"):] if s.startswith("file://") else s)
+
+
+def parse_s3(uri: str) -> tuple[str, str]:
+    rest = uri[len("s3://"):]
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise StoreError(f"{uri}: no bucket in S3 URI")
+    return bucket, key.strip("/")
+
+
+def s3_client():
+    from minio import Minio
+
+    endpoint = os.environ.get("S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL") or ""
+    if not endpoint:
+        raise StoreError("S3_ENDPOINT (or AWS_ENDPOINT_URL) is not set: cannot reach an s3:// store")
+    secure = os.environ.get("S3_USE_HTTPS", "1") not in ("0", "false", "False")
+    if "://" in endpoint:
+        scheme, endpoint = endpoint.split("://", 1)
+        secure = scheme == "https"
+    return Minio(endpoint.rstrip("/"), access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
+                 secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"), secure=secure,
+                 region=os.environ.get("AWS_REGION") or None)
+
+
+def upload_dir(src: Path, uri: str, client=None) -> None:
+    """Upload a folder under an S3 prefix; ``lineage.json`` (the commit marker) goes last."""
+    client = client or s3_client()
+    bucket, prefix = parse_s3(uri)
+    if not client.bucket_exists(bucket):
+        client.make_bucket(bucket)
+    files = sorted(p for p in src.rglob("*") if p.is_file())
+    files.sort(key=lambda p: p.name == LINEAGE)
+    for p in files:
+        key = f"{prefix}/{p.relative_to(src).as_posix()}" if prefix else p.relative_to(src).as_posix()
+        client.fput_object(bucket, key, str(p))
+
+
+def download_dir(uri: str, dest: Path, client=None) -> Path:
+    client = client or s3_client()
+    bucket, prefix = parse_s3(uri)
+    objs = list(client.list_objects(bucket, prefix=prefix + "/" if prefix else "", recursive=True))
+    names = {o.object_name[len(prefix) + 1 if prefix else 0:] for o in objs}
+    if not objs:
+        raise StoreError(f"{uri}: no objects under this prefix")
+    if LINEAGE not in names and "config.json" not in names:
+        raise StoreError(f"{uri}: incomplete artifact (no {LINEAGE} commit marker)")
+    tmp = Path(tempfile.mkdtemp(prefix=".dl-", dir=dest.parent))
+    for o in objs:
+        rel = o.object_name[len(prefix) + 1 if prefix else 0:]
+        client.fget_object(bucket, o.object_name, str(tmp / rel))
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+    return dest
+
+
+def fetch(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """A local folder holding the artifact at ``uri`` (downloaded once into the cache for ``s3://``)."""
+    if not is_s3(uri):
+        p = local_path(uri)
+        if not p.exists():
+            raise StoreError(f"{uri}: no such file or folder")
+        return p
+    cache = Path(cache_dir or os.environ.get("DEEPMEDIX_CACHE", Path.home() / ".cache" / "deepmedix"))
+    bucket, prefix = parse_s3(str(uri))
+    dest = cache / "s3" / bucket / prefix
+    if (dest / LINEAGE).exists() or (dest / "config.json").exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return download_dir(str(uri), dest)
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
+    """Build an artifact in a temporary folder; publish it at ``dest`` only if the block succeeds."""
+    if is_s3(dest):
+        tmp = Path(tempfile.mkdtemp(prefix="deepmedix-"))
+        try:
+            yield tmp
+            upload_dir(tmp, str(dest))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
+    final = local_path(dest)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def dir_hash(path: str | os.PathLike) -> str:
+    """sha256 over a folder's relative paths and contents (files over 256 MiB: size and head/tail)."""
+    root = Path(path)
+    h = hashlib.sha256()
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and p.name != LINEAGE)
+    for p in files:
+        h.update(p.relative_to(root).as_posix().encode() if p != root else p.name.encode())
+        size = p.stat().st_size
+        h.update(str(size).encode())
+        with open(p, "rb") as f:
+            if size <= _BIG:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            else:
+                h.update(f.read(1 << 20))
+                f.seek(-(1 << 20), 2)
+                h.update(f.read())
+    return h.hexdigest()
+
+
+def artifact_hash(uri: str | os.PathLike) -> str:
+    """An input's hash: the one its own lineage recorded when it was written, else computed now."""
+    path = fetch(uri)
+    lineage = path / LINEAGE
+    if lineage.exists():
+        recorded = json.loads(lineage.read_text()).get("sha256")
+        if recorded:
+            return recorded
+    return dir_hash(path)
+
+
+def code_version() -> str:
+    from deepmedix import __version__
+
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    return f"{__version__}+{rev}" if rev else __version__
+
+
+def write_lineage(folder: str | os.PathLike, stage: str, config: Any = None,
+                  inputs: dict[str, str | os.PathLike] | None = None, extra: dict[str, Any] | None = None) -> dict:
+    """Write ``lineage.json`` into a (local, not yet published) artifact folder."""
+    import dataclasses
+
+    cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else (config or {})
+    record = {
+        "stage": stage,
+        "config": cfg,
+        "code_version": code_version(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "inputs": {name: {"uri": str(uri), "sha256": artifact_hash(uri)} for name, uri in (inputs or {}).items()},
+        "sha256": dir_hash(folder),
+    }
+    record.update(extra or {})
+    Path(folder, LINEAGE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return record
+
+
+def read_lineage(uri: str | os.PathLike) -> dict:
+    p = fetch(uri) / LINEAGE
+    if not p.exists():
+        raise StoreError(f"{uri}: no {LINEAGE}")
+    return json.loads(p.read_text())

@@ -44,21 +44,14 @@ def stage_metrics(run: Path) -> list[dict[str, Any]]:
     """Each stage's numbers as its component logged them on its ``metrics`` artifact."""
     rows = []
     for task in STAGE_TASKS:
-        path = run / task / "metrics"
+        path = run / task / "executor_output.json"
         if not path.exists():
-            raise RuntimeError(f"{path}: stage '{task}' wrote no metrics")
-        rows.append({"task": task, **_metrics_file(path)})
+            raise RuntimeError(f"{path}: stage '{task}' did not finish")
+        arts = json.loads(path.read_text()).get("artifacts", {}).get("metrics", {}).get("artifacts", [])
+        if not arts:
+            raise RuntimeError(f"{path}: stage '{task}' logged no metrics")
+        rows.append({"task": task, **arts[0].get("metadata", {})})
     return rows
-
-
-def _metrics_file(path: Path) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    data = json.loads(path.read_text()) if path.stat().st_size else {}
-    out.update(data if isinstance(data, dict) else {})
-    meta = path.with_name("metrics.metadata.json")
-    if meta.exists():
-        out.update(json.loads(meta.read_text()))
-    return out
 
 
 def free_port() -> int:

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from deepmedix import store
+from deepmedix.config import ConfigError, GRPOConfig, SFTConfig, load_config
+
+
+def test_every_stage_has_a_tiny_config():
+    for stage in ("curate", "model", "sft", "coldstart", "grpo", "eval"):
+        assert load_config(stage, "tiny") is not None
+
+
+def test_overrides_and_types():
+    cfg = load_config("sft", "tiny", ["max_steps=3", "learning_rate=1e-4", "tasks=[vqa]"])
+    assert isinstance(cfg, SFTConfig)
+    assert (cfg.max_steps, cfg.learning_rate, cfg.tasks) == (3, 1e-4, ["vqa"])
+    assert isinstance(load_config("grpo", "tiny"), GRPOConfig)
+
+
+def test_bad_config_names_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("max_stepz: 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*max_stepz"):
+        load_config("sft", str(bad))
+    with pytest.raises(ConfigError, match="key 'max_steps': expected int"):
+        load_config("sft", "tiny", ["max_steps=many"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("sft", "huge")
+
+
+def test_atomic_dir_publishes_only_on_success(tmp_path):
+    dest = tmp_path / "artifact"
+    with pytest.raises(RuntimeError):
+        with store.atomic_dir(dest) as d:
+            (d / "half.txt").write_text("x")
+            raise RuntimeError("boom")
+    assert not dest.exists()
+    assert list(tmp_path.iterdir()) == []
+    with store.atomic_dir(dest) as d:
+        (d / "ok.txt").write_text("1")
+        store.write_lineage(d, "unit", {"a": 1})
+    assert (dest / "ok.txt").read_text() == "1"
+    lin = json.loads((dest / "lineage.json").read_text())
+    assert lin["stage"] == "unit" and lin["config"] == {"a": 1} and len(lin["sha256"]) == 64
+    # replacing an existing artifact keeps the old one until the new one is complete
+    with pytest.raises(RuntimeError):
+        with store.atomic_dir(dest) as d:
+            raise RuntimeError("boom")
+    assert (dest / "ok.txt").read_text() == "1"
+
+
+def test_lineage_records_input_hashes(tmp_path):
+    src = tmp_path / "in"
+    with store.atomic_dir(src) as d:
+        (d / "f").write_text("data")
+        store.write_lineage(d, "first")
+    out = tmp_path / "out"
+    with store.atomic_dir(out) as d:
+        store.write_lineage(d, "second", inputs={"src": str(src)})
+    lin = store.read_lineage(out)
+    assert lin["inputs"]["src"]["sha256"] == store.read_lineage(src)["sha256"]
+    with pytest.raises(store.StoreError, match="no such file"):
+        store.fetch(tmp_path / "missing")

@@ -110,7 +110,8 @@ def serve_and_ask(model_dir: Path, data_dir: Path, out_png: Path) -> dict[str, A
         log.close()
     with Image.open(image_path) as im:
         labels = [f"step {i + 1}" for i, s in enumerate(pred["steps"]) for _ in s["boxes"]]
-        draw_overlay(im, pred["boxes"], labels, out_png)
+        refs = [b.box for b in rec.boxes]
+        draw_overlay(im, pred["boxes"] + refs, labels + [f"reference: {b.label}" for b in rec.boxes], out_png)
     return {"record": rec, "prediction": pred, "latency_s": latency, "startup_s": startup}
 
 

@@ -14,7 +14,7 @@ from deepmedix import store
 from deepmedix.config import ColdStartConfig
 from deepmedix.data.schema import Record, dump_json, load_records, manifest, write_shard
 from deepmedix.grounding import DEFAULT_FRAME, Step, format_output, in_frame, parse
-from deepmedix.train.common import frame_boxes
+from deepmedix.train.common import frame_boxes, select
 
 # Where to look when a record has no box of its own: coarse anatomical regions of a frontal film, model frame.
 REGIONS = {
@@ -70,8 +70,6 @@ def synthesize(cfg: ColdStartConfig, data_uri: str, out_uri: str) -> dict[str, A
     root = store.fetch(data_uri)
     kept: list[Record] = []
     dropped: dict[str, int] = {}
-    from deepmedix.train.common import select
-
     for split in ("train", "validate"):
         recs = select(load_records(root, split), cfg.tasks, cfg.task_ratios,
                       cfg.max_records if split == "train" else cfg.eval_records, cfg.seed)

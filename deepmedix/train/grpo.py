@@ -17,13 +17,13 @@ from deepmedix.grounding import user_message
 from deepmedix.train.common import frame_boxes, generate_on, load_split, record_images, save_model, write_curve, write_json
 
 
-def held_out_reward(loaded, root, records, reward_fn, max_new_tokens: int) -> float:
+def held_out_reward(loaded, root, records, reward_fn, max_new_tokens: int, frame: int) -> float:
     if not records:
         return float("nan")
     loaded.model.eval()
     outs = generate_on(loaded, root, records, max_new_tokens)
     scores = reward_fn(outs, answer=[r.answer for r in records],
-                       ref_boxes_frame=[frame_boxes(r, 512) for r in records])
+                       ref_boxes_frame=[frame_boxes(r, frame) for r in records])
     return float(sum(scores) / len(scores))
 
 
@@ -42,7 +42,7 @@ def train_grpo(cfg: GRPOConfig, data_uri: str, model_uri: str, out_uri: str) -> 
     if not train:
         raise ValueError(f"{data_uri}: no train records for tasks {cfg.tasks}")
     loaded = load(model_uri, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
-    before = held_out_reward(loaded, root, val, reward_fn, cfg.max_completion_length)
+    before = held_out_reward(loaded, root, val, reward_fn, cfg.max_completion_length, cfg.frame)
     rows = [{"prompt": [user_message(r.prompt, 1)], "image": record_images(root, r)[0], "answer": r.answer,
              "ref_boxes_frame": frame_boxes(r, cfg.frame)} for r in train]
     ds = Dataset.from_list(rows)
@@ -63,7 +63,7 @@ def train_grpo(cfg: GRPOConfig, data_uri: str, model_uri: str, out_uri: str) -> 
                               processing_class=loaded.processor)
         result = trainer.train()
         shutil.rmtree(work, ignore_errors=True)
-        after = held_out_reward(loaded, root, val, reward_fn, cfg.max_completion_length)
+        after = held_out_reward(loaded, root, val, reward_fn, cfg.max_completion_length, cfg.frame)
         save_model(trainer, loaded.processor, out)
         write_curve(trainer.state.log_history, "reward", out / "reward_curve.png", "grpo: mean reward")
         metrics = {"stage": "grpo", "metric": f"val_reward_{cfg.reward}", "before": before, "after": after,

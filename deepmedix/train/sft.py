@@ -8,6 +8,7 @@ completion loss, measured before and after training.
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ def make_dataset(root: Path, records: list[Record], targets: list[str], reasonin
     return Dataset.from_list(rows)
 
 
-def trl_args(cfg: TrainConfig, out: Path, n_train: int):
+def trl_args(cfg: TrainConfig, out: Path):
     from trl import SFTConfig
 
     return SFTConfig(
@@ -66,13 +67,11 @@ def train_sft(stage: str, cfg: TrainConfig, data_uri: str, model_uri: str, out_u
     val_ds = make_dataset(root, val, [targets_for(r) for r in val], reasoning) if val else None
     with store.atomic_dir(out_uri) as out:
         work = out / ".trainer"
-        trainer = SFTTrainer(model=model, args=trl_args(cfg, work, len(train_ds)), train_dataset=train_ds,
+        trainer = SFTTrainer(model=model, args=trl_args(cfg, work), train_dataset=train_ds,
                              eval_dataset=val_ds, processing_class=loaded.processor)
         before = trainer.evaluate()["eval_loss"] if val_ds is not None else math.nan
         result = trainer.train()
         after = trainer.evaluate()["eval_loss"] if val_ds is not None else math.nan
-        import shutil
-
         shutil.rmtree(work, ignore_errors=True)
         save_model(trainer, loaded.processor, out)
         write_curve(trainer.state.log_history, "loss", out / "loss_curve.png", f"{stage}: training loss")

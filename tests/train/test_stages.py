@@ -114,3 +114,10 @@ def test_stage_errors_name_the_problem(tmp_path, base_model_dir):
     with pytest.raises(FileNotFoundError, match="no records/ folder"):
         stages.sft(str(tmp_path), str(base_model_dir), str(tmp_path / "o"), "tiny", FAST)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.gpu
+def test_sft_in_bf16_on_the_gpu(small_data, base_model_dir, tmp_path):
+    m = stages.sft(str(small_data), str(base_model_dir), str(tmp_path / "gpu"), "tiny", FAST + ["bf16=true"])
+    assert m["steps"] == 3 and m["after"] < m["before"]
+    assert next(load(tmp_path / "gpu").model.parameters()).is_cuda

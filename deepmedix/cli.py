@@ -39,7 +39,7 @@ def cli_errors() -> Iterator[None]:
     try:
         yield
     except (ConfigError, RecordError, StoreError, ModelLoadError, ValueError, FileNotFoundError) as exc:
-        err.print(f"[bold red]error:[/] {exc}")
+        err.print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False)
         raise typer.Exit(2)
 
 

@@ -57,3 +57,29 @@ def test_load_rejects_non_model_folders(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(ModelLoadError, match="expected 'qwen2_5_vl'"):
         load(tmp_path)
+
+
+def test_loads_a_checkpoint_in_the_released_7b_layout(tiny, tmp_path):
+    """Qwen2.5-VL-7B-Instruct / DeepMedix-R1 ship a flat preprocessor_config.json and chat_template.json."""
+    import shutil
+
+    folder = tmp_path / "released"
+    shutil.copytree(tiny, folder)
+    for name in ("processor_config.json", "video_preprocessor_config.json"):
+        (folder / name).unlink()
+    template = (folder / "chat_template.jinja").read_text()
+    (folder / "chat_template.jinja").unlink()
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor"}))
+    m = load(folder)
+    assert (m.processor.image_processor.size.shortest_edge, m.processor.image_processor.size.longest_edge) == \
+        (3136, 12845056)
+    paper = load(folder, min_pixels=262144, max_pixels=262144)  # the paper's budget: 512 x 512
+    feats = paper.processor(text=["<|vision_start|><|image_pad|><|vision_end|>"], images=[Image.new("RGB", (512, 512))],
+                            return_tensors="pt")
+    h, w = feats["image_grid_thw"][0, 1:].tolist()
+    assert h == w and (h * 14) ** 2 >= 262144 and ((h - 2) * 14) ** 2 < 262144
+    assert generate(paper, [[Image.new("L", (512, 512))]], ["Is there a nodule?"], max_new_tokens=3)

@@ -66,11 +66,12 @@ def s3(tmp_path_factory):
                 time.sleep(0.5)
         yield client
     finally:
-        proc.terminate()
+        proc.terminate()  # weed takes ~20 s to stop on SIGTERM; its data is a throwaway folder
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=3)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait(timeout=10)
         log.close()
         for k, v in old.items():
             if v is None:

@@ -38,7 +38,8 @@ def cli_errors() -> Iterator[None]:
 
     try:
         yield
-    except (ConfigError, RecordError, StoreError, ModelLoadError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, RecordError, StoreError, ModelLoadError, ValueError, FileNotFoundError,
+            RuntimeError) as exc:
         err.print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False)
         raise typer.Exit(2)
 
@@ -142,7 +143,8 @@ def serve(model: str = typer.Option(..., help="model folder or s3:// URI"), port
     """Serve a model with the KServe model server (v1 :predict)."""
     from serving.server import main
 
-    main(["--model", model, "--port", str(port), "--host", host, "--name", name])
+    with cli_errors():
+        main(["--model", model, "--port", str(port), "--host", host, "--name", name])
 
 
 @pipeline_app.command("compile")
@@ -160,8 +162,9 @@ def pipeline_run_local(root: str = typer.Option("runs/local/pipeline_root"), siz
 
     from deepmedix.demo import run_pipeline_local, stage_metrics
 
-    run = run_pipeline_local(Path(root).resolve(), size=size)
-    show({"run": str(run), "stages": stage_metrics(run)})
+    with cli_errors():
+        run = run_pipeline_local(Path(root).resolve(), size=size)
+        show({"run": str(run), "stages": stage_metrics(run)})
 
 
 @app.command("demo")
@@ -169,7 +172,8 @@ def demo(run_dir: str = typer.Option("runs/demo")):
     """The pipeline under kfp.local, then serving and one grounded answer."""
     from deepmedix.demo import main
 
-    main(run_dir)
+    with cli_errors():
+        main(run_dir)
 
 
 if __name__ == "__main__":

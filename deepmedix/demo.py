@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pipelines.deepmedix_pipeline import STAGE_TASKS
@@ -148,12 +149,13 @@ def main(run_dir: str = "runs/demo") -> None:
     console.print("[bold]Evaluation on the test split:[/] " + ", ".join(f"{k}={_fmt(v)}" for k, v in ev.items()))
     pred, rec = served["prediction"], served["record"]
     console.rule("[bold]Grounded answer from the served model")
-    console.print(f"[bold]question:[/] {rec.prompt}")
-    console.print(f"[bold]reference:[/] {rec.answer}   reference boxes (pixels): {[b.box for b in rec.boxes]}")
-    console.print(f"[bold]raw output:[/] {pred['text']}")
-    console.print(f"[bold]answer:[/] {pred['answer']}   format ok: {pred['format_ok']}")
+    console.print(f"[bold]question:[/] {escape(rec.prompt)}")
+    console.print(f"[bold]reference:[/] {escape(rec.answer)}   reference boxes (pixels): "
+                  f"{escape(str([b.box for b in rec.boxes]))}")
+    console.print(f"[bold]raw output:[/] {escape(pred['text'])}")
+    console.print(f"[bold]answer:[/] {escape(str(pred['answer']))}   format ok: {pred['format_ok']}")
     for i, step in enumerate(pred["steps"], 1):
-        console.print(f"  step {i}: {step['text']}  boxes (original pixels): {step['boxes']}")
+        console.print(f"  step {i}: {escape(step['text'])}  boxes (original pixels): {escape(str(step['boxes']))}")
     console.print(f"[bold]overlay PNG:[/] {run_dir_p / 'overlay.png'}")
     console.print(f"[bold]artifacts:[/] {run}")
     console.print(f"pipeline {pipeline_s:.1f} s, total {time.time() - t0:.1f} s")

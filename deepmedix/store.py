@@ -62,17 +62,25 @@ def s3_client():
                  region=os.environ.get("AWS_REGION") or None)
 
 
+def _key(prefix: str, rel: str) -> str:
+    return f"{prefix}/{rel}" if prefix else rel
+
+
 def upload_dir(src: Path, uri: str, client=None) -> None:
-    """Upload a folder under an S3 prefix; ``lineage.json`` (the commit marker) goes last."""
+    """Upload a folder under an S3 prefix. An artifact already there is withdrawn first (its ``lineage.json``
+    commit marker, then the rest), and the new ``lineage.json`` goes last, so readers never see a mix."""
     client = client or s3_client()
     bucket, prefix = parse_s3(uri)
     if not client.bucket_exists(bucket):
         client.make_bucket(bucket)
+    old = [o.object_name for o in client.list_objects(bucket, prefix=prefix + "/" if prefix else "", recursive=True)]
+    old.sort(key=lambda k: not k.endswith("/" + LINEAGE) and k != LINEAGE)
+    for name in old:
+        client.remove_object(bucket, name)
     files = sorted(p for p in src.rglob("*") if p.is_file())
     files.sort(key=lambda p: p.name == LINEAGE)
     for p in files:
-        key = f"{prefix}/{p.relative_to(src).as_posix()}" if prefix else p.relative_to(src).as_posix()
-        client.fput_object(bucket, key, str(p))
+        client.fput_object(bucket, _key(prefix, p.relative_to(src).as_posix()), str(p))
 
 
 def download_dir(uri: str, dest: Path, client=None) -> Path:
@@ -84,6 +92,11 @@ def download_dir(uri: str, dest: Path, client=None) -> Path:
         raise StoreError(f"{uri}: no objects under this prefix")
     if LINEAGE not in names and "config.json" not in names:
         raise StoreError(f"{uri}: incomplete artifact (no {LINEAGE} commit marker)")
+    if LINEAGE not in names and "model.safetensors.index.json" in names:  # a checkpoint uploaded by other tools
+        index = json.loads(client.get_object(bucket, _key(prefix, "model.safetensors.index.json")).read())
+        missing = sorted(set(index.get("weight_map", {}).values()) - names)
+        if missing:
+            raise StoreError(f"{uri}: incomplete checkpoint, missing {missing[:3]}")
     tmp = Path(tempfile.mkdtemp(prefix=".dl-", dir=dest.parent))
     for o in objs:
         rel = o.object_name[len(prefix) + 1 if prefix else 0:]
@@ -94,20 +107,70 @@ def download_dir(uri: str, dest: Path, client=None) -> Path:
     return dest
 
 
+def cache_root(cache_dir=None) -> Path:
+    return Path(cache_dir or os.environ.get("DEEPMEDIX_CACHE", Path.home() / ".cache" / "deepmedix"))
+
+
+def _remote_version(client, bucket: str, prefix: str) -> str:
+    """The ETag of the artifact's commit marker ('' when it has none)."""
+    from minio.error import S3Error
+
+    try:
+        return client.stat_object(bucket, _key(prefix, LINEAGE)).etag or ""
+    except S3Error:
+        return ""
+
+
 def fetch(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
-    """A local folder holding the artifact at ``uri`` (downloaded once into the cache for ``s3://``)."""
+    """A local folder holding the artifact at ``uri``. An ``s3://`` artifact is downloaded into the cache, and
+    downloaded again when its ``lineage.json`` has changed since."""
     if not is_s3(uri):
         p = local_path(uri)
         if not p.exists():
             raise StoreError(f"{uri}: no such file or folder")
         return p
-    cache = Path(cache_dir or os.environ.get("DEEPMEDIX_CACHE", Path.home() / ".cache" / "deepmedix"))
     bucket, prefix = parse_s3(str(uri))
-    dest = cache / "s3" / bucket / prefix
-    if (dest / LINEAGE).exists() or (dest / "config.json").exists():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    return download_dir(str(uri), dest)
+    dest = cache_root(cache_dir) / "s3" / bucket / prefix
+    stamp = dest.with_name(dest.name + ".version")
+    with s3_errors(str(uri)):
+        client = s3_client()
+        version = _remote_version(client, bucket, prefix)
+        if dest.exists() and stamp.exists() and stamp.read_text() == version:
+            return dest
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        download_dir(str(uri), dest, client)
+    stamp.write_text(version)
+    return dest
+
+
+def fetch_file(uri: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """One object (an image, say) as a local file; local paths are returned as they are."""
+    if not is_s3(uri):
+        p = local_path(uri)
+        if not p.is_file():
+            raise StoreError(f"{uri}: no such file")
+        return p
+    bucket, key = parse_s3(uri)
+    dest = cache_root(cache_dir) / "s3-files" / bucket / key
+    if not dest.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with s3_errors(uri):
+            s3_client().fget_object(bucket, key, str(dest))
+    return dest
+
+
+@contextlib.contextmanager
+def s3_errors(uri: str) -> Iterator[None]:
+    """minio and connection failures become one StoreError naming the URI."""
+    from minio.error import MinioException
+    from urllib3.exceptions import HTTPError
+
+    try:
+        yield
+    except (MinioException, HTTPError, OSError) as exc:
+        if isinstance(exc, StoreError):
+            raise
+        raise StoreError(f"{uri}: S3 request failed ({type(exc).__name__}: {exc})") from exc
 
 
 @contextlib.contextmanager
@@ -117,7 +180,8 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
         tmp = Path(tempfile.mkdtemp(prefix="deepmedix-"))
         try:
             yield tmp
-            upload_dir(tmp, str(dest))
+            with s3_errors(str(dest)):
+                upload_dir(tmp, str(dest))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return
@@ -126,6 +190,9 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; a published artifact is readable like any folder
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             final.rename(old)

@@ -153,7 +153,8 @@ class DeepMedixModel(kserve.Model):
         images, questions, budgets = self.decode_instances(payload)
         batch_budget = max(budgets)
         with self._lock:
-            raws = model_load.generate(self.loaded, [[im] for im in images], questions, max_new_tokens=batch_budget)
+            raws = model_load.generate(self.loaded, [[im] for im in images], questions, max_new_tokens=batch_budget,
+                                      frame=self.frame)
         preds = []
         for raw, im, n in zip(raws, images, budgets):
             if n < batch_budget:

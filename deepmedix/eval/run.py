@@ -17,6 +17,12 @@ from deepmedix.grounding import parse
 from deepmedix.train.common import batched, frame_boxes, load_split, record_images, write_json
 
 
+def resume_key(cfg: EvalConfig, data_uri: str, model_uri: str) -> dict[str, Any]:
+    """A partial prediction file is reused only for the same model, data and generation settings."""
+    return {"model": store.artifact_hash(model_uri), "data": store.artifact_hash(data_uri), "frame": cfg.frame,
+            "max_new_tokens": cfg.max_new_tokens, "min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels}
+
+
 def predict(cfg: EvalConfig, data_uri: str, model_uri: str, pred_path: Path,
             progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
     """Append predictions to ``pred_path`` for records not already in it (so an interrupted run resumes)."""
@@ -25,19 +31,30 @@ def predict(cfg: EvalConfig, data_uri: str, model_uri: str, pred_path: Path,
     root, records = load_split(data_uri, cfg.split, cfg.tasks, None, cfg.max_records, cfg.seed)
     if not records:
         raise ValueError(f"{data_uri}: no '{cfg.split}' records for tasks {cfg.tasks}")
+    key = resume_key(cfg, data_uri, model_uri)
+    meta = pred_path.with_name(pred_path.name + ".meta.json")
+    if pred_path.exists() and (not meta.exists() or json.loads(meta.read_text()) != key):
+        pred_path.unlink()
+    meta.write_text(json.dumps(key))
     done: dict[str, dict] = {}
     if pred_path.exists():
-        for line in pred_path.read_text().splitlines():
-            if line.strip():
+        lines = pred_path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            try:
                 row = json.loads(line)
-                done[row["record_id"]] = row
+            except json.JSONDecodeError:
+                if i == len(lines) - 1:  # a line cut short by an interrupted run: generate it again
+                    break
+                raise ValueError(f"{pred_path}: line {i + 1} is not JSON") from None
+            done[row["record_id"]] = row
+        pred_path.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
     todo = [r for r in records if r.record_id not in done]
     if todo:
         loaded = load(model_uri, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
         with pred_path.open("a") as f:
             for chunk in batched(todo, cfg.batch_size):
-                outs = generate(loaded, [record_images(root, r) for r in chunk], [r.prompt for r in chunk],
-                                max_new_tokens=cfg.max_new_tokens)
+                outs = generate(loaded, [record_images(root, r, cfg.frame) for r in chunk], [r.prompt for r in chunk],
+                                max_new_tokens=cfg.max_new_tokens, frame=cfg.frame)
                 for rec, raw in zip(chunk, outs):
                     p = parse(raw)
                     row = {"record_id": rec.record_id, "task": rec.task, "question_type": rec.question_type,
@@ -52,15 +69,27 @@ def predict(cfg: EvalConfig, data_uri: str, model_uri: str, pred_path: Path,
     return [done[r.record_id] for r in records]
 
 
+def partial_path(out_uri: str) -> Path:
+    """Where predictions accumulate until the artifact is published: beside a local output, in the cache for
+    ``s3://`` (keyed by the URI), so that an interrupted run resumes."""
+    if store.is_s3(out_uri):
+        import hashlib
+
+        folder = store.cache_root() / "partial"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / (hashlib.sha256(out_uri.encode()).hexdigest()[:16] + ".partial.jsonl")
+    out = store.local_path(out_uri)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out.with_name(out.name + ".partial.jsonl")
+
+
 def evaluate(cfg: EvalConfig, data_uri: str, model_uri: str, out_uri: str,
              progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     from deepmedix.eval.metrics import markdown_table, score_predictions
 
     t0 = time.time()
     with store.atomic_dir(out_uri) as out:
-        # resume: a previous partial prediction file for the same output is kept beside it
-        partial = store.local_path(out_uri).with_name(store.local_path(out_uri).name + ".partial.jsonl") \
-            if not store.is_s3(out_uri) else out / "predictions.partial.jsonl"
+        partial = partial_path(out_uri)
         rows = predict(cfg, data_uri, model_uri, partial, progress)
         scores = score_predictions(rows)
         with (out / "predictions.jsonl").open("w") as f:
@@ -73,6 +102,6 @@ def evaluate(cfg: EvalConfig, data_uri: str, model_uri: str, out_uri: str,
         (out / "metrics.md").write_text(markdown_table(scores) + "\n")
         store.write_lineage(out, "evaluate", cfg, inputs={"data": data_uri, "model": model_uri},
                             extra={"metrics": metrics})
-    if not store.is_s3(out_uri):
-        partial.unlink(missing_ok=True)
+    partial.unlink(missing_ok=True)
+    partial.with_name(partial.name + ".meta.json").unlink(missing_ok=True)
     return metrics

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from deepmedix import store
-from deepmedix.grounding import user_message
+from deepmedix.grounding import DEFAULT_FRAME, user_message
 from deepmedix.model.processor import load_processor
 
 
@@ -38,7 +38,7 @@ def check_model_folder(path: Path) -> None:
         data = json.loads(cfg.read_text())
     except json.JSONDecodeError as exc:
         raise ModelLoadError(f"{cfg}: not valid JSON ({exc})") from exc
-    if data.get("model_type") not in ("qwen2_5_vl", "qwen2_vl"):
+    if data.get("model_type") != "qwen2_5_vl":
         raise ModelLoadError(f"{cfg}: model_type is {data.get('model_type')!r}, expected 'qwen2_5_vl'")
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise ModelLoadError(f"{path}: no weights (*.safetensors)")
@@ -59,13 +59,19 @@ def load(uri: str | Path, device: str | None = None, dtype: str | None = None, m
     return Loaded(model=model, processor=processor, path=path)
 
 
-def open_image(path_or_image) -> Image.Image:
+def open_image(path_or_image, frame: int | None = None) -> Image.Image:
+    """An RGB image; with ``frame``, resized to the model's ``frame x frame`` square. Boxes in the output grammar
+    live in that square, so every image the model sees — in training, evaluation and serving — goes through
+    here, and :func:`deepmedix.grounding.from_frame` maps its boxes back to the original pixels per axis."""
     if isinstance(path_or_image, Image.Image):
         img = path_or_image
     else:
         img = Image.open(path_or_image)
         img.load()
-    return img.convert("RGB")
+    img = img.convert("RGB")
+    if frame and img.size != (frame, frame):
+        img = img.resize((frame, frame), Image.Resampling.BICUBIC)
+    return img
 
 
 def chat_prompts(processor, questions: list[str], n_images: list[int]) -> list[str]:
@@ -75,11 +81,11 @@ def chat_prompts(processor, questions: list[str], n_images: list[int]) -> list[s
 
 @torch.no_grad()
 def generate(loaded: Loaded, images: list[list[Image.Image]], questions: list[str], max_new_tokens: int = 256,
-             do_sample: bool = False, temperature: float = 1.0) -> list[str]:
+             do_sample: bool = False, temperature: float = 1.0, frame: int = DEFAULT_FRAME) -> list[str]:
     """One batched ``generate``: each query is one or more images and a task text (the instruction is added)."""
     proc = loaded.processor
     texts = chat_prompts(proc, questions, [len(i) for i in images])
-    flat = [open_image(im) for ims in images for im in ims]
+    flat = [open_image(im, frame) for ims in images for im in ims]
     inputs = proc(text=texts, images=flat or None, padding=True, padding_side="left", return_tensors="pt")
     inputs = inputs.to(loaded.device)
     kwargs = {"do_sample": do_sample}

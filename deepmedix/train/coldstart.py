@@ -6,6 +6,8 @@ The offline ``template`` teacher builds the trace from the record's findings and
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -61,6 +63,23 @@ def keep_trace(trace: str, rec: Record, frame: int) -> str | None:
     return None
 
 
+def _carry_images(root: Path, records: list[Record], out: Path) -> None:
+    """The traces artifact holds its own images (hard links where the filesystem allows), so that a pod that
+    receives only the traces can train on them. Relative URIs stay relative."""
+    for rec in records:
+        for uri in rec.images:
+            if store.is_s3(uri) or Path(uri).is_absolute():
+                continue
+            dest = out / uri
+            if dest.exists():
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(root / uri, dest)
+            except OSError:
+                shutil.copy2(root / uri, dest)
+
+
 def synthesize(cfg: ColdStartConfig, data_uri: str, out_uri: str) -> dict[str, Any]:
     """Write a dataset of Records whose ``trace`` holds a kept teacher trace (train and validate splits)."""
     if cfg.teacher not in TEACHERS:
@@ -80,10 +99,9 @@ def synthesize(cfg: ColdStartConfig, data_uri: str, out_uri: str) -> dict[str, A
                 dropped[reason] = dropped.get(reason, 0) + 1
                 continue
             rec.trace = trace
-            rec.images = [str((root / u).resolve()) if not (store.is_s3(u) or Path(u).is_absolute()) else u
-                          for u in rec.images]
             kept.append(rec)
     with store.atomic_dir(out_uri) as out:
+        _carry_images(root, kept, out)
         (out / "records").mkdir()
         for split in ("train", "validate"):
             part = [r for r in kept if r.split == split]

@@ -12,7 +12,7 @@ from PIL import Image
 
 from deepmedix import store
 from deepmedix.data.schema import Record, load_records
-from deepmedix.grounding import box_str, to_frame, user_message
+from deepmedix.grounding import DEFAULT_FRAME, box_str, to_frame, user_message
 
 
 def select(records: list[Record], tasks: list[str], ratios: dict[str, float] | None = None, max_records: int = 0,
@@ -36,13 +36,16 @@ def load_split(data_uri: str, split: str, tasks: list[str], ratios=None, max_rec
     return root, select(load_records(root, split), tasks, ratios, max_records, seed)
 
 
-def record_images(root: Path, rec: Record) -> list[Image.Image]:
+def record_images(root: Path, rec: Record, frame: int = DEFAULT_FRAME) -> list[Image.Image]:
+    """The record's images as the model sees them (RGB, resized to the frame square)."""
+    from deepmedix.model.load import open_image
+
     out = []
     for uri in rec.images:
-        p = store.fetch(uri) if store.is_s3(uri) else (root / uri if not Path(uri).is_absolute() else Path(uri))
+        p = store.fetch_file(uri) if store.is_s3(uri) else (root / uri if not Path(uri).is_absolute() else Path(uri))
         try:
             with Image.open(p) as im:
-                out.append(im.convert("RGB"))
+                out.append(open_image(im, frame))
         except (OSError, ValueError) as exc:
             raise ValueError(f"record {rec.record_id}: image {uri} cannot be read ({exc})") from exc
     return out
@@ -60,8 +63,8 @@ def plain_target(rec: Record, frame: int) -> str:
     return rec.answer
 
 
-def sft_row(root: Path, rec: Record, target: str, reasoning: bool) -> dict[str, Any]:
-    images = record_images(root, rec)
+def sft_row(root: Path, rec: Record, target: str, reasoning: bool, frame: int = DEFAULT_FRAME) -> dict[str, Any]:
+    images = record_images(root, rec, frame)
     return {
         "images": images,
         "prompt": [user_message(rec.prompt, len(images), reasoning=reasoning)],
@@ -106,14 +109,14 @@ def batched(items: list, n: int):
 
 
 def generate_on(loaded, root: Path, records: list[Record], max_new_tokens: int, batch_size: int = 8,
-                progress: Callable[[int, int], None] | None = None) -> list[str]:
+                progress: Callable[[int, int], None] | None = None, frame: int = DEFAULT_FRAME) -> list[str]:
     """Greedy generation with the reasoning prompt for each record; returns raw outputs in order."""
     from deepmedix.model.load import generate
 
     outs: list[str] = []
     for chunk in batched(records, batch_size):
-        outs.extend(generate(loaded, [record_images(root, r) for r in chunk], [r.prompt for r in chunk],
-                             max_new_tokens=max_new_tokens))
+        outs.extend(generate(loaded, [record_images(root, r, frame) for r in chunk], [r.prompt for r in chunk],
+                             max_new_tokens=max_new_tokens, frame=frame))
         if progress:
             progress(len(outs), len(records))
     return outs

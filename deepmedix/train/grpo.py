@@ -21,7 +21,7 @@ def held_out_reward(loaded, root, records, reward_fn, max_new_tokens: int, frame
     if not records:
         return float("nan")
     loaded.model.eval()
-    outs = generate_on(loaded, root, records, max_new_tokens)
+    outs = generate_on(loaded, root, records, max_new_tokens, frame=frame)
     scores = reward_fn(outs, answer=[r.answer for r in records],
                        ref_boxes_frame=[frame_boxes(r, frame) for r in records])
     return float(sum(scores) / len(scores))
@@ -36,6 +36,8 @@ def train_grpo(cfg: GRPOConfig, data_uri: str, model_uri: str, out_uri: str) -> 
     from deepmedix.train.rewards import get_reward
 
     t0 = time.time()
+    if cfg.max_length:
+        raise ValueError("grpo: 'max_length' does not apply to GRPO; bound rollouts with 'max_completion_length'")
     reward_fn = get_reward(cfg.reward)
     root, train = load_split(data_uri, "train", cfg.tasks, cfg.task_ratios, cfg.max_records, cfg.seed)
     _, val = load_split(data_uri, "validate", cfg.tasks, None, cfg.eval_records, cfg.seed)
@@ -43,7 +45,7 @@ def train_grpo(cfg: GRPOConfig, data_uri: str, model_uri: str, out_uri: str) -> 
         raise ValueError(f"{data_uri}: no train records for tasks {cfg.tasks}")
     loaded = load(model_uri, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
     before = held_out_reward(loaded, root, val, reward_fn, cfg.max_completion_length, cfg.frame)
-    rows = [{"prompt": [user_message(r.prompt, 1)], "image": record_images(root, r)[0], "answer": r.answer,
+    rows = [{"prompt": [user_message(r.prompt, 1)], "image": record_images(root, r, cfg.frame)[0], "answer": r.answer,
              "ref_boxes_frame": frame_boxes(r, cfg.frame)} for r in train]
     ds = Dataset.from_list(rows)
     with store.atomic_dir(out_uri) as out:
@@ -52,12 +54,16 @@ def train_grpo(cfg: GRPOConfig, data_uri: str, model_uri: str, out_uri: str) -> 
             output_dir=str(work), max_steps=cfg.max_steps, num_train_epochs=cfg.num_train_epochs,
             per_device_train_batch_size=cfg.per_device_train_batch_size,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
+            weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_ratio, lr_scheduler_type=cfg.lr_scheduler_type,
             num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
             temperature=cfg.temperature, beta=cfg.beta, logging_steps=max(1, cfg.logging_steps),
             save_strategy="no", report_to=[], seed=cfg.seed, bf16=cfg.bf16,
             gradient_checkpointing=cfg.gradient_checkpointing, use_cpu=not torch.cuda.is_available(),
             remove_unused_columns=False, dataloader_num_workers=0,
         )
+        if cfg.freeze_vision:
+            for p in loaded.model.model.visual.parameters():
+                p.requires_grad_(False)
         loaded.model.train()
         trainer = GRPOTrainer(model=loaded.model, reward_funcs=[reward_fn], args=args, train_dataset=ds,
                               processing_class=loaded.processor)

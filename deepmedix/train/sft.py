@@ -19,10 +19,10 @@ from deepmedix.data.schema import Record
 from deepmedix.train.common import load_split, plain_target, save_model, sft_row, write_curve, write_json
 
 
-def make_dataset(root: Path, records: list[Record], targets: list[str], reasoning: bool):
+def make_dataset(root: Path, records: list[Record], targets: list[str], reasoning: bool, frame: int):
     from datasets import Dataset
 
-    rows = [sft_row(root, r, t, reasoning) for r, t in zip(records, targets)]
+    rows = [sft_row(root, r, t, reasoning, frame) for r, t in zip(records, targets)]
     if not rows:
         raise ValueError(f"{root}: no records selected for training (check the config's tasks and split)")
     return Dataset.from_list(rows)
@@ -63,8 +63,8 @@ def train_sft(stage: str, cfg: TrainConfig, data_uri: str, model_uri: str, out_u
         for p in model.model.visual.parameters():
             p.requires_grad_(False)
     model.train()
-    train_ds = make_dataset(root, train, [targets_for(r) for r in train], reasoning)
-    val_ds = make_dataset(root, val, [targets_for(r) for r in val], reasoning) if val else None
+    train_ds = make_dataset(root, train, [targets_for(r) for r in train], reasoning, cfg.frame)
+    val_ds = make_dataset(root, val, [targets_for(r) for r in val], reasoning, cfg.frame) if val else None
     with store.atomic_dir(out_uri) as out:
         work = out / ".trainer"
         trainer = SFTTrainer(model=model, args=trl_args(cfg, work), train_dataset=train_ds,

@@ -46,3 +46,14 @@ def test_phantom_command_writes_a_dataset(tmp_path):
     result = json.loads(r.stdout[r.stdout.index("{"):r.stdout.rindex("}") + 1])
     assert result["stage"] == "curate" and result["after"] > 0
     assert (tmp_path / "d" / "lineage.json").exists()
+
+
+def test_serve_with_a_missing_model_fails_clearly(tmp_path):
+    r = runner.invoke(app, ["serve", "--model", str(tmp_path / "nope"), "--port", "0"])
+    assert r.exit_code == 2
+    assert "nope" in r.output and "no such file or folder" in r.output
+
+
+def test_unparsable_override_names_the_key(tmp_path):
+    r = runner.invoke(app, ["data", "phantom", "--out", str(tmp_path / "d"), "--set", "n_patients=[1"])
+    assert r.exit_code == 2 and "'n_patients' is not valid YAML" in r.output

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -43,6 +44,9 @@ def test_atomic_dir_publishes_only_on_success(tmp_path):
         (d / "ok.txt").write_text("1")
         store.write_lineage(d, "unit", {"a": 1})
     assert (dest / "ok.txt").read_text() == "1"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert dest.stat().st_mode & 0o777 == 0o777 & ~umask  # readable like any folder, not mkdtemp's 0700
     lin = json.loads((dest / "lineage.json").read_text())
     assert lin["stage"] == "unit" and lin["config"] == {"a": 1} and len(lin["sha256"]) == 64
     # replacing an existing artifact keeps the old one until the new one is complete

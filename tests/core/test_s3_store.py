@@ -92,6 +92,26 @@ def test_s3_artifact_round_trip(s3):
     assert store.read_lineage("s3://artifacts/run1/thing")["config"] == {"k": 1}
 
 
+def test_rewriting_an_s3_artifact_replaces_it_whole(s3):
+    for content, extra in (("v1", "stale.bin"), ("v2", None)):
+        with store.atomic_dir("s3://artifacts/run3/model") as d:
+            (d / "weights.txt").write_text(content)
+            if extra:
+                (d / extra).write_text("old")
+            store.write_lineage(d, "unit")
+        local = store.fetch("s3://artifacts/run3/model")
+        assert (local / "weights.txt").read_text() == content  # the cache follows the new lineage
+    names = {o.object_name for o in s3.list_objects("artifacts", prefix="run3/model/", recursive=True)}
+    assert names == {"run3/model/weights.txt", "run3/model/lineage.json"}
+    assert not (local / "stale.bin").exists()
+
+
+def test_unreachable_s3_is_a_clear_error(s3, monkeypatch):
+    monkeypatch.setenv("S3_ENDPOINT", "127.0.0.1:1")
+    with pytest.raises(store.StoreError, match="s3://artifacts/x: S3 request failed"):
+        store.fetch("s3://artifacts/x")
+
+
 def test_failed_write_publishes_nothing_and_incomplete_prefix_is_refused(s3):
     with pytest.raises(RuntimeError):
         with store.atomic_dir("s3://artifacts/run1/broken") as d:

@@ -61,6 +61,8 @@ def test_coldstart_synth_and_sft(small_data, sft_model, tmp_path):
     assert r["after"] == 24 and r["dropped"] == {}
     recs = load_records(traces)
     assert all(parse(x.trace).format_ok for x in recs)
+    # the traces artifact carries its own images, by relative URI, so a pod given only the traces can train
+    assert all(not x.images[0].startswith("/") and (traces / x.images[0]).is_file() for x in recs)
     out = tmp_path / "cs"
     m = stages.coldstart_sft(str(traces), str(sft_model[0]), str(out), "tiny", FAST)
     assert m["stage"] == "coldstart" and m["steps"] == 3 and m["after"] < m["before"]
@@ -99,14 +101,27 @@ def test_evaluate_resumes_from_partial_predictions(small_data, sft_model, tmp_pa
 
     cfg = load_config("eval", "tiny")
     first = load_split(str(small_data), "test", cfg.tasks, None, 3, cfg.seed)[1][0]
-    partial.write_text(json.dumps({"record_id": first.record_id, "task": first.task, "question_type": "",
-                                   "raw_output": "kept from before", "answer": None, "boxes": [],
-                                   "format_ok": False, "reference": first.answer, "ref_boxes_frame": []}) + "\n")
-    stages.evaluate(str(small_data), str(sft_model[0]), str(out), "tiny", ["max_records=3", "max_new_tokens=4"])
+    from deepmedix.eval.run import resume_key
+
+    overrides = ["max_records=3", "max_new_tokens=4"]
+    key = resume_key(load_config("eval", "tiny", overrides), str(small_data), str(sft_model[0]))
+    kept = json.dumps({"record_id": first.record_id, "task": first.task, "question_type": "",
+                       "raw_output": "kept from before", "answer": None, "boxes": [],
+                       "format_ok": False, "reference": first.answer, "ref_boxes_frame": []})
+    # an interrupted run: one whole line, then one cut short
+    partial.write_text(kept + "\n" + kept[:20])
+    (tmp_path / "eval.partial.jsonl.meta.json").write_text(json.dumps(key))
+    stages.evaluate(str(small_data), str(sft_model[0]), str(out), "tiny", overrides)
     rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and [r["record_id"] for r in rows][0] == first.record_id
     assert rows[0]["raw_output"] == "kept from before"
     assert all(r["raw_output"] != "kept from before" for r in rows[1:])
+    # a partial file from another model or other settings is not reused
+    partial.write_text(kept + "\n")
+    (tmp_path / "eval.partial.jsonl.meta.json").write_text(json.dumps({**key, "max_new_tokens": 99}))
+    stages.evaluate(str(small_data), str(sft_model[0]), str(out), "tiny", overrides)
+    rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert all(r["raw_output"] != "kept from before" for r in rows)
     assert not partial.exists()
 
 

@@ -33,13 +33,13 @@ def cli_errors() -> Iterator[None]:
     """Known failures become one clear line on stderr and exit code 2 (no traceback)."""
     from deepmedix.config import ConfigError
     from deepmedix.data.schema import RecordError
+    from deepmedix.demo import DemoError
     from deepmedix.model.load import ModelLoadError
     from deepmedix.store import StoreError
 
     try:
         yield
-    except (ConfigError, RecordError, StoreError, ModelLoadError, ValueError, FileNotFoundError,
-            RuntimeError) as exc:
+    except (ConfigError, RecordError, StoreError, ModelLoadError, DemoError, ValueError, FileNotFoundError) as exc:
         err.print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False)
         raise typer.Exit(2)
 

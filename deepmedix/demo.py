@@ -23,6 +23,10 @@ from pipelines.deepmedix_pipeline import STAGE_TASKS
 console = Console()
 
 
+class DemoError(RuntimeError):
+    """The local pipeline run or the demo's model server did not do what the demo needs."""
+
+
 def run_pipeline_local(pipeline_root: Path, **arguments) -> Path:
     """Run the pipeline with ``kfp.local``; return the run's folder under ``pipeline_root``."""
     from kfp import local
@@ -37,7 +41,7 @@ def run_pipeline_local(pipeline_root: Path, **arguments) -> Path:
     deepmedix_pipeline(**arguments)
     runs = sorted(p for p in pipeline_root.iterdir() if p.is_dir())
     if len(runs) != 1:
-        raise RuntimeError(f"{pipeline_root}: expected one pipeline run folder, found {len(runs)}")
+        raise DemoError(f"{pipeline_root}: expected one pipeline run folder, found {len(runs)}")
     return runs[0]
 
 
@@ -47,10 +51,10 @@ def stage_metrics(run: Path) -> list[dict[str, Any]]:
     for task in STAGE_TASKS:
         path = run / task / "executor_output.json"
         if not path.exists():
-            raise RuntimeError(f"{path}: stage '{task}' did not finish")
+            raise DemoError(f"{path}: stage '{task}' did not finish")
         arts = json.loads(path.read_text()).get("artifacts", {}).get("metrics", {}).get("artifacts", [])
         if not arts:
-            raise RuntimeError(f"{path}: stage '{task}' logged no metrics")
+            raise DemoError(f"{path}: stage '{task}' logged no metrics")
         rows.append({"task": task, **arts[0].get("metadata", {})})
     return rows
 
@@ -67,14 +71,14 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> None
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"model server exited with code {proc.returncode}")
+            raise DemoError(f"model server exited with code {proc.returncode}")
         try:
             if requests.get(url, timeout=2).status_code == 200:
                 return
         except requests.RequestException:
             pass
         time.sleep(0.5)
-    raise RuntimeError(f"model server not ready after {timeout:.0f} s ({url})")
+    raise DemoError(f"model server not ready after {timeout:.0f} s ({url})")
 
 
 def serve_and_ask(model_dir: Path, data_dir: Path, out_png: Path) -> dict[str, Any]:

@@ -53,7 +53,7 @@ def predict(cfg: EvalConfig, data_uri: str, model_uri: str, pred_path: Path,
         loaded = load(model_uri, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
         with pred_path.open("a") as f:
             for chunk in batched(todo, cfg.batch_size):
-                outs = generate(loaded, [record_images(root, r, cfg.frame) for r in chunk], [r.prompt for r in chunk],
+                outs = generate(loaded, [record_images(root, r, None) for r in chunk], [r.prompt for r in chunk],
                                 max_new_tokens=cfg.max_new_tokens, frame=cfg.frame)
                 for rec, raw in zip(chunk, outs):
                     p = parse(raw)

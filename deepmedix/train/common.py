@@ -36,8 +36,9 @@ def load_split(data_uri: str, split: str, tasks: list[str], ratios=None, max_rec
     return root, select(load_records(root, split), tasks, ratios, max_records, seed)
 
 
-def record_images(root: Path, rec: Record, frame: int = DEFAULT_FRAME) -> list[Image.Image]:
-    """The record's images as the model sees them (RGB, resized to the frame square)."""
+def record_images(root: Path, rec: Record, frame: int | None = DEFAULT_FRAME) -> list[Image.Image]:
+    """The record's images as the model sees them (RGB, resized to the frame square; ``frame=None`` leaves the
+    size to :func:`deepmedix.model.load.generate`, which squares them itself)."""
     from deepmedix.model.load import open_image
 
     out = []
@@ -70,6 +71,12 @@ def sft_row(root: Path, rec: Record, target: str, reasoning: bool, frame: int = 
         "prompt": [user_message(rec.prompt, len(images), reasoning=reasoning)],
         "completion": [{"role": "assistant", "content": [{"type": "text", "text": target}]}],
     }
+
+
+def freeze_vision(model) -> None:
+    """Keep the vision tower (and its merger) fixed while the language model trains."""
+    for p in model.model.visual.parameters():
+        p.requires_grad_(False)
 
 
 def save_model(trainer, processor, out_dir: Path) -> None:
@@ -115,7 +122,7 @@ def generate_on(loaded, root: Path, records: list[Record], max_new_tokens: int, 
 
     outs: list[str] = []
     for chunk in batched(records, batch_size):
-        outs.extend(generate(loaded, [record_images(root, r, frame) for r in chunk], [r.prompt for r in chunk],
+        outs.extend(generate(loaded, [record_images(root, r, None) for r in chunk], [r.prompt for r in chunk],
                              max_new_tokens=max_new_tokens, frame=frame))
         if progress:
             progress(len(outs), len(records))

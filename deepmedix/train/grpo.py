@@ -14,7 +14,7 @@ import torch
 from deepmedix import store
 from deepmedix.config import GRPOConfig
 from deepmedix.grounding import user_message
-from deepmedix.train.common import frame_boxes, generate_on, load_split, record_images, save_model, write_curve, write_json
+from deepmedix.train.common import frame_boxes, freeze_vision, generate_on, load_split, record_images, save_model, write_curve, write_json
 
 
 def held_out_reward(loaded, root, records, reward_fn, max_new_tokens: int, frame: int) -> float:
@@ -62,8 +62,7 @@ def train_grpo(cfg: GRPOConfig, data_uri: str, model_uri: str, out_uri: str) -> 
             remove_unused_columns=False, dataloader_num_workers=0,
         )
         if cfg.freeze_vision:
-            for p in loaded.model.model.visual.parameters():
-                p.requires_grad_(False)
+            freeze_vision(loaded.model)
         loaded.model.train()
         trainer = GRPOTrainer(model=loaded.model, reward_funcs=[reward_fn], args=args, train_dataset=ds,
                               processing_class=loaded.processor)

@@ -16,7 +16,7 @@ from typing import Any
 from deepmedix import store
 from deepmedix.config import TrainConfig
 from deepmedix.data.schema import Record
-from deepmedix.train.common import load_split, plain_target, save_model, sft_row, write_curve, write_json
+from deepmedix.train.common import freeze_vision, load_split, plain_target, save_model, sft_row, write_curve, write_json
 
 
 def make_dataset(root: Path, records: list[Record], targets: list[str], reasoning: bool, frame: int):
@@ -60,8 +60,7 @@ def train_sft(stage: str, cfg: TrainConfig, data_uri: str, model_uri: str, out_u
     loaded = load(model_uri, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
     model = loaded.model
     if cfg.freeze_vision:
-        for p in model.model.visual.parameters():
-            p.requires_grad_(False)
+        freeze_vision(model)
     model.train()
     train_ds = make_dataset(root, train, [targets_for(r) for r in train], reasoning, cfg.frame)
     val_ds = make_dataset(root, val, [targets_for(r) for r in val], reasoning, cfg.frame) if val else None

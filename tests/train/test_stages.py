@@ -136,3 +136,13 @@ def test_sft_in_bf16_on_the_gpu(small_data, base_model_dir, tmp_path):
     m = stages.sft(str(small_data), str(base_model_dir), str(tmp_path / "gpu"), "tiny", FAST + ["bf16=true"])
     assert m["steps"] == 3 and m["after"] < m["before"]
     assert next(load(tmp_path / "gpu").model.parameters()).is_cuda
+
+
+def test_freeze_vision_keeps_the_vision_tower_fixed(small_data, base_model_dir, tmp_path):
+    import torch
+
+    out = tmp_path / "frozen"
+    stages.sft(str(small_data), str(base_model_dir), str(out), "tiny", FAST + ["freeze_vision=true"])
+    before, after = load(base_model_dir).model, load(out).model
+    assert all(torch.equal(a, b) for a, b in zip(before.model.visual.parameters(), after.model.visual.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(before.lm_head.parameters(), after.lm_head.parameters()))

@@ -46,9 +46,10 @@ def cli_errors() -> Iterator[None]:
 
 @contextmanager
 def progress_bar(label: str):
-    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err) as p:
+    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err,
+                  transient=False) as p:
         task = p.add_task(label, total=None)
-        yield lambda done, total: p.update(task, completed=done, total=total)
+        yield lambda done, total: p.update(task, completed=done, total=total or None)
 
 
 def show(result: dict) -> None:
@@ -56,13 +57,46 @@ def show(result: dict) -> None:
 
 
 @data_app.command("phantom")
-def data_phantom(out: str = typer.Option(..., help="output dataset folder or s3:// URI"), config: str = CONFIG,
-                 set_: Optional[List[str]] = SET):
-    """Generate the phantom CXR set (Records as Parquet + PNG, split by patient)."""
+def data_phantom(out: str = typer.Option(..., help="output dataset folder or s3:// URI"),
+                 n: int = typer.Option(0, "--n", help="number of studies to draw (0: the config's n_patients)"),
+                 workers: Optional[int] = typer.Option(None, help="image worker processes"),
+                 config: str = CONFIG, set_: Optional[List[str]] = SET):
+    """Generate the phantom CXR set, streamed through curation (Records as Parquet + PNG, split by patient)."""
     from deepmedix import stages
 
-    with cli_errors(), progress_bar("phantom studies") as prog:
-        show(stages.curate(out, config, set_, progress=prog))
+    extra = [f"n_studies={n}"] if n else []
+    extra += [f"workers={workers}"] if workers else []
+    with cli_errors(), progress_bar("phantom records") as prog:
+        show(stages.curate(out, config, list(set_ or []) + extra, progress=prog, log=_log))
+
+
+def _log(line: str) -> None:
+    err.print(line, soft_wrap=True, highlight=False, markup=False)
+
+
+@app.command("curate")
+def curate(out: str = typer.Option(..., help="output dataset folder or s3:// URI"),
+           source: str = typer.Option("", help="one source adapter, e.g. mimic_cxr, iu_xray, vindr_cxr"),
+           root: str = typer.Option("", help="the source dataset as published: a folder or s3:// prefix"),
+           limit: Optional[int] = typer.Option(None, help="at most N records per source"),
+           workers: Optional[int] = typer.Option(None, help="image worker processes"),
+           config: str = typer.Option("tiny", "--config", "-c",
+                                      help="config size (configs/curate/<size>.yaml) or a YAML path (a mix of sources)"),
+           set_: Optional[List[str]] = SET):
+    """Curate public CXR datasets (or a mix from --config) into one Record dataset; bad inputs are quarantined."""
+    import json as _json
+
+    from deepmedix import stages
+
+    extra = list(set_ or [])
+    if source:
+        extra += [f"source={source}", f"root={_json.dumps(root)}", "sources=[]"]
+    if limit is not None:
+        extra.append(f"limit={limit}")
+    if workers is not None:
+        extra.append(f"workers={workers}")
+    with cli_errors(), progress_bar("records") as prog:
+        show(stages.curate(out, config, extra, progress=prog, log=_log))
 
 
 @model_app.command("tiny")

@@ -23,13 +23,33 @@ class ConfigError(ValueError):
 
 @dataclass
 class CurateConfig:
+    """One source (``source`` + ``root`` + ``options``) or a mix (``sources``: a list of mappings with ``name``,
+    ``root``, ``ratio``, ``limit``, ``options``). The phantom keys configure the embedded default source."""
     source: str = "phantom"
+    root: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+    ratio: float = 1.0              # fraction of the source's records kept (seeded, per record id)
+    limit: int = 0                  # at most this many records per source (0: all)
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    # the phantom source
     n_patients: int = 40
+    n_studies: int = 0              # > 0: draw this many studies instead of n_patients patients
     studies_per_patient: list[int] = field(default_factory=lambda: [1, 3])
     image_size: int = 512
     vqa_per_study: int = 3
-    split_ratios: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
-    records_per_shard: int = 5000
+    # images
+    max_pixels: int = 512 * 512     # stored images are resized to at most this many pixels (boxes follow)
+    max_image_pixels: int = 150_000_000  # larger inputs are quarantined as decompression bombs
+    png_compress_level: int = 1
+    # hygiene
+    split_ratios: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])  # seeded patient split
+    dedupe_images: bool = True
+    phash_distance: int = 8         # near-duplicate images: within this many of 256 hash bits (-1: exact only)
+    dedupe_texts: bool = True
+    scrub_phi: bool = True
+    # scale
+    workers: int = 2
+    shard_size: int = 1000          # items per chunk (one Parquet shard per split per chunk)
     seed: int = 0
 
 

@@ -17,10 +17,11 @@ from deepmedix.config import load_config
 Progress = Callable[[int, int], None]
 
 
-def curate(out: str, size: str = "tiny", overrides: list[str] | None = None, progress: Progress | None = None) -> dict[str, Any]:
+def curate(out: str, size: str = "tiny", overrides: list[str] | None = None, progress: Progress | None = None,
+           log: Callable[[str], None] | None = None) -> dict[str, Any]:
     from deepmedix.data.curate import curate as run
 
-    return run(load_config("curate", size, overrides), out, progress)
+    return run(load_config("curate", size, overrides), out, progress, log or print)
 
 
 def base_model(data: str, out: str, size: str = "tiny", overrides: list[str] | None = None,

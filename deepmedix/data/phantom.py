@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -419,27 +419,38 @@ def _png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def generate(out_dir: str | Path, n_patients: int = 40, studies_per_patient: tuple[int, int] = (1, 3),
-             size: int = 512, seed: int = 0, split_ratios=(0.7, 0.15, 0.15), vqa_per_study: int = 3,
-             progress: Callable[[int, int], None] | None = None) -> list[Record]:
-    """Draw the phantom dataset: PNGs under ``out_dir/images/`` (content-addressed) and the Records (returned,
-    not written). Every patient's studies land in one split."""
-    out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
+def plan_patients(n_patients: int, studies_per_patient: tuple[int, int] = (1, 3), seed: int = 0,
+                  n_studies: int = 0) -> list[tuple[int, int]]:
+    """(number of studies, anatomy seed) per patient. With ``n_studies`` > 0, patients are added until that many
+    studies are planned (the last patient's count is cut to fit) and ``n_patients`` is ignored."""
     lo, hi = studies_per_patient
     if not (1 <= lo <= hi):
         raise ValueError(f"studies_per_patient must be (lo, hi) with 1 <= lo <= hi, got {studies_per_patient}")
-    splits = assign_splits(n_patients, split_ratios, seed)
-    plans = []
-    for p in range(n_patients):
+    plans: list[tuple[int, int]] = []
+    total = 0
+    p = 0
+    while (n_studies > 0 and total < n_studies) or (n_studies <= 0 and p < n_patients):
         prng = np.random.default_rng([seed, 1, p])
-        plans.append((int(prng.integers(lo, hi + 1)), int(prng.integers(2**62))))
-    total = sum(n for n, _ in plans)
-    records: list[Record] = []
+        k = int(prng.integers(lo, hi + 1))
+        if n_studies > 0:
+            k = min(k, n_studies - total)
+        plans.append((k, int(prng.integers(2**62))))
+        total += k
+        p += 1
+    return plans
+
+
+def iter_studies(n_patients: int = 40, studies_per_patient: tuple[int, int] = (1, 3), size: int = 512,
+                 seed: int = 0, split_ratios=(0.7, 0.15, 0.15), vqa_per_study: int = 3,
+                 n_studies: int = 0) -> Iterator[tuple[bytes, list[dict]]]:
+    """Stream the phantom set one study at a time: the study's PNG bytes and its records' fields (everything
+    but ``images``/``image_sizes``). Every patient's studies share one split."""
+    plans = plan_patients(n_patients, studies_per_patient, seed, n_studies)
+    splits = assign_splits(len(plans), split_ratios, seed)
     done = 0
-    for p, (n_studies, patient_seed) in enumerate(plans):
+    for p, (n, patient_seed) in enumerate(plans):
         pid = f"phantom-p{p:04d}"
-        for j in range(n_studies):
+        for j in range(n):
             sid = f"phantom-s{done:06d}"
             rng = np.random.default_rng([seed, 2, p, j])
             if rng.random() < 0.3:
@@ -449,30 +460,43 @@ def generate(out_dir: str | Path, n_patients: int = 40, studies_per_patient: tup
                 specs = plan_findings(rng, rng.choice(FINDINGS, size=k, replace=False).tolist())
             view = "AP" if rng.random() < 0.3 else "PA"
             img, boxes = render_study(rng, specs, size=size, view=view, patient_seed=patient_seed)
-            data = _png_bytes(img)
-            rel = f"images/{hashlib.sha256(data).hexdigest()[:16]}.png"
-            if not (out / rel).exists():
-                (out / rel).write_bytes(data)
             labels = [s.label for s in specs]
-            common = dict(patient_id=pid, study_id=sid, source=SOURCE, images=[rel], image_sizes=[[size, size]],
-                          split=splits[p], view=view, findings=list(labels))
-            study_recs = [
-                Record(record_id=f"{sid}-findings", task="report_findings",
-                       prompt=text.pick(rng, text.FINDINGS_PROMPTS), answer=text.findings_text(rng, specs, view),
-                       boxes=list(boxes), **common),
-                Record(record_id=f"{sid}-impression", task="report_impression",
-                       prompt=text.pick(rng, text.IMPRESSION_PROMPTS), answer=text.impression_text(rng, specs),
-                       boxes=list(boxes), **common),
+            common = dict(patient_id=pid, study_id=sid, source=SOURCE, split=splits[p], view=view,
+                          findings=list(labels))
+            recs = [
+                dict(record_id=f"{sid}-findings", task="report_findings",
+                     prompt=text.pick(rng, text.FINDINGS_PROMPTS), answer=text.findings_text(rng, specs, view),
+                     boxes=list(boxes), **common),
+                dict(record_id=f"{sid}-impression", task="report_impression",
+                     prompt=text.pick(rng, text.IMPRESSION_PROMPTS), answer=text.impression_text(rng, specs),
+                     boxes=list(boxes), **common),
             ]
-            for k, (qt, q, ans) in enumerate(text.vqa_items(rng, specs, view, vqa_per_study)):
-                study_recs.append(Record(record_id=f"{sid}-vqa-{k}", task="vqa", question_type=qt, prompt=q,
-                                         answer=ans, boxes=list(boxes), **common))
+            for q, (qt, question, ans) in enumerate(text.vqa_items(rng, specs, view, vqa_per_study)):
+                recs.append(dict(record_id=f"{sid}-vqa-{q}", task="vqa", question_type=qt, prompt=question,
+                                 answer=ans, boxes=list(boxes), **common))
             for i, spec in enumerate(specs):
-                study_recs.append(Record(record_id=f"{sid}-grounding-{i}", task="grounding",
-                                         prompt=text.grounding_prompt(spec.label), answer=spec.label,
-                                         boxes=[b for b in boxes if b.label == spec.label], **common))
-            records.extend(r.validate() for r in study_recs)
+                recs.append(dict(record_id=f"{sid}-grounding-{i}", task="grounding",
+                                 prompt=text.grounding_prompt(spec.label), answer=spec.label,
+                                 boxes=[b for b in boxes if b.label == spec.label], **common))
             done += 1
-            if progress is not None:
-                progress(done, total)
+            yield _png_bytes(img), recs
+
+
+def generate(out_dir: str | Path, n_patients: int = 40, studies_per_patient: tuple[int, int] = (1, 3),
+             size: int = 512, seed: int = 0, split_ratios=(0.7, 0.15, 0.15), vqa_per_study: int = 3,
+             progress: Callable[[int, int], None] | None = None) -> list[Record]:
+    """Draw the phantom dataset in memory: PNGs under ``out_dir/images/`` (content-addressed) and the Records
+    (returned, not written). The curation engine streams the same studies through ``iter_studies``."""
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    total = sum(n for n, _ in plan_patients(n_patients, studies_per_patient, seed))
+    records: list[Record] = []
+    for done, (data, recs) in enumerate(iter_studies(n_patients, studies_per_patient, size, seed, split_ratios,
+                                                     vqa_per_study), start=1):
+        rel = f"images/{hashlib.sha256(data).hexdigest()[:16]}.png"
+        if not (out / rel).exists():
+            (out / rel).write_bytes(data)
+        records.extend(Record(images=[rel], image_sizes=[[size, size]], **r).validate() for r in recs)
+        if progress is not None:
+            progress(done, total)
     return records

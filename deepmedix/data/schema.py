@@ -25,7 +25,9 @@ import pyarrow.parquet as pq
 
 TASKS = ("report_findings", "report_impression", "vqa", "grounding")
 SPLITS = ("train", "validate", "test")
-QUESTION_TYPES = ("presence", "abnormality", "location", "level", "view", "type")
+# Medical-CXR-VQA's six types, then MIMIC-CXR-VQA's content types that are not among them.
+QUESTION_TYPES = ("presence", "abnormality", "location", "level", "view", "type",
+                  "anatomy", "attribute", "plane", "gender", "size")
 
 BOX_TYPE = pa.struct([("label", pa.string()), ("box", pa.list_(pa.float64(), 4))])
 
@@ -153,6 +155,9 @@ def read_shard(path: str | Path) -> list[Record]:
 
 def shard_paths(dataset_dir: str | Path, split: str | None = None) -> list[Path]:
     rec_dir = Path(dataset_dir) / "records"
+    if (Path(dataset_dir) / "_work").is_dir() and not (Path(dataset_dir) / "lineage.json").exists():
+        raise RecordError(f"{dataset_dir}: curation has not finished (no lineage.json, _work/ present); "
+                          f"rerun the same curate command to complete it")
     if not rec_dir.is_dir():
         raise FileNotFoundError(f"{dataset_dir}: no records/ folder — not a DeepMedix dataset")
     pattern = f"{split}-*.parquet" if split else "*.parquet"

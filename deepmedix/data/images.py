@@ -1,0 +1,196 @@
+"""Image handling for curation: decode (JPEG, PNG, DICOM), guard, resize to the pixel budget, encode, hash.
+
+Every stored image is an 8-bit grayscale PNG with no metadata (no DICOM tags, no text chunks), named by the
+sha256 of its bytes, so an image shared by several records or datasets is stored once.
+
+Speed: a JPEG is decoded straight at a reduced scale (libjpeg's DCT scaling through ``Image.draft``) when the
+target is at most half its size, which skips most of the decoding work of a full-size open→convert→resize.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import struct
+import warnings
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFile
+
+from deepmedix.data.sources.base import BadInput
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+DEFAULT_MAX_PIXELS = 512 * 512          # the model's pixel budget (Qwen2.5-VL max_pixels in the paper)
+DEFAULT_MAX_IMAGE_PIXELS = 150_000_000  # larger inputs are refused as decompression bombs
+_FORMATS = ("JPEG", "PNG", "MPO")
+
+
+@dataclass
+class Processed:
+    png: bytes
+    sha: str
+    size: tuple[int, int]        # stored (width, height)
+    orig_size: tuple[int, int]   # decoded original (width, height)
+    phash: int
+
+    @property
+    def rel(self) -> str:
+        return image_rel(self.sha)
+
+
+def image_rel(sha: str) -> str:
+    return f"images/{sha[:16]}.png"
+
+
+def target_size(w: int, h: int, max_pixels: int) -> tuple[int, int]:
+    """Largest size with the same aspect ratio and at most ``max_pixels`` pixels (never upscaled)."""
+    if w * h <= max_pixels:
+        return w, h
+    s = math.sqrt(max_pixels / (w * h))
+    return max(1, int(w * s)), max(1, int(h * s))
+
+
+def is_dicom(data: bytes, name: str = "") -> bool:
+    return data[128:132] == b"DICM" or name.lower().endswith((".dcm", ".dicom"))
+
+
+def _to_l(img: Image.Image, name: str) -> Image.Image:
+    if img.mode == "L":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(img, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        return Image.fromarray(np.clip((a - lo) * scale, 0, 255).astype(np.uint8), "L")
+    if img.mode in ("1", "P", "RGB", "RGBA", "LA", "CMYK", "YCbCr", "F"):
+        return img.convert("L")
+    raise BadInput(name, f"unsupported image mode {img.mode}")
+
+
+def decode(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS,
+           max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode to a grayscale image already reduced toward ``max_pixels``; returns it and the original size."""
+    if not data:
+        raise BadInput(name, "zero-byte file")
+    if is_dicom(data, name):
+        from deepmedix.data.dicom import decode_dicom
+
+        arr = decode_dicom(data, name, max_pixels=max_image_pixels)
+        return Image.fromarray(arr, "L"), (arr.shape[1], arr.shape[0])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            if img.format not in _FORMATS:
+                raise BadInput(name, f"unsupported image format {img.format} (JPEG, PNG or DICOM expected)")
+            w, h = img.size
+            if w * h > max_image_pixels:
+                raise BadInput(name, f"decompression bomb: {w}x{h} pixels is over the {max_image_pixels} limit")
+            if img.format in ("JPEG", "MPO"):
+                tw, th = target_size(w, h, max_pixels)
+                img.draft("L", (tw, th))
+            img.load()
+    except BadInput:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise BadInput(name, f"decompression bomb ({exc})") from None
+    except (OSError, SyntaxError, ValueError, EOFError, Image.UnidentifiedImageError) as exc:
+        msg = str(exc) or type(exc).__name__
+        if "truncated" in msg.lower() or isinstance(exc, EOFError):
+            raise BadInput(name, f"truncated image ({msg})") from None
+        raise BadInput(name, f"undecodable image ({msg})") from None
+    if getattr(img, "n_frames", 1) > 1:
+        img.seek(0)
+    return _to_l(img, name), (w, h)
+
+
+def resize(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    if img.size == size:
+        return img
+    return img.resize(size, Image.BICUBIC, reducing_gap=3.0)
+
+
+def _chunk(tag: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body) & 0xFFFFFFFF)
+
+
+def encode_png(img: Image.Image, compress_level: int = 1) -> bytes:
+    """A minimal 8-bit grayscale PNG: IHDR, one IDAT, IEND — no metadata chunks at all. Rows use the "Up"
+    filter and zlib's run-length strategy, which suit radiographs (smooth anatomy plus noise) and cost a
+    fraction of a general-purpose encoder's adaptive filtering."""
+    a = np.asarray(img, dtype=np.uint8)
+    h, w = a.shape
+    rows = np.empty((h, w + 1), dtype=np.uint8)
+    rows[:, 0] = 2  # filter type Up (the row above the first one is zeros)
+    rows[0, 1:] = a[0]
+    np.subtract(a[1:], a[:-1], out=rows[1:, 1:])
+    z = zlib.compressobj(compress_level, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+    idat = z.compress(rows.tobytes()) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+
+
+PHASH_BITS = 256
+
+
+def phash(img: Image.Image) -> int:
+    """256-bit perceptual hash: the 255 lowest non-DC frequencies of a 64x64 thumbnail's DCT against their
+    median. Chest radiographs share their global layout, so the common 64-bit hash (8x8 frequencies) puts
+    different patients within a few bits of each other; 256 bits keep them apart while re-encoded, rescaled or
+    re-windowed copies of one image stay within a few bits."""
+    from scipy.fft import dctn
+
+    a = np.asarray(img.resize((64, 64), Image.BILINEAR), dtype=np.float64)
+    low = dctn(a, norm="ortho")[:16, :16].ravel()[1:]
+    return int.from_bytes(np.packbits(low > np.median(low)).tobytes(), "big")
+
+
+MIN_SIDE = 32  # smaller images are icons or thumbnails, not radiographs
+
+
+def process(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS,
+            max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, compress_level: int = 1,
+            min_side: int = MIN_SIDE) -> Processed:
+    img, orig = decode(data, name, max_pixels, max_image_pixels)
+    if min(orig) < min_side:
+        raise BadInput(name, f"image too small ({orig[0]}x{orig[1]}; the shorter side must be at least {min_side})")
+    out = resize(img, target_size(*orig, max_pixels))
+    png = encode_png(out, compress_level)
+    return Processed(png=png, sha=hashlib.sha256(png).hexdigest(), size=out.size, orig_size=orig, phash=phash(out))
+
+
+class PhashIndex:
+    """Near-duplicate lookup for 256-bit hashes within Hamming distance ``d``, by pigeonhole: cut into ``d + 1``
+    blocks, two hashes within distance ``d`` agree exactly on at least one block."""
+
+    def __init__(self, d: int):
+        if not 0 <= d <= 64:
+            raise ValueError(f"phash_distance must be 0..64 (or -1 to turn near-duplicate search off), got {d}")
+        self.d = d
+        n = d + 1
+        edges = [round(i * PHASH_BITS / n) for i in range(n + 1)]
+        self.cuts = [(lo, (1 << (hi - lo)) - 1) for lo, hi in zip(edges, edges[1:])]
+        self.blocks: list[dict[int, list[int]]] = [{} for _ in self.cuts]
+        self.owner: dict[int, str] = {}
+
+    def find(self, h: int) -> tuple[int, str] | None:
+        """The first stored hash within distance ``d`` and its owner, or None."""
+        if h in self.owner:
+            return h, self.owner[h]
+        if self.d == 0:
+            return None
+        for i, (lo, mask) in enumerate(self.cuts):
+            for cand in self.blocks[i].get((h >> lo) & mask, ()):
+                if (cand ^ h).bit_count() <= self.d:
+                    return cand, self.owner[cand]
+        return None
+
+    def add(self, h: int, owner: str) -> None:
+        if h in self.owner:
+            return
+        self.owner[h] = owner
+        for i, (lo, mask) in enumerate(self.cuts):
+            self.blocks[i].setdefault((h >> lo) & mask, []).append(h)

@@ -1,0 +1,264 @@
+"""What every source adapter works with.
+
+* :class:`Root` — a dataset as published, in a local folder or under an ``s3://`` prefix. Paths are POSIX paths
+  relative to the root; one that escapes the root (``..``, an absolute path, a symlink pointing outside) raises
+  :class:`BadInput`, as does a missing or unreadable file.
+* :class:`Item` — a would-be Record: texts, ids, official split and boxes in the *original* pixels of the first
+  image, with the images still as :class:`ImageRef` (a file under the root, or bytes made in memory). The curation
+  engine decodes, resizes and stores the images, rescales the boxes, scrubs the texts and assigns splits.
+* :class:`Quarantine` — an input the adapter refused (bad metadata row, missing report, duplicate id, ...), with
+  the file and the reason. Adapters yield these in the same stream as Items and never raise for bad data.
+* :class:`Source` — the adapter base class; subclasses register themselves by ``name``.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import os
+import posixpath
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Iterator
+
+from deepmedix import store
+from deepmedix.data.schema import Box
+
+SOURCES: dict[str, type["Source"]] = {}
+
+
+class BadInput(Exception):
+    """An input to quarantine. ``file`` names it (relative to the source root where possible)."""
+
+    def __init__(self, file: str, reason: str, record: str = ""):
+        super().__init__(f"{file}: {reason}")
+        self.file, self.reason, self.record = file, reason, record
+
+
+@dataclass
+class Quarantine:
+    source: str
+    file: str
+    reason: str
+    record: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        return {"source": self.source, "file": self.file, "reason": self.reason, "record": self.record}
+
+
+@dataclass
+class ImageRef:
+    """One image of an Item: ``path`` under ``root`` (the source's own root when None — set it when the images
+    live in another dataset, e.g. VQA questions joined to MIMIC-CXR-JPG), or ``data`` (encoded bytes made in
+    memory)."""
+    path: str = ""
+    data: bytes | None = None
+    name: str = ""  # how quarantine reports name an in-memory image
+    root: "Root | None" = None
+
+    def label(self) -> str:
+        return self.path or self.name or "<in-memory image>"
+
+
+@dataclass
+class Item:
+    record_id: str            # unique within the source; the Record id becomes "<source>/<record_id>"
+    patient_id: str           # namespaced where sources share patients, e.g. "mimic:10000032"
+    study_id: str
+    task: str                 # one of schema.TASKS
+    prompt: str
+    answer: str
+    images: list[ImageRef]    # frontal first
+    split: str = ""           # official split ("train"/"validate"/"test") or "" for the seeded patient split
+    view: str = ""
+    question_type: str = ""
+    boxes: list[Box] = field(default_factory=list)  # [x1, y1, x2, y2] on images[0], see box_frame
+    box_frame: tuple[int, int] | None = None  # (width, height) the boxes are given in when the dataset says so
+    # (MS-CXR's image_width/height, ChestX-ray14's 1024x1024); None: the decoded image's own pixels
+    findings: list[str] = field(default_factory=list)
+    trace: str = ""
+    file: str = ""            # the metadata file (and row) this Item came from, for quarantine reports
+
+
+def _norm_rel(rel: str) -> str | None:
+    """Normalised POSIX path inside the root, or None when it escapes (absolute, '..' above the root, NUL)."""
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        return None
+    rel = rel.replace("\\", "/")
+    if rel.startswith("/") or (len(rel) > 1 and rel[1] == ":"):
+        return None
+    norm = posixpath.normpath(rel)
+    if norm == ".." or norm.startswith("../") or norm == ".":
+        return None
+    return norm
+
+
+class Root:
+    """A dataset root: a local folder or an ``s3://bucket/prefix``. Picklable (worker processes reopen it)."""
+
+    def __init__(self, uri: str):
+        self.uri = str(uri).rstrip("/") if str(uri) != "/" else "/"
+        self.s3 = store.is_s3(self.uri)
+        if self.s3:
+            self.bucket, self.prefix = store.parse_s3(self.uri)
+        else:
+            self.path = store.local_path(self.uri)
+            if not self.path.is_dir():
+                raise FileNotFoundError(f"{uri}: dataset root is not a folder")
+            self.real = Path(os.path.realpath(self.path))
+        self._client = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["_client"] = None
+        return d
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = store.s3_client()
+        return self._client
+
+    def __repr__(self) -> str:
+        return f"Root({self.uri!r})"
+
+    # -- paths
+    def safe(self, rel: str) -> str:
+        norm = _norm_rel(rel)
+        if norm is None:
+            raise BadInput(str(rel), "path escapes the dataset root")
+        if not self.s3:
+            real = os.path.realpath(self.path / norm)
+            if real != str(self.real) and not real.startswith(str(self.real) + os.sep):
+                raise BadInput(norm, "path escapes the dataset root (symlink)")
+        return norm
+
+    def _key(self, rel: str) -> str:
+        return f"{self.prefix}/{rel}" if self.prefix else rel
+
+    def exists(self, rel: str) -> bool:
+        try:
+            norm = self.safe(rel)
+        except BadInput:
+            return False
+        if not self.s3:
+            return (self.path / norm).is_file()
+        from minio.error import S3Error
+
+        try:
+            self.client.stat_object(self.bucket, self._key(norm))
+            return True
+        except S3Error:
+            return False
+
+    def first(self, *candidates: str) -> str | None:
+        """The first candidate path that exists (e.g. ``x.csv`` or ``x.csv.gz``)."""
+        for c in candidates:
+            if self.exists(c):
+                return c
+        return None
+
+    # -- reading
+    def read_bytes(self, rel: str) -> bytes:
+        norm = self.safe(rel)
+        if not self.s3:
+            p = self.path / norm
+            try:
+                return p.read_bytes()
+            except FileNotFoundError:
+                raise BadInput(norm, "file not found") from None
+            except IsADirectoryError:
+                raise BadInput(norm, "is a folder, not a file") from None
+            except OSError as exc:
+                raise BadInput(norm, f"unreadable ({exc.strerror or exc})") from None
+        from minio.error import S3Error
+
+        try:
+            resp = self.client.get_object(self.bucket, self._key(norm))
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
+                raise BadInput(norm, "file not found") from None
+            raise store.StoreError(f"{self.uri}/{norm}: S3 request failed ({exc.code})") from exc
+        try:
+            return resp.read()
+        finally:
+            resp.close()
+            resp.release_conn()
+
+    def read_text(self, rel: str) -> str:
+        """UTF-8 text (a BOM is dropped); non-UTF-8 bytes raise BadInput. ``.gz`` files are decompressed."""
+        data = self.read_bytes(rel)
+        if rel.endswith(".gz"):
+            try:
+                data = gzip.decompress(data)
+            except (OSError, EOFError) as exc:
+                raise BadInput(rel, f"not a readable gzip file ({exc})") from None
+        try:
+            return data.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise BadInput(rel, f"not UTF-8 text (byte {exc.start})") from None
+
+    def read_csv(self, rel: str) -> Iterator[dict[str, str]]:
+        """Rows of a CSV (``.csv`` or ``.csv.gz``) as dicts keyed by the header, values stripped."""
+        reader = csv.DictReader(io.StringIO(self.read_text(rel), newline=""))
+        for row in reader:
+            yield {(k or "").strip(): (v.strip() if isinstance(v, str) else v) for k, v in row.items()}
+
+    def walk(self, rel_dir: str = "", suffixes: tuple[str, ...] = ()) -> Iterator[str]:
+        """Relative paths of the files under ``rel_dir`` (recursive, sorted), filtered by suffix (case-insensitive)."""
+        sfx = tuple(s.lower() for s in suffixes)
+        if not self.s3:
+            base = self.path / rel_dir if rel_dir else self.path
+            if not base.is_dir():
+                return
+            out = []
+            for dirpath, dirs, files in os.walk(base):
+                dirs.sort()
+                for f in files:
+                    if not sfx or f.lower().endswith(sfx):
+                        out.append((Path(dirpath) / f).relative_to(self.path).as_posix())
+            yield from sorted(out)
+            return
+        pfx = self._key(rel_dir.strip("/")) if rel_dir else self.prefix
+        pfx = pfx + "/" if pfx else ""
+        names = []
+        for o in self.client.list_objects(self.bucket, prefix=pfx, recursive=True):
+            rel = o.object_name[len(self.prefix) + 1:] if self.prefix else o.object_name
+            if not sfx or rel.lower().endswith(sfx):
+                names.append(rel)
+        yield from sorted(names)
+
+
+def open_root(uri: str) -> Root:
+    return Root(uri)
+
+
+class Source:
+    """Base class of the adapters. Subclasses set ``name`` and implement :meth:`items`.
+
+    ``options`` are the adapter's own settings from the curate config (unknown keys are refused by the engine
+    through :attr:`option_names`). Adapters must be deterministic: the same files give the same stream.
+    """
+
+    name: ClassVar[str] = ""
+    option_names: ClassVar[tuple[str, ...]] = ()
+    needs_root: ClassVar[bool] = True  # False for sources that make their data (the phantom)
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if cls.name:
+            SOURCES[cls.name] = cls
+
+    def __init__(self, root: Root, **options: Any):
+        unknown = sorted(set(options) - set(self.option_names))
+        if unknown:
+            raise ValueError(f"source {self.name}: unknown option(s) {unknown}; known: {list(self.option_names)}")
+        self.root = root
+        self.options = options
+
+    def items(self) -> Iterator[Item | Quarantine]:
+        raise NotImplementedError
+
+    def bad(self, file: str, reason: str, record: str = "") -> Quarantine:
+        return Quarantine(self.name, file, reason, record)

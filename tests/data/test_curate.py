@@ -273,3 +273,42 @@ def test_killed_run_leaves_no_partial_shard_and_the_rerun_completes(tmp_path):
     key = lambda rs: [(r.record_id, r.images, r.prompt, r.answer, r.split, [b.box for b in r.boxes]) for r in rs]
     assert key(load_records(out)) == key(load_records(ref))
     assert not list((out / "records").glob(".*"))
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+
+def test_cli_curate_one_source_with_limit_and_workers(tmp_path):
+    import fx_public
+
+    fx_public.write_iu_xray(tmp_path / "iu")
+    r = subprocess.run([DEEPMEDIX, "curate", "--source", "iu_xray", "--root", str(tmp_path / "iu"), "--out",
+                        str(tmp_path / "out"), "--limit", "4", "--workers", "2"], capture_output=True, text=True,
+                       cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["after"] == 4
+    assert "curate: 4 records kept, 0 quarantined" in r.stderr
+    assert "records" in r.stderr  # the progress bar
+    recs = load_records(tmp_path / "out")
+    assert {x.source for x in recs} == {"iu_xray"} and len(recs) == 4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--source", "iu_xray", "--root", "/no/such/folder"], "dataset root is not a folder"),
+    (["--source", "nope", "--root", "."], "unknown source 'nope'"),
+    (["--config", "configs/curate/missing.yaml"], "config file not found"),
+])
+def test_cli_curate_errors_are_one_line_and_exit_2(tmp_path, args, message):
+    r = subprocess.run([DEEPMEDIX, "curate", *args, "--out", str(tmp_path / "o")], capture_output=True, text=True,
+                       cwd=REPO, timeout=120)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o" / "lineage.json").exists()
+
+
+def test_cli_phantom_streams_n_studies(tmp_path):
+    r = subprocess.run([DEEPMEDIX, "data", "phantom", "--n", "12", "--out", str(tmp_path / "p"), "--set",
+                        "image_size=96", "--set", "shard_size=5"], capture_output=True, text=True, cwd=REPO,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    recs = load_records(tmp_path / "p")
+    assert len({x.study_id for x in recs}) == 12
+    assert len(list((tmp_path / "p" / "records").glob("*.parquet"))) >= 3  # several chunks, streamed

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/demo
 
-.PHONY: install demo test compile bench clean
+.PHONY: install demo test compile bench bench-curate clean
 
 install: $(STAMP)
 
@@ -23,6 +23,12 @@ test: $(STAMP)
 
 compile: $(STAMP)
 	$(BIN)/python -m pipelines.compile --out pipelines/deepmedix_pipeline.yaml
+
+# Benchmarks print ratios against a baseline timed in the same run (BENCH_ARGS: e.g. --large 2000).
+bench: bench-curate
+
+bench-curate: $(STAMP)
+	$(BIN)/python bench/curate_bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -33,13 +33,13 @@ def cli_errors() -> Iterator[None]:
     """Known failures become one clear line on stderr and exit code 2 (no traceback)."""
     from deepmedix.config import ConfigError
     from deepmedix.data.schema import RecordError
-    from deepmedix.demo import DemoError
-    from deepmedix.model.load import ModelLoadError
+    from deepmedix.errors import CurationError, DemoError, ModelLoadError
     from deepmedix.store import StoreError
 
     try:
         yield
-    except (ConfigError, RecordError, StoreError, ModelLoadError, DemoError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, RecordError, StoreError, ModelLoadError, DemoError, CurationError, ValueError,
+            FileNotFoundError) as exc:
         err.print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False)
         raise typer.Exit(2)
 
@@ -89,6 +89,9 @@ def curate(out: str = typer.Option(..., help="output dataset folder or s3:// URI
     from deepmedix import stages
 
     extra = list(set_ or [])
+    if root and not source:
+        err.print("[bold red]error:[/] --root needs --source (which adapter reads it)", highlight=False)
+        raise typer.Exit(2)
     if source:
         extra += [f"source={source}", f"root={_json.dumps(root)}", "sources=[]"]
     if limit is not None:

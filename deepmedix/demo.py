@@ -18,13 +18,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from deepmedix.errors import DemoError
 from pipelines.deepmedix_pipeline import STAGE_TASKS
 
 console = Console()
-
-
-class DemoError(RuntimeError):
-    """The local pipeline run or the demo's model server did not do what the demo needs."""
 
 
 def run_pipeline_local(pipeline_root: Path, **arguments) -> Path:

@@ -11,11 +11,12 @@ the engine cuts the stream into chunks of ``shard_size`` Items and, per chunk,
    hash of the patient id; a patient already placed keeps its split), validates the Record;
 5. writes one Parquet shard per split atomically, then the chunk's marker under ``_work/`` (the chunk's commit).
 
-A rerun with the same config skips chunks whose marker exists (their state is replayed from the marker) and so
-finishes an interrupted run. At the end: ``quarantine.jsonl``, ``manifest.json``, unreferenced images and stale
+Image work for chunk k+1 runs in the workers while the main process finishes chunk k. A rerun with the same
+config skips chunks whose marker exists, whose input digest still matches and whose files are all there (their
+state is replayed from the marker), and so finishes an interrupted run. At the end: ``quarantine.jsonl``, ``manifest.json``, unreferenced images and stale
 shards removed, the no-patient-in-two-splits check over the written shards, then ``lineage.json`` — the commit
-marker of the whole dataset — and ``_work/`` is removed. Nothing is loaded whole: memory is bounded by one chunk
-plus the dedupe indexes (a few dozen bytes per image and record).
+marker of the whole dataset — and ``_work/`` is removed. Nothing is loaded whole: memory is bounded by two chunks
+plus the dedupe indexes (about a kilobyte per image, a hundred bytes per record).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -33,7 +35,8 @@ from deepmedix.config import ConfigError, CurateConfig, to_dict
 from deepmedix.data import images as imgs
 from deepmedix.data import text as txt
 from deepmedix.data.schema import SPLITS, Box, Record, RecordError
-from deepmedix.data.sources import BadInput, Item, Quarantine, Root, get_source
+from deepmedix.data.sources import BadInput, ImageRef, Item, Quarantine, Root, Source, get_source
+from deepmedix.errors import CurationError
 
 Progress = Callable[[int, int], None]
 WORK = "_work"
@@ -74,7 +77,7 @@ class Sink:
     def _key(self, rel: str) -> str:
         return f"{self.prefix}/{rel}" if self.prefix else rel
 
-    def put(self, rel: str, data: bytes) -> None:
+    def put(self, rel: str, data: bytes, durable: bool = True) -> None:
         if self.s3:
             with store.s3_errors(f"{self.uri}/{rel}"):
                 self.client.put_object(self.bucket, self._key(rel), io.BytesIO(data), len(data))
@@ -82,15 +85,23 @@ class Sink:
         p = self.path / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, p)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                if durable:  # shards, markers, manifest, lineage; images are cheap to redo
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, p)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
 
     def put_once(self, rel: str, data: bytes) -> None:
         """Content-addressed files: written once, then known to exist."""
         if rel in self._has:
             return
         if self.s3 or not (self.path / rel).exists():
-            self.put(rel, data)
+            self.put(rel, data, durable=False)
         self._has.add(rel)
 
     def get(self, rel: str) -> bytes | None:
@@ -143,47 +154,89 @@ def _init_worker(sink: Sink, settings: dict[str, int]) -> None:
     _W["sink"], _W["settings"] = sink, settings
 
 
+def _ping() -> int:
+    return os.getpid()
+
+
 def _work(job: tuple) -> tuple[str, tuple]:
     """Decode, check, resize, encode and store one image. Returns (key, ("ok", ...)) or (key, ("bad", file,
     reason)). Store failures are not the input's fault: they propagate and stop the run."""
     key, root, path, data, name = job
     s = _W["settings"]
     label = path or name
+    where = (lambda f: f) if root is None else (lambda f: f"{root.uri}/{f}")
     try:
         if data is None:
             data = root.read_bytes(path)
         p = imgs.process(data, label, s["max_pixels"], s["max_image_pixels"], s["compress_level"])
     except BadInput as exc:
-        return key, ("bad", exc.file if root is None else f"{root.uri}/{exc.file}", exc.reason)
+        return key, ("bad", where(exc.file), exc.reason)
     except MemoryError:
-        return key, ("bad", label, "image too large to decode in memory")
+        return key, ("bad", where(label), "image too large to decode in memory")
+    except store.StoreError:
+        raise
+    except Exception as exc:  # a decoder failing in a way nobody listed is still the input's fault
+        return key, ("bad", where(label), f"undecodable image ({type(exc).__name__}: {exc})")
     _W["sink"].put_once(p.rel, p.png)
     return key, ("ok", p.sha, p.size, p.orig_size, p.phash)
 
 
+def _work_batch(jobs: list[tuple]) -> list[tuple[str, tuple]]:
+    return [_work(j) for j in jobs]
+
+
 class _Pool:
+    """Image work: in this process (one worker) or in worker processes started from a fork server, with work
+    submitted per chunk and collected later, so the main process finishes one chunk while the next is decoded."""
+
+    BATCH = 4
+
     def __init__(self, workers: int, sink: Sink, settings: dict[str, int]):
-        self.pool = None
+        self.ex = None
         _init_worker(sink, settings)
         if workers > 1:
             import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
 
-            self.pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(sink, settings))
+            ctx = mp.get_context("forkserver")
+            ctx.set_forkserver_preload(["deepmedix.data.curate"])
+            self.ex = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(sink, settings))
+            for _ in range(workers):  # start them now, while the main process reads the first metadata
+                self.ex.submit(_ping)
 
-    def map(self, jobs: list[tuple]) -> dict[str, tuple]:
-        if self.pool is None:
-            return dict(map(_work, jobs))
-        return dict(self.pool.imap_unordered(_work, jobs, chunksize=2))
+    def submit(self, jobs: list[tuple]) -> Any:
+        if self.ex is None:
+            return jobs
+        return [self.ex.submit(_work_batch, jobs[i:i + self.BATCH]) for i in range(0, len(jobs), self.BATCH)]
+
+    def collect(self, handle: Any) -> dict[str, tuple]:
+        if self.ex is None:
+            return dict(map(_work, handle))
+        from concurrent.futures.process import BrokenProcessPool
+
+        out: dict[str, tuple] = {}
+        try:
+            for f in handle:
+                out.update(f.result())
+        except BrokenProcessPool:
+            raise CurationError("an image worker process died (killed for memory, or a crash inside an image "
+                                "decoder); finished chunks are kept: rerun to resume, with fewer --workers if "
+                                "memory is short") from None
+        return out
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.close()
-            self.pool.join()
+        if self.ex is not None:
+            self.ex.shutdown(wait=True)
 
     def kill(self) -> None:
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
+        if self.ex is not None:
+            procs = list((getattr(self.ex, "_processes", None) or {}).values())
+            self.ex.shutdown(wait=False, cancel_futures=True)
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()
+            for p in procs:
+                p.join(timeout=5)
 
 
 # ------------------------------------------------------------------------------------------------ the state
@@ -205,39 +258,46 @@ class SourceSpec:
 @dataclass
 class State:
     ids: set[str] = field(default_factory=set)
-    sha_owner: dict[str, str] = field(default_factory=dict)
+    sha_owner: dict[str, tuple[str, str]] = field(default_factory=dict)
     phash: imgs.PhashIndex | None = None
     rec_keys: dict[str, str] = field(default_factory=dict)
     patient_split: dict[str, str] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     quarantine: list[dict[str, str]] = field(default_factory=list)
-    shards: dict[str, str] = field(default_factory=dict)   # rel -> sha256
+    shards: dict[str, str] = field(default_factory=dict)        # rel -> sha256
+    shard_marker: dict[str, str] = field(default_factory=dict)  # rel -> the marker that committed it
     images: set[str] = field(default_factory=set)
     reassigned: int = 0
     per_source: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def replay(self, m: dict[str, Any], tag: str) -> None:
+    def replay(self, m: dict[str, Any], tag: str, marker: str) -> None:
         self.ids.update(m["ids"])
-        self.sha_owner.update(m["shas"])
+        for sha, owner in m["shas"].items():
+            self.sha_owner.setdefault(sha, tuple(owner))
         if self.phash is not None:
-            for h, owner in m["phashes"]:
-                self.phash.add(int(h), owner)
+            for h, p, s in m["phashes"]:
+                self.phash.add(int(h), (p, s))
         self.rec_keys.update(m["rec_keys"])
-        self.patient_split.update(m["patients"])
+        for pid, split in m["patients"].items():
+            self.patient_split.setdefault(pid, split)
         for k, v in m["counts"].items():
             self.counts[k] = self.counts.get(k, 0) + v
         self.quarantine.extend(m["quarantine"])
         self.shards.update(m["shards"])
+        self.shard_marker.update({rel: marker for rel in m["shards"]})
         self.images.update(m["images"])
         self.reassigned += m["reassigned"]
         src = self.per_source.setdefault(tag, {"items": 0, "kept": 0, "quarantined": 0, "digests": []})
         src["items"] += m["items"]
         src["kept"] += sum(m["counts"].values())
         src["quarantined"] += len(m["quarantine"])
-        src["digests"].append(m["digest"])
+        src["digests"].append(m["digest"] + m["image_digest"])
 
+
+# ---------------------------------------------------------------------------------------- sources and config
 
 def resolve_sources(cfg: CurateConfig) -> list[SourceSpec]:
+    """The config's sources, checked (names, roots, ratios, limits; not yet opened)."""
     if cfg.sources:
         out = []
         for i, s in enumerate(cfg.sources):
@@ -249,8 +309,10 @@ def resolve_sources(cfg: CurateConfig) -> list[SourceSpec]:
                 raise ConfigError(f"{where}: unknown key(s) {unknown}; known: name, root, ratio, limit, options")
             if not s.get("name"):
                 raise ConfigError(f"{where}: key 'name' is required")
-            out.append(SourceSpec(i, str(s["name"]), str(s.get("root") or ""), s.get("ratio", 1.0),
-                                  s.get("limit", 0), dict(s.get("options") or {})))
+            if not isinstance(s.get("options") or {}, dict):
+                raise ConfigError(f"{where}: 'options' must be a mapping")
+            out.append(SourceSpec(i, str(s["name"]), str(s.get("root") or ""), s.get("ratio", cfg.ratio),
+                                  s.get("limit", cfg.limit), dict(s.get("options") or {})))
     else:
         opts = dict(cfg.options)
         if cfg.source == "phantom":
@@ -260,7 +322,7 @@ def resolve_sources(cfg: CurateConfig) -> list[SourceSpec]:
         where = f"curate config: source {s.name!r}"
         if not isinstance(s.ratio, (int, float)) or isinstance(s.ratio, bool) or not 0 < float(s.ratio) <= 1:
             raise ConfigError(f"{where}: 'ratio' must be a number in (0, 1], got {s.ratio!r}")
-        if not isinstance(s.limit, int) or s.limit < 0:
+        if not isinstance(s.limit, int) or isinstance(s.limit, bool) or s.limit < 0:
             raise ConfigError(f"{where}: 'limit' must be a non-negative integer, got {s.limit!r}")
         try:
             cls = get_source(s.name)
@@ -268,12 +330,51 @@ def resolve_sources(cfg: CurateConfig) -> list[SourceSpec]:
             raise ConfigError(f"{where}: {exc.args[0]}") from None
         if cls.needs_root and not s.root:
             raise ConfigError(f"{where}: 'root' (a folder or s3:// prefix holding the dataset) is required")
-    if not 0 < cfg.shard_size:
-        raise ConfigError(f"curate config: 'shard_size' must be positive, got {cfg.shard_size}")
-    if not -1 <= cfg.phash_distance <= 64:
-        raise ConfigError(f"curate config: 'phash_distance' must be -1 (off) or 0..64 bits of 256, "
-                          f"got {cfg.phash_distance}")
+    checks = [
+        (cfg.shard_size > 0, f"'shard_size' must be positive, got {cfg.shard_size}"),
+        (cfg.workers >= 1, f"'workers' must be at least 1, got {cfg.workers}"),
+        (-1 <= cfg.phash_distance <= 64, f"'phash_distance' must be -1 (off) or 0..64 bits of 256, got "
+                                         f"{cfg.phash_distance}"),
+        (0 <= cfg.png_compress_level <= 9, f"'png_compress_level' must be 0..9, got {cfg.png_compress_level}"),
+        (cfg.max_pixels >= 32 * 32, f"'max_pixels' must be at least 1024, got {cfg.max_pixels}"),
+        (cfg.max_image_pixels >= cfg.max_pixels, f"'max_image_pixels' must be at least max_pixels, got "
+                                                 f"{cfg.max_image_pixels}"),
+        (len(cfg.split_ratios) == len(SPLITS) and all(r >= 0 for r in cfg.split_ratios)
+         and sum(cfg.split_ratios) > 0, f"'split_ratios' must be {len(SPLITS)} non-negative numbers (train, "
+                                        f"validate, test) with a positive sum, got {cfg.split_ratios}"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(f"curate config: {msg}")
     return out
+
+
+def _open(spec: SourceSpec) -> tuple[Root | None, Source]:
+    where = f"curate config: source {spec.name!r}"
+    try:
+        root = Root(spec.root) if spec.root else None
+        return root, get_source(spec.name)(root, **spec.options)
+    except (FileNotFoundError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _location(uri: str) -> tuple[str, str]:
+    """(namespace, path) for overlap checks: ("local", resolved path) or ("s3:bucket", key prefix)."""
+    if store.is_s3(uri):
+        bucket, key = store.parse_s3(uri)
+        return f"s3:{bucket}", "/" + key.strip("/")
+    return "local", os.path.realpath(store.local_path(uri))
+
+
+def _check_out(out_uri: str, specs: list[SourceSpec]) -> None:
+    ns, out = _location(out_uri)
+    for s in specs:
+        uris = [s.root] + [v for k, v in s.options.items() if k.endswith("_root") and isinstance(v, str) and v]
+        for uri in uris:
+            ns2, p = _location(uri)
+            if ns2 == ns and (p == out or p.startswith(out.rstrip("/") + "/") or out.startswith(p.rstrip("/") + "/")):
+                raise CurationError(f"--out {out_uri} overlaps the input {uri} of source {s.name}: curation "
+                                    f"rewrites its output folder, so it must be separate from every dataset root")
 
 
 def _u64(*parts: str) -> int:
@@ -291,22 +392,13 @@ def seeded_split(patient_id: str, seed: int, ratios: list[float]) -> str:
     return SPLITS[-1]
 
 
-def _stream(spec: SourceSpec, seed: int) -> Iterator[Item | Quarantine]:
-    cls = get_source(spec.name)
-    try:
-        root = Root(spec.root) if spec.root else None
-    except FileNotFoundError as exc:
-        raise ConfigError(f"curate config: source {spec.name!r}: {exc}") from None
-    try:
-        src = cls(root, **spec.options)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"curate config: source {spec.name!r}: {exc}") from None
+def _stream(spec: SourceSpec, src: Source, seed: int) -> Iterator[Item | Quarantine]:
     kept = 0
     for x in src.items():
         if isinstance(x, Quarantine):
             yield x
             continue
-        if spec.ratio < 1 and _u64("sample", str(seed), spec.name, x.record_id) / 2**64 >= spec.ratio:
+        if spec.ratio < 1 and _u64("sample", str(seed), spec.name, str(getattr(x, "record_id", ""))) / 2**64 >= spec.ratio:
             continue
         if spec.limit and kept >= spec.limit:
             return
@@ -318,11 +410,8 @@ def _chunks(stream: Iterator[Item | Quarantine], size: int) -> Iterator[tuple[li
     items: list[Item] = []
     qs: list[Quarantine] = []
     for x in stream:
-        if isinstance(x, Quarantine):
-            qs.append(x)
-            continue
-        items.append(x)
-        if len(items) >= size:
+        (qs if isinstance(x, Quarantine) else items).append(x)
+        if len(items) >= size or len(qs) >= size:
             yield items, qs
             items, qs = [], []
     if items or qs:
@@ -331,107 +420,165 @@ def _chunks(stream: Iterator[Item | Quarantine], size: int) -> Iterator[tuple[li
 
 # ------------------------------------------------------------------------------------------------- a chunk
 
-def _ref_key(item_root: Root | None, ref) -> tuple[str, tuple]:
+def _digest(spec: SourceSpec, items: list[Item], qs: list[Quarantine]) -> str:
+    """What the chunk was made from (metadata, texts, image paths or in-memory bytes, the adapter's refusals)."""
+    d = hashlib.blake2b(digest_size=16)
+    for it in items:
+        refs = [r.path or (hashlib.sha1(r.data).hexdigest() if isinstance(r.data, bytes) else repr(r))
+                for r in (it.images if isinstance(it.images, list) else [])]
+        d.update(repr((spec.name, it.record_id, it.patient_id, it.study_id, it.task, it.prompt, it.answer, refs,
+                       [(b.label, b.box) for b in it.boxes] if isinstance(it.boxes, list) else repr(it.boxes),
+                       it.box_frame, it.split, it.view, it.question_type, it.findings)).encode())
+    for q in qs:
+        d.update(repr(q.to_dict()).encode())
+    return d.hexdigest()
+
+
+def _ref_key(item_root: Root | None, ref: ImageRef) -> tuple[str, tuple]:
     if ref.data is not None:
         k = "mem:" + hashlib.sha1(ref.data).hexdigest()
         return k, (k, None, "", ref.data, ref.name or "<in-memory image>")
     root = ref.root or item_root
+    if root is None or not isinstance(ref.path, str) or not ref.path:
+        raise TypeError("an image reference has neither a path under a root nor bytes")
     k = f"{root.uri}|{ref.path}"
     return k, (k, root, ref.path, None, ref.path)
 
 
+def _check_item(it: Item) -> None:
+    """Types an adapter could get wrong; a TypeError here quarantines the item."""
+    for name in ("record_id", "patient_id", "study_id", "task", "prompt", "answer", "split", "view",
+                 "question_type", "trace", "file"):
+        v = getattr(it, name)
+        if v is not None and not isinstance(v, str):
+            raise TypeError(f"field '{name}' is {type(v).__name__}, expected text")
+    if not isinstance(it.images, list) or not all(isinstance(r, ImageRef) for r in it.images):
+        raise TypeError("field 'images' must be a list of ImageRef")
+    if not isinstance(it.boxes, list) or not all(isinstance(b, Box) for b in it.boxes):
+        raise TypeError("field 'boxes' must be a list of Box")
+    if not isinstance(it.findings, list) or not all(isinstance(f, str) for f in it.findings):
+        raise TypeError("field 'findings' must be a list of text")
+
+
 def _scale_boxes(item: Item, size: tuple[int, int], orig: tuple[int, int]) -> list[Box] | str:
-    fw, fh = item.box_frame or orig
-    if fw <= 0 or fh <= 0:
-        return f"box frame {fw}x{fh} is not a size"
-    sx, sy = size[0] / fw, size[1] / fh
-    out = []
-    for b in item.boxes:
-        x1, y1, x2, y2 = (float(v) for v in b.box)
-        if not (x1 < x2 and y1 < y2):
-            return f"box {b.label!r} {list(b.box)} has no area"
-        if x2 <= 0 or y2 <= 0 or x1 >= fw or y1 >= fh:
-            return f"box {b.label!r} {list(b.box)} lies outside the {fw}x{fh} image"
-        nb = [max(0.0, x1 * sx), max(0.0, y1 * sy), min(size[0], x2 * sx), min(size[1], y2 * sy)]
-        if not (nb[0] < nb[2] and nb[1] < nb[3]):
-            return f"box {b.label!r} {list(b.box)} vanishes at {size[0]}x{size[1]}"
-        out.append(Box(b.label, [round(v, 2) for v in nb]))
-    return out
+    try:
+        fw, fh = (float(v) for v in (item.box_frame or orig))
+        if not (fw > 0 and fh > 0):
+            return f"box frame {item.box_frame} is not a size"
+        sx, sy = size[0] / fw, size[1] / fh
+        out = []
+        for b in item.boxes:
+            if not isinstance(b.label, str) or len(b.box) != 4:
+                return f"box {b.label!r} {b.box!r} is not a label with [x1, y1, x2, y2]"
+            x1, y1, x2, y2 = (float(v) for v in b.box)
+            if not all(map(lambda v: v == v and abs(v) != float("inf"), (x1, y1, x2, y2))):
+                return f"box {b.label!r} {list(b.box)} has a coordinate that is not a finite number"
+            if not (x1 < x2 and y1 < y2):
+                return f"box {b.label!r} {list(b.box)} has no area"
+            if x2 <= 0 or y2 <= 0 or x1 >= fw or y1 >= fh:
+                return f"box {b.label!r} {list(b.box)} lies outside the {fw:g}x{fh:g} image"
+            nb = [max(0.0, x1 * sx), max(0.0, y1 * sy), min(size[0], x2 * sx), min(size[1], y2 * sy)]
+            if not (nb[0] < nb[2] and nb[1] < nb[3]):
+                return f"box {b.label!r} {list(b.box)} vanishes at {size[0]}x{size[1]}"
+            out.append(Box(b.label, [round(v, 2) for v in nb]))
+        return out
+    except (TypeError, ValueError) as exc:
+        return f"malformed box ({exc})"
 
 
-def _process_chunk(cfg: CurateConfig, spec: SourceSpec, items: list[Item], qs: list[Quarantine], st: State,
-                   pool: _Pool, sink: Sink, root: Root | None) -> dict[str, Any]:
-    bad: list[dict[str, str]] = [q.to_dict() for q in qs]
-    digest = hashlib.blake2b(digest_size=16)
+@dataclass
+class _Prep:
+    spec: SourceSpec
+    k: int
+    items: list[Item]
+    digest: str
+    marker: str
+    bad: list[dict[str, str]]
+    clean: list[tuple[Item, str, str, list[str]]]  # item, prompt, answer, image keys
+    handle: Any = None
 
-    def drop(item: Item, file: str, reason: str) -> None:
-        bad.append({"source": spec.name, "file": file or item.file, "reason": reason,
-                    "record": f"{spec.name}/{item.record_id}"})
 
-    ids: set[str] = set()
-    clean: list[tuple[Item, str, str]] = []
-    for it in items:
-        rid = f"{spec.name}/{it.record_id}"
-        digest.update(json.dumps([rid, [r.path or r.name for r in it.images], it.prompt, it.answer,
-                                  [b.to_dict() for b in it.boxes], it.split], sort_keys=True).encode())
-        if rid in st.ids or rid in ids:
-            drop(it, it.file, f"duplicate record id {rid}")
-            continue
-        ids.add(rid)
-        clean_t = txt.clean_report_text if cfg.scrub_phi else txt.normalize
-        prompt, answer = clean_t(it.prompt or ""), clean_t(it.answer or "")
-        if not prompt:
-            drop(it, it.file, "empty prompt text")
-        elif not answer:
-            drop(it, it.file, "empty answer text")
-        elif not it.images:
-            drop(it, it.file, "no image")
-        else:
-            clean.append((it, prompt, answer))
-
+def _prepare(cfg: CurateConfig, spec: SourceSpec, k: int, items: list[Item], qs: list[Quarantine],
+             root: Root | None, digest: str, marker: str) -> tuple[_Prep, list[tuple]]:
+    """The chunk's state-free work: type checks, text cleaning, the image jobs."""
+    prep = _Prep(spec, k, items, digest, marker, [q.to_dict() for q in qs], [])
+    clean_t = txt.clean_report_text if cfg.scrub_phi else txt.normalize
     jobs: dict[str, tuple] = {}
-    for it, _, _ in clean:
-        for ref in it.images:
-            k, job = _ref_key(root, ref)
-            jobs.setdefault(k, job)
-    results = pool.map(list(jobs.values()))
+    for it in items:
+        try:
+            _check_item(it)
+            prompt, answer = clean_t(it.prompt or ""), clean_t(it.answer or "")
+            keys = []
+            for ref in it.images:
+                key, job = _ref_key(root, ref)
+                keys.append(key)
+                jobs.setdefault(key, job)
+        except (TypeError, ValueError, AttributeError) as exc:
+            _drop(prep, it, "", f"malformed item from the adapter ({exc})")
+            continue
+        if not prompt:
+            _drop(prep, it, "", "empty prompt text")
+        elif not answer:
+            _drop(prep, it, "", "empty answer text")
+        elif not keys:
+            _drop(prep, it, "", "no image")
+        else:
+            prep.clean.append((it, prompt, answer, keys))
+    return prep, list(jobs.values())
 
+
+def _drop(prep: _Prep, it: Item, file: str, reason: str) -> None:
+    prep.bad.append({"source": prep.spec.name, "file": str(file or getattr(it, "file", "") or ""),
+                     "reason": reason, "record": f"{prep.spec.name}/{getattr(it, 'record_id', '')}"})
+
+
+def _finish(cfg: CurateConfig, prep: _Prep, results: dict[str, tuple], st: State) -> tuple[dict, dict]:
+    """The chunk's stateful work, in stream order: ids, dedupe, boxes, splits, Records. Returns (marker, shards
+    by split)."""
+    spec = prep.spec
+    ids: set[str] = set()
     kept: list[Record] = []
-    new_sha: dict[str, str] = {}
-    new_ph: list[tuple[int, str]] = []
+    new_sha: dict[str, tuple[str, str]] = {}
+    new_ph: list[tuple[int, str, str]] = []
     new_keys: dict[str, str] = {}
     new_pat: dict[str, str] = {}
+    img_digest = hashlib.blake2b(digest_size=16)
     reassigned = 0
-    for it, prompt, answer in clean:
+    for it, prompt, answer, keys in prep.clean:
         rid = f"{spec.name}/{it.record_id}"
-        res = [results[_ref_key(root, r)[0]] for r in it.images]
+        if rid in st.ids or rid in ids:
+            _drop(prep, it, "", f"duplicate record id {rid}")
+            continue
+        ids.add(rid)
+        res = [results[k] for k in keys]
+        img_digest.update(repr([r[1] if r[0] == "ok" else r for r in res]).encode())
         failed = [r for r in res if r[0] == "bad"]
         if failed:
-            drop(it, failed[0][1], failed[0][2])
+            _drop(prep, it, failed[0][1], failed[0][2])
             continue
-        owner = f"{it.patient_id}|{it.study_id}"
+        owner = (it.patient_id, it.study_id)
         dup = None
         for _, sha, _, _, ph in (res if cfg.dedupe_images else []):
             o = st.sha_owner.get(sha) or new_sha.get(sha)
             if o is not None and o != owner:
-                dup = f"duplicate image: identical to an image of study {o.split('|')[1]}"
+                dup = f"duplicate image: identical to an image of study {o[1]}"
                 break
             if st.phash is not None:  # follow-up studies of one patient may look alike: only across patients
-                hit = st.phash.find(ph)
-                if hit is not None and hit[1].split("|")[0] != it.patient_id:
+                hit = st.phash.find(ph, skip=lambda o, pid=it.patient_id: o[0] == pid)
+                if hit is not None:
                     dup = (f"near-duplicate image (perceptual hash distance {(hit[0] ^ ph).bit_count()}) of an "
-                           f"image of study {hit[1].split('|')[1]} of another patient")
+                           f"image of study {hit[1][1]} of another patient")
                     break
         if dup:
-            drop(it, it.images[0].label(), dup)
+            _drop(prep, it, it.images[0].label(), dup)
             continue
         boxes = _scale_boxes(it, res[0][2], res[0][3]) if it.boxes else []
         if isinstance(boxes, str):
-            drop(it, it.file, boxes)
+            _drop(prep, it, "", boxes)
             continue
         split = it.split or seeded_split(it.patient_id, cfg.seed, cfg.split_ratios)
         if split not in SPLITS:
-            drop(it, it.file, f"split {split!r} is not one of {SPLITS}")
+            _drop(prep, it, "", f"split {split!r} is not one of {SPLITS}")
             continue
         placed = st.patient_split.get(it.patient_id) or new_pat.get(it.patient_id)
         if placed and placed != split:
@@ -442,36 +589,36 @@ def _process_chunk(cfg: CurateConfig, spec: SourceSpec, items: list[Item], qs: l
                         json.dumps([[b.label, [round(v, 1) for v in b.box]] for b in boxes])])
         key = hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
         if cfg.dedupe_texts and (key in st.rec_keys or key in new_keys):
-            drop(it, it.file, f"duplicate record: same images, prompt, answer and boxes as {st.rec_keys.get(key) or new_keys[key]}")
+            first = st.rec_keys.get(key) or new_keys[key]
+            _drop(prep, it, "", f"duplicate record: same images, prompt, answer and boxes as {first}")
             continue
         try:
             rec = Record(record_id=rid, patient_id=it.patient_id, study_id=it.study_id, source=spec.name,
                          images=rel_imgs, image_sizes=[list(r[2]) for r in res], task=it.task, prompt=prompt,
-                         answer=answer, split=split, view=it.view, question_type=it.question_type, boxes=boxes,
-                         findings=list(it.findings), trace=it.trace).validate()
+                         answer=answer, split=split, view=it.view or "", question_type=it.question_type or "",
+                         boxes=boxes, findings=list(it.findings), trace=it.trace or "").validate()
         except RecordError as exc:
-            drop(it, it.file, str(exc))
+            _drop(prep, it, "", str(exc))
             continue
         kept.append(rec)
         new_keys[key] = rid
         new_pat.setdefault(it.patient_id, split)
         for _, sha, _, _, ph in res:
             new_sha.setdefault(sha, owner)
-            new_ph.append((ph, owner))
+            new_ph.append((ph, *owner))
             if st.phash is not None:
-                st.phash.add(ph, owner)  # later records in this chunk see it; replay re-adds idempotently
-
-    shards: dict[str, str] = {}
+                st.phash.add(ph, owner)  # later records of this chunk see it; the replay adds it again (no-op)
     counts: dict[str, int] = {}
     by_split: dict[str, list[Record]] = {}
     for r in kept:
         by_split.setdefault(r.split, []).append(r)
         counts[f"{r.source}/{r.task}/{r.split}"] = counts.get(f"{r.source}/{r.task}/{r.split}", 0) + 1
-    return {"bad": bad, "kept": kept, "by_split": by_split, "counts": counts, "shards": shards,
-            "marker": {"ids": sorted(ids), "shas": new_sha, "phashes": [[str(h), o] for h, o in new_ph],
-                       "rec_keys": new_keys, "patients": new_pat, "counts": counts, "quarantine": bad,
-                       "images": sorted({i for r in kept for i in r.images}), "reassigned": reassigned,
-                       "items": len(items), "digest": digest.hexdigest()}}
+    marker = {"ids": sorted(ids), "shas": {k: list(v) for k, v in new_sha.items()},
+              "phashes": [[str(h), p, s] for h, p, s in new_ph], "rec_keys": new_keys, "patients": new_pat,
+              "counts": counts, "quarantine": prep.bad, "images": sorted({i for r in kept for i in r.images}),
+              "reassigned": reassigned, "items": len(prep.items), "digest": prep.digest,
+              "image_digest": img_digest.hexdigest(), "shards": {}}
+    return marker, by_split
 
 
 def _parquet_bytes(records: list[Record]) -> bytes:
@@ -498,62 +645,95 @@ def _reason_head(reason: str) -> str:
     return " ".join(w for w in head.split() if not any(c.isdigit() for c in w) and "/" not in w)[:60]
 
 
+_OURS = re.compile(r"^(images/[0-9a-f]{16}\.png|records/(train|validate|test)-\d\d-[a-z0-9_]+-\d{5}\.parquet|"
+                   r"(images|records)/\.[^/]+\.tmp-\d+)$")
+
+
+def _load_marker(sink: Sink, rel: str) -> dict | None:
+    try:
+        m = json.loads(sink.get(rel) or b"")
+    except ValueError:
+        return None
+    need = ("ids", "shas", "phashes", "rec_keys", "patients", "counts", "quarantine", "images", "reassigned",
+            "items", "digest", "image_digest", "shards")
+    return m if isinstance(m, dict) and all(k in m for k in need) else None
+
+
 def curate(cfg: CurateConfig, out_uri: str, progress: Progress | None = None,
            log: Callable[[str], None] | None = None) -> dict[str, Any]:
     t0 = time.time()
     specs = resolve_sources(cfg)
+    _check_out(out_uri, specs)
+    opened = [(spec, *_open(spec)) for spec in specs]  # every root and adapter checked before any write
     chash = _config_hash(cfg)
     sink = Sink(out_uri)
+    work = f"{WORK}/{chash}"
     lineage = sink.get(store.LINEAGE)
     if lineage is not None:
         lin = json.loads(lineage)
         if lin.get("config_hash") == chash:
+            for rel in sink.list(WORK):  # a run killed between its commit and its clean-up
+                sink.delete(rel)
             m = json.loads(sink.get("manifest.json") or b"{}")
             return {"stage": "curate", "metric": "records", "before": 0, "after": m.get("total", 0),
                     "skipped": "dataset already complete for this config", "quarantined":
-                    m.get("quarantine", {}).get("total", 0), "wall_s": time.time() - t0}
+                    m.get("quarantine", {}).get("total", 0), "resumed_chunks": 0, "wall_s": time.time() - t0}
+    sink.put(f"{work}/_started", json.dumps({"config_hash": chash}).encode())  # readers now refuse the folder
+    if lineage is not None:
         sink.delete(store.LINEAGE)  # withdraw the old dataset's commit marker before rewriting it
-    work = f"{WORK}/{chash}"
     for rel in sink.list(WORK):
         if not rel.startswith(work + "/"):
             sink.delete(rel)
-    done_markers = set(sink.list(work))
-    present = set(sink.list("records")) | set(sink.list("images")) if done_markers else set()
+    done = set(sink.list(work))
+    present = set(sink.list("records")) | set(sink.list("images")) if len(done) > 1 else set()
 
     st = State(phash=imgs.PhashIndex(cfg.phash_distance) if cfg.dedupe_images and cfg.phash_distance >= 0 else None)
     settings = {"max_pixels": cfg.max_pixels, "max_image_pixels": cfg.max_image_pixels,
                 "compress_level": cfg.png_compress_level}
     pool = _Pool(cfg.workers, sink, settings)
-    seen = 0
-    resumed = 0
+    seen, resumed = 0, 0
+    pending: _Prep | None = None
+
+    def finish(prep: _Prep) -> None:
+        nonlocal seen
+        m, by_split = _finish(cfg, prep, pool.collect(prep.handle), st)
+        for split, recs in sorted(by_split.items()):
+            rel = f"records/{split}-{prep.spec.tag}-{prep.k:05d}.parquet"
+            data = _parquet_bytes(recs)
+            sink.put(rel, data)
+            m["shards"][rel] = hashlib.sha256(data).hexdigest()
+        sink.put(prep.marker, json.dumps(m).encode())
+        st.replay(m, prep.spec.tag, prep.marker)
+        seen += len(prep.items)
+        if progress is not None:
+            progress(seen, 0)
+
     try:
-        for spec in specs:
-            root = Root(spec.root) if spec.root else None
-            for k, (items, qs) in enumerate(_chunks(_stream(spec, cfg.seed), cfg.shard_size)):
+        for spec, root, src in opened:
+            for k, (items, qs) in enumerate(_chunks(_stream(spec, src, cfg.seed), cfg.shard_size)):
                 marker = f"{work}/{spec.tag}-{k:05d}.json"
-                m = json.loads(sink.get(marker) or b"{}") if marker in done_markers else {}
-                if m and set(m["shards"]) <= present and set(m["images"]) <= present:
-                    st.replay(m, spec.tag)
+                digest = _digest(spec, items, qs)
+                m = _load_marker(sink, marker) if marker in done else None
+                if m and m["digest"] == digest and set(m["shards"]) <= present and set(m["images"]) <= present:
+                    if pending is not None:
+                        finish(pending)
+                        pending = None
+                    st.replay(m, spec.tag, marker)
                     resumed += 1
-                else:  # not done, or done but its files did not survive (a store that lost writes): redo
-                    out = _process_chunk(cfg, spec, items, qs, st, pool, sink, root)
-                    m = out["marker"]
-                    m["shards"] = {}
-                    for split, recs in out["by_split"].items():
-                        rel = f"records/{split}-{spec.tag}-{k:05d}.parquet"
-                        data = _parquet_bytes(recs)
-                        sink.put(rel, data)
-                        m["shards"][rel] = hashlib.sha256(data).hexdigest()
-                    sink.put(marker, json.dumps(m).encode())
-                    st.replay(m, spec.tag)
-                seen += len(items)
-                if progress is not None:
-                    progress(seen, 0)
+                    seen += len(items)
+                    continue
+                prep, jobs = _prepare(cfg, spec, k, items, qs, root, digest, marker)
+                prep.handle = pool.submit(jobs)
+                if pending is not None:
+                    finish(pending)
+                pending = prep
+        if pending is not None:
+            finish(pending)
         pool.close()
     except BaseException:
         pool.kill()
         raise
-    summary = _finalize(cfg, specs, st, sink, chash, work)
+    summary = _finalize(cfg, specs, st, sink, chash)
     summary.update({"resumed_chunks": resumed, "wall_s": round(time.time() - t0, 2)})
     if log:
         log(f"curate: {summary['after']} records kept, {summary['quarantined']} quarantined "
@@ -561,8 +741,7 @@ def curate(cfg: CurateConfig, out_uri: str, progress: Progress | None = None,
     return summary
 
 
-def _finalize(cfg: CurateConfig, specs: list[SourceSpec], st: State, sink: Sink, chash: str,
-              work: str) -> dict[str, Any]:
+def _finalize(cfg: CurateConfig, specs: list[SourceSpec], st: State, sink: Sink, chash: str) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     # the hard check: read back every shard's patient ids and splits
@@ -570,17 +749,16 @@ def _finalize(cfg: CurateConfig, specs: list[SourceSpec], st: State, sink: Sink,
     for rel in sorted(st.shards):
         data = sink.get(rel)
         if data is None or hashlib.sha256(data).hexdigest() != st.shards[rel]:
-            raise RecordError(f"{sink.uri}/{rel}: shard missing or changed since it was written; rerun curation")
+            sink.delete(st.shard_marker[rel])  # so that the rerun rewrites that chunk
+            raise RecordError(f"{sink.uri}/{rel}: shard missing or changed since it was written; rerun to "
+                              f"rewrite it")
         t = pq.read_table(io.BytesIO(data), columns=["patient_id", "split"]).to_pydict()
         for pid, split in zip(t["patient_id"], t["split"]):
             if where.setdefault(pid, (split, rel))[0] != split:
                 raise RecordError(f"patient {pid} is in split {where[pid][0]} ({where[pid][1]}) and in {split} "
                                   f"({rel}): splits must be patient-disjoint")
-    for rel in sink.list("records"):
-        if rel not in st.shards:
-            sink.delete(rel)
-    for rel in sink.list("images"):
-        if rel not in st.images:
+    for rel in sink.list("records") + sink.list("images"):  # only our own names: a stranger's file stays
+        if rel not in st.shards and rel not in st.images and _OURS.match(rel):
             sink.delete(rel)
 
     by_reason: dict[str, int] = {}
@@ -611,7 +789,8 @@ def _finalize(cfg: CurateConfig, specs: list[SourceSpec], st: State, sink: Sink,
                              + "".join(sorted(st.images)).encode()).hexdigest()
     lineage = {"stage": "curate", "config": to_dict(cfg), "config_hash": chash, "code_version": store.code_version(),
                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               "inputs": {f"{s['name']}": {"uri": s["root"], "sha256": s["input_hash"]} for s in sources},
+               "inputs": {f"{i:02d}-{s['name']}": {"uri": s["root"], "sha256": s["input_hash"]}
+                          for i, s in enumerate(sources)},
                "sha256": content, "manifest": {k: man[k] for k in ("counts", "total", "patients_per_split")}}
     sink.put(store.LINEAGE, (json.dumps(lineage, indent=2, sort_keys=True) + "\n").encode())
     for rel in sink.list(WORK):

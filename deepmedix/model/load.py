@@ -11,12 +11,9 @@ import torch
 from PIL import Image
 
 from deepmedix import store
+from deepmedix.errors import ModelLoadError
 from deepmedix.grounding import DEFAULT_FRAME, user_message
 from deepmedix.model.processor import load_processor
-
-
-class ModelLoadError(RuntimeError):
-    pass
 
 
 @dataclass

@@ -144,7 +144,10 @@ class MemSource(Source):
     CASES: dict[str, list] = {}
 
     def items(self):
-        yield from self.CASES[self.options["case"]]
+        for x in self.CASES[self.options["case"]]:
+            if isinstance(x, Exception):
+                raise x  # the adapter dies mid-stream
+            yield x
 
 
 def _item(rid, pid, sid, img, task="report_findings", answer="The lungs are clear.", split="", **kw):
@@ -153,13 +156,16 @@ def _item(rid, pid, sid, img, task="report_findings", answer="The lungs are clea
                 **kw)
 
 
+def _mem_cfg(case, **kw):
+    return load_config("curate", "tiny", [f"source=memtest", f"options={{case: {case}}}",
+                                          f"shard_size={kw.pop('shard_size', 50)}", "workers=1"]
+                       + [f"{k}={json.dumps(v)}" for k, v in kw.items()])
+
+
 def _run_mem(tmp_path, case, items, **kw):
     MemSource.CASES[case] = items
-    cfg = load_config("curate", "tiny", [f"source=memtest", f"options={{case: {case}}}",
-                                         f"shard_size={kw.pop('shard_size', 50)}", "workers=1"]
-                      + [f"{k}={json.dumps(v)}" for k, v in kw.items()])
     out = tmp_path / case
-    r = curate(cfg, str(out))
+    r = curate(_mem_cfg(case, **kw), str(out))
     q = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
     return r, load_records(out), q
 
@@ -287,7 +293,7 @@ def test_cli_curate_one_source_with_limit_and_workers(tmp_path):
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["after"] == 4
     assert "curate: 4 records kept, 0 quarantined" in r.stderr
-    assert "records" in r.stderr  # the progress bar
+    assert "━" in r.stderr and "0:00:" in r.stderr  # the progress bar (bar and elapsed time)
     recs = load_records(tmp_path / "out")
     assert {x.source for x in recs} == {"iu_xray"} and len(recs) == 4
 
@@ -312,3 +318,120 @@ def test_cli_phantom_streams_n_studies(tmp_path):
     recs = load_records(tmp_path / "p")
     assert len({x.study_id for x in recs}) == 12
     assert len(list((tmp_path / "p" / "records").glob("*.parquet"))) >= 3  # several chunks, streamed
+
+
+def test_shipped_public_mix_config_resolves():
+    from deepmedix.data.curate import resolve_sources
+
+    cfg = load_config("curate", "public")
+    names = [s.name for s in resolve_sources(cfg)]
+    assert names == ["mimic_cxr", "iu_xray", "medical_cxr_vqa", "mimic_cxr_vqa", "ms_cxr", "vindr_cxr", "chestxray14"]
+
+
+def test_malformed_items_and_boxes_are_quarantined_not_fatal(tmp_path):
+    a = _png(60)
+    items = [
+        _item("b1", "p1", "s1", a, task="grounding", answer="x", boxes=[Box("x", [1, 2, 3])]),
+        _item("b2", "p1", "s1", a, task="grounding", answer="y", boxes=[Box("y", ["a", 2, 3, 4])]),
+        _item("b3", "p1", "s1", a, task="grounding", answer="z", boxes=[Box("z", [1, 2, float("nan"), 4])]),
+        _item("t1", "p1", "s1", a, answer=42),
+        _item("ok", "p1", "s1", a),
+    ]
+    r, recs, q = _run_mem(tmp_path, "malformed", items)
+    assert [x.record_id for x in recs] == ["memtest/ok"]
+    reasons = {x["record"]: x["reason"] for x in q}
+    assert "is not a label with [x1, y1, x2, y2]" in reasons["memtest/b1"]
+    assert "malformed box" in reasons["memtest/b2"]
+    assert "not a finite number" in reasons["memtest/b3"]
+    assert "field 'answer' is int" in reasons["memtest/t1"]
+
+
+def test_an_adapter_dying_mid_run_leaves_a_folder_readers_refuse_and_the_old_dataset_withdrawn(tmp_path):
+    out = tmp_path / "ds"
+    MemSource.CASES["die0"] = [_item(f"d{i}", f"p{i}", f"s{i}", _png(70 + i)) for i in range(4)]
+    curate(_mem_cfg("die0", shard_size=2), str(out))
+    assert len(load_records(out)) == 4
+    MemSource.CASES["die1"] = [_item("e0", "p0", "s0", _png(80)), RuntimeError("adapter bug")]
+    with pytest.raises(RuntimeError, match="adapter bug"):
+        curate(_mem_cfg("die1", shard_size=2), str(out))
+    assert not (out / "lineage.json").exists()
+    with pytest.raises(RecordError, match="curation has not finished"):
+        load_records(out)
+
+
+def test_a_bad_source_is_refused_before_an_existing_dataset_is_touched(tmp_path):
+    out = tmp_path / "ds"
+    curate(_cfg(), str(out))
+    before = (out / "lineage.json").read_text()
+    bad = _cfg(sources=[{"name": "phantom", "options": {"n_studies": 3}},
+                        {"name": "iu_xray", "root": str(tmp_path / "missing")}])
+    with pytest.raises(ConfigError, match="source 'iu_xray'.*not a folder"):
+        curate(bad, str(out))
+    assert (out / "lineage.json").read_text() == before and load_records(out)
+
+
+def test_out_overlapping_an_input_is_refused(tmp_path):
+    from deepmedix.errors import CurationError
+
+    (tmp_path / "nih").mkdir()
+    for out in (tmp_path / "nih", tmp_path / "nih" / "curated", tmp_path):
+        with pytest.raises(CurationError, match="overlaps the input"):
+            curate(_cfg(source="chestxray14", root=str(tmp_path / "nih")), str(out))
+
+
+def test_limit_and_ratio_apply_to_every_source_of_a_mix():
+    from deepmedix.data.curate import resolve_sources
+
+    cfg = _cfg(limit=5, ratio=0.5, sources=[{"name": "phantom"}, {"name": "phantom", "limit": 2}])
+    assert [(s.limit, s.ratio) for s in resolve_sources(cfg)] == [(5, 0.5), (2, 0.5)]
+
+
+def test_resume_redoes_a_chunk_whose_input_changed(tmp_path):
+    out = tmp_path / "ds"
+    items = [_item(f"r{i}", f"p{i}", f"s{i}", _png(90 + i)) for i in range(6)]
+    MemSource.CASES["resume"] = items[:5] + [RuntimeError("interrupted")]
+    with pytest.raises(RuntimeError):
+        curate(_mem_cfg("resume", shard_size=2), str(out))
+    assert list((out / "_work").rglob("*-00000.json"))  # the first chunk was committed
+    MemSource.CASES["resume"] = items
+    assert curate(_mem_cfg("resume", shard_size=2), str(out))["resumed_chunks"] >= 1
+    # same config, but the source's first record changed: that chunk is redone, not replayed
+    out2 = tmp_path / "ds2"
+    MemSource.CASES["resume2"] = items[:5] + [RuntimeError("interrupted")]
+    with pytest.raises(RuntimeError):
+        curate(_mem_cfg("resume2", shard_size=2), str(out2))
+    changed = [_item("r0", "p0", "s0", _png(90), answer="Changed text.")] + items[1:]
+    MemSource.CASES["resume2"] = changed
+    r = curate(_mem_cfg("resume2", shard_size=2), str(out2))
+    assert r["resumed_chunks"] == 0
+    assert {x.record_id: x.answer for x in load_records(out2)}["memtest/r0"] == "Changed text."
+
+
+def test_large_images_under_the_limit_are_not_called_bombs():
+    from deepmedix.data import images
+    from deepmedix.data.sources import BadInput
+
+    head = _png_header(10_000, 10_000)  # 1e8 pixels: under the default 1.5e8 limit, over Pillow's own 8.9e7
+    with pytest.raises(BadInput) as e:
+        images.process(head, "big.png")
+    assert "decompression bomb" not in e.value.reason
+    with pytest.raises(BadInput, match="decompression bomb"):
+        images.process(head, "big.png", max_image_pixels=50_000_000)
+
+
+def _png_header(w, h):
+    import struct
+    import zlib
+
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + chunk(b"IEND", b""))
+
+
+def test_cli_unreachable_s3_source_is_a_clear_error(tmp_path):
+    env = dict(os.environ, S3_ENDPOINT="127.0.0.1:1", S3_USE_HTTPS="0", AWS_ACCESS_KEY_ID="k",
+               AWS_SECRET_ACCESS_KEY="s")
+    r = subprocess.run([DEEPMEDIX, "curate", "--source", "iu_xray", "--root", "s3://datasets/iu", "--out",
+                        str(tmp_path / "o")], capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
+    assert r.returncode == 2 and "S3 request failed" in r.stderr and "Traceback" not in r.stderr

@@ -35,6 +35,9 @@ class BadInput(Exception):
         super().__init__(f"{file}: {reason}")
         self.file, self.reason, self.record = file, reason, record
 
+    def __reduce__(self):  # travels between processes intact
+        return (BadInput, (self.file, self.reason, self.record))
+
 
 @dataclass
 class Quarantine:
@@ -146,11 +149,14 @@ class Root:
             return (self.path / norm).is_file()
         from minio.error import S3Error
 
-        try:
-            self.client.stat_object(self.bucket, self._key(norm))
-            return True
-        except S3Error:
-            return False
+        with store.s3_errors(f"{self.uri}/{norm}"):
+            try:
+                self.client.stat_object(self.bucket, self._key(norm))
+                return True
+            except S3Error as exc:
+                if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound", "NoSuchBucket"):
+                    return False
+                raise
 
     def first(self, *candidates: str) -> str | None:
         """The first candidate path that exists (e.g. ``x.csv`` or ``x.csv.gz``)."""
@@ -174,17 +180,18 @@ class Root:
                 raise BadInput(norm, f"unreadable ({exc.strerror or exc})") from None
         from minio.error import S3Error
 
-        try:
-            resp = self.client.get_object(self.bucket, self._key(norm))
-        except S3Error as exc:
-            if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
-                raise BadInput(norm, "file not found") from None
-            raise store.StoreError(f"{self.uri}/{norm}: S3 request failed ({exc.code})") from exc
-        try:
-            return resp.read()
-        finally:
-            resp.close()
-            resp.release_conn()
+        with store.s3_errors(f"{self.uri}/{norm}"):
+            try:
+                resp = self.client.get_object(self.bucket, self._key(norm))
+            except S3Error as exc:
+                if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
+                    raise BadInput(norm, "file not found") from None
+                raise
+            try:
+                return resp.read()
+            finally:
+                resp.close()
+                resp.release_conn()
 
     def read_text(self, rel: str) -> str:
         """UTF-8 text (a BOM is dropped); non-UTF-8 bytes raise BadInput. ``.gz`` files are decompressed."""
@@ -223,10 +230,11 @@ class Root:
         pfx = self._key(rel_dir.strip("/")) if rel_dir else self.prefix
         pfx = pfx + "/" if pfx else ""
         names = []
-        for o in self.client.list_objects(self.bucket, prefix=pfx, recursive=True):
-            rel = o.object_name[len(self.prefix) + 1:] if self.prefix else o.object_name
-            if not sfx or rel.lower().endswith(sfx):
-                names.append(rel)
+        with store.s3_errors(self.uri):
+            for o in self.client.list_objects(self.bucket, prefix=pfx, recursive=True):
+                rel = o.object_name[len(self.prefix) + 1:] if self.prefix else o.object_name
+                if not sfx or rel.lower().endswith(sfx):
+                    names.append(rel)
         yield from sorted(names)
 
 

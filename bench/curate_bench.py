@@ -6,7 +6,8 @@ texts; one 2500x3000 grayscale JPEG per study, quality 95 like MIMIC-CXR-JPG, CX
 each image under its own affine pose, plus film-grain noise) once under ``--dir`` (reused by later runs), then:
 
 * naive: ``Image.open(p).convert("L").resize(size, BICUBIC)`` over the first ``--naive`` images — the same output
-  size, mode and filter as ours (``--rgb`` also times the common ``convert("RGB")`` variant, for information);
+  size, mode and filter as ours — timed at the start and again at the end, the baseline being their mean
+  (``--rgb`` also times the common ``convert("RGB")`` variant, for information);
 * ours: ``deepmedix curate --source mimic_cxr`` on the first ``--small`` studies with 1 and with 2 workers
   (images/s = images stored / the run's own wall time; this includes reading, decoding, the PHI guard, dedupe,
   hashing, PNG encoding and writing shards);
@@ -216,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     res["ours_large"] = ours(root, work / "out-large", args.large, 2, args.max_pixels)
     res["naive_rerun_ips"] = naive(small_paths[: args.naive], args.max_pixels, "L")  # drift check
 
-    res["per_core_vs_naive"] = res["ours_w1"]["ips"] / res["naive_ips"]
+    res["naive_mean_ips"] = (res["naive_ips"] + res["naive_rerun_ips"]) / 2  # the baseline, drift averaged
+    res["per_core_vs_naive"] = res["ours_w1"]["ips"] / res["naive_mean_ips"]
     res["two_vs_one_worker"] = res["ours_w2"]["ips"] / res["ours_w1"]["ips"]
     res["rss_large_vs_small"] = res["ours_large"]["peak_rss_mb"] / res["ours_w2"]["peak_rss_mb"]
     goals = {"per_core_vs_naive": (res["per_core_vs_naive"], ">=", 2.0),
@@ -227,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(f"curation benchmark ({size[0]}x{size[1]} JPEG q95 -> <= {args.max_pixels} px PNG; {os.cpu_count()} CPUs)")
-    print(f"  naive PIL open->convert('L')->resize   {res['naive_ips']:8.1f} images/s"
-          f"   (rerun at the end: {res['naive_rerun_ips']:.1f})")
+    print(f"  naive PIL open->convert('L')->resize   {res['naive_mean_ips']:8.1f} images/s"
+          f"   (mean of {res['naive_ips']:.1f} at the start and {res['naive_rerun_ips']:.1f} at the end)")
     if args.rgb:
         print(f"  naive PIL open->convert('RGB')->resize {res['naive_rgb_ips']:8.1f} images/s")
     for w in (1, 2):
@@ -254,7 +256,7 @@ def _plot(res: dict, path: Path) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     names = ["naive L", "ours 1 worker", "ours 2 workers"]
-    vals = [res["naive_ips"], res["ours_w1"]["ips"], res["ours_w2"]["ips"]]
+    vals = [res["naive_mean_ips"], res["ours_w1"]["ips"], res["ours_w2"]["ips"]]
     if "naive_rgb_ips" in res:
         names.insert(1, "naive RGB")
         vals.insert(1, res["naive_rgb_ips"])

@@ -30,6 +30,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from deepmedix import store
 from deepmedix.config import ConfigError, CurateConfig, to_dict
 from deepmedix.data import images as imgs
@@ -150,7 +153,14 @@ class Sink:
 _W: dict[str, Any] = {}
 
 
-def _init_worker(sink: Sink, settings: dict[str, int]) -> None:
+def _init_worker(sink: Sink, settings: dict[str, int], forked: bool = False) -> None:
+    if forked:  # a forked child must not share the parent's S3 connections, nor write to its terminal
+        import sys
+        import warnings
+
+        sink._client, sink._has = None, set()
+        warnings.simplefilter("ignore")
+        sys.stdout = sys.stderr = open(os.devnull, "w")
     _W["sink"], _W["settings"] = sink, settings
 
 
@@ -186,8 +196,8 @@ def _work_batch(jobs: list[tuple]) -> list[tuple[str, tuple]]:
 
 
 class _Pool:
-    """Image work: in this process (one worker) or in worker processes started from a fork server, with work
-    submitted per chunk and collected later, so the main process finishes one chunk while the next is decoded."""
+    """Image work: in this process (one worker) or in forked worker processes, with work submitted per chunk
+    and collected later, so the main process finishes one chunk while the next is decoded."""
 
     BATCH = 4
 
@@ -198,9 +208,16 @@ class _Pool:
             import multiprocessing as mp
             from concurrent.futures import ProcessPoolExecutor
 
-            ctx = mp.get_context("forkserver")
-            ctx.set_forkserver_preload(["deepmedix.data.curate"])
-            self.ex = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(sink, settings))
+            # fork: workers start at once with what this process imported (the main process holds no S3
+            # connection or lock the workers use: the initializer drops them)
+            import scipy.fft  # noqa: F401  (phash) and the decoders, imported once before the fork
+            from PIL import JpegImagePlugin, PngImagePlugin  # noqa: F401
+
+            from deepmedix.data import dicom  # noqa: F401
+
+            ctx = mp.get_context("fork")
+            self.ex = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                          initargs=(sink, settings, True))
             for _ in range(workers):  # start them now, while the main process reads the first metadata
                 self.ex.submit(_ping)
 
@@ -622,9 +639,6 @@ def _finish(cfg: CurateConfig, prep: _Prep, results: dict[str, tuple], st: State
 
 
 def _parquet_bytes(records: list[Record]) -> bytes:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from deepmedix.data.schema import ARROW_SCHEMA
 
     buf = io.BytesIO()
@@ -742,8 +756,6 @@ def curate(cfg: CurateConfig, out_uri: str, progress: Progress | None = None,
 
 
 def _finalize(cfg: CurateConfig, specs: list[SourceSpec], st: State, sink: Sink, chash: str) -> dict[str, Any]:
-    import pyarrow.parquet as pq
-
     # the hard check: read back every shard's patient ids and splits
     where: dict[str, tuple[str, str]] = {}
     for rel in sorted(st.shards):

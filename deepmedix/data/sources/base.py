@@ -111,10 +111,12 @@ class Root:
                 raise FileNotFoundError(f"{uri}: dataset root is not a folder")
             self.real = Path(os.path.realpath(self.path))
         self._client = None
+        self._real_dirs: dict[str, str] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["_client"] = None
+        d["_real_dirs"] = {}
         return d
 
     @property
@@ -132,7 +134,15 @@ class Root:
         if norm is None:
             raise BadInput(str(rel), "path escapes the dataset root")
         if not self.s3:
-            real = os.path.realpath(self.path / norm)
+            parent, name = posixpath.split(norm)
+            real_parent = self._real_dirs.get(parent)
+            if real_parent is None:  # symlinked folders resolved once per folder
+                real_parent = os.path.realpath(self.path / parent) if parent else str(self.real)
+                if len(self._real_dirs) > 100_000:
+                    self._real_dirs.clear()
+                self._real_dirs[parent] = real_parent
+            full = os.path.join(real_parent, name)
+            real = os.path.realpath(full) if os.path.islink(full) else full
             if real != str(self.real) and not real.startswith(str(self.real) + os.sep):
                 raise BadInput(norm, "path escapes the dataset root (symlink)")
         return norm

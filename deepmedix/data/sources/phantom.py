@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from deepmedix.data import phantom
 from deepmedix.data.sources.base import ImageRef, Item, Quarantine, Source
 
 
@@ -15,6 +14,8 @@ class PhantomSource(Source):
     needs_root = False
 
     def items(self) -> Iterator[Item | Quarantine]:
+        from deepmedix.data import phantom  # drawing code: imported only when the phantom set is drawn
+
         o = self.options
         size = int(o.get("image_size", 512))
         for data, recs in phantom.iter_studies(

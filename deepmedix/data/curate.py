@@ -177,7 +177,7 @@ def _work(job: tuple) -> tuple[str, tuple]:
     where = (lambda f: f) if root is None else (lambda f: f"{root.uri}/{f}")
     try:
         if data is None:
-            data = root.read_bytes(path)
+            data = root.local_file(path) or root.read_bytes(path)
         p = imgs.process(data, label, s["max_pixels"], s["max_image_pixels"], s["compress_level"])
     except BadInput as exc:
         return key, ("bad", where(exc.file), exc.reason)
@@ -274,8 +274,8 @@ class SourceSpec:
 
 @dataclass
 class State:
-    ids: set[str] = field(default_factory=set)
-    sha_owner: dict[str, tuple[str, str]] = field(default_factory=dict)
+    ids: set[int] = field(default_factory=set)                      # 64-bit hashes of record ids
+    sha_owner: dict[int, tuple[str, str]] = field(default_factory=dict)  # image sha prefix -> (patient, study)
     phash: imgs.PhashIndex | None = None
     rec_keys: dict[str, str] = field(default_factory=dict)
     patient_split: dict[str, str] = field(default_factory=dict)
@@ -288,9 +288,9 @@ class State:
     per_source: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def replay(self, m: dict[str, Any], tag: str, marker: str) -> None:
-        self.ids.update(m["ids"])
+        self.ids.update(_u64(i) for i in m["ids"])
         for sha, owner in m["shas"].items():
-            self.sha_owner.setdefault(sha, tuple(owner))
+            self.sha_owner.setdefault(int(sha[:16], 16), tuple(owner))
         if self.phash is not None:
             for h, p, s in m["phashes"]:
                 self.phash.add(int(h), (p, s))
@@ -563,7 +563,7 @@ def _finish(cfg: CurateConfig, prep: _Prep, results: dict[str, tuple], st: State
     reassigned = 0
     for it, prompt, answer, keys in prep.clean:
         rid = f"{spec.name}/{it.record_id}"
-        if rid in st.ids or rid in ids:
+        if rid in ids or _u64(rid) in st.ids:
             _drop(prep, it, "", f"duplicate record id {rid}")
             continue
         ids.add(rid)
@@ -576,7 +576,7 @@ def _finish(cfg: CurateConfig, prep: _Prep, results: dict[str, tuple], st: State
         owner = (it.patient_id, it.study_id)
         dup = None
         for _, sha, _, _, ph in (res if cfg.dedupe_images else []):
-            o = st.sha_owner.get(sha) or new_sha.get(sha)
+            o = st.sha_owner.get(int(sha[:16], 16)) or new_sha.get(sha)
             if o is not None and o != owner:
                 dup = f"duplicate image: identical to an image of study {o[1]}"
                 break

@@ -21,6 +21,7 @@ try:  # zlib-ng: the same deflate streams, about twice as fast
 except ImportError:  # pragma: no cover - the plain zlib works too
     _deflate = zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -76,9 +77,35 @@ def _to_l(img: Image.Image, name: str) -> Image.Image:
     raise BadInput(name, f"unsupported image mode {img.mode}")
 
 
-def decode(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS,
+def _open_local(path: Path, name: str) -> tuple[bytes, Any]:
+    """The first bytes of a local file (enough to tell DICOM) and an open binary file, or BadInput."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise BadInput(name, "file not found") from None
+    except IsADirectoryError:
+        raise BadInput(name, "is a folder, not a file") from None
+    except OSError as exc:
+        raise BadInput(name, f"unreadable ({exc.strerror or exc})") from None
+    return f.read(132), f
+
+
+def decode(data: bytes | Path, name: str, max_pixels: int = DEFAULT_MAX_PIXELS,
            max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[Image.Image, tuple[int, int]]:
-    """Decode to a grayscale image already reduced toward ``max_pixels``; returns it and the original size."""
+    """Decode to a grayscale image already reduced toward ``max_pixels``; returns it and the original size.
+    ``data`` is the file's bytes, or a local path (read by the decoder in blocks, never whole)."""
+    if isinstance(data, Path):
+        head, f = _open_local(data, name)
+        try:
+            if not head:
+                raise BadInput(name, "zero-byte file")
+            if is_dicom(head, name):
+                data = head + f.read()
+            else:
+                f.seek(0)
+                return _decode_pil(f, name, max_pixels, max_image_pixels)
+        finally:
+            f.close()
     if not data:
         raise BadInput(name, "zero-byte file")
     if is_dicom(data, name):
@@ -86,11 +113,15 @@ def decode(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS,
 
         arr = decode_dicom(data, name, max_pixels=max_image_pixels)
         return Image.fromarray(arr, "L"), (arr.shape[1], arr.shape[0])
+    return _decode_pil(io.BytesIO(data), name, max_pixels, max_image_pixels)
+
+
+def _decode_pil(fp, name: str, max_pixels: int, max_image_pixels: int) -> tuple[Image.Image, tuple[int, int]]:
     Image.MAX_IMAGE_PIXELS = max_image_pixels  # Pillow's own guard fires inside open(): make it ours
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(fp)
             if img.format not in _FORMATS:
                 raise BadInput(name, f"unsupported image format {img.format} (JPEG, PNG or DICOM expected)")
             w, h = img.size
@@ -166,7 +197,7 @@ _PHASH_ORDER = np.random.default_rng(20261127).permutation(255)
 MIN_SIDE = 32  # smaller images are icons or thumbnails, not radiographs
 
 
-def process(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS,
+def process(data: bytes | Path, name: str, max_pixels: int = DEFAULT_MAX_PIXELS,
             max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, compress_level: int = 1,
             min_side: int = MIN_SIDE) -> Processed:
     img, orig = decode(data, name, max_pixels, max_image_pixels)

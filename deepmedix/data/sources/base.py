@@ -138,7 +138,7 @@ class Root:
             real_parent = self._real_dirs.get(parent)
             if real_parent is None:  # symlinked folders resolved once per folder
                 real_parent = os.path.realpath(self.path / parent) if parent else str(self.real)
-                if len(self._real_dirs) > 100_000:
+                if len(self._real_dirs) > 4096:
                     self._real_dirs.clear()
                 self._real_dirs[parent] = real_parent
             full = os.path.join(real_parent, name)
@@ -176,6 +176,10 @@ class Root:
         return None
 
     # -- reading
+    def local_file(self, rel: str) -> Path | None:
+        """The checked local path of a file under a local root (None on S3): decoders read it in blocks."""
+        return None if self.s3 else self.path / self.safe(rel)
+
     def read_bytes(self, rel: str) -> bytes:
         norm = self.safe(rel)
         if not self.s3:

@@ -6,13 +6,15 @@ texts; one 2500x3000 grayscale JPEG per study, quality 95 like MIMIC-CXR-JPG, CX
 each image under its own affine pose, plus film-grain noise) once under ``--dir`` (reused by later runs), then:
 
 * naive: ``Image.open(p).convert("L").resize(size, BICUBIC)`` over the first ``--naive`` images — the same output
-  size, mode and filter as ours — timed at the start and again at the end, the baseline being their mean
-  (``--rgb`` also times the common ``convert("RGB")`` variant, for information);
+  size, mode and filter as ours (``--rgb`` also times the common ``convert("RGB")`` variant, for information);
 * ours: ``deepmedix curate --source mimic_cxr`` on the first ``--small`` studies with 1 and with 2 workers
   (images/s = images stored / the run's own wall time; this includes reading, decoding, the PHI guard, dedupe,
   hashing, PNG encoding and writing shards);
 * memory: peak RSS of the whole process tree (main + workers, sampled every 20 ms) for ``--small`` and ``--large``
   studies.
+
+The speed runs are repeated ``--rounds`` times, interleaved (naive, 1 worker, 2 workers, naive, ...), and the
+medians are compared: the machine's speed drifts by several per cent over minutes.
 
 Goals (issue 3): ours with one worker >= 2x the naive loop (per core), two workers >= 1.8x one worker, peak RSS at
 ``--large`` within 10 % of ``--small``. Prints a table and writes ``curate_bench.json`` and ``curate_bench.png``.
@@ -194,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-pixels", type=int, default=512 * 512)
     ap.add_argument("--rgb", action="store_true", help="also time the naive loop with convert('RGB')")
     ap.add_argument("--build-only", action="store_true", help="write the dataset and stop")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved repeats of the speed runs (medians used)")
     args = ap.parse_args(argv)
     size = tuple(int(v) for v in args.size.split("x"))
     work = Path(args.dir)
@@ -205,20 +208,28 @@ def main(argv: list[str] | None = None) -> int:
     for p in small_paths:  # the same warm page cache for everyone
         p.read_bytes()
 
-    res: dict = {"cpu_count": os.cpu_count(), "size": list(size), "max_pixels": args.max_pixels}
-    print(f"naive loop over {args.naive} images ...", flush=True)
-    res["naive_ips"] = naive(small_paths[: args.naive], args.max_pixels, "L")
+    res: dict = {"cpu_count": os.cpu_count(), "size": list(size), "max_pixels": args.max_pixels,
+                 "rounds": args.rounds}
+    naive_runs, w1_runs, w2_runs = [], [], []
+    for r in range(args.rounds):  # interleaved, so that drift in machine speed hits everyone alike
+        print(f"round {r + 1}/{args.rounds}: naive loop over {args.naive} images ...", flush=True)
+        naive_runs.append(naive(small_paths[: args.naive], args.max_pixels, "L"))
+        for w, runs in ((1, w1_runs), (2, w2_runs)):
+            print(f"round {r + 1}/{args.rounds}: ours, {w} worker(s), {args.small} images ...", flush=True)
+            runs.append(ours(root, work / f"out-w{w}", args.small, w, args.max_pixels))
+    naive_runs.append(naive(small_paths[: args.naive], args.max_pixels, "L"))
     if args.rgb:
         res["naive_rgb_ips"] = naive(small_paths[: args.naive], args.max_pixels, "RGB")
-    for w in (1, 2):
-        print(f"ours, {w} worker(s), {args.small} images ...", flush=True)
-        res[f"ours_w{w}"] = ours(root, work / f"out-w{w}", args.small, w, args.max_pixels)
     print(f"ours, 2 workers, {args.large} images (memory) ...", flush=True)
     res["ours_large"] = ours(root, work / "out-large", args.large, 2, args.max_pixels)
-    res["naive_rerun_ips"] = naive(small_paths[: args.naive], args.max_pixels, "L")  # drift check
 
-    res["naive_mean_ips"] = (res["naive_ips"] + res["naive_rerun_ips"]) / 2  # the baseline, drift averaged
-    res["per_core_vs_naive"] = res["ours_w1"]["ips"] / res["naive_mean_ips"]
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    res["naive_runs_ips"] = naive_runs
+    res["naive_ips"] = med(naive_runs)
+    for w, runs in ((1, w1_runs), (2, w2_runs)):
+        res[f"ours_w{w}_runs_ips"] = [x["ips"] for x in runs]
+        res[f"ours_w{w}"] = sorted(runs, key=lambda x: x["ips"])[len(runs) // 2]
+    res["per_core_vs_naive"] = res["ours_w1"]["ips"] / res["naive_ips"]
     res["two_vs_one_worker"] = res["ours_w2"]["ips"] / res["ours_w1"]["ips"]
     res["rss_large_vs_small"] = res["ours_large"]["peak_rss_mb"] / res["ours_w2"]["peak_rss_mb"]
     goals = {"per_core_vs_naive": (res["per_core_vs_naive"], ">=", 2.0),
@@ -229,14 +240,15 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(f"curation benchmark ({size[0]}x{size[1]} JPEG q95 -> <= {args.max_pixels} px PNG; {os.cpu_count()} CPUs)")
-    print(f"  naive PIL open->convert('L')->resize   {res['naive_mean_ips']:8.1f} images/s"
-          f"   (mean of {res['naive_ips']:.1f} at the start and {res['naive_rerun_ips']:.1f} at the end)")
+    print(f"  naive PIL open->convert('L')->resize   {res['naive_ips']:8.1f} images/s   (median of "
+          f"{', '.join(f'{x:.1f}' for x in res['naive_runs_ips'])})")
     if args.rgb:
         print(f"  naive PIL open->convert('RGB')->resize {res['naive_rgb_ips']:8.1f} images/s")
     for w in (1, 2):
         r = res[f"ours_w{w}"]
-        print(f"  deepmedix curate, {w} worker(s)          {r['ips']:8.1f} images/s   ({r['images']} images, "
-              f"{r['wall_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MiB)")
+        print(f"  deepmedix curate, {w} worker(s)          {r['ips']:8.1f} images/s   (median of "
+              f"{', '.join(f'{x:.1f}' for x in res[f'ours_w{w}_runs_ips'])}; {r['images']} images, "
+              f"peak RSS {r['peak_rss_mb']:.0f} MiB)")
     r = res["ours_large"]
     print(f"  deepmedix curate, 2 workers, {r['images']:>6} images: peak RSS {r['peak_rss_mb']:.0f} MiB "
           f"({r['ips']:.1f} images/s)")
@@ -256,12 +268,13 @@ def _plot(res: dict, path: Path) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     names = ["naive L", "ours 1 worker", "ours 2 workers"]
-    vals = [res["naive_mean_ips"], res["ours_w1"]["ips"], res["ours_w2"]["ips"]]
+    vals = [res["naive_ips"], res["ours_w1"]["ips"], res["ours_w2"]["ips"]]
     if "naive_rgb_ips" in res:
         names.insert(1, "naive RGB")
         vals.insert(1, res["naive_rgb_ips"])
     a.bar(names, vals, color=["#999"] * (len(names) - 2) + ["#2a7", "#185"])
     a.set_ylabel("images / s")
+    a.tick_params(axis="x", labelrotation=15)
     a.set_title("throughput")
     small, large = res["ours_w2"], res["ours_large"]
     b.bar([f"{small['images']} images", f"{large['images']} images"], [small["peak_rss_mb"], large["peak_rss_mb"]],

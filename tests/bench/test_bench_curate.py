@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_bench_curate_smoke(tmp_path):
     r = subprocess.run([sys.executable, "bench/curate_bench.py", "--dir", str(tmp_path), "--small", "6", "--large",
-                        "12", "--naive", "4", "--size", "800x900", "--max-pixels", "40000"],
+                        "12", "--naive", "4", "--rounds", "1", "--size", "800x900", "--max-pixels", "40000"],
                        capture_output=True, text=True, cwd=REPO, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((tmp_path / "curate_bench.json").read_text())

@@ -434,4 +434,5 @@ def test_cli_unreachable_s3_source_is_a_clear_error(tmp_path):
                AWS_SECRET_ACCESS_KEY="s")
     r = subprocess.run([DEEPMEDIX, "curate", "--source", "iu_xray", "--root", "s3://datasets/iu", "--out",
                         str(tmp_path / "o")], capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
-    assert r.returncode == 2 and "S3 request failed" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "S3 request failed" in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]

@@ -386,8 +386,8 @@ def _location(uri: str) -> tuple[str, str]:
 def _check_out(out_uri: str, specs: list[SourceSpec]) -> None:
     ns, out = _location(out_uri)
     for s in specs:
-        uris = [s.root] + [v for k, v in s.options.items() if k.endswith("_root") and isinstance(v, str) and v]
-        for uri in uris:
+        uris = [s.root] + [v for k, v in s.options.items() if k.endswith("_root") and isinstance(v, str)]
+        for uri in filter(None, uris):  # a source without a root (the phantom) reads nothing
             ns2, p = _location(uri)
             if ns2 == ns and (p == out or p.startswith(out.rstrip("/") + "/") or out.startswith(p.rstrip("/") + "/")):
                 raise CurationError(f"--out {out_uri} overlaps the input {uri} of source {s.name}: curation "

@@ -370,6 +370,11 @@ def test_a_bad_source_is_refused_before_an_existing_dataset_is_touched(tmp_path)
     assert (out / "lineage.json").read_text() == before and load_records(out)
 
 
+def test_a_relative_out_under_the_working_folder_is_fine_for_the_phantom(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert curate(_cfg(n_studies=2), "runs/ds")["after"] > 0  # the phantom has no root to overlap
+
+
 def test_out_overlapping_an_input_is_refused(tmp_path):
     from deepmedix.errors import CurationError
 

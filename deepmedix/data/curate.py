@@ -137,6 +137,18 @@ class Sink:
             return []
         return sorted(p.relative_to(self.path).as_posix() for p in base.rglob("*") if p.is_file())
 
+    def nonempty(self, rel_dir: str) -> set[str]:
+        """Files under ``rel_dir`` with at least one byte (a crash can leave an unflushed image empty)."""
+        if self.s3:
+            pfx = self._key(rel_dir.strip("/")) + "/"
+            with store.s3_errors(self.uri):
+                return {o.object_name[len(self.prefix) + 1 if self.prefix else 0:]
+                        for o in self.client.list_objects(self.bucket, prefix=pfx, recursive=True) if o.size}
+        base = self.path / rel_dir
+        if not base.is_dir():
+            return set()
+        return {p.relative_to(self.path).as_posix() for p in base.rglob("*") if p.is_file() and p.stat().st_size}
+
     def delete(self, rel: str) -> None:
         if self.s3:
             with store.s3_errors(f"{self.uri}/{rel}"):
@@ -153,15 +165,27 @@ class Sink:
 _W: dict[str, Any] = {}
 
 
-def _init_worker(sink: Sink, settings: dict[str, int], forked: bool = False) -> None:
-    if forked:  # a forked child must not share the parent's S3 connections, nor write to its terminal
+def _init_worker(sink: Sink, settings: dict[str, int], forked: bool = False, parent: int = 0) -> None:
+    if forked:  # a forked child must not share the parent's S3 connections, nor hold its output open
+        import signal
         import sys
         import warnings
 
         sink._client, sink._has = None, set()
         warnings.simplefilter("ignore")
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.dup2(null, 2)
         sys.stdout = sys.stderr = open(os.devnull, "w")
-    _W["sink"], _W["settings"] = sink, settings
+        try:  # die with the main process, however it dies (Linux)
+            import ctypes
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+        if parent and os.getppid() != parent:
+            os._exit(1)
+    _W["sink"], _W["settings"], _W["roots"] = sink, settings, {}
 
 
 def _ping() -> int:
@@ -172,6 +196,8 @@ def _work(job: tuple) -> tuple[str, tuple]:
     """Decode, check, resize, encode and store one image. Returns (key, ("ok", ...)) or (key, ("bad", file,
     reason)). Store failures are not the input's fault: they propagate and stop the run."""
     key, root, path, data, name = job
+    if root is not None:  # one Root (and S3 client) per worker, not one per batch
+        root = _W.setdefault("roots", {}).setdefault(root.uri, root)
     s = _W["settings"]
     label = path or name
     where = (lambda f: f) if root is None else (lambda f: f"{root.uri}/{f}")
@@ -217,7 +243,7 @@ class _Pool:
 
             ctx = mp.get_context("fork")
             self.ex = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                          initargs=(sink, settings, True))
+                                          initargs=(sink, settings, True, os.getpid()))
             for _ in range(workers):  # start them now, while the main process reads the first metadata
                 self.ex.submit(_ping)
 
@@ -648,9 +674,13 @@ def _parquet_bytes(records: list[Record]) -> bytes:
 
 # ------------------------------------------------------------------------------------------------- the run
 
+FORMAT = 2  # bump when stored bytes, hashes or markers change: a run of another format is never resumed
+
+
 def _config_hash(cfg: CurateConfig) -> str:
     d = to_dict(cfg)
     d.pop("workers", None)  # how many processes did the work does not change the dataset
+    d["_format"] = FORMAT
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -659,7 +689,7 @@ def _reason_head(reason: str) -> str:
     return " ".join(w for w in head.split() if not any(c.isdigit() for c in w) and "/" not in w)[:60]
 
 
-_OURS = re.compile(r"^(images/[0-9a-f]{16}\.png|records/(train|validate|test)-\d\d-[a-z0-9_]+-\d{5}\.parquet|"
+_OURS = re.compile(r"^(images/[0-9a-f]{16}\.png|records/(train|validate|test)-\d{2,}-[a-z0-9_]+-\d{5,}\.parquet|"
                    r"(images|records)/\.[^/]+\.tmp-\d+)$")
 
 
@@ -698,14 +728,30 @@ def curate(cfg: CurateConfig, out_uri: str, progress: Progress | None = None,
     for rel in sink.list(WORK):
         if not rel.startswith(work + "/"):
             sink.delete(rel)
-    done = set(sink.list(work))
-    present = set(sink.list("records")) | set(sink.list("images")) if len(done) > 1 else set()
+    import signal
+    import threading
 
+    old_term = None
+    if threading.current_thread() is threading.main_thread():  # SIGTERM unwinds like Ctrl-C: workers are stopped
+        def _term(signum, frame):
+            raise SystemExit(128 + signum)
+        old_term = signal.signal(signal.SIGTERM, _term)
+    try:
+        return _run(cfg, specs, opened, sink, chash, work, progress, log, t0)
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+
+
+def _run(cfg, specs, opened, sink: Sink, chash: str, work: str, progress, log, t0: float) -> dict[str, Any]:
+    done = set(sink.list(work))
+    present = sink.nonempty("records") | sink.nonempty("images") if len(done) > 1 else set()
     st = State(phash=imgs.PhashIndex(cfg.phash_distance) if cfg.dedupe_images and cfg.phash_distance >= 0 else None)
     settings = {"max_pixels": cfg.max_pixels, "max_image_pixels": cfg.max_image_pixels,
                 "compress_level": cfg.png_compress_level}
     pool = _Pool(cfg.workers, sink, settings)
     seen, resumed = 0, 0
+    recomputed = False
     pending: _Prep | None = None
 
     def finish(prep: _Prep) -> None:
@@ -727,7 +773,7 @@ def curate(cfg: CurateConfig, out_uri: str, progress: Progress | None = None,
             for k, (items, qs) in enumerate(_chunks(_stream(spec, src, cfg.seed), cfg.shard_size)):
                 marker = f"{work}/{spec.tag}-{k:05d}.json"
                 digest = _digest(spec, items, qs)
-                m = _load_marker(sink, marker) if marker in done else None
+                m = _load_marker(sink, marker) if marker in done and not recomputed else None
                 if m and m["digest"] == digest and set(m["shards"]) <= present and set(m["images"]) <= present:
                     if pending is not None:
                         finish(pending)
@@ -736,6 +782,7 @@ def curate(cfg: CurateConfig, out_uri: str, progress: Progress | None = None,
                     resumed += 1
                     seen += len(items)
                     continue
+                recomputed = True  # every later chunk depends on this one's state: recompute those too
                 prep, jobs = _prepare(cfg, spec, k, items, qs, root, digest, marker)
                 prep.handle = pool.submit(jobs)
                 if pending is not None:
@@ -767,6 +814,8 @@ def _finalize(cfg: CurateConfig, specs: list[SourceSpec], st: State, sink: Sink,
         t = pq.read_table(io.BytesIO(data), columns=["patient_id", "split"]).to_pydict()
         for pid, split in zip(t["patient_id"], t["split"]):
             if where.setdefault(pid, (split, rel))[0] != split:
+                for m in set(st.shard_marker.values()):
+                    sink.delete(m)  # the rerun recomputes everything rather than replaying this
                 raise RecordError(f"patient {pid} is in split {where[pid][0]} ({where[pid][1]}) and in {split} "
                                   f"({rel}): splits must be patient-disjoint")
     for rel in sink.list("records") + sink.list("images"):  # only our own names: a stranger's file stays

@@ -87,7 +87,11 @@ def _open_local(path: Path, name: str) -> tuple[bytes, Any]:
         raise BadInput(name, "is a folder, not a file") from None
     except OSError as exc:
         raise BadInput(name, f"unreadable ({exc.strerror or exc})") from None
-    return f.read(132), f
+    try:
+        return f.read(132), f
+    except OSError as exc:
+        f.close()
+        raise BadInput(name, f"unreadable ({exc.strerror or exc})") from None
 
 
 def decode(data: bytes | Path, name: str, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -117,7 +121,15 @@ def decode(data: bytes | Path, name: str, max_pixels: int = DEFAULT_MAX_PIXELS,
 
 
 def _decode_pil(fp, name: str, max_pixels: int, max_image_pixels: int) -> tuple[Image.Image, tuple[int, int]]:
-    Image.MAX_IMAGE_PIXELS = max_image_pixels  # Pillow's own guard fires inside open(): make it ours
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_image_pixels  # Pillow's own guard fires inside open(): make it ours, for now
+    try:
+        return _decode_pil_guarded(fp, name, max_pixels, max_image_pixels)
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _decode_pil_guarded(fp, name: str, max_pixels: int, max_image_pixels: int) -> tuple[Image.Image, tuple[int, int]]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -191,7 +203,7 @@ def phash(img: Image.Image) -> int:
 
 # A fixed shuffle of the 255 bits, so that each contiguous block PhashIndex cuts mixes low and high frequencies
 # (the low ones are nearly constant across chest radiographs and would crowd a block's buckets).
-_PHASH_ORDER = np.random.default_rng(20261127).permutation(255)
+_PHASH_ORDER = (np.arange(255) * 97) % 255  # 97 is coprime with 255: a fixed permutation, no RNG involved
 
 
 MIN_SIDE = 32  # smaller images are icons or thumbnails, not radiographs

@@ -441,3 +441,56 @@ def test_cli_unreachable_s3_source_is_a_clear_error(tmp_path):
                         str(tmp_path / "o")], capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
     assert r.returncode == 2, r.stderr[-3000:]
     assert "S3 request failed" in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+
+
+def test_resume_recomputes_every_chunk_after_one_whose_input_changed(tmp_path):
+    """Chunk 1 is unchanged, but its result depends on chunk 0 (here: which patient owns an image first)."""
+    shared = _png(120)
+    first = [_item("a0", "p0", "s0", _png(121)), _item("a1", "p1", "s1", _png(122)),
+             _item("b0", "p2", "s2", shared), _item("b1", "p3", "s3", _png(123))]
+    MemSource.CASES["chain"] = first + [RuntimeError("interrupted")]
+    out = tmp_path / "ds"
+    with pytest.raises(RuntimeError):
+        curate(_mem_cfg("chain", shard_size=2), str(out))
+    # chunk 0 now gives patient p1 the image that chunk 1 gives p2: p2's record must become a duplicate
+    changed = [_item("a0", "p0", "s0", _png(121)), _item("a1", "p1", "s1", shared)] + first[2:]
+    MemSource.CASES["chain"] = changed
+    curate(_mem_cfg("chain", shard_size=2), str(out))
+    MemSource.CASES["chain-fresh"] = changed
+    curate(_mem_cfg("chain-fresh", shard_size=2), str(tmp_path / "fresh"))
+    got = sorted(r.record_id.split("/")[1] for r in load_records(out))
+    assert got == sorted(r.record_id.split("/")[1] for r in load_records(tmp_path / "fresh"))
+    assert "b0" not in got
+
+
+def test_sigterm_stops_the_workers_too(tmp_path):
+    import psutil
+
+    proc = subprocess.Popen([DEEPMEDIX, "data", "phantom", "--n", "400", "--workers", "2", "--set", "image_size=96",
+                             "--set", "shard_size=5", "--out", str(tmp_path / "ds")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=REPO)
+    deadline = time.time() + 120
+    while len(_markers(tmp_path / "ds")) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert children, "the workers should be running"
+    proc.terminate()
+    proc.communicate(timeout=60)  # returns only when no worker holds the output pipes
+    assert proc.returncode != 0
+    psutil.wait_procs(children, timeout=10)
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    assert not (tmp_path / "ds" / "lineage.json").exists()
+
+
+def test_resume_does_not_trust_an_emptied_image(tmp_path):
+    items = [_item(f"z{i}", f"p{i}", f"s{i}", _png(140 + i)) for i in range(4)]
+    MemSource.CASES["empty"] = items[:3] + [RuntimeError("interrupted")]
+    out = tmp_path / "ds"
+    with pytest.raises(RuntimeError):
+        curate(_mem_cfg("empty", shard_size=2), str(out))
+    victim = sorted((out / "images").iterdir())[0]
+    victim.write_bytes(b"")  # what a power cut can leave of an unflushed file
+    MemSource.CASES["empty"] = items
+    r = curate(_mem_cfg("empty", shard_size=2), str(out))
+    assert r["resumed_chunks"] == 0
+    assert all((out / i).stat().st_size > 0 for rec in load_records(out) for i in rec.images)

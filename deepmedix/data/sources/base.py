@@ -164,7 +164,8 @@ class Root:
                 self.client.stat_object(self.bucket, self._key(norm))
                 return True
             except S3Error as exc:
-                if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound", "NoSuchBucket"):
+                # AccessDenied: what S3 answers for a missing key to a caller without ListBucket
+                if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound", "NoSuchBucket", "AccessDenied"):
                     return False
                 raise
 
@@ -200,6 +201,8 @@ class Root:
             except S3Error as exc:
                 if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
                     raise BadInput(norm, "file not found") from None
+                if exc.code in ("AccessDenied", "InvalidObjectState", "InvalidRange"):  # this object only
+                    raise BadInput(norm, f"unreadable ({exc.code})") from None
                 raise
             try:
                 return resp.read()

@@ -483,8 +483,8 @@ def test_sigterm_stops_the_workers_too(tmp_path):
 
 
 def test_resume_does_not_trust_an_emptied_image(tmp_path):
-    items = [_item(f"z{i}", f"p{i}", f"s{i}", _png(140 + i)) for i in range(4)]
-    MemSource.CASES["empty"] = items[:3] + [RuntimeError("interrupted")]
+    items = [_item(f"z{i}", f"p{i}", f"s{i}", _png(140 + i)) for i in range(6)]
+    MemSource.CASES["empty"] = items[:4] + [RuntimeError("interrupted")]  # chunk 0 committed, chunk 1 not
     out = tmp_path / "ds"
     with pytest.raises(RuntimeError):
         curate(_mem_cfg("empty", shard_size=2), str(out))

@@ -103,7 +103,8 @@ class Sink:
         """Content-addressed files: written once, then known to exist."""
         if rel in self._has:
             return
-        if self.s3 or not (self.path / rel).exists():
+        p = None if self.s3 else self.path / rel
+        if p is None or not p.is_file() or p.stat().st_size != len(data):  # an emptied file is rewritten
             self.put(rel, data, durable=False)
         self._has.add(rel)
 

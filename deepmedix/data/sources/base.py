@@ -18,6 +18,7 @@ import gzip
 import io
 import os
 import posixpath
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
@@ -253,6 +254,34 @@ class Root:
                 if not sfx or rel.lower().endswith(sfx):
                     names.append(rel)
         yield from sorted(names)
+
+
+def slug(text: str) -> str:
+    """A name as an id part: lower-case letters and digits joined by dashes."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "x"
+
+
+def read_csv_rows(root: Root, rel: str) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
+    """Header cells (stripped) and an iterator of (data row number, cells), blank lines skipped. Raises
+    BadInput, also mid-way for a CSV syntax error (the row is named)."""
+    reader = csv.reader(io.StringIO(root.read_text(rel), newline=""))
+    try:
+        header = [h.strip() for h in next(reader, [])]
+    except csv.Error as exc:
+        raise BadInput(rel, f"header is not readable CSV ({exc})") from None
+
+    def rows() -> Iterator[tuple[int, list[str]]]:
+        n = 0
+        try:
+            for cells in reader:
+                n += 1
+                if not cells or all(not c.strip() for c in cells):
+                    continue
+                yield n, [c.strip() for c in cells]
+        except csv.Error as exc:
+            raise BadInput(rel, f"row {n + 1}: not readable CSV ({exc})") from None
+
+    return header, rows()
 
 
 def open_root(uri: str) -> Root:

@@ -44,15 +44,14 @@ list, and a second image file with the same name.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import re
 from typing import Any, Iterator
 
 from deepmedix.data.prompts import grounding_prompt
 from deepmedix.data.schema import Box
-from deepmedix.data.sources.base import BadInput, ImageRef, Item, Quarantine, Root, Source
+from deepmedix.data.sources.base import (BadInput, ImageRef, Item, Quarantine, Root, Source, read_csv_rows,
+                                         slug)
 
 __all__ = ["ChestXray14", "BOX_LABELS", "FRAME"]
 
@@ -66,31 +65,8 @@ BBOX_FILE = "BBox_List_2017.csv"
 LISTS = (("train_val_list.txt", "train"), ("test_list.txt", "test"))
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "x"
-
-
-def _read_csv(root: Root, rel: str) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
-    """Header cells (stripped) and an iterator of (data row number, cells); raises BadInput."""
-    text = root.read_text(rel)
-    reader = csv.reader(io.StringIO(text, newline=""))
-    try:
-        header = [h.strip() for h in next(reader, [])]
-    except csv.Error as exc:
-        raise BadInput(rel, f"header is not readable CSV ({exc})") from None
-
-    def rows() -> Iterator[tuple[int, list[str]]]:
-        n = 0
-        try:
-            for cells in reader:
-                n += 1
-                if not cells or all(not c.strip() for c in cells):
-                    continue
-                yield n, [c.strip() for c in cells]
-        except csv.Error as exc:
-            raise BadInput(rel, f"row {n + 1}: not readable CSV ({exc})") from None
-
-    return header, rows()
+_read_csv = read_csv_rows
+_slug = slug
 
 
 def _find(header: list[str], *names: str) -> int | None:

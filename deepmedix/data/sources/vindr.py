@@ -38,8 +38,6 @@ never opened here: the engine reports missing or undecodable DICOMs.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import re
 from dataclasses import dataclass
@@ -47,7 +45,8 @@ from typing import Any, Iterator
 
 from deepmedix.data.prompts import grounding_prompt
 from deepmedix.data.schema import Box
-from deepmedix.data.sources.base import BadInput, ImageRef, Item, Quarantine, Root, Source
+from deepmedix.data.sources.base import (BadInput, ImageRef, Item, Quarantine, Root, Source, read_csv_rows,
+                                         slug)
 
 __all__ = ["VinDrCXR", "fuse_boxes", "iou", "LOCAL_LABELS", "GLOBAL_LABELS"]
 
@@ -70,32 +69,8 @@ _COORDS = ("x_min", "y_min", "x_max", "y_max")
 _NAN = {"", "nan", "na", "none", "null"}
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "x"
-
-
-def _read_csv(root: Root, rel: str) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
-    """Header cells (stripped) and an iterator of (data row number, cells). Raises BadInput (also mid-way, for a
-    CSV syntax error)."""
-    text = root.read_text(rel)
-    reader = csv.reader(io.StringIO(text, newline=""))
-    try:
-        header = [h.strip() for h in next(reader, [])]
-    except csv.Error as exc:
-        raise BadInput(rel, f"header is not readable CSV ({exc})") from None
-
-    def rows() -> Iterator[tuple[int, list[str]]]:
-        n = 0
-        try:
-            for cells in reader:
-                n += 1
-                if not cells or all(not c.strip() for c in cells):
-                    continue  # blank line
-                yield n, [c.strip() for c in cells]
-        except csv.Error as exc:
-            raise BadInput(rel, f"row {n + 1}: not readable CSV ({exc})") from None
-
-    return header, rows()
+_read_csv = read_csv_rows
+_slug = slug
 
 
 def iou(a: list[float], b: list[float]) -> float:

@@ -38,6 +38,7 @@ from deepmedix.config import ConfigError, CurateConfig, to_dict
 from deepmedix.data import images as imgs
 from deepmedix.data import text as txt
 from deepmedix.data.schema import SPLITS, Box, Record, RecordError
+from deepmedix.data.sink import Sink
 from deepmedix.data.sources import BadInput, ImageRef, Item, Quarantine, Root, Source, get_source
 from deepmedix.errors import CurationError
 
@@ -45,120 +46,6 @@ Progress = Callable[[int, int], None]
 WORK = "_work"
 _PHANTOM_KEYS = ("n_patients", "studies_per_patient", "image_size", "vqa_per_study", "split_ratios", "seed",
                  "n_studies")
-
-
-# ------------------------------------------------------------------------------------------------ the sink
-
-class Sink:
-    """The output dataset: a local folder or an ``s3://`` prefix. Every file is written atomically (a temporary
-    name then ``os.replace`` locally; one PUT on S3, which is never visible half-written)."""
-
-    def __init__(self, uri: str):
-        self.uri = str(uri).rstrip("/")
-        self.s3 = store.is_s3(self.uri)
-        self._client = None
-        self._has: set[str] = set()
-        if self.s3:
-            self.bucket, self.prefix = store.parse_s3(self.uri)
-        else:
-            self.path = store.local_path(self.uri)
-
-    def __getstate__(self):
-        d = dict(self.__dict__)
-        d["_client"], d["_has"] = None, set()
-        return d
-
-    @property
-    def client(self):
-        if self._client is None:
-            self._client = store.s3_client()
-            with store.s3_errors(self.uri):
-                if not self._client.bucket_exists(self.bucket):
-                    self._client.make_bucket(self.bucket)
-        return self._client
-
-    def _key(self, rel: str) -> str:
-        return f"{self.prefix}/{rel}" if self.prefix else rel
-
-    def put(self, rel: str, data: bytes, durable: bool = True) -> None:
-        if self.s3:
-            with store.s3_errors(f"{self.uri}/{rel}"):
-                self.client.put_object(self.bucket, self._key(rel), io.BytesIO(data), len(data))
-            return
-        p = self.path / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                if durable:  # shards, markers, manifest, lineage; images are cheap to redo
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.replace(tmp, p)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-
-    def put_once(self, rel: str, data: bytes) -> None:
-        """Content-addressed files: written once, then known to exist."""
-        if rel in self._has:
-            return
-        p = None if self.s3 else self.path / rel
-        if p is None or not p.is_file() or p.stat().st_size != len(data):  # an emptied file is rewritten
-            self.put(rel, data, durable=False)
-        self._has.add(rel)
-
-    def get(self, rel: str) -> bytes | None:
-        if self.s3:
-            from minio.error import S3Error
-
-            with store.s3_errors(f"{self.uri}/{rel}"):
-                try:
-                    r = self.client.get_object(self.bucket, self._key(rel))
-                except S3Error as exc:
-                    if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
-                        return None
-                    raise
-                try:
-                    return r.read()
-                finally:
-                    r.close()
-                    r.release_conn()
-        p = self.path / rel
-        return p.read_bytes() if p.is_file() else None
-
-    def list(self, rel_dir: str) -> list[str]:
-        if self.s3:
-            pfx = self._key(rel_dir.strip("/")) + "/"
-            with store.s3_errors(self.uri):
-                return sorted(o.object_name[len(self.prefix) + 1 if self.prefix else 0:]
-                              for o in self.client.list_objects(self.bucket, prefix=pfx, recursive=True))
-        base = self.path / rel_dir
-        if not base.is_dir():
-            return []
-        return sorted(p.relative_to(self.path).as_posix() for p in base.rglob("*") if p.is_file())
-
-    def nonempty(self, rel_dir: str) -> set[str]:
-        """Files under ``rel_dir`` with at least one byte (a crash can leave an unflushed image empty)."""
-        if self.s3:
-            pfx = self._key(rel_dir.strip("/")) + "/"
-            with store.s3_errors(self.uri):
-                return {o.object_name[len(self.prefix) + 1 if self.prefix else 0:]
-                        for o in self.client.list_objects(self.bucket, prefix=pfx, recursive=True) if o.size}
-        base = self.path / rel_dir
-        if not base.is_dir():
-            return set()
-        return {p.relative_to(self.path).as_posix() for p in base.rglob("*") if p.is_file() and p.stat().st_size}
-
-    def delete(self, rel: str) -> None:
-        if self.s3:
-            with store.s3_errors(f"{self.uri}/{rel}"):
-                self.client.remove_object(self.bucket, self._key(rel))
-            return
-        try:
-            (self.path / rel).unlink()
-        except FileNotFoundError:
-            pass
 
 
 # --------------------------------------------------------------------------------------------- the workers

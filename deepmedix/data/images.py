@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile
 
-from deepmedix.data.sources.base import BadInput
+from deepmedix.data.sources.base import BadInput, local_read_errors
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 DEFAULT_MAX_PIXELS = 512 * 512          # the model's pixel budget (Qwen2.5-VL max_pixels in the paper)
@@ -78,20 +78,15 @@ def _to_l(img: Image.Image, name: str) -> Image.Image:
 
 
 def _open_local(path: Path, name: str) -> tuple[bytes, Any]:
-    """The first bytes of a local file (enough to tell DICOM) and an open binary file, or BadInput."""
-    try:
+    """The first bytes of a local file (enough to tell DICOM) and the open binary file, or BadInput."""
+    with local_read_errors(name):
         f = open(path, "rb")
-    except FileNotFoundError:
-        raise BadInput(name, "file not found") from None
-    except IsADirectoryError:
-        raise BadInput(name, "is a folder, not a file") from None
-    except OSError as exc:
-        raise BadInput(name, f"unreadable ({exc.strerror or exc})") from None
-    try:
-        return f.read(132), f
-    except OSError as exc:
-        f.close()
-        raise BadInput(name, f"unreadable ({exc.strerror or exc})") from None
+    with local_read_errors(name):
+        try:
+            return f.read(132), f
+        except OSError:
+            f.close()
+            raise
 
 
 def decode(data: bytes | Path, name: str, max_pixels: int = DEFAULT_MAX_PIXELS,

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import io
@@ -27,6 +28,19 @@ from deepmedix import store
 from deepmedix.data.schema import Box
 
 SOURCES: dict[str, type["Source"]] = {}
+
+
+@contextlib.contextmanager
+def local_read_errors(name: str) -> Iterator[None]:
+    """A local file that cannot be read becomes BadInput naming it (missing, a folder, unreadable)."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise BadInput(name, "file not found") from None
+    except IsADirectoryError:
+        raise BadInput(name, "is a folder, not a file") from None
+    except OSError as exc:
+        raise BadInput(name, f"unreadable ({exc.strerror or exc})") from None
 
 
 class BadInput(Exception):
@@ -185,15 +199,8 @@ class Root:
     def read_bytes(self, rel: str) -> bytes:
         norm = self.safe(rel)
         if not self.s3:
-            p = self.path / norm
-            try:
-                return p.read_bytes()
-            except FileNotFoundError:
-                raise BadInput(norm, "file not found") from None
-            except IsADirectoryError:
-                raise BadInput(norm, "is a folder, not a file") from None
-            except OSError as exc:
-                raise BadInput(norm, f"unreadable ({exc.strerror or exc})") from None
+            with local_read_errors(norm):
+                return (self.path / norm).read_bytes()
         from minio.error import S3Error
 
         with store.s3_errors(f"{self.uri}/{norm}"):

@@ -59,7 +59,7 @@ def _init_worker(sink: Sink, settings: dict[str, int], forked: bool = False, par
         import sys
         import warnings
 
-        sink._client, sink._has = None, set()
+        sink._client, sink._has, sink._dirs = None, set(), set()
         warnings.simplefilter("ignore")
         null = os.open(os.devnull, os.O_WRONLY)
         os.dup2(null, 1)
@@ -123,8 +123,8 @@ class _Pool:
             from concurrent.futures import ProcessPoolExecutor
 
             # fork: workers start at once with what this process imported (the main process holds no S3
-            # connection or lock the workers use: the initializer drops them)
-            import scipy.fft  # noqa: F401  (phash) and the decoders, imported once before the fork
+            # connection or lock the workers use: the initializer drops them); the decoders are imported once,
+            # before the fork
             from PIL import JpegImagePlugin, PngImagePlugin  # noqa: F401
 
             from deepmedix.data import dicom  # noqa: F401

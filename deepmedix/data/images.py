@@ -162,7 +162,7 @@ def resize(img: Image.Image, size: tuple[int, int]) -> Image.Image:
 
 
 def _chunk(tag: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body) & 0xFFFFFFFF)
+    return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", _deflate.crc32(tag + body) & 0xFFFFFFFF)
 
 
 def encode_png(img: Image.Image, compress_level: int = 1) -> bytes:
@@ -189,13 +189,21 @@ def phash(img: Image.Image) -> int:
     median. Chest radiographs share their global layout, so the common 64-bit hash (8x8 frequencies) puts
     different patients within a few bits of each other; 256 bits keep them apart while re-encoded, rescaled or
     re-windowed copies of one image stay within a few bits."""
-    from scipy.fft import dctn
-
     a = np.asarray(img.resize((64, 64), Image.BILINEAR), dtype=np.float64)
-    low = dctn(a, norm="ortho")[:16, :16].ravel()[1:]
-    return int.from_bytes(np.packbits((low > np.median(low))[_PHASH_ORDER]).tobytes(), "big")
+    low = (_DCT16 @ a @ _DCT16.T).ravel()[1:]  # the 16x16 lowest frequencies of the orthonormal 2-D DCT-II
+    median = np.partition(low, 127)[127]       # 255 values: the 128th smallest is the median
+    return int.from_bytes(np.packbits((low > median)[_PHASH_ORDER]).tobytes(), "big")
 
 
+def _dct_rows(n: int, k: int) -> np.ndarray:
+    """The first ``k`` rows of the orthonormal DCT-II matrix of size ``n`` (two products give a 2-D DCT's low
+    corner, without computing the full transform)."""
+    m = np.sqrt(2.0 / n) * np.cos(np.pi * (2 * np.arange(n)[None, :] + 1) * np.arange(k)[:, None] / (2 * n))
+    m[0] /= np.sqrt(2.0)
+    return m
+
+
+_DCT16 = _dct_rows(64, 16)
 # A fixed shuffle of the 255 bits, so that each contiguous block PhashIndex cuts mixes low and high frequencies
 # (the low ones are nearly constant across chest radiographs and would crowd a block's buckets).
 _PHASH_ORDER = (np.arange(255) * 97) % 255  # 97 is coprime with 255: a fixed permutation, no RNG involved

@@ -18,6 +18,7 @@ class Sink:
         self.s3 = store.is_s3(self.uri)
         self._client = None
         self._has: set[str] = set()
+        self._dirs: set[str] = set()  # local folders known to exist
         if self.s3:
             self.bucket, self.prefix = store.parse_s3(self.uri)
         else:
@@ -25,7 +26,7 @@ class Sink:
 
     def __getstate__(self):
         d = dict(self.__dict__)
-        d["_client"], d["_has"] = None, set()
+        d["_client"], d["_has"], d["_dirs"] = None, set(), set()
         return d
 
     @property
@@ -45,27 +46,44 @@ class Sink:
             with store.s3_errors(f"{self.uri}/{rel}"):
                 self.client.put_object(self.bucket, self._key(rel), io.BytesIO(data), len(data))
             return
-        p = self.path / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+        p = os.path.join(self.path, rel)
+        folder, name = os.path.split(p)
+        if folder not in self._dirs:
+            os.makedirs(folder, exist_ok=True)
+            self._dirs.add(folder)
+        tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
         try:
-            with open(tmp, "wb") as f:
+            f = open(tmp, "wb")
+        except FileNotFoundError:  # the folder was removed since it was made
+            os.makedirs(folder, exist_ok=True)
+            f = open(tmp, "wb")
+        try:
+            with f:
                 f.write(data)
                 if durable:  # shards, markers, manifest, lineage; images are cheap to redo
                     f.flush()
                     os.fsync(f.fileno())
             os.replace(tmp, p)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
 
     def put_once(self, rel: str, data: bytes) -> None:
         """Content-addressed files: written once, then known to exist."""
         if rel in self._has:
             return
-        p = None if self.s3 else self.path / rel
-        if p is None or not p.is_file() or p.stat().st_size != len(data):  # an emptied file is rewritten
+        if self.s3:
             self.put(rel, data, durable=False)
+        else:
+            try:
+                fresh = os.stat(os.path.join(self.path, rel)).st_size != len(data)  # an emptied file is rewritten
+            except FileNotFoundError:
+                fresh = True
+            if fresh:
+                self.put(rel, data, durable=False)
         self._has.add(rel)
 
     def get(self, rel: str) -> bytes | None:

@@ -150,17 +150,26 @@ class Root:
             raise BadInput(str(rel), "path escapes the dataset root")
         if not self.s3:
             parent, name = posixpath.split(norm)
-            real_parent = self._real_dirs.get(parent)
-            if real_parent is None:  # symlinked folders resolved once per folder
-                real_parent = os.path.realpath(self.path / parent) if parent else str(self.real)
-                if len(self._real_dirs) > 4096:
-                    self._real_dirs.clear()
-                self._real_dirs[parent] = real_parent
-            full = os.path.join(real_parent, name)
+            full = os.path.join(self._real_dir(parent), name)
             real = os.path.realpath(full) if os.path.islink(full) else full
             if real != str(self.real) and not real.startswith(str(self.real) + os.sep):
                 raise BadInput(norm, "path escapes the dataset root (symlink)")
         return norm
+
+    def _real_dir(self, rel_dir: str) -> str:
+        """The real path of a folder under the root, resolved one level at a time from cached parents (a
+        symlinked level is resolved whole), so each new folder costs one lstat, not one per level."""
+        if not rel_dir:
+            return str(self.real)
+        real = self._real_dirs.get(rel_dir)
+        if real is None:
+            up, name = posixpath.split(rel_dir)
+            full = os.path.join(self._real_dir(up), name)
+            real = os.path.realpath(full) if os.path.islink(full) else full
+            if len(self._real_dirs) > 4096:
+                self._real_dirs.clear()
+            self._real_dirs[rel_dir] = real
+        return real
 
     def _key(self, rel: str) -> str:
         return f"{self.prefix}/{rel}" if self.prefix else rel

@@ -37,6 +37,7 @@ from deepmedix import store
 from deepmedix.config import ConfigError, CurateConfig, to_dict
 from deepmedix.data import images as imgs
 from deepmedix.data import text as txt
+from deepmedix.data.compact import U64Map
 from deepmedix.data.schema import SPLITS, Box, Record, RecordError
 from deepmedix.data.sink import Sink
 from deepmedix.data.sources import BadInput, ImageRef, Item, Quarantine, Root, Source, get_source
@@ -188,27 +189,60 @@ class SourceSpec:
 
 @dataclass
 class State:
-    ids: set[int] = field(default_factory=set)                      # 64-bit hashes of record ids
-    sha_owner: dict[int, tuple[str, str]] = field(default_factory=dict)  # image sha prefix -> (patient, study)
-    phash: imgs.PhashIndex | None = None
-    rec_keys: dict[str, str] = field(default_factory=dict)
+    """What later chunks must know of earlier ones. The per-image and per-record parts are compact tables
+    (64-bit keys in numpy arrays), so a run's memory grows by a few hundred bytes an image, not kilobytes."""
+    ids: U64Map = field(default_factory=U64Map)            # 64-bit hashes of record ids
+    sha_owner: U64Map = field(default_factory=U64Map)      # image sha prefix -> index in owners
+    owners: list[tuple[str, str]] = field(default_factory=list)  # (patient, study) of stored images
+    phash: imgs.PhashIndex | None = None                   # owners are indexes in owners
+    rec_keys: U64Map = field(default_factory=U64Map)       # record dedupe key -> index in rec_ids
+    rec_ids: list[str] = field(default_factory=list)
     patient_split: dict[str, str] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     quarantine: list[dict[str, str]] = field(default_factory=list)
     shards: dict[str, str] = field(default_factory=dict)        # rel -> sha256
     shard_marker: dict[str, str] = field(default_factory=dict)  # rel -> the marker that committed it
-    images: set[str] = field(default_factory=set)
+    images: U64Map = field(default_factory=U64Map)         # sha prefixes of the stored images (image_rel)
     reassigned: int = 0
     per_source: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    def owner(self, owner: tuple[str, str]) -> int:
+        """The index of ``owner`` in owners (consecutive images of one study share it)."""
+        if not self.owners or self.owners[-1] != owner:
+            self.owners.append(owner)
+        return len(self.owners) - 1
+
+    def add_image(self, sha: str, owner: int, ph: int | None) -> None:
+        self.sha_owner.setdefault(_sha64(sha), owner)
+        if self.phash is not None and ph is not None:
+            self.phash.add(ph, owner)
+
+    def add_rec_key(self, key: str, rid: str) -> None:
+        if _u64key(key) not in self.rec_keys:
+            self.rec_keys.setdefault(_u64key(key), len(self.rec_ids))
+            self.rec_ids.append(rid)
+
+    def rec_key_owner(self, key: str) -> str | None:
+        i = self.rec_keys.get(_u64key(key))
+        return None if i is None else self.rec_ids[i]
+
     def replay(self, m: dict[str, Any], tag: str, marker: str) -> None:
         self.ids.update(_u64(i) for i in m["ids"])
-        for sha, owner in m["shas"].items():
-            self.sha_owner.setdefault(int(sha[:16], 16), tuple(owner))
-        if self.phash is not None:
-            for h, p, s in m["phashes"]:
-                self.phash.add(int(h), (p, s))
-        self.rec_keys.update(m["rec_keys"])
+        local: dict[tuple[str, str], int] = {}  # one owners entry per study of this chunk
+
+        def owner(o: tuple[str, str]) -> int:
+            if o not in local:
+                local[o] = self.owner(o)
+            return local[o]
+
+        for sha, o in m["shas"].items():
+            if _sha64(sha) not in self.sha_owner:  # (a chunk just finished has added its own already)
+                self.add_image(sha, owner(tuple(o)), None)
+        for h, p, s in m["phashes"] if self.phash is not None else ():
+            if int(h) not in self.phash:
+                self.phash.add(int(h), owner((p, s)))
+        for key, rid in m["rec_keys"].items():
+            self.add_rec_key(key, rid)
         for pid, split in m["patients"].items():
             self.patient_split.setdefault(pid, split)
         for k, v in m["counts"].items():
@@ -216,7 +250,7 @@ class State:
         self.quarantine.extend(m["quarantine"])
         self.shards.update(m["shards"])
         self.shard_marker.update({rel: marker for rel in m["shards"]})
-        self.images.update(m["images"])
+        self.images.update(int(_IMAGE.match(rel)[1], 16) for rel in m["images"])
         self.reassigned += m["reassigned"]
         src = self.per_source.setdefault(tag, {"items": 0, "kept": 0, "quarantined": 0, "digests": []})
         src["items"] += m["items"]
@@ -310,6 +344,16 @@ def _check_out(out_uri: str, specs: list[SourceSpec]) -> None:
 
 def _u64(*parts: str) -> int:
     return int.from_bytes(hashlib.blake2b("\x1f".join(parts).encode(), digest_size=8).digest(), "big")
+
+
+def _sha64(sha: str) -> int:
+    """An image's key in the state tables: the first 64 bits of its sha256 (its file name, image_rel)."""
+    return int(sha[:16], 16)
+
+
+def _u64key(key: str) -> int:
+    """A record dedupe key (a hex digest) as 64 bits."""
+    return int(key[:16], 16)
 
 
 def seeded_split(patient_id: str, seed: int, ratios: list[float]) -> str:
@@ -490,15 +534,16 @@ def _finish(cfg: CurateConfig, prep: _Prep, results: dict[str, tuple], st: State
         owner = (it.patient_id, it.study_id)
         dup = None
         for _, sha, _, _, ph in (res if cfg.dedupe_images else []):
-            o = st.sha_owner.get(int(sha[:16], 16)) or new_sha.get(sha)
+            i = st.sha_owner.get(_sha64(sha))
+            o = st.owners[i] if i is not None else None
             if o is not None and o != owner:
                 dup = f"duplicate image: identical to an image of study {o[1]}"
                 break
             if st.phash is not None:  # follow-up studies of one patient may look alike: only across patients
-                hit = st.phash.find(ph, skip=lambda o, pid=it.patient_id: o[0] == pid)
+                hit = st.phash.find(ph, skip=lambda i, pid=it.patient_id: st.owners[i][0] == pid)
                 if hit is not None:
                     dup = (f"near-duplicate image (perceptual hash distance {(hit[0] ^ ph).bit_count()}) of an "
-                           f"image of study {hit[1][1]} of another patient")
+                           f"image of study {st.owners[hit[1]][1]} of another patient")
                     break
         if dup:
             _drop(prep, it, it.images[0].label(), dup)
@@ -519,8 +564,8 @@ def _finish(cfg: CurateConfig, prep: _Prep, results: dict[str, tuple], st: State
         key = "|".join([it.task, ",".join(sorted(rel_imgs)), txt.dedupe_key(prompt), txt.dedupe_key(answer),
                         json.dumps([[b.label, [round(v, 1) for v in b.box]] for b in boxes])])
         key = hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
-        if cfg.dedupe_texts and (key in st.rec_keys or key in new_keys):
-            first = st.rec_keys.get(key) or new_keys[key]
+        first = (st.rec_key_owner(key) or new_keys.get(key)) if cfg.dedupe_texts else None
+        if first is not None:
             _drop(prep, it, "", f"duplicate record: same images, prompt, answer and boxes as {first}")
             continue
         try:
@@ -534,11 +579,11 @@ def _finish(cfg: CurateConfig, prep: _Prep, results: dict[str, tuple], st: State
         kept.append(rec)
         new_keys[key] = rid
         new_pat.setdefault(it.patient_id, split)
+        oi = st.owner(owner) if res else -1
         for _, sha, _, _, ph in res:
             new_sha.setdefault(sha, owner)
             new_ph.append((ph, *owner))
-            if st.phash is not None:
-                st.phash.add(ph, owner)  # later records of this chunk see it; the replay adds it again (no-op)
+            st.add_image(sha, oi, ph)  # later records of this chunk see it; the replay adds it again (no-op)
     counts: dict[str, int] = {}
     by_split: dict[str, list[Record]] = {}
     for r in kept:
@@ -577,6 +622,12 @@ def _reason_head(reason: str) -> str:
     return " ".join(w for w in head.split() if not any(c.isdigit() for c in w) and "/" not in w)[:60]
 
 
+def _kept_image(st: State, rel: str) -> bool:
+    m = _IMAGE.match(rel)
+    return bool(m) and int(m[1], 16) in st.images
+
+
+_IMAGE = re.compile(r"^images/([0-9a-f]{16})\.png$")
 _OURS = re.compile(r"^(images/[0-9a-f]{16}\.png|records/(train|validate|test)-\d{2,}-[a-z0-9_]+-\d{5,}\.parquet|"
                    r"(images|records)/\.[^/]+\.tmp-\d+)$")
 
@@ -706,9 +757,11 @@ def _finalize(cfg: CurateConfig, specs: list[SourceSpec], st: State, sink: Sink,
                     sink.delete(m)  # the rerun recomputes everything rather than replaying this
                 raise RecordError(f"patient {pid} is in split {where[pid][0]} ({where[pid][1]}) and in {split} "
                                   f"({rel}): splits must be patient-disjoint")
-    for rel in sink.list("records") + sink.list("images"):  # only our own names: a stranger's file stays
-        if rel not in st.shards and rel not in st.images and _OURS.match(rel):
-            sink.delete(rel)
+    stale = [rel for rel in sink.names("records") if rel not in st.shards and _OURS.match(rel)]
+    stale += [rel for rel in sink.names("images")  # only our own names: a stranger's file stays
+              if _OURS.match(rel) and not _kept_image(st, rel)]
+    for rel in stale:
+        sink.delete(rel)
 
     by_reason: dict[str, int] = {}
     by_source: dict[str, int] = {}
@@ -734,8 +787,10 @@ def _finalize(cfg: CurateConfig, specs: list[SourceSpec], st: State, sink: Sink,
            "split_reassigned": st.reassigned, "sources": sources, "config": to_dict(cfg), "config_hash": chash}
     sink.put("manifest.json", (json.dumps(man, indent=2, sort_keys=True) + "\n").encode())
 
-    content = hashlib.sha256("".join(f"{r}:{h}\n" for r, h in sorted(st.shards.items())).encode()
-                             + "".join(sorted(st.images)).encode()).hexdigest()
+    content = hashlib.sha256("".join(f"{r}:{h}\n" for r, h in sorted(st.shards.items())).encode())
+    for k in st.images:  # ascending, so the same order as the sorted file names
+        content.update(imgs.image_rel(f"{k:016x}").encode())
+    content = content.hexdigest()
     lineage = {"stage": "curate", "config": to_dict(cfg), "config_hash": chash, "code_version": store.code_version(),
                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "inputs": {f"{i:02d}-{s['name']}": {"uri": s["root"], "sha256": s["input_hash"]}

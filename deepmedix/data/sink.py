@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 from typing import Iterator
 
 from deepmedix import store
@@ -84,6 +85,8 @@ class Sink:
                 fresh = True
             if fresh:
                 self.put(rel, data, durable=False)
+        if len(self._has) >= 100_000:  # a cache of what exists, bounded: forgetting costs one stat later
+            self._has.clear()
         self._has.add(rel)
 
     def get(self, rel: str) -> bytes | None:
@@ -113,14 +116,23 @@ class Sink:
                 for o in self.client.list_objects(self.bucket, prefix=pfx, recursive=True):
                     yield o.object_name[len(self.prefix) + 1 if self.prefix else 0:], o.size or 0
             return
-        base = self.path / rel_dir
-        if base.is_dir():
-            for p in base.rglob("*"):
-                if p.is_file():
-                    yield p.relative_to(self.path).as_posix(), p.stat().st_size
+        root = os.path.join(str(self.path), "")  # with one trailing separator
+        for folder, _, files in os.walk(os.path.join(root, rel_dir)):  # strings, not a Path per file
+            for name in files:
+                full = os.path.join(folder, name)
+                try:
+                    st = os.stat(full)
+                except FileNotFoundError:  # removed meanwhile
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    yield full[len(root):], st.st_size
 
     def list(self, rel_dir: str) -> list[str]:
-        return sorted(rel for rel, _ in self._sizes(rel_dir))
+        return sorted(self.names(rel_dir))
+
+    def names(self, rel_dir: str) -> Iterator[str]:
+        """Every file under ``rel_dir``, in no particular order, one at a time."""
+        return (rel for rel, _ in self._sizes(rel_dir))
 
     def nonempty(self, rel_dir: str) -> set[str]:
         """Files under ``rel_dir`` with at least one byte (a crash can leave an unflushed image empty)."""

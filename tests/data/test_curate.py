@@ -187,6 +187,43 @@ def test_duplicate_images_across_patients_are_dropped_within_a_study_kept(tmp_pa
     assert len({i for x in recs for i in x.images}) == 3  # s1's image stored once for two records
 
 
+def _dup_items(case):
+    a, b = _png(1), _png(2)
+    return [
+        _item("s1-f", "p1", "s1", a), _item("s1-i", "p1", "s1", a, task="report_impression", answer="Normal."),
+        _item("s4-f", "p4", "s4", b),
+        _item("s6-f", "p6", "s6", _png(5), answer="The lungs are clear."),
+        _item("s2-f", "p2", "s2", a),                       # exact copy, in a later chunk
+        _item("s3-f", "p3", "s3", _jpeg_copy(a, 0.8)),      # near duplicate, in a later chunk
+        _item("s7-f", "p6", "s6", _png(5), answer="the lungs are clear"),  # same record as s6-f
+        _item("s5-f", "p1", "s5", _jpeg_copy(a, 0.9)),      # same patient: kept
+    ]
+
+
+def test_duplicates_are_found_across_chunks_and_after_a_resume(tmp_path):
+    def outcome(case, **kw):
+        r, recs, q = _run_mem(tmp_path, case, _dup_items(case), **kw)
+        return sorted(x.record_id for x in recs), sorted((x["record"], x["reason"].split(" (")[0]) for x in q)
+
+    whole = outcome("dupwhole", shard_size=50)
+    assert whole == outcome("dupchunks", shard_size=2)  # the state carried from chunk to chunk
+    assert whole[0] == ["memtest/s1-f", "memtest/s1-i", "memtest/s4-f", "memtest/s5-f", "memtest/s6-f"]
+    assert [r for r, _ in whole[1]] == ["memtest/s2-f", "memtest/s3-f", "memtest/s7-f"]
+    # interrupted after the first two chunks: the rerun replays them from their markers, then finds the same
+    out = tmp_path / "dupresume"
+    MemSource.CASES["dupresume"] = _dup_items("dupresume")[:6] + [RuntimeError("interrupted")]
+    with pytest.raises(RuntimeError):
+        curate(_mem_cfg("dupresume", shard_size=2), str(out))
+    MemSource.CASES["dupresume"] = _dup_items("dupresume")
+    assert curate(_mem_cfg("dupresume", shard_size=2), str(out))["resumed_chunks"] == 2
+    q = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
+    assert (sorted(x.record_id for x in load_records(out)),
+            sorted((x["record"], x["reason"].split(" (")[0]) for x in q)) == whole
+    assert {x["record"]: x["reason"] for x in q}["memtest/s7-f"].endswith("as memtest/s6-f")
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["images"] == 4 == len(list((out / "images").iterdir()))
+
+
 def test_duplicate_texts_ids_and_empty_texts(tmp_path):
     a, b = _png(3), _png(4)
     items = [

@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-pixels", type=int, default=512 * 512)
     ap.add_argument("--rgb", action="store_true", help="also time the naive loop with convert('RGB')")
     ap.add_argument("--build-only", action="store_true", help="write the dataset and stop")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved repeats of the speed runs (medians used)")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved repeats of the speed runs (medians used)")
     args = ap.parse_args(argv)
     size = tuple(int(v) for v in args.size.split("x"))
     work = Path(args.dir)

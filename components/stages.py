@@ -63,3 +63,12 @@ def evaluate(data: Input[Dataset], model: Input[Model], size: str, overrides: li
     from deepmedix import stages
 
     stages.log_kfp(metrics, stages.evaluate(data.path, model.path, results.path, size, overrides))
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def evaluate_coldstart(data: Input[Dataset], model: Input[Model], size: str, overrides: list,
+                       results: Output[Dataset], metrics: Output[Metrics]):
+    """The same evaluation, of the cold-start model: its format compliance is stage 2's acceptance figure."""
+    from deepmedix import stages
+
+    stages.log_kfp(metrics, stages.evaluate(data.path, model.path, results.path, size, overrides))

@@ -26,6 +26,7 @@ for sub, name in ((data_app, "data"), (model_app, "model"), (train_app, "train")
 err = Console(stderr=True)
 CONFIG = typer.Option("tiny", "--config", "-c", help="config size (configs/<stage>/<size>.yaml) or a YAML path")
 SET = typer.Option(None, "--set", "-s", help="override a config key: KEY=VALUE (repeatable)")
+RESUME = typer.Option(False, "--resume", help="continue from the newest checkpoint in the store (see save_steps)")
 
 
 @contextmanager
@@ -124,22 +125,22 @@ def model_tiny(out: str = typer.Option(..., help="output model folder or s3:// U
 
 @train_app.command("sft")
 def train_sft(data: str = typer.Option(...), model: str = typer.Option(...), out: str = typer.Option(...),
-              config: str = CONFIG, set_: Optional[List[str]] = SET):
+              config: str = CONFIG, set_: Optional[List[str]] = SET, resume: bool = RESUME):
     """Stage 1: instruction SFT (TRL SFTTrainer)."""
     from deepmedix import stages
 
     with cli_errors():
-        show(stages.sft(data, model, out, config, set_))
+        show(stages.sft(data, model, out, config, set_, resume=resume))
 
 
 @train_app.command("coldstart")
 def train_coldstart(traces: str = typer.Option(...), model: str = typer.Option(...), out: str = typer.Option(...),
-                    config: str = CONFIG, set_: Optional[List[str]] = SET):
+                    config: str = CONFIG, set_: Optional[List[str]] = SET, resume: bool = RESUME):
     """Stage 2: SFT on grounded reasoning traces."""
     from deepmedix import stages
 
     with cli_errors():
-        show(stages.coldstart_sft(traces, model, out, config, set_))
+        show(stages.coldstart_sft(traces, model, out, config, set_, resume=resume))
 
 
 @train_app.command("grpo")

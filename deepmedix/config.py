@@ -86,13 +86,25 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.0
     lr_scheduler_type: str = "linear"
-    max_length: int = 0  # 0 = no limit
+    max_length: int = 0  # tokens; longer samples are skipped and counted, never truncated (0 = no limit)
     min_pixels: int = 0  # 0 = the model folder's own pixel budget
     max_pixels: int = 0
     frame: int = 512
-    bf16: bool = False
+    bf16: bool = True       # bf16 on a CUDA GPU; on CPU training is always fp32
     gradient_checkpointing: bool = False
-    freeze_vision: bool = False
+    freeze_vision: bool = False  # the vision tower (patch embedding and blocks) stays fixed
+    freeze_merger: bool = False  # the vision-language merger stays fixed
+    # LoRA (peft) on the language model instead of full fine-tuning; the saved model has the adapters merged
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                             "up_proj", "down_proj"])
+    deepspeed: str = ""     # a DeepSpeed JSON config (configs/deepspeed/zero2.json, zero3.json); "" = none
+    save_steps: int = 0     # checkpoint to the store every N optimizer steps (0 = only the final model)
+    save_total_limit: int = 2  # checkpoints kept in the store (older ones are deleted)
+    checkpoint_uri: str = ""  # where checkpoints go; "" = "<out>-checkpoints" beside the output
     eval_records: int = 24  # held-out validate records for the stage's before/after metric
     eval_max_new_tokens: int = 96
     logging_steps: int = 10
@@ -106,8 +118,24 @@ class SFTConfig(TrainConfig):
 
 @dataclass
 class ColdStartConfig(TrainConfig):
-    teacher: str = "template"
+    teacher: str = "template"       # "template" (offline, from the record) or "openai" (an OpenAI-compatible chat API)
     tasks: list[str] = field(default_factory=lambda: ["report_impression", "vqa", "grounding"])
+    # the openai teacher
+    teacher_base_url: str = ""      # "" = the env var OPENAI_BASE_URL
+    teacher_model: str = ""
+    teacher_api_key_env: str = "OPENAI_API_KEY"  # NAME of the env var that holds the key (never the key itself)
+    teacher_concurrency: int = 4    # requests in flight
+    teacher_max_retries: int = 4    # retries per request on timeouts, connection errors, 429 and 5xx
+    teacher_timeout_s: float = 60.0
+    teacher_backoff_s: float = 1.0  # first retry delay; doubles per retry, with jitter
+    teacher_temperature: float = 0.2
+    teacher_max_tokens: int = 1024
+    teacher_cache: str = ""         # response cache folder; "" = $DEEPMEDIX_CACHE/teacher (~/.cache/deepmedix/teacher)
+    # the trace filter
+    filter_iou: float = 0.1         # with reference boxes: every cited box overlaps one of them at least this much
+    filter_answer_min: float = 0.9  # long (report) answers: reward accuracy >= this fraction of its maximum
+    min_trace_chars: int = 20
+    max_trace_chars: int = 4000
 
 
 @dataclass

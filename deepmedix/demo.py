@@ -146,6 +146,9 @@ def main(run_dir: str = "runs/demo") -> None:
     table.add_row("serve", f"{served['startup_s']:.1f}", "request latency (s)", "—", f"{served['latency_s']:.2f}")
     console.print(table)
 
+    cs = json.loads((run / "evaluate-coldstart" / "results" / "metrics.json").read_text())["scores"]
+    console.print("[bold]Cold-start model on the test split:[/] "
+                  + ", ".join(f"{k}={_fmt(v)}" for k, v in cs.items() if k in ("format_compliance", "paper_reward")))
     ev = json.loads((run / "evaluate" / "results" / "metrics.json").read_text())["scores"]
     console.print("[bold]Evaluation on the test split:[/] " + ", ".join(f"{k}={_fmt(v)}" for k, v in ev.items()))
     pred, rec = served["prediction"], served["record"]

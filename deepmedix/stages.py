@@ -63,10 +63,11 @@ def _count_params(folder) -> int:
     return total
 
 
-def sft(data: str, model: str, out: str, size: str = "tiny", overrides: list[str] | None = None) -> dict[str, Any]:
+def sft(data: str, model: str, out: str, size: str = "tiny", overrides: list[str] | None = None,
+        resume: bool = False) -> dict[str, Any]:
     from deepmedix.train.sft import train_sft
 
-    return train_sft("sft", load_config("sft", size, overrides), data, model, out)
+    return train_sft("sft", load_config("sft", size, overrides), data, model, out, resume=resume)
 
 
 def coldstart_synth(data: str, out: str, size: str = "tiny", overrides: list[str] | None = None) -> dict[str, Any]:
@@ -78,10 +79,11 @@ def coldstart_synth(data: str, out: str, size: str = "tiny", overrides: list[str
             "dropped": report["dropped"], "wall_s": time.time() - t0}
 
 
-def coldstart_sft(traces: str, model: str, out: str, size: str = "tiny", overrides: list[str] | None = None) -> dict[str, Any]:
+def coldstart_sft(traces: str, model: str, out: str, size: str = "tiny", overrides: list[str] | None = None,
+                  resume: bool = False) -> dict[str, Any]:
     from deepmedix.train.coldstart import train_coldstart
 
-    return train_coldstart(load_config("coldstart", size, overrides), traces, model, out)
+    return train_coldstart(load_config("coldstart", size, overrides), traces, model, out, resume=resume)
 
 
 def grpo(data: str, model: str, out: str, size: str = "tiny", overrides: list[str] | None = None) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The DeepMedix-R1 DAG: curate -> base model -> stage 1 SFT -> cold start (synthesis, SFT) -> GRPO -> evaluate.
+"""The DeepMedix-R1 DAG: curate -> base model -> stage 1 SFT -> cold start (synthesis, SFT; evaluated) -> GRPO ->
+evaluate.
 
 Only the wiring lives here; every step is a component of ``components.stages``.
 """
@@ -8,7 +9,8 @@ from kfp import dsl
 
 from components import stages as c
 
-STAGE_TASKS = ("curate", "base-model", "sft", "coldstart-synth", "coldstart-sft", "grpo", "evaluate")
+STAGE_TASKS = ("curate", "base-model", "sft", "coldstart-synth", "coldstart-sft", "evaluate-coldstart", "grpo",
+               "evaluate")
 
 
 @dsl.pipeline(name="deepmedix-r1", description="DeepMedix-R1: curation, SFT, grounded cold start, GRPO, evaluation")
@@ -29,6 +31,8 @@ def deepmedix_pipeline(
                             overrides=coldstart_overrides).set_display_name("coldstart-synth")
     s2 = c.coldstart_sft(traces=syn.outputs["traces"], base=s1.outputs["model"], size=size,
                          overrides=coldstart_overrides).set_display_name("coldstart-sft")
+    ev2 = c.evaluate_coldstart(data=cur.outputs["data"], model=s2.outputs["model"], size=size,
+                               overrides=eval_overrides).set_display_name("evaluate-coldstart")
     s3 = c.grpo(data=cur.outputs["data"], base=s2.outputs["model"], size=size,
                 overrides=grpo_overrides).set_display_name("grpo")
     ev = c.evaluate(data=cur.outputs["data"], model=s3.outputs["model"], size=size,
@@ -36,3 +40,4 @@ def deepmedix_pipeline(
     for task in (s1, s2, s3):
         task.set_caching_options(False)
     ev.set_caching_options(False)
+    ev2.set_caching_options(False)

@@ -1,22 +1,32 @@
 """Stage 2, the cold start: a teacher writes a grounded reasoning trace for each selected record (boxes in the
 model frame, ending in the reference answer), then SFT on those traces teaches the output grammar.
 
-The offline ``template`` teacher builds the trace from the record's findings and reference boxes.
+Teachers (``TEACHERS``, picked by ``teacher``): the offline ``template`` teacher builds the trace from the record's
+findings and reference boxes; the ``openai`` teacher asks an OpenAI-compatible chat API
+(:mod:`deepmedix.train.teacher`). A teacher takes a list of records and returns, in order, one
+``(trace or None, failure reason or None)`` per record.
+
+Every trace then goes through :func:`keep_trace`; the kept/dropped counts by reason (with a few record ids per
+reason) go to ``manifest.json``'s ``filter``, to ``filter_report.json`` and to the lineage.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from deepmedix import store
 from deepmedix.config import ColdStartConfig
 from deepmedix.data.schema import Record, dump_json, load_records, manifest, write_shard
-from deepmedix.grounding import DEFAULT_FRAME, Step, format_output, in_frame, parse
+from deepmedix.grounding import DEFAULT_FRAME, Step, format_output, in_frame, iou, parse
 from deepmedix.train.common import frame_boxes, select
+from deepmedix.train.rewards import ACC_SCALE, accuracy_score, boxed_answer, normalise
+from deepmedix.train.teacher import OpenAITeacher, Result, redact_url
 
 # Where to look when a record has no box of its own: coarse anatomical regions of a frontal film, model frame.
 REGIONS = {
@@ -36,7 +46,9 @@ def template_trace(rec: Record, frame: int = DEFAULT_FRAME) -> str:
     boxes = frame_boxes(rec, frame)
     steps: list[Step] = []
     if rec.task == "vqa" and rec.question_type == "view":
-        steps.append(Step("the projection is judged from the scapulae and the heart size", [_scaled(REGIONS["lungs"], frame)]))
+        # with reference boxes, cite only those (the filter wants every cited box to overlap a reference box)
+        steps.append(Step("the projection is judged from the scapulae and the heart size",
+                          [] if boxes else [_scaled(REGIONS["lungs"], frame)]))
     for b, fb in zip(rec.boxes, boxes):
         steps.append(Step(f"there is {b.label} in this region", [fb]))
     if not boxes:
@@ -47,20 +59,83 @@ def template_trace(rec: Record, frame: int = DEFAULT_FRAME) -> str:
     return format_output(steps, rec.answer)
 
 
-TEACHERS = {"template": template_trace}
+def template_teacher(cfg: ColdStartConfig) -> Callable[[list[Record]], list[Result]]:
+    return lambda records: [(template_trace(r, cfg.frame), None) for r in records]
 
 
-def keep_trace(trace: str, rec: Record, frame: int) -> str | None:
-    """The filter: grammar valid, the boxed answer is the reference, and every box inside the frame.
-    Returns None when kept, else the reason it was dropped."""
+# name -> factory(cfg) -> teacher(records) -> [(trace | None, reason | None)]. A factory raises ValueError for a
+# config it cannot run with (before any data is read).
+TEACHERS: dict[str, Callable[[ColdStartConfig], Callable[[list[Record]], list[Result]]]] = {
+    "template": template_teacher,
+    "openai": OpenAITeacher,
+}
+
+DROP_REASONS = ("teacher_error", "grammar", "answer", "box_outside_frame", "box_no_overlap", "too_short", "too_long",
+                "duplicate")
+_FULL = ACC_SCALE - 1e-9  # the reward's maximum accuracy, less float noise
+_WS_RE = re.compile(r"\s+")
+
+
+def is_long_answer(truth: str) -> bool:
+    """The reward scores these by text similarity (not exact or item match): > 2 words and not a short list."""
+    n_words = len(truth.split())
+    return not ("|" in truth and n_words <= 20) and n_words > 2
+
+
+def answer_ok(trace: str, truth: str, long_min: float = 0.9) -> bool:
+    """The boxed answer, read and scored as the GRPO reward does (:func:`rewards.accuracy_score`): short and list
+    answers need the full score (exact match, case-insensitive; list items as a set); long answers need at least
+    ``long_min`` of the maximum (near-verbatim reports)."""
+    score = accuracy_score(boxed_answer(normalise(trace)), truth)
+    return score >= (long_min * ACC_SCALE - 1e-9 if is_long_answer(truth) else _FULL)
+
+
+def dedupe_key(trace: str, rec: Record) -> tuple:
+    """Same images, same prompt and the same trace (whitespace and case folded) is the same training example."""
+    fold = lambda t: _WS_RE.sub(" ", normalise(t)).strip().lower()  # noqa: E731
+    return tuple(rec.images), fold(rec.prompt), fold(trace)
+
+
+def keep_trace(trace: str, rec: Record, frame: int, *, iou_min: float = 0.1, answer_min: float = 0.9,
+               min_chars: int = 20, max_chars: int = 4000, seen: set | None = None) -> str | None:
+    """The filter. Returns None when the trace is kept, else the reason it is dropped, checked in this order:
+
+    ``grammar``            :func:`grounding.parse` finds no ``<think>...</think> ... \\boxed{...}``
+    ``answer``             the boxed answer fails the reward's matcher (see :func:`answer_ok`)
+    ``box_outside_frame``  a cited box is not a box inside the ``frame x frame`` square (x1 < x2, y1 < y2)
+    ``box_no_overlap``     the record has reference boxes, and the reasoning cites none, or cites one whose IoU
+                           with every reference box (model frame) is below ``iou_min``
+    ``too_short``          the trace has fewer than ``min_chars`` characters (stripped)
+    ``too_long``           the trace has more than ``max_chars`` characters
+    ``duplicate``          a kept trace already had the same images, prompt and text (:func:`dedupe_key`);
+                           only checked when ``seen`` is given, and a kept trace's key is added to it
+    """
     parsed = parse(trace)
     if not parsed.format_ok:
         return "grammar"
-    if (parsed.answer or "").strip().lower() != rec.answer.strip().lower():
+    if not answer_ok(trace, rec.answer, answer_min):
         return "answer"
     if any(not in_frame(b, frame) for b in parsed.boxes):
         return "box_outside_frame"
+    refs = frame_boxes(rec, frame) if rec.boxes else []
+    if refs and (not parsed.boxes or any(max(iou(b, r) for r in refs) < iou_min for b in parsed.boxes)):
+        return "box_no_overlap"
+    n = len(trace.strip())
+    if n < min_chars:
+        return "too_short"
+    if n > max_chars:
+        return "too_long"
+    if seen is not None:
+        key = dedupe_key(trace, rec)
+        if key in seen:
+            return "duplicate"
+        seen.add(key)
     return None
+
+
+def filter_kwargs(cfg: ColdStartConfig) -> dict[str, Any]:
+    return {"iou_min": cfg.filter_iou, "answer_min": cfg.filter_answer_min, "min_chars": cfg.min_trace_chars,
+            "max_chars": cfg.max_trace_chars}
 
 
 def _carry_images(root: Path, records: list[Record], out: Path) -> None:
@@ -84,22 +159,36 @@ def synthesize(cfg: ColdStartConfig, data_uri: str, out_uri: str) -> dict[str, A
     """Write a dataset of Records whose ``trace`` holds a kept teacher trace (train and validate splits)."""
     if cfg.teacher not in TEACHERS:
         raise ValueError(f"cold start: unknown teacher {cfg.teacher!r}; known: {sorted(TEACHERS)}")
-    teacher = TEACHERS[cfg.teacher]
+    teacher = TEACHERS[cfg.teacher](cfg)  # checks the teacher's settings before any data is read
     t0 = time.time()
     root = store.fetch(data_uri)
+    selected: list[Record] = []
+    for split in ("train", "validate"):
+        selected.extend(select(load_records(root, split), cfg.tasks, cfg.task_ratios,
+                               cfg.max_records if split == "train" else cfg.eval_records, cfg.seed))
+    results = teacher(selected)
+    if len(results) != len(selected):
+        raise RuntimeError(f"cold start: teacher {cfg.teacher!r} returned {len(results)} results for "
+                           f"{len(selected)} records")
     kept: list[Record] = []
     dropped: dict[str, int] = {}
-    for split in ("train", "validate"):
-        recs = select(load_records(root, split), cfg.tasks, cfg.task_ratios,
-                      cfg.max_records if split == "train" else cfg.eval_records, cfg.seed)
-        for rec in recs:
-            trace = teacher(rec, cfg.frame)
-            reason = keep_trace(trace, rec, cfg.frame)
-            if reason:
-                dropped[reason] = dropped.get(reason, 0) + 1
-                continue
-            rec.trace = trace
-            kept.append(rec)
+    examples: dict[str, list[str]] = {}
+    seen: set = set()
+    fkw = filter_kwargs(cfg)
+    for rec, (trace, error) in zip(selected, results):
+        reason = error or (keep_trace(trace, rec, cfg.frame, seen=seen, **fkw) if trace is not None else "teacher_error")
+        if reason:
+            dropped[reason] = dropped.get(reason, 0) + 1
+            if len(examples.setdefault(reason, [])) < 5:
+                examples[reason].append(rec.record_id)
+            continue
+        rec.trace = trace
+        kept.append(rec)
+    report: dict[str, Any] = {"teacher": cfg.teacher, "selected": len(selected), "kept": len(kept),
+                              "dropped": dict(sorted(dropped.items())),
+                              "dropped_examples": dict(sorted(examples.items())), "wall_s": time.time() - t0}
+    if getattr(teacher, "stats", None):
+        report["teacher_stats"] = dict(teacher.stats)
     with store.atomic_dir(out_uri) as out:
         _carry_images(root, kept, out)
         (out / "records").mkdir()
@@ -107,14 +196,18 @@ def synthesize(cfg: ColdStartConfig, data_uri: str, out_uri: str) -> dict[str, A
             part = [r for r in kept if r.split == split]
             if part:
                 write_shard(part, out / "records" / f"{split}-00000.parquet")
-        report = {"teacher": cfg.teacher, "kept": len(kept), "dropped": dropped, "wall_s": time.time() - t0}
         dump_json({**manifest(kept), "filter": report}, out / "manifest.json")
-        store.write_lineage(out, "coldstart_synth", cfg, inputs={"data": data_uri}, extra={"filter": report})
+        dump_json(report, out / "filter_report.json")
+        # the config holds only the NAME of the key's env var; a base URL loses any user:password
+        safe_cfg = dataclasses.replace(cfg, teacher_base_url=redact_url(cfg.teacher_base_url))
+        store.write_lineage(out, "coldstart_synth", safe_cfg, inputs={"data": data_uri}, extra={"filter": report})
     return report
 
 
-def train_coldstart(cfg: ColdStartConfig, traces_uri: str, model_uri: str, out_uri: str) -> dict[str, Any]:
+def train_coldstart(cfg: ColdStartConfig, traces_uri: str, model_uri: str, out_uri: str,
+                    resume: bool = False) -> dict[str, Any]:
     """SFT on the kept traces, with the reasoning instruction in the prompt. Metric: held-out loss."""
     from deepmedix.train.sft import train_sft
 
-    return train_sft("coldstart", cfg, traces_uri, model_uri, out_uri, targets_for=lambda r: r.trace, reasoning=True)
+    return train_sft("coldstart", cfg, traces_uri, model_uri, out_uri, targets_for=lambda r: r.trace, reasoning=True,
+                     resume=resume)

@@ -73,10 +73,16 @@ def sft_row(root: Path, rec: Record, target: str, reasoning: bool, frame: int = 
     }
 
 
-def freeze_vision(model) -> None:
-    """Keep the vision tower (and its merger) fixed while the language model trains."""
-    for p in model.model.visual.parameters():
-        p.requires_grad_(False)
+def freeze_vision(model, tower: bool = True, merger: bool = True) -> int:
+    """Keep the vision tower (patch embedding and blocks) and/or its merger fixed while the rest trains.
+    Returns the number of parameters frozen."""
+    visual = model.model.visual
+    n = 0
+    for name, p in visual.named_parameters():
+        if (merger if name.startswith("merger.") else tower):
+            p.requires_grad_(False)
+            n += p.numel()
+    return n
 
 
 def save_model(trainer, processor, out_dir: Path) -> None:

@@ -57,12 +57,12 @@ def train_grpo(cfg: GRPOConfig, data_uri: str, model_uri: str, out_uri: str) -> 
             weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_ratio, lr_scheduler_type=cfg.lr_scheduler_type,
             num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
             temperature=cfg.temperature, beta=cfg.beta, logging_steps=max(1, cfg.logging_steps),
-            save_strategy="no", report_to=[], seed=cfg.seed, bf16=cfg.bf16,
+            save_strategy="no", report_to=[], seed=cfg.seed, bf16=cfg.bf16 and torch.cuda.is_available(),
             gradient_checkpointing=cfg.gradient_checkpointing, use_cpu=not torch.cuda.is_available(),
             remove_unused_columns=False, dataloader_num_workers=0,
         )
-        if cfg.freeze_vision:
-            freeze_vision(loaded.model)
+        if cfg.freeze_vision or cfg.freeze_merger:
+            freeze_vision(loaded.model, tower=cfg.freeze_vision, merger=cfg.freeze_merger)
         loaded.model.train()
         trainer = GRPOTrainer(model=loaded.model, reward_funcs=[reward_fn], args=args, train_dataset=ds,
                               processing_class=loaded.processor)

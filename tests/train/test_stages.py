@@ -138,11 +138,16 @@ def test_sft_in_bf16_on_the_gpu(small_data, base_model_dir, tmp_path):
     assert next(load(tmp_path / "gpu").model.parameters()).is_cuda
 
 
-def test_freeze_vision_keeps_the_vision_tower_fixed(small_data, base_model_dir, tmp_path):
+@pytest.mark.parametrize("tower,merger", [(True, True), (True, False), (False, True)])
+def test_freeze_vision_and_merger_keep_them_fixed(small_data, base_model_dir, tmp_path, tower, merger):
     import torch
 
     out = tmp_path / "frozen"
-    stages.sft(str(small_data), str(base_model_dir), str(out), "tiny", FAST + ["freeze_vision=true"])
-    before, after = load(base_model_dir).model, load(out).model
-    assert all(torch.equal(a, b) for a, b in zip(before.model.visual.parameters(), after.model.visual.parameters()))
-    assert not all(torch.equal(a, b) for a, b in zip(before.lm_head.parameters(), after.lm_head.parameters()))
+    stages.sft(str(small_data), str(base_model_dir), str(out), "tiny",
+               FAST + [f"freeze_vision={str(tower).lower()}", f"freeze_merger={str(merger).lower()}"])
+    before = dict(load(base_model_dir).model.model.visual.named_parameters())
+    after = dict(load(out).model.model.visual.named_parameters())
+    same = {n: torch.equal(before[n], after[n]) for n in before}
+    for frozen, part in ((tower, [v for n, v in same.items() if not n.startswith("merger.")]),
+                         (merger, [v for n, v in same.items() if n.startswith("merger.")])):
+        assert all(part) if frozen else not all(part)

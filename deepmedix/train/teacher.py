@@ -1,0 +1,308 @@
+"""The cold-start teachers' shared pieces, and the ``openai`` teacher: any OpenAI-compatible chat API.
+
+Following the GEMeX-ThinkVG recipe, the teacher never sees the image. It is given what a radiologist knew about
+the study — the report (or the list of findings), the labelled reference regions in the model's frame, the
+question and its reference answer — and writes the reasoning as if it were reading the film, citing regions as
+``[x1, y1, x2, y2]`` and ending in the reference answer, in the output grammar of :mod:`deepmedix.grounding`.
+
+Requests run on a thread pool (``teacher_concurrency``); each is retried on timeouts, connection errors, 429 and
+5xx with exponential backoff and jitter (``teacher_max_retries``); a record whose requests all fail comes back
+as ``(None, "teacher_error")`` and the run goes on. Records with identical messages share one request. Successful responses are cached on disk, keyed by the
+sha256 of (base URL, model, messages, temperature, max tokens), so a rerun with the same inputs makes no call.
+The API key is read from the env var named by ``teacher_api_key_env`` and is never written anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlsplit, urlunsplit
+
+from deepmedix import store
+from deepmedix.config import ColdStartConfig
+from deepmedix.data.schema import Record
+from deepmedix.grounding import box_str
+from deepmedix.train.common import frame_boxes
+
+# What a teacher returns for each record: the trace (None on failure) and the failure reason (None on success).
+Result = tuple[str | None, str | None]
+
+TEACHER_ERROR = "teacher_error"
+MAX_DELAY_S = 60.0
+
+SYSTEM_PROMPT = (
+    "You are a senior radiologist who writes worked examples for teaching a vision-language model to read chest "
+    "X-rays with grounded reasoning. For each case you receive what is known about one study: its report or list "
+    "of findings, the labelled reference regions of the findings on the image, a question about the image and "
+    "the reference answer to it. You cannot see the image itself; write as if you were looking at it.\n"
+    "Rules:\n"
+    "1. Reason step by step about the image, the way a radiologist scans a film, and arrive at the reference "
+    "answer. Never mention the report, the reference regions, the reference answer or these instructions.\n"
+    "2. Point at image regions with boxes written as [x1, y1, x2, y2]: integer pixel coordinates in the "
+    "square frame given in the case, origin at the top-left corner, x to the right, y downwards, x1 < x2, "
+    "y1 < y2. When the case lists reference regions, cite each of them with its coordinates as given and cite no "
+    "region that does not overlap one of them. When it lists none, you may cite the coarse anatomical regions "
+    "offered in the case.\n"
+    "3. Separate the steps with semicolons; keep each step to one short sentence.\n"
+    "4. Reply with exactly one line in this form and nothing else (no preamble, no markdown, no code fences):\n"
+    "<think> step 1 with [x1, y1, x2, y2]; step 2 with [x1, y1, x2, y2]; ... </think> The answer is: "
+    "\\boxed{reference answer}\n"
+    "5. Put the reference answer inside \\boxed{} exactly as given: same words, same spelling, same order; "
+    "items of a list answer stay separated by ' | '."
+)
+
+
+# ---------------------------------------------------------------- the prompt
+
+def report_text(rec: Record) -> str:
+    """What the teacher reads as the study's report: the report itself for report tasks, else the findings."""
+    if rec.task.startswith("report_"):
+        return rec.answer.strip()
+    if rec.findings:
+        return "Findings: " + "; ".join(rec.findings) + "."
+    return "No abnormal findings."
+
+
+def build_messages(rec: Record, frame: int) -> list[dict[str, str]]:
+    """The system and user messages for one record (plain text: the teacher is not shown the image)."""
+    from deepmedix.train.coldstart import REGIONS, _scaled
+
+    boxes = frame_boxes(rec, frame)
+    if boxes:
+        regions = "\n".join(f"- {b.label}: {box_str(fb)}" for b, fb in zip(rec.boxes, boxes))
+    else:
+        regions = ("- none. Coarse anatomical regions you may cite instead:\n"
+                   + "\n".join(f"  - {name}: {box_str(_scaled(box, frame))}" for name, box in REGIONS.items()))
+    view = f" ({rec.view} view)" if rec.view else ""
+    user = (
+        f"### Image\nA chest X-ray{view}, shown to the model as a {frame}x{frame} frame (boxes refer to it).\n\n"
+        f"### Report\n{report_text(rec)}\n\n"
+        f"### Reference regions (label: [x1, y1, x2, y2] in the {frame}x{frame} frame)\n{regions}\n\n"
+        f"### Question\n{rec.prompt.strip()}\n\n"
+        f"### Reference answer\n{rec.answer.strip()}\n\n"
+        "### Task\nWrite the grounded reasoning that leads from the image to the reference answer, in exactly "
+        "the form <think> ... </think> The answer is: \\boxed{reference answer}"
+    )
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
+def clean_response(text: str) -> str:
+    """Strip whitespace and a surrounding markdown code fence, which chat models add now and then."""
+    t = (text or "").strip()
+    if t.startswith("```") and t.endswith("```") and len(t) >= 6:
+        t = t[3:-3]
+        first, _, rest = t.partition("\n")
+        if rest and " " not in first.strip():  # a language tag such as ```text
+            t = rest
+        t = t.strip()
+    return t
+
+
+# ---------------------------------------------------------------- the cache
+
+def cache_dir(cfg: ColdStartConfig) -> Path:
+    """``teacher_cache``, else ``$DEEPMEDIX_CACHE/teacher`` (``~/.cache/deepmedix/teacher`` without the env var)."""
+    return Path(cfg.teacher_cache).expanduser() if cfg.teacher_cache else store.cache_root() / "teacher"
+
+
+def cache_key(base_url: str, model: str, messages: list[dict], temperature: float, max_tokens: int) -> str:
+    blob = json.dumps({"base_url": base_url, "model": model, "messages": messages, "temperature": temperature,
+                       "max_tokens": max_tokens}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class ResponseCache:
+    """One JSON file per response under ``root/<key[:2]>/<key>.json``, written atomically."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.json"
+
+    def get(self, key: str) -> str | None:
+        try:
+            return json.loads(self._path(key).read_text())["text"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def put(self, key: str, text: str, meta: dict[str, Any] | None = None) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            tmp.write_text(json.dumps({"text": text, **(meta or {})}, ensure_ascii=False))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- the openai teacher
+
+def redact_url(url: str) -> str:
+    """The URL without user:password, for reports and lineage."""
+    parts = urlsplit(url)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        netloc = host + (f":{parts.port}" if parts.port else "")
+        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return url
+
+
+def _retry_after(exc: Exception) -> float | None:
+    """Seconds the server asked us to wait (``retry-after-ms`` or ``retry-after``), if it said."""
+    response = getattr(exc, "response", None)
+    headers = getattr(response, "headers", None)
+    if not headers:
+        return None
+    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value:
+            try:
+                return max(0.0, float(value) * scale)
+            except ValueError:
+                continue
+    return None
+
+
+class OpenAITeacher:
+    """``teacher: openai``: ``__call__(records) -> [(trace | None, reason | None)]``, in order."""
+
+    def __init__(self, cfg: ColdStartConfig, log: Callable[[str], None] | None = None):
+        self.cfg = cfg
+        self.base_url = cfg.teacher_base_url or os.environ.get("OPENAI_BASE_URL", "")
+        if not self.base_url:
+            raise ValueError("cold start: teacher 'openai' needs an API base URL: set the config key "
+                             "teacher_base_url or the env var OPENAI_BASE_URL")
+        if not cfg.teacher_model:
+            raise ValueError("cold start: teacher 'openai' needs a model: set the config key teacher_model")
+        if not cfg.teacher_api_key_env:
+            raise ValueError("cold start: teacher 'openai' needs the config key teacher_api_key_env (the name "
+                             "of the env var that holds the API key)")
+        self._api_key = os.environ.get(cfg.teacher_api_key_env, "")
+        if not self._api_key:
+            raise ValueError(f"cold start: teacher 'openai' reads its API key from the env var "
+                             f"{cfg.teacher_api_key_env} (config key teacher_api_key_env), which is not set")
+        if cfg.teacher_concurrency < 1:
+            raise ValueError(f"cold start: teacher_concurrency must be >= 1, got {cfg.teacher_concurrency}")
+        if cfg.teacher_max_retries < 0:
+            raise ValueError(f"cold start: teacher_max_retries must be >= 0, got {cfg.teacher_max_retries}")
+        if cfg.teacher_timeout_s <= 0:
+            raise ValueError(f"cold start: teacher_timeout_s must be > 0, got {cfg.teacher_timeout_s}")
+        try:
+            import openai
+        except ImportError as exc:
+            raise ValueError("cold start: teacher 'openai' needs the openai package (pip install openai)") from exc
+        self._openai = openai
+        self.client = openai.OpenAI(base_url=self.base_url, api_key=self._api_key, timeout=cfg.teacher_timeout_s,
+                                    max_retries=0)
+        self.cache = ResponseCache(cache_dir(cfg))
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self._lock = threading.Lock()
+        self.stats = {"model": cfg.teacher_model, "base_url": redact_url(self.base_url), "requests": 0,
+                      "retries": 0, "cache_hits": 0, "errors": 0, "unique_prompts": 0}
+        self.error_examples: list[str] = []
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self.stats[key] += n
+
+    def _retryable(self, exc: Exception) -> bool:
+        oa = self._openai
+        if isinstance(exc, (oa.APITimeoutError, oa.APIConnectionError, oa.RateLimitError, oa.InternalServerError)):
+            return True
+        return isinstance(exc, oa.APIStatusError) and exc.status_code >= 500
+
+    def _delay(self, attempt: int, exc: Exception) -> float:
+        delay = self.cfg.teacher_backoff_s * (2 ** attempt) * random.uniform(0.5, 1.0)
+        asked = _retry_after(exc)
+        if asked is not None:
+            delay = max(delay, asked)
+        return min(delay, MAX_DELAY_S)
+
+    def _request(self, messages: list[dict[str, str]]) -> str:
+        """One completion, with retries; raises the last error when every attempt failed."""
+        cfg = self.cfg
+        for attempt in range(cfg.teacher_max_retries + 1):
+            self._count("requests")
+            try:
+                resp = self.client.chat.completions.create(
+                    model=cfg.teacher_model, messages=messages, temperature=cfg.teacher_temperature,
+                    max_tokens=cfg.teacher_max_tokens)
+            except Exception as exc:  # noqa: BLE001 - classified below; anything else is not retried
+                if attempt < cfg.teacher_max_retries and self._retryable(exc):
+                    self._count("retries")
+                    time.sleep(self._delay(attempt, exc))
+                    continue
+                raise
+            if not resp.choices or not resp.choices[0].message.content:
+                raise RuntimeError("the response has no message content")
+            return resp.choices[0].message.content
+        raise AssertionError("unreachable")
+
+    def _one(self, key: str, messages: list[dict[str, str]], record_id: str) -> Result:
+        """One prompt: from the cache, else from the API (then cached)."""
+        cfg = self.cfg
+        cached = self.cache.get(key)
+        if cached is not None:
+            self._count("cache_hits")
+            return clean_response(cached), None
+        try:
+            text = self._request(messages)
+        except Exception as exc:  # noqa: BLE001 - one record's failure never ends the run
+            self._count("errors")
+            self._note(f"{record_id}: {type(exc).__name__}: {str(exc)[:200]}")
+            return None, TEACHER_ERROR
+        try:
+            self.cache.put(key, text, {"model": cfg.teacher_model, "record_id": record_id})
+        except OSError as exc:  # a full or read-only cache costs a rerun its savings, not this response
+            self._note(f"{record_id}: response not cached ({exc})")
+        return clean_response(text), None
+
+    def _note(self, line: str) -> None:
+        with self._lock:
+            if len(self.error_examples) < 5:
+                self.error_examples.append(line)
+
+    def __call__(self, records: list[Record]) -> list[Result]:
+        """Records whose messages are identical share one request (and one cache entry)."""
+        cfg = self.cfg
+        by_key: dict[str, list[int]] = {}
+        messages: dict[str, list[dict[str, str]]] = {}
+        for i, rec in enumerate(records):
+            msgs = build_messages(rec, cfg.frame)
+            key = cache_key(self.base_url, cfg.teacher_model, msgs, cfg.teacher_temperature, cfg.teacher_max_tokens)
+            by_key.setdefault(key, []).append(i)
+            messages[key] = msgs
+        self.stats["unique_prompts"] = len(by_key)
+        total = len(records)
+        out: list[Result] = [(None, TEACHER_ERROR)] * total
+        every = max(1, len(by_key) // 10)
+        t0 = time.time()
+        self.log(f"coldstart: teacher {cfg.teacher_model} on {total} records, {len(by_key)} distinct prompts "
+                 f"({cfg.teacher_concurrency} in flight, cache {self.cache.root})")
+        done = 0
+        with ThreadPoolExecutor(max_workers=cfg.teacher_concurrency, thread_name_prefix="teacher") as pool:
+            futures = {pool.submit(self._one, key, messages[key], records[idx[0]].record_id): key
+                       for key, idx in by_key.items()}
+            for n, fut in enumerate(as_completed(futures), start=1):
+                result = fut.result()
+                for i in by_key[futures[fut]]:
+                    out[i] = result
+                done += len(by_key[futures[fut]])
+                if n % every == 0 or n == len(futures):
+                    s = self.stats
+                    self.log(f"coldstart: teacher {done}/{total} records, {s['cache_hits']} from cache, "
+                             f"{s['requests']} requests, {s['retries']} retries, {s['errors']} failed "
+                             f"({time.time() - t0:.1f} s)")
+        for line in self.error_examples:
+            self.log(f"coldstart: teacher error: {line}")
+        return out

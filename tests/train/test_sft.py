@@ -1,0 +1,156 @@
+"""Stage 1/2 training for real: LoRA, max_length without cutting images, checkpoints to the store with a
+SIGKILL and resume, DeepSpeed ZeRO-2/3 in one CPU process, and the torchrun / accelerate launchers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from deepmedix import stages
+from deepmedix.config import load_config
+from deepmedix.model.load import load
+from deepmedix.train.common import load_split, plain_target, sft_row
+from deepmedix.train.sft import committed_checkpoints, sample_length
+
+FAST = ["max_steps=3", "per_device_train_batch_size=4", "eval_records=4", "max_records=24", "logging_steps=1"]
+BIN = Path(sys.executable).parent
+
+
+def _cli(*args, env=None, launcher=()):
+    cmd = [*launcher, *(["-m", "deepmedix.cli"] if launcher else [str(BIN / "deepmedix")]), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=420, env={**os.environ, **(env or {})})
+
+
+def _weights(folder):
+    return load(folder).model.state_dict()
+
+
+def test_lora_trains_the_language_model_and_saves_a_stock_folder(small_data, base_model_dir, tmp_path):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    out = tmp_path / "lora"
+    m = stages.sft(str(small_data), str(base_model_dir), str(out), "tiny", FAST + ["lora=true", "lora_r=4"])
+    assert m["lora"] and m["steps"] == 3
+    base = _weights(base_model_dir)
+    assert 0 < m["trainable_params"] < sum(v.numel() for v in base.values()) / 5
+    assert not any(Path(out).glob("adapter_*"))  # merged: the folder is a plain Qwen2.5-VL model
+    tuned = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(out)).state_dict()
+    assert set(tuned) == set(base)
+    changed = {k for k in base if not torch.equal(base[k], tuned[k])}
+    assert changed and all(".language_model." in k for k in changed)
+    assert any(k.endswith("q_proj.weight") for k in changed)
+
+
+def test_sample_length_is_what_the_processor_makes(small_data, base_model_dir):
+    loaded = load(base_model_dir)
+    root, recs = load_split(str(small_data), "train", ["report_findings", "vqa", "grounding"], max_records=6)
+    for rec in recs:
+        row = sft_row(root, rec, plain_target(rec, 512), reasoning=True)
+        text = loaded.processor.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
+        real = loaded.processor(text=[text], images=row["images"], return_tensors="pt")["input_ids"].shape[1]
+        assert sample_length(loaded.processor, row) == real
+
+
+def test_max_length_skips_and_counts_long_samples_never_cuts_them(small_data, base_model_dir, tmp_path):
+    cfg = load_config("sft", "tiny", FAST)
+    loaded = load(base_model_dir)
+    root, recs = load_split(str(small_data), "train", cfg.tasks, cfg.task_ratios, cfg.max_records, cfg.seed)
+    _, val = load_split(str(small_data), "validate", cfg.tasks, None, cfg.eval_records, cfg.seed)
+    lengths = sorted(sample_length(loaded.processor, sft_row(root, r, plain_target(r, 512), False)) for r in recs)
+    vlengths = [sample_length(loaded.processor, sft_row(root, r, plain_target(r, 512), False)) for r in val]
+    limit = lengths[len(lengths) // 2]
+    m = stages.sft(str(small_data), str(base_model_dir), str(tmp_path / "ml"), "tiny", FAST + [f"max_length={limit}"])
+    assert m["skipped_too_long"] == sum(n > limit for n in lengths + vlengths) > 0
+    assert m["n_train"] == sum(n <= limit for n in lengths) and m["steps"] == 3
+    with pytest.raises(ValueError, match="no samples to train on"):
+        stages.sft(str(small_data), str(base_model_dir), str(tmp_path / "none"), "tiny", FAST + ["max_length=5"])
+    assert not (tmp_path / "none").exists()
+
+
+def test_sigkill_then_resume_ends_with_the_weights_of_an_uninterrupted_run(small_data, base_model_dir, tmp_path):
+    args = ["train", "sft", "--data", str(small_data), "--model", str(base_model_dir), "--set", "max_steps=40",
+            "--set", "per_device_train_batch_size=2", "--set", "eval_records=2", "--set", "save_steps=5",
+            "--set", "save_total_limit=2", "--set", "logging_steps=5"]
+    whole = tmp_path / "whole"
+    r = _cli(*args, "--out", str(whole))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpts = tmp_path / "whole-checkpoints"
+    assert [n for _, n in committed_checkpoints(str(ckpts))] == ["checkpoint-35", "checkpoint-40"]  # the last two
+
+    out, ck = tmp_path / "killed", str(tmp_path / "killed-checkpoints")
+    proc = subprocess.Popen([str(BIN / "deepmedix"), *args, "--out", str(out)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not committed_checkpoints(ck) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = committed_checkpoints(ck)
+    assert done and done[-1][0] < 40 and not out.exists()  # killed mid-run: a checkpoint, no final model
+
+    r = _cli(*args, "--out", str(out), "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["resumed_from"].endswith(done[-1][1]) and m["steps"] == 40
+    a, b = _weights(whole), _weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (out / "loss_curve.png").stat().st_size > 0
+    steps = [h["step"] for h in json.loads((out / "log_history.json").read_text()) if "loss" in h]
+    assert steps == list(range(5, 41, 5))  # the curve covers the run before the kill too
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_deepspeed_zero_in_one_cpu_process(small_data, base_model_dir, tmp_path, zero):
+    out = tmp_path / zero
+    r = _cli("train", "sft", "--data", str(small_data), "--model", str(base_model_dir), "--out", str(out),
+             "--set", "max_steps=3", "--set", "per_device_train_batch_size=2", "--set", "eval_records=2",
+             "--set", f"deepspeed=configs/deepspeed/{zero}.json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["steps"] == 3 and m["deepspeed"].endswith(f"{zero}.json") and m["trainable_params"] > 0
+    base, tuned = _weights(base_model_dir), _weights(out)
+    assert set(base) == set(tuned) and any(not torch.equal(base[k], tuned[k]) for k in base)
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_the_sft_entry_point_runs_under_a_launcher(small_data, base_model_dir, tmp_path, launcher):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    cmd = {"torchrun": [str(BIN / "torchrun"), "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
+                        "--master_port", port],
+           "accelerate": [str(BIN / "accelerate"), "launch", "--num_processes", "1", "--cpu",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+                          port]}[launcher]
+    out = tmp_path / launcher
+    r = _cli("train", "sft", "--data", str(small_data), "--model", str(base_model_dir), "--out", str(out),
+             "--set", "max_steps=2", "--set", "per_device_train_batch_size=2", "--set", "eval_records=2",
+             launcher=cmd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 2
+    assert not list(tmp_path.glob(".*.work"))  # the scratch folder is gone
+
+
+def test_bad_training_config_is_refused_before_work(small_data, base_model_dir, tmp_path):
+    r = _cli("train", "sft", "--data", str(small_data), "--model", str(base_model_dir), "--out", str(tmp_path / "x"),
+             "--set", "deepspeed=configs/deepspeed/nope.json")
+    assert r.returncode == 2 and "nope.json" in r.stderr and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "configs").glob("*/*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path.parent.name, str(path))
+    if getattr(cfg, "deepspeed", ""):
+        from deepmedix.train.sft import deepspeed_config
+
+        assert Path(deepspeed_config(cfg.deepspeed)).is_file()

@@ -105,6 +105,7 @@ class TrainConfig:
     save_steps: int = 0     # checkpoint to the store every N optimizer steps (0 = only the final model)
     save_total_limit: int = 2  # checkpoints kept in the store (older ones are deleted)
     checkpoint_uri: str = ""  # where checkpoints go; "" = "<out>-checkpoints" beside the output
+    ddp_timeout_s: int = 14400  # collective timeout: other ranks wait while rank 0 uploads a checkpoint
     eval_records: int = 24  # held-out validate records for the stage's before/after metric
     eval_max_new_tokens: int = 96
     logging_steps: int = 10

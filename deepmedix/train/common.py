@@ -81,7 +81,7 @@ def freeze_vision(model, tower: bool = True, merger: bool = True) -> int:
     for name, p in visual.named_parameters():
         if (merger if name.startswith("merger.") else tower):
             p.requires_grad_(False)
-            n += p.numel()
+            n += getattr(p, "ds_numel", p.numel())  # ZeRO-3 partitions parameters as they load
     return n
 
 

@@ -166,9 +166,11 @@ def publish_checkpoint(src: Path, uri: str, keep: int, info: dict[str, Any]) -> 
             shutil.copytree(src, tmp)
             shutil.rmtree(src, ignore_errors=True)
         if final.exists():
-            shutil.rmtree(final)
+            _delete(str(final))  # its commit marker first: a crash here leaves no half checkpoint "committed"
         os.rename(tmp, final)
-    for _, name in committed_checkpoints(uri)[:-keep] if keep > 0 else []:
+    step = info["step"]
+    older = [name for n, name in committed_checkpoints(uri) if n < step]
+    for name in older[:max(0, len(older) - (keep - 1))] if keep > 0 else []:
         _delete(f"{uri.rstrip('/')}/{name}")
     return dest
 
@@ -188,15 +190,66 @@ def _delete(uri: str) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def latest_checkpoint(uri: str) -> Path | None:
-    """A local folder holding the newest committed checkpoint (downloaded from S3), or None."""
+def run_id(stage: str, cfg: TrainConfig, data_uri: str, model_uri: str) -> str:
+    """What makes a checkpoint resumable by a run: the stage, its inputs and its config, except the keys that
+    only say how long to train or how to checkpoint and log."""
+    import hashlib
+    import json
+
+    from deepmedix.config import to_dict
+
+    c = {k: v for k, v in to_dict(cfg).items() if k not in _RESUMABLE_CHANGES}
+    blob = json.dumps({"stage": stage, "data": str(data_uri), "model": str(model_uri), "config": c}, sort_keys=True,
+                      default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+_RESUMABLE_CHANGES = {"max_steps", "num_train_epochs", "save_steps", "save_total_limit", "checkpoint_uri",
+                      "logging_steps", "eval_records", "eval_max_new_tokens", "ddp_timeout_s"}
+
+
+def _checkpoint_run(uri: str) -> str | None:
+    import json
+
+    try:
+        if store.is_s3(uri):
+            bucket, prefix = store.parse_s3(uri)
+            with store.s3_errors(uri):
+                resp = store.s3_client().get_object(bucket, f"{prefix}/{store.LINEAGE}")
+                try:
+                    return json.loads(resp.read()).get("run")
+                finally:
+                    resp.close()
+                    resp.release_conn()
+        return json.loads((store.local_path(uri) / store.LINEAGE).read_text()).get("run")
+    except (OSError, ValueError):
+        return None
+
+
+def latest_checkpoint(uri: str, run: str) -> Path | None:
+    """A local folder holding the newest committed checkpoint (downloaded from S3), or None. A checkpoint
+    written by another run (other stage, inputs or config) is refused, never resumed silently."""
     found = committed_checkpoints(uri)
     if not found:
         return None
-    return store.fetch(f"{uri.rstrip('/')}/{found[-1][1]}")
+    ck = f"{uri.rstrip('/')}/{found[-1][1]}"
+    other = _checkpoint_run(ck)
+    if other != run:
+        raise ValueError(f"--resume: {ck} was written by another run (its stage, inputs or config differ: run "
+                         f"{other} vs {run}); resume with the same config, or train afresh without --resume")
+    return store.fetch(ck)
 
 
-def _publisher(uri: str, keep: int, stage: str):
+def clear_checkpoints(uri: str) -> int:
+    """A run that does not resume starts its checkpoint folder afresh (like its output): returns how many
+    committed checkpoints were removed."""
+    found = committed_checkpoints(uri)
+    for _, name in found:
+        _delete(f"{uri.rstrip('/')}/{name}")
+    return len(found)
+
+
+def _publisher(uri: str, keep: int, stage: str, run: str):
     from transformers import TrainerCallback
 
     class Publish(TrainerCallback):
@@ -208,7 +261,7 @@ def _publisher(uri: str, keep: int, stage: str):
                 src = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 if src.is_dir():
                     dest = publish_checkpoint(src, uri, keep, {"step": state.global_step, "of": state.max_steps,
-                                                               "source_stage": stage})
+                                                               "source_stage": stage, "run": run})
                     print(f"checkpoint: step {state.global_step} -> {dest}", flush=True)
             _barrier()
             return control
@@ -236,6 +289,7 @@ def trl_args(cfg: TrainConfig, out: Path):
         max_length=None,  # lengths are checked up front: a vision sample is never cut (see make_rows)
         completion_only_loss=True, dataloader_num_workers=0, use_cpu=not cuda, disable_tqdm=False,
         remove_unused_columns=False, deepspeed=deepspeed_config(cfg.deepspeed),
+        ddp_timeout=cfg.ddp_timeout_s,  # rank 0 uploads checkpoints while the others wait at a barrier
     )
 
 
@@ -260,9 +314,24 @@ def deepspeed_config(path: str) -> str | None:
     raise ValueError(f"deepspeed: {path}: no such DeepSpeed config file")
 
 
+def _zero_stage(path: str | None) -> int:
+    import json
+
+    if not path:
+        return 0
+    try:
+        return int(json.loads(Path(path).read_text()).get("zero_optimization", {}).get("stage", 0))
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise ValueError(f"deepspeed: {path}: not a readable DeepSpeed JSON config ({exc})") from None
+
+
 def _check(cfg: TrainConfig) -> None:
-    deepspeed_config(cfg.deepspeed)
-    if cfg.lora and cfg.deepspeed and "zero3" in Path(cfg.deepspeed).name:
+    stage3 = _zero_stage(deepspeed_config(cfg.deepspeed)) == 3
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.save_steps and world_size > int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size))):
+        raise ValueError("save_steps on more than one node: each node's optimizer shards would have to be "
+                         "published too, which is not supported yet; train on one node or set save_steps: 0")
+    if cfg.lora and stage3:
         raise ValueError("lora with ZeRO-3 is not supported here (the merged save needs whole weights): use "
                          "ZeRO-2 with LoRA, or full fine-tuning with ZeRO-3")
     if cfg.save_steps < 0 or cfg.save_total_limit < 0:
@@ -289,19 +358,32 @@ def train_sft(stage: str, cfg: TrainConfig, data_uri: str, model_uri: str, out_u
     root, train = load_split(data_uri, "train", cfg.tasks, cfg.task_ratios, cfg.max_records, cfg.seed)
     _, val = load_split(data_uri, "validate", cfg.tasks, None, cfg.eval_records, cfg.seed)
     ckpt_uri = checkpoint_uri(cfg, out_uri)
-    start = latest_checkpoint(ckpt_uri) if resume else None
-    if resume and rank == 0:
-        print(f"{stage}: " + (f"resuming from {start}" if start else f"no checkpoint under {ckpt_uri}; starting "
-                                                                       f"from the beginning"), flush=True)
+    run = run_id(stage, cfg, data_uri, model_uri)
     work = work_dir(out_uri)
     args = trl_args(cfg, work / "trainer")  # first: under ZeRO-3 the model is then partitioned as it loads
+    if rank == 0:
+        shutil.rmtree(work, ignore_errors=True)  # a killed run's staging is never published into this one
+        if not resume and cfg.save_steps and clear_checkpoints(ckpt_uri):
+            print(f"{stage}: a fresh run (no --resume): removed the earlier checkpoints under {ckpt_uri}", flush=True)
+    _barrier()
+    start = None
+    if resume:  # each node's first process fetches (S3: downloads) while the others wait, then they read its copy
+        local_first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+        if local_first:
+            start = latest_checkpoint(ckpt_uri, run)
+        _barrier()
+        if not local_first:
+            start = latest_checkpoint(ckpt_uri, run)
+        if rank == 0:
+            print(f"{stage}: " + (f"resuming from {start}" if start else f"no checkpoint under {ckpt_uri}; "
+                                                                           f"starting from the beginning"), flush=True)
     # A full-model checkpoint is loaded here, by from_pretrained: the Trainer's own resume loads its state dict
     # without the checkpoint-to-model key mapping of Qwen2.5-VL and would silently keep the starting weights.
     # (LoRA adapters and DeepSpeed engine states are restored by the Trainer itself.)
     weights = start if start is not None and not cfg.lora and not cfg.deepspeed else model_uri
     loaded = load(weights, device="cpu", dtype="float32", min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
     model = loaded.model  # the trainer moves it to the device (and casts it under bf16)
-    frozen = freeze_vision(model, cfg.freeze_vision, cfg.freeze_merger) if (cfg.freeze_vision or cfg.freeze_merger) else 0
+    frozen = freeze_vision(model, cfg.freeze_vision, cfg.freeze_merger) if cfg.freeze_vision or cfg.freeze_merger else 0
     model.train()
     rows, skipped = make_rows(root, train, [targets_for(r) for r in train], reasoning, cfg.frame, loaded.processor,
                               cfg.max_length)
@@ -312,13 +394,11 @@ def train_sft(stage: str, cfg: TrainConfig, data_uri: str, model_uri: str, out_u
     if skipped and rank == 0:
         print(f"{stage}: skipped {len(skipped)} training sample(s) longer than max_length={cfg.max_length} "
               f"tokens (e.g. {', '.join(skipped[:3])})", flush=True)
-    if rank == 0:
-        shutil.rmtree(work / "final", ignore_errors=True)
     trainer = _trainer_class(preloaded=weights is start and start is not None)(
                          model=model, args=args, train_dataset=train_ds,
                          eval_dataset=val_ds, processing_class=loaded.processor,
                          peft_config=lora_config(cfg) if cfg.lora else None,
-                         callbacks=[_publisher(ckpt_uri, cfg.save_total_limit, stage)] if cfg.save_steps else None)
+                         callbacks=[_publisher(ckpt_uri, cfg.save_total_limit, stage, run)] if cfg.save_steps else None)
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters() if p.requires_grad)
     # (DeepSpeed below ZeRO-3 cannot evaluate before its engine exists: the "before" loss is not measured there)
     before = (trainer.evaluate()["eval_loss"] if val_ds is not None else math.nan) if not cfg.deepspeed else None

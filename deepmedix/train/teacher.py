@@ -202,6 +202,7 @@ class OpenAITeacher:
         except ImportError as exc:
             raise ValueError("cold start: teacher 'openai' needs the openai package (pip install openai)") from exc
         self._openai = openai
+        self._fatal = (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError)
         self.client = openai.OpenAI(base_url=self.base_url, api_key=self._api_key, timeout=cfg.teacher_timeout_s,
                                     max_retries=0)
         self.cache = ResponseCache(cache_dir(cfg))
@@ -245,6 +246,8 @@ class OpenAITeacher:
                 raise
             if not resp.choices or not resp.choices[0].message.content:
                 raise RuntimeError("the response has no message content")
+            if resp.choices[0].finish_reason == "length":  # cut at max_tokens: not a trace, and never cached
+                raise RuntimeError(f"the response was cut at teacher_max_tokens={cfg.teacher_max_tokens}")
             return resp.choices[0].message.content
         raise AssertionError("unreachable")
 
@@ -257,6 +260,10 @@ class OpenAITeacher:
             return clean_response(cached), None
         try:
             text = self._request(messages)
+        except self._fatal as exc:  # a wrong key, model or URL fails every record alike: stop the run
+            raise ValueError(f"cold start: the teacher endpoint refused the request ({type(exc).__name__}: "
+                             f"{str(exc)[:200]}); check teacher_base_url, teacher_model and the key in "
+                             f"${cfg.teacher_api_key_env}") from None
         except Exception as exc:  # noqa: BLE001 - one record's failure never ends the run
             self._count("errors")
             self._note(f"{record_id}: {type(exc).__name__}: {str(exc)[:200]}")
@@ -290,7 +297,8 @@ class OpenAITeacher:
         self.log(f"coldstart: teacher {cfg.teacher_model} on {total} records, {len(by_key)} distinct prompts "
                  f"({cfg.teacher_concurrency} in flight, cache {self.cache.root})")
         done = 0
-        with ThreadPoolExecutor(max_workers=cfg.teacher_concurrency, thread_name_prefix="teacher") as pool:
+        pool = ThreadPoolExecutor(max_workers=cfg.teacher_concurrency, thread_name_prefix="teacher")
+        try:
             futures = {pool.submit(self._one, key, messages[key], records[idx[0]].record_id): key
                        for key, idx in by_key.items()}
             for n, fut in enumerate(as_completed(futures), start=1):
@@ -303,6 +311,8 @@ class OpenAITeacher:
                     self.log(f"coldstart: teacher {done}/{total} records, {s['cache_hits']} from cache, "
                              f"{s['requests']} requests, {s['retries']} retries, {s['errors']} failed "
                              f"({time.time() - t0:.1f} s)")
+        finally:  # Ctrl-C or a fatal error: queued requests are cancelled, not sent
+            pool.shutdown(wait=True, cancel_futures=True)
         for line in self.error_examples:
             self.log(f"coldstart: teacher error: {line}")
         return out

@@ -59,13 +59,14 @@ def _error(status: int, message: str, kind: str, headers: dict | None = None) ->
                         status_code=status, headers=headers)
 
 
-def _completion(model: str, content: str) -> JSONResponse:
+def _completion(model: str, content: str, finish_reason: str = "stop") -> JSONResponse:
     return JSONResponse({
         "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                     "finish_reason": finish_reason}],
         "usage": {"prompt_tokens": 100, "completion_tokens": len(content.split()),
                   "total_tokens": 100 + len(content.split())},
     })
@@ -105,6 +106,8 @@ async def chat_completions(request: Request):
         if n == 1:
             return _error(429, "rate limit reached", "requests", {"Retry-After": "0", "retry-after-ms": "20"})
         return _completion(model, good_trace(user))
+    if model == "truncated":  # cut at max_tokens, mid-trace
+        return _completion(model, good_trace(user)[:40], finish_reason="length")
     return _error(404, f"the model {model!r} does not exist", "invalid_request_error")
 
 

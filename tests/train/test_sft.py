@@ -154,3 +154,34 @@ def test_every_shipped_config_loads(path):
         from deepmedix.train.sft import deepspeed_config
 
         assert Path(deepspeed_config(cfg.deepspeed)).is_file()
+
+
+def test_checkpoints_go_to_s3_and_resume_from_there(small_data, base_model_dir, tmp_path):
+    from conftest import weed_s3
+
+    with weed_s3(tmp_path / "weed"):
+        common = ["per_device_train_batch_size=2", "eval_records=2", "save_steps=2", "save_total_limit=2",
+                  "checkpoint_uri=s3://ckpts/sft-run"]
+        first = stages.sft(str(small_data), str(base_model_dir), "s3://models/sft", "tiny",
+                           common + ["max_steps=4"])
+        assert first["steps"] == 4
+        assert [n for _, n in committed_checkpoints("s3://ckpts/sft-run")] == ["checkpoint-2", "checkpoint-4"]
+        more = stages.sft(str(small_data), str(base_model_dir), "s3://models/sft", "tiny", common + ["max_steps=6"],
+                          resume=True)
+        assert more["steps"] == 6 and more["resumed_from"].endswith("checkpoint-4")
+        assert [n for _, n in committed_checkpoints("s3://ckpts/sft-run")] == ["checkpoint-4", "checkpoint-6"]
+        assert load("s3://models/sft").model is not None
+
+
+def test_a_fresh_run_replaces_old_checkpoints_and_resume_refuses_another_runs(small_data, base_model_dir, tmp_path):
+    out, ck = str(tmp_path / "m"), str(tmp_path / "m-checkpoints")
+    common = ["per_device_train_batch_size=2", "eval_records=2", "save_steps=2", "save_total_limit=2"]
+    stages.sft(str(small_data), str(base_model_dir), out, "tiny", common + ["max_steps=6"])
+    assert [n for _, n in committed_checkpoints(ck)] == ["checkpoint-4", "checkpoint-6"]
+    stages.sft(str(small_data), str(base_model_dir), out, "tiny", common + ["max_steps=2"])  # not --resume
+    assert [n for _, n in committed_checkpoints(ck)] == ["checkpoint-2"]
+    with pytest.raises(ValueError, match="written by another run"):
+        stages.sft(str(small_data), str(base_model_dir), out, "tiny", common + ["max_steps=4", "learning_rate=0.01"],
+                   resume=True)
+    m = stages.sft(str(small_data), str(base_model_dir), out, "tiny", common + ["max_steps=4"], resume=True)
+    assert m["resumed_from"].endswith("checkpoint-2") and m["steps"] == 4

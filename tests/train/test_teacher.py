@@ -168,6 +168,20 @@ def test_400_is_not_retried(small_data, stub, api_key, tmp_path):
     assert rep["teacher_stats"]["retries"] == 0
 
 
+def test_unknown_model_stops_the_run_with_a_clear_error(small_data, stub, api_key, tmp_path):
+    with pytest.raises(ValueError, match="refused the request.*teacher_model"):
+        synth(small_data, tmp_path / "t", stub, "no-such-model", tmp_path / "cache")
+    assert not (tmp_path / "t").exists()
+
+
+def test_a_truncated_response_is_dropped_and_never_cached(small_data, stub, api_key, tmp_path):
+    for _ in range(2):
+        before = requests_for(stub, "truncated")
+        rep = synth(small_data, tmp_path / "t", stub, "truncated", tmp_path / "cache")
+        assert rep["kept"] == 0 and rep["dropped"] == {"teacher_error": N_RECORDS}
+        assert requests_for(stub, "truncated") - before == rep["teacher_stats"]["unique_prompts"]  # asked again
+
+
 def test_429_is_retried_after_the_servers_delay(small_data, stub, api_key, tmp_path):
     before = requests_for(stub, "ratelimit")
     rep = synth(small_data, tmp_path / "t", stub, "ratelimit", tmp_path / "cache")

@@ -157,18 +157,22 @@ class Root:
         return norm
 
     def _real_dir(self, rel_dir: str) -> str:
-        """The real path of a folder under the root, resolved one level at a time from cached parents (a
-        symlinked level is resolved whole), so each new folder costs one lstat, not one per level."""
+        """The real path of a folder under the root, resolved one level at a time from the deepest cached
+        parent (a symlinked level is resolved whole), so each new folder costs one lstat, not one per level."""
         if not rel_dir:
             return str(self.real)
-        real = self._real_dirs.get(rel_dir)
-        if real is None:
-            up, name = posixpath.split(rel_dir)
-            full = os.path.join(self._real_dir(up), name)
+        todo: list[str] = []
+        d, real = rel_dir, self._real_dirs.get(rel_dir)
+        while real is None and d:  # walk up to a cached folder (or the root), iteratively: paths can be deep
+            todo.append(d)
+            d = posixpath.dirname(d)
+            real = self._real_dirs.get(d) if d else str(self.real)
+        if len(self._real_dirs) + len(todo) > 4096:
+            self._real_dirs.clear()
+        for d in reversed(todo):
+            full = os.path.join(real, posixpath.basename(d))
             real = os.path.realpath(full) if os.path.islink(full) else full
-            if len(self._real_dirs) > 4096:
-                self._real_dirs.clear()
-            self._real_dirs[rel_dir] = real
+            self._real_dirs[d] = real
         return real
 
     def _key(self, rel: str) -> str:

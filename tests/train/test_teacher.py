@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -45,18 +44,13 @@ def stub(tmp_path_factory):
         proc = subprocess.Popen([sys.executable, str(SERVER), "--port", str(port)], stdout=subprocess.DEVNULL,
                                 stderr=err)
     try:
-        deadline = time.time() + 30
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"stub server exited with {proc.returncode}: {log.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/stats", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"stub server not ready after 30 s: {log.read_text()[-2000:]}")
-            time.sleep(0.1)
+        from deepmedix.demo import wait_ready
+        from deepmedix.errors import DemoError
+
+        try:
+            wait_ready(f"{url}/stats", proc, timeout=30)
+        except DemoError as exc:
+            pytest.fail(f"stub server: {exc}: {log.read_text()[-2000:]}")
         yield url
     finally:
         proc.terminate()

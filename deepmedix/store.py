@@ -177,7 +177,9 @@ def s3_errors(uri: str) -> Iterator[None]:
 def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
     """Build an artifact in a temporary folder; publish it at ``dest`` only if the block succeeds."""
     if is_s3(dest):
-        tmp = Path(tempfile.mkdtemp(prefix="deepmedix-"))
+        staging = cache_root() / "staging"  # beside the cache (a large volume in pods), not a small /tmp
+        staging.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix="deepmedix-", dir=staging))
         try:
             yield tmp
             with s3_errors(str(dest)):

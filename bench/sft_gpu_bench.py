@@ -5,7 +5,7 @@ random weights, directly on the GPU in bf16 (no checkpoint download). Training i
 (``--freeze-vision`` keeps the vision tower fixed, like ``freeze_vision`` in the SFT config), AdamW (fused on CUDA),
 gradient checkpointing on by default (``--no-grad-ckpt``), attention ``sdpa`` (``--attn flash_attention_2`` where
 flash-attn is installed). The optimizer keeps its states in the parameters' dtype (bf16), with no fp32 master
-copy: 16 bytes/param mixed precision (~122 GB for 7.6 B params) does not fit one 80 GB card.
+copy: 16 bytes/param mixed precision (~133 GB for the 8.3 B params) does not fit one 80 GB card.
 
 Inputs are synthetic but shaped like a real SFT batch of ``deepmedix.train.sft`` (TRL's collator over the
 Qwen2.5-VL processor): one ``--image-size`` square image per sample (512: the model frame), resized by the

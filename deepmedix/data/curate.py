@@ -218,8 +218,7 @@ class State:
             self.phash.add(ph, owner)
 
     def add_rec_key(self, key: str, rid: str) -> None:
-        if _u64key(key) not in self.rec_keys:
-            self.rec_keys.setdefault(_u64key(key), len(self.rec_ids))
+        if self.rec_keys.setdefault(_u64key(key), len(self.rec_ids)) == len(self.rec_ids):  # new: first rid wins
             self.rec_ids.append(rid)
 
     def rec_key_owner(self, key: str) -> str | None:

@@ -25,7 +25,7 @@ from deepmedix.config import ColdStartConfig
 from deepmedix.data.schema import Record, dump_json, load_records, manifest, write_shard
 from deepmedix.grounding import DEFAULT_FRAME, Step, format_output, in_frame, iou, parse
 from deepmedix.train.common import frame_boxes, select
-from deepmedix.train.rewards import ACC_SCALE, accuracy_score, boxed_answer, normalise
+from deepmedix.train.rewards import ACC_SCALE, accuracy_score, answer_kind, boxed_answer, normalise
 from deepmedix.train.teacher import OpenAITeacher, Result, redact_url
 
 # Where to look when a record has no box of its own: coarse anatomical regions of a frontal film, model frame.
@@ -70,16 +70,8 @@ TEACHERS: dict[str, Callable[[ColdStartConfig], Callable[[list[Record]], list[Re
     "openai": OpenAITeacher,
 }
 
-DROP_REASONS = ("teacher_error", "grammar", "answer", "box_outside_frame", "box_no_overlap", "too_short", "too_long",
-                "duplicate")
 _FULL = ACC_SCALE - 1e-9  # the reward's maximum accuracy, less float noise
 _WS_RE = re.compile(r"\s+")
-
-
-def is_long_answer(truth: str) -> bool:
-    """The reward scores these by text similarity (not exact or item match): > 2 words and not a short list."""
-    n_words = len(truth.split())
-    return not ("|" in truth and n_words <= 20) and n_words > 2
 
 
 def answer_ok(trace: str, truth: str, long_min: float = 0.9) -> bool:
@@ -87,7 +79,7 @@ def answer_ok(trace: str, truth: str, long_min: float = 0.9) -> bool:
     answers need the full score (exact match, case-insensitive; list items as a set); long answers need at least
     ``long_min`` of the maximum (near-verbatim reports)."""
     score = accuracy_score(boxed_answer(normalise(trace)), truth)
-    return score >= (long_min * ACC_SCALE - 1e-9 if is_long_answer(truth) else _FULL)
+    return score >= (long_min * ACC_SCALE - 1e-9 if answer_kind(truth) == "long" else _FULL)
 
 
 def dedupe_key(trace: str, rec: Record) -> tuple:

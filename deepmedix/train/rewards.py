@@ -119,11 +119,20 @@ def coordinate_score(normalised: str) -> float:
     return min(total, COORD_CAP)
 
 
-def accuracy_score(answer: str, truth: str) -> float:
+def answer_kind(truth: str) -> str:
+    """How the release scores an answer against ``truth``: ``list`` (item F1), ``short`` (exact match) or
+    ``long`` (text similarity)."""
     n_words = len(truth.split())
     if "|" in truth and n_words <= 20:
+        return "list"
+    return "short" if n_words <= 2 else "long"
+
+
+def accuracy_score(answer: str, truth: str) -> float:
+    kind = answer_kind(truth)
+    if kind == "list":
         return ACC_SCALE * _item_f1(answer, truth)
-    if n_words <= 2:
+    if kind == "short":
         return ACC_SCALE if answer.lower() == truth.lower() else 0.0
     return ACC_SCALE * _text_similarity(answer, truth)
 

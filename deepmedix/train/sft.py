@@ -327,7 +327,7 @@ def _zero_stage(path: str | None) -> int:
 
 def _check(cfg: TrainConfig) -> None:
     stage3 = _zero_stage(deepspeed_config(cfg.deepspeed)) == 3
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    _, world_size = world()
     if cfg.save_steps and world_size > int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size))):
         raise ValueError("save_steps on more than one node: each node's optimizer shards would have to be "
                          "published too, which is not supported yet; train on one node or set save_steps: 0")
@@ -405,7 +405,7 @@ def train_sft(stage: str, cfg: TrainConfig, data_uri: str, model_uri: str, out_u
     result = trainer.train(resume_from_checkpoint=str(start) if start else None)
     after = trainer.evaluate()["eval_loss"] if val_ds is not None else math.nan
     final = work / "final"
-    _save_final(trainer, cfg, final)
+    _save_final(trainer, final)
     metrics = {
         "stage": stage, "metric": "val_loss", "before": before, "after": after,
         "train_loss": result.training_loss, "steps": trainer.state.global_step, "n_train": len(train_ds),
@@ -446,15 +446,12 @@ def _trainer_class(preloaded: bool):
     return ResumedSFTTrainer
 
 
-def _save_final(trainer, cfg: TrainConfig, dest: Path) -> None:
+def _save_final(trainer, dest: Path) -> None:
     """The trained weights as a stock Qwen2.5-VL folder: LoRA adapters merged in; under ZeRO-3 the shards are
     gathered (every rank takes part)."""
-    model = trainer.model
-    if hasattr(model, "merge_and_unload"):
+    if hasattr(trainer.model, "merge_and_unload"):
         if trainer.is_world_process_zero():
-            merged = trainer.accelerator.unwrap_model(model).merge_and_unload()
-            merged.save_pretrained(dest)
-        _barrier()
-        return
-    trainer.save_model(str(dest))
+            trainer.accelerator.unwrap_model(trainer.model).merge_and_unload().save_pretrained(dest)
+    else:
+        trainer.save_model(str(dest))
     _barrier()

@@ -122,11 +122,9 @@ def test_deepspeed_zero_in_one_cpu_process(small_data, base_model_dir, tmp_path,
 
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
 def test_the_sft_entry_point_runs_under_a_launcher(small_data, base_model_dir, tmp_path, launcher):
-    import socket
+    from deepmedix.demo import free_port
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
+    port = str(free_port())
     cmd = {"torchrun": [str(BIN / "torchrun"), "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
                         "--master_port", port],
            "accelerate": [str(BIN / "accelerate"), "launch", "--num_processes", "1", "--cpu",

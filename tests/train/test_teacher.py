@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -29,15 +28,11 @@ N_RECORDS = 8  # max_records=6 train + eval_records=2 validate
 
 # ---------------------------------------------------------------- the stub server
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def stub(tmp_path_factory):
-    port = _free_port()
+    from deepmedix.demo import free_port
+
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("stub") / "server.log"
     with open(log, "wb") as err:

@@ -18,7 +18,8 @@ from deepmedix import stages
 from deepmedix.config import load_config
 from deepmedix.model.load import load
 from deepmedix.train.common import load_split, plain_target, sft_row
-from deepmedix.train.sft import committed_checkpoints, sample_length
+from deepmedix.train.checkpoints import committed_checkpoints
+from deepmedix.train.sft import sample_length
 
 FAST = ["max_steps=3", "per_device_train_batch_size=4", "eval_records=4", "max_records=24", "logging_steps=1"]
 BIN = Path(sys.executable).parent
@@ -145,11 +146,17 @@ def test_bad_training_config_is_refused_before_work(small_data, base_model_dir, 
     assert r.returncode == 2 and "nope.json" in r.stderr and not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "configs").glob("*/*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "configs").glob("*/*.yaml")),
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_shipped_config_loads(path):
+    if path.parent.name == "rewards":
+        from deepmedix.train.rewards import RewardSpec
+
+        assert RewardSpec.parse(str(path)).weights
+        return
     cfg = load_config(path.parent.name, str(path))
     if getattr(cfg, "deepspeed", ""):
-        from deepmedix.train.sft import deepspeed_config
+        from deepmedix.train.checkpoints import deepspeed_config
 
         assert Path(deepspeed_config(cfg.deepspeed)).is_file()
 

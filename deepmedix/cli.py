@@ -19,8 +19,9 @@ train_app = typer.Typer(help="Stage 1 SFT, stage 2 cold start, stage 3 GRPO.", n
 coldstart_app = typer.Typer(help="Cold-start trace synthesis.", no_args_is_help=True)
 eval_app = typer.Typer(help="Evaluation.", no_args_is_help=True)
 pipeline_app = typer.Typer(help="The KFP pipeline.", no_args_is_help=True)
+reward_app = typer.Typer(help="GRPO rewards.", no_args_is_help=True)
 for sub, name in ((data_app, "data"), (model_app, "model"), (train_app, "train"), (coldstart_app, "coldstart"),
-                  (eval_app, "eval"), (pipeline_app, "pipeline")):
+                  (eval_app, "eval"), (pipeline_app, "pipeline"), (reward_app, "reward")):
     app.add_typer(sub, name=name)
 
 err = Console(stderr=True)
@@ -145,12 +146,31 @@ def train_coldstart(traces: str = typer.Option(...), model: str = typer.Option(.
 
 @train_app.command("grpo")
 def train_grpo(data: str = typer.Option(...), model: str = typer.Option(...), out: str = typer.Option(...),
-               config: str = CONFIG, set_: Optional[List[str]] = SET):
+               config: str = CONFIG, set_: Optional[List[str]] = SET, resume: bool = RESUME):
     """Stage 3: GRPO with rule-based rewards (TRL GRPOTrainer)."""
     from deepmedix import stages
 
     with cli_errors():
-        show(stages.grpo(data, model, out, config, set_))
+        show(stages.grpo(data, model, out, config, set_, resume=resume))
+
+
+@reward_app.command("score")
+def reward_score(file: str = typer.Argument(..., help="JSONL: one object a line with prediction, ground_truth "
+                                                    "(and boxes [[x1, y1, x2, y2], ...] in the model frame, task)"),
+                 reward: str = typer.Option("paper", "--reward", "-r",
+                                            help="paper, paper-words, grounded, clinical, a composite under "
+                                                 "configs/rewards/, a YAML file, or inline weights paper=1,grounded=0.5")):
+    """Score predictions with a reward: one JSON object a line, with every component and overall."""
+    import json
+    from pathlib import Path
+
+    from deepmedix.train.rewards import RewardSpec, read_score_rows, score_rows
+
+    with cli_errors():
+        spec = RewardSpec.parse(reward)
+        rows = read_score_rows(Path(file))  # every line checked before any is printed
+        for scores in score_rows(spec, rows):
+            print(json.dumps(scores), flush=True)
 
 
 @coldstart_app.command("synth")

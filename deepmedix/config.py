@@ -142,12 +142,34 @@ class ColdStartConfig(TrainConfig):
 @dataclass
 class GRPOConfig(TrainConfig):
     tasks: list[str] = field(default_factory=lambda: ["vqa", "grounding"])
-    num_generations: int = 4
+    learning_rate: float = 5e-5
+    # rollouts
+    num_generations: int = 4        # completions per prompt (the GRPO group)
+    max_prompt_length: int = 0      # tokens, images included; longer prompts are skipped and counted (0 = no limit)
     max_completion_length: int = 96
     temperature: float = 1.0
-    beta: float = 0.0
+    top_p: float = 1.0
+    use_vllm: str = "auto"          # "auto": vLLM (TRL colocate mode) when it is installed and a GPU is there
+    vllm_gpu_memory_utilization: float = 0.5
+    # the objective (TRL names)
+    beta: float = 0.0               # KL coefficient (TRL's k3 low-variance estimator, in the loss); 0 = no KL
+    epsilon: float = 0.2            # clip range, low side
+    epsilon_high: float = 0.0       # clip range, high side (0 = epsilon)
+    loss_type: str = "dapo"         # token-level mean over the batch (EasyR1's token-mean)
+    scale_rewards: str = "group"    # GRPO advantages: (r - group mean) / group std
+    num_iterations: int = 1         # policy updates per generation batch
+    max_grad_norm: float = 1.0
+    # the reward: a name (paper, paper-words, grounded, clinical), a composite under configs/rewards/, a YAML
+    # file, or inline weights (paper=1,grounded=0.5); reward_weights, when given, wins over it
     reward: str = "paper"
-    learning_rate: float = 5e-5
+    reward_weights: dict[str, float] = field(default_factory=dict)
+    grounded_mode: str = "soft"     # soft: iou_weight * mean matched IoU + count_weight * count agreement; gemex: 0/1
+    grounded_iou_weight: float = 0.5
+    grounded_count_weight: float = 0.5
+    grounded_gemex_iou: float = 0.75
+    clinical_uncertain: str = "positive"  # uncertain CheXpert mentions: positive, negative or ignore
+    # inspection
+    rollout_samples: int = 4        # completions per step written to rollouts.jsonl with their rewards (0 = none)
 
 
 @dataclass
@@ -182,6 +204,8 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
             return float(value)
         except ValueError:
             pass
+    if tp is str and isinstance(value, bool):  # YAML reads true/false as booleans (e.g. use_vllm: true)
+        return "true" if value else "false"
     if tp in (int, float, str, bool):
         if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
             raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")

@@ -5,8 +5,8 @@ from rouge_score import rouge_scorer
 from deepmedix.train import rewards as R
 
 
-def comps(output, truth="yes"):
-    return R.paper_components(output, truth)
+def comps(output, truth="yes", words=False):
+    return R.paper_components(output, truth, words)
 
 
 # ---------------------------------------------------------------- completion_text
@@ -127,48 +127,259 @@ def test_overall_formula():
     assert c == {"accuracy": 0.0, "format": 0.0, "coordinate": 0.0, "overall": 0.0}
 
 
-def test_reward_functions_accept_strings_and_conversations():
-    text = "<think> look at [10, 20, 30, 40] </think> The answer is: \\boxed{Yes}"
-    conv = [{"role": "assistant", "content": text}]
-    answers = ["yes", "no"]
-    for completions in ([text, text], [conv, conv], [text, conv]):
-        assert R.paper_reward(completions, answer=answers, extra=[1, 2]) == pytest.approx([1.5, 0.15])
-        assert R.paper_accuracy(completions, answer=answers) == pytest.approx([1.5, 0.0])
-        assert R.paper_format(completions, answer=answers) == [1.0, 1.0]
-        assert R.paper_coordinate(completions, answer=answers) == pytest.approx([0.05, 0.05])
+# ---------------------------------------------------------------- the release's quirks, exactly
+
+@pytest.mark.parametrize("think,expected", [
+    ("[ 1, 2, 3, 4]", 0.0),        # a space after "[" is not a box to the release's pattern
+    ("[1, 2, 3, 4 ]", 0.0),        # nor one before "]"
+    ("[1 , 2, 3, 4]", 0.0),        # nor one before a comma
+    ("[1,2,3,4]", 0.05),           # no spaces at all is fine
+    ("[.5, 1, 2, 3]", 0.05),       # ".5" is a number
+    ("[1., 2, 3, 4]", 0.0),        # "1." is not
+    ("[+1, -2, 3, 4]", 0.05),
+    ("[1, 2, 3]", 0.0),            # three numbers
+    ("[1, 2, 3, 4, 5]", 0.0),      # five numbers
+])
+def test_coordinate_uses_the_releases_box_pattern(think, expected):
+    assert comps(f"<think> {think} </think> \\boxed{{yes}}")["coordinate"] == expected
 
 
-def test_paper_reward_length_mismatch():
-    with pytest.raises(ValueError):
-        R.paper_reward(["a", "b"], answer=["a"])
+def test_coordinate_cap_applies_to_the_final_sum_only():
+    five_good_one_bad = " ".join(["[1, 2, 3, 4]"] * 5 + ["[0, 0, 600, 1]"])
+    # summed in order (0.25 - 0.2), then capped: not 0.15 - 0.2
+    assert comps(f"<think> {five_good_one_bad} </think> \\boxed{{yes}}")["coordinate"] == pytest.approx(0.05)
+    assert comps("<think> [1, 2, 3, 4] [1, 2, 3, 4] [1, 2, 3, 4] </think> \\boxed{yes}")["coordinate"] == 0.15
 
 
-# ---------------------------------------------------------------- grounded IoU
-
-def test_grounded_iou_reward():
-    text = "<think> the lesion [10, 10, 50, 50] </think> \\boxed{effusion}"
-    conv = [{"role": "assistant", "content": text}]
-    refs = [
-        [[10, 10, 50, 50]],             # perfect
-        [[100, 100, 200, 200]],         # disjoint
-        [],                             # no reference: neutral
-        None,                           # no reference: neutral
-        [[10, 10, 50, 90]],             # half overlap: 1600 / 3200
-        [[10, 10, 50, 50], [300, 300, 400, 400]],  # one of two matched
-    ]
-    out = R.grounded_iou_reward([text, conv, text, conv, text, text], ref_boxes_frame=refs)
-    assert out == pytest.approx([1.0, 0.0, 0.0, 0.0, 0.5, 0.5])
+def test_overall_is_bit_exact():
+    c = comps("<think> look at [10, 20, 30, 40] </think> The answer is: \\boxed{Yes}", "yes")
+    assert c["overall"] == (1 - 0.1) * 1.5 + 0.1 * 1.0 + 0.05 == 1.5000000000000002
 
 
-def test_grounded_iou_reward_no_predicted_boxes():
-    assert R.grounded_iou_reward(["<think> none </think> \\boxed{x}"], ref_boxes_frame=[[[0, 0, 5, 5]]]) == [0.0]
+def test_list_f1_divides_by_item_counts_duplicates_included():
+    # the sets share {a, b}; precision 2 / 3 items, recall 2 / 2 -> F1 0.8 (a set-based F1 would say 1.0)
+    assert comps("\\boxed{a | a | b}", "a | b")["accuracy"] == 2 * ((2 / 3) * 1.0) / ((2 / 3) + 1.0) * 1.5
+    # an empty item counts as an item: "a |" is ["a", ""]
+    assert comps("\\boxed{a |}", "a | b")["accuracy"] == pytest.approx(1.5 * 0.5)
 
 
-# ---------------------------------------------------------------- registry
+def test_short_answer_compares_the_unstripped_truth():
+    assert comps("\\boxed{yes}", "yes")["accuracy"] == 1.5
+    assert comps("\\boxed{yes}", " yes")["accuracy"] == 0.0  # the release does not strip the ground truth
+    assert comps("\\boxed{}", " ")["accuracy"] == 1.5        # empty answer reads " "
 
-def test_registry():
-    assert R.get_reward("paper") is R.paper_reward
-    assert R.get_reward("grounded_iou") is R.grounded_iou_reward
-    assert set(R.REWARDS) >= {"paper", "paper_accuracy", "paper_format", "paper_coordinate", "grounded_iou"}
-    with pytest.raises(ValueError, match=r"nope.*paper"):
-        R.get_reward("nope")
+
+def test_normalisation_reaches_the_answer_and_the_format():
+    out = "< think > see [1, 2, 3, 4] < / think > The answer is: \\boxed{a < b}"
+    c = comps(out, "a<b")
+    assert c["format"] == 1.0 and c["accuracy"] == 1.5 and c["coordinate"] == 0.05
+
+
+def test_long_answer_rouge_is_symmetric_so_argument_order_is_immaterial():
+    scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)
+    a, g = "left pleural effusion is seen", "small left pleural effusion with atelectasis"
+    assert scorer.score(a, g)["rouge1"].fmeasure == scorer.score(g, a)["rouge1"].fmeasure
+
+
+def test_paper_words_scores_bleu_over_word_tokens():
+    truth = "Small left pleural effusion with basal atelectasis."
+    answer = "Left pleural effusion and atelectasis."
+    smooth = SmoothingFunction().method2
+    ref = ["Small", "left", "pleural", "effusion", "with", "basal", "atelectasis", "."]
+    hyp = ["Left", "pleural", "effusion", "and", "atelectasis", "."]
+    b1 = sentence_bleu([ref], hyp, weights=(1, 0, 0, 0), smoothing_function=smooth)
+    b4 = sentence_bleu([ref], hyp, weights=(0.25,) * 4, smoothing_function=smooth)
+    r1 = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True).score(answer, truth)["rouge1"].fmeasure
+    words = comps(f"\\boxed{{{answer}}}", truth, words=True)["accuracy"]
+    assert words == (b1 + b4 + r1) / 3 * 1.5
+    assert words != comps(f"\\boxed{{{answer}}}", truth)["accuracy"]
+    # short and list answers are scored as in the paper
+    assert comps("\\boxed{a | b}", "a | c", words=True)["accuracy"] == comps("\\boxed{a | b}", "a | c")["accuracy"]
+
+
+# ---------------------------------------------------------------- grounded
+
+GOOD = "<think> the lesion with [10, 10, 50, 50] </think> The answer is: \\boxed{nodule}"
+
+
+def test_grounded_soft_and_neutral():
+    g = R.grounded_components(GOOD, [[10, 10, 50, 50]])
+    assert g == {"iou": 1.0, "count": 1.0, "overall": 1.0}
+    assert R.grounded_components(GOOD, []) is None and R.grounded_components(GOOD, None) is None
+    half = R.grounded_components(GOOD, [[10, 10, 50, 90]])  # 1600 / 3200
+    assert half["iou"] == pytest.approx(0.5) and half["overall"] == pytest.approx(0.5 * 0.5 + 0.5 * 1.0)
+    two = R.grounded_components(GOOD, [[10, 10, 50, 50], [300, 300, 400, 400]], iou_weight=1.0, count_weight=0.0)
+    assert two["iou"] == 1.0 and two["count"] == 0.5 and two["overall"] == 1.0
+    none = R.grounded_components("<think> no boxes </think> \\boxed{x}", [[0, 0, 5, 5]])
+    assert none == {"iou": 0.0, "count": 0.0, "overall": 0.0}
+
+
+def test_grounded_uses_hungarian_matching():
+    # greedy on the first prediction would take ref 0 (IoU 0.5) and leave the second prediction with 0;
+    # the optimal assignment pairs p0-r1 and p1-r0
+    out = "<think> a with [0, 0, 10, 10]; b with [0, 0, 20, 10] </think> \\boxed{x}"
+    refs = [[0, 0, 20, 10], [0, 0, 10, 10]]
+    g = R.grounded_components(out, refs)
+    assert g["iou"] == pytest.approx(1.0)
+
+
+def test_grounded_gemex_mode():
+    assert R.grounded_components(GOOD, [[10, 10, 50, 50]], mode="gemex")["overall"] == 1.0
+    assert R.grounded_components(GOOD, [[10, 10, 50, 60]], mode="gemex")["overall"] == 1.0   # IoU 0.8 > 0.75
+    assert R.grounded_components(GOOD, [[10, 10, 50, 70]], mode="gemex")["overall"] == 0.0   # IoU 0.67
+    assert R.grounded_components(GOOD, [[10, 10, 50, 50], [1, 1, 2, 2]], mode="gemex")["overall"] == 0.0  # count
+
+
+def test_grounded_only_reads_the_reasoning_boxes():
+    out = "<think> nothing here </think> [10, 10, 50, 50] \\boxed{x}"
+    assert R.grounded_components(out, [[10, 10, 50, 50]])["iou"] == 0.0
+
+
+@pytest.mark.parametrize("boxes,msg", [([[1, 2, 3]], r"boxes\[0\].*4"), ([["a", 1, 2, 3]], r"boxes\[0\]"),
+                                       ([[0, 0, float("nan"), 1]], "finite")])
+def test_grounded_bad_reference_boxes(boxes, msg):
+    with pytest.raises(ValueError, match=msg):
+        R.grounded_components(GOOD, boxes)
+
+
+# ---------------------------------------------------------------- clinical
+
+def test_clinical_applies_to_reports_only():
+    ref = "There is a small left pleural effusion. Heart size is normal."
+    good = "<think> fluid at the left base with [300, 300, 450, 450] </think> The answer is: \\boxed{Small left " \
+           "pleural effusion. Normal heart size.}"
+    wrong = "<think> x </think> \\boxed{Cardiomegaly. No pleural effusion.}"
+    assert R.clinical_components(good, ref, "report_findings")["overall"] == 1.0
+    assert R.clinical_components(wrong, ref, "report_findings")["overall"] == 0.0
+    assert R.clinical_components(good, "yes", "vqa") is None
+    assert R.clinical_components(good, ref, None)["overall"] == 1.0  # a long answer without a task: a report
+    assert R.report_answer("<think> a </think> no box here") == "no box here"
+
+
+# ---------------------------------------------------------------- composites
+
+def test_spec_parse_names_inline_and_files(tmp_path):
+    assert R.RewardSpec.parse("paper").weights == {"paper": 1.0}
+    assert R.RewardSpec.parse("paper=1, grounded=0.5").weights == {"paper": 1.0, "grounded": 0.5}
+    shipped = R.RewardSpec.parse("grounded_paper")
+    assert shipped.weights == {"paper": 1.0, "grounded": 1.0} and shipped.grounded_iou_weight == 0.75
+    f = tmp_path / "mine.yaml"
+    f.write_text("weights: {clinical: 2.0}\nclinical_uncertain: negative\n")
+    spec = R.RewardSpec.parse(str(f), clinical_uncertain="positive")  # the file's own setting wins
+    assert spec.weights == {"clinical": 2.0} and spec.clinical_uncertain == "negative" and spec.name == "mine"
+
+
+@pytest.mark.parametrize("spec,msg", [
+    ("nope", r"unknown reward 'nope'.*paper-words"),
+    ("paper=1,bogus=2", r"unknown component 'bogus'"),
+    ("paper=x", r"'paper=x' is not NAME=WEIGHT"),
+])
+def test_spec_parse_errors(spec, msg):
+    with pytest.raises(ValueError, match=msg):
+        R.RewardSpec.parse(spec)
+
+
+def test_spec_file_errors_name_the_file_and_key(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("weights: {paper: 1}\ngrounded_mod: soft\n")
+    with pytest.raises(ValueError, match=r"bad.yaml.*grounded_mod"):
+        R.RewardSpec.parse(str(f))
+    f.write_text("weights: {paper: 1}\ngrounded_mode: fuzzy\n")
+    with pytest.raises(ValueError, match=r"bad.yaml.*grounded_mode.*fuzzy"):
+        R.RewardSpec.parse(str(f))
+    f.write_text("weights: [paper]\n")
+    with pytest.raises(ValueError, match=r"bad.yaml.*'weights' must map"):
+        R.RewardSpec.parse(str(f))
+
+
+def test_spec_from_config():
+    from deepmedix.config import load_config
+
+    cfg = load_config("grpo", "tiny", ["reward=paper", "reward_weights={grounded: 2.0}", "grounded_mode=gemex"])
+    spec = R.RewardSpec.from_config(cfg)
+    assert spec.weights == {"grounded": 2.0} and spec.grounded_mode == "gemex"
+    assert R.RewardSpec.from_config(load_config("grpo", "7b")).weights == {"paper": 1.0}
+
+
+def test_spec_score_sums_the_weighted_components_that_apply():
+    spec = R.RewardSpec.parse("paper=1,grounded=2,clinical=1")
+    s = spec.score(GOOD, "nodule", [[10, 10, 50, 50]], "grounding")
+    assert s["paper"] == R.paper_components(GOOD, "nodule")["overall"]
+    assert s["grounded"] == 1.0 and s["grounded/iou"] == 1.0 and s["clinical"] is None
+    assert s["overall"] == s["paper"] + 2.0
+    vqa = spec.score(GOOD, "nodule", None, "vqa")
+    assert vqa["grounded"] is None and vqa["overall"] == vqa["paper"]
+
+
+def test_trl_functions_names_weights_parts_and_rollouts():
+    spec = R.RewardSpec.parse("paper=1,grounded=0.5")
+    seen, metrics = [], {}
+    funcs, weights = spec.trl_functions(on_scores=seen.append)
+    assert [f.__name__ for f in funcs] == ["paper", "grounded"] and weights == [1.0, 0.5]
+    conv = [{"role": "assistant", "content": GOOD}]
+    completions = [GOOD, conv]
+    kw = dict(answer=["nodule", "mass"], ref_boxes_frame=[[[10, 10, 50, 50]], []], task=["grounding", "vqa"],
+              log_metric=lambda k, v: metrics.__setitem__(k, v), prompts=["p1", "p2"])
+    paper = funcs[0](completions, **kw)
+    assert paper == [R.paper_components(GOOD, "nodule")["overall"], R.paper_components(GOOD, "mass")["overall"]]
+    assert seen == []  # the batch is complete only once every component is in
+    assert funcs[1](completions, **kw) == [1.0, None]  # neutral for the record without boxes
+    assert metrics["rewards/paper/accuracy"] == pytest.approx((1.5 + 0.0) / 2)
+    assert metrics["rewards/grounded/iou"] == 1.0  # over the records it applies to
+    (batch,) = seen
+    assert batch["completions"] == [GOOD, GOOD] and batch["scores"]["grounded"][1] is None
+    with pytest.raises(ValueError, match="2 completions but 1 answers"):
+        funcs[0](completions, answer=["x"])
+
+
+# ---------------------------------------------------------------- the CLI
+
+def _cli(*args):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).with_name("deepmedix")
+    return subprocess.run([str(exe), "reward", "score", *map(str, args)], capture_output=True, text=True)
+
+
+def test_cli_scores_every_line(tmp_path):
+    import json
+
+    f = tmp_path / "preds.jsonl"
+    rows = [{"prediction": GOOD, "ground_truth": "nodule", "boxes": [[10, 10, 50, 50]]},
+            {"prediction": "no format", "ground_truth": "a | b"}]
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    r = _cli(f)
+    assert r.returncode == 0, r.stderr
+    first, second = [json.loads(x) for x in r.stdout.splitlines()]
+    assert first == {"paper": first["overall"], "paper/accuracy": 1.5, "paper/format": 1.0,
+                     "paper/coordinate": 0.05, "overall": (1 - 0.1) * 1.5 + 0.1 + 0.05}
+    assert second["overall"] == 0.0
+    r = _cli(f, "--reward", "grounded_paper")
+    first, second = [json.loads(x) for x in r.stdout.splitlines()]
+    assert first["grounded"] == 1.0 and first["overall"] == first["paper"] + 1.0
+    assert second["grounded"] is None and second["overall"] == second["paper"]
+
+
+@pytest.mark.parametrize("line,msg", [
+    ('{"prediction": "x"}', r"preds.jsonl:2: field 'ground_truth' must be a string"),
+    ("not json", r"preds.jsonl:2: not JSON"),
+    ('["x"]', r"preds.jsonl:2: expected a JSON object"),
+    ('{"prediction": "x", "ground_truth": "y", "boxes": [[1, 2]]}', r"preds.jsonl:2: field 'boxes'\[0\]"),
+])
+def test_cli_bad_lines_name_file_line_and_field(tmp_path, line, msg):
+    import re
+
+    f = tmp_path / "preds.jsonl"
+    f.write_text('{"prediction": "x", "ground_truth": "y"}\n' + line + "\n")
+    r = _cli(f)
+    assert r.returncode == 2 and r.stdout == ""  # nothing printed: every line is checked first
+    assert re.search(msg, " ".join(r.stderr.split())), r.stderr
+
+
+def test_cli_unknown_reward(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prediction": "x", "ground_truth": "y"}\n')
+    r = _cli(f, "--reward", "nope")
+    assert r.returncode == 2 and "unknown reward 'nope'" in r.stderr

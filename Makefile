@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/demo
 
-.PHONY: install demo test compile bench bench-curate bench-sft-gpu clean
+.PHONY: install demo test compile bench bench-curate bench-sft-gpu bench-grpo-gpu clean
 
 install: $(STAMP)
 
@@ -33,6 +33,11 @@ bench-curate: $(STAMP)
 # Needs a CUDA GPU (H100/H200): SFT of a Qwen2.5-VL-7B-shaped model, tokens/s and MFU. Not part of `make bench`.
 bench-sft-gpu: $(STAMP)
 	$(BIN)/python bench/sft_gpu_bench.py $(BENCH_ARGS)
+
+# Needs a CUDA GPU (H100/H200): one GRPO step (5 rollouts) of a Qwen2.5-VL-7B-shaped model, rollout / reward /
+# update seconds. Not part of `make bench`.
+bench-grpo-gpu: $(STAMP)
+	$(BIN)/python bench/grpo_gpu_bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -86,10 +86,11 @@ def coldstart_sft(traces: str, model: str, out: str, size: str = "tiny", overrid
     return train_coldstart(load_config("coldstart", size, overrides), traces, model, out, resume=resume)
 
 
-def grpo(data: str, model: str, out: str, size: str = "tiny", overrides: list[str] | None = None) -> dict[str, Any]:
+def grpo(data: str, model: str, out: str, size: str = "tiny", overrides: list[str] | None = None,
+         resume: bool = False) -> dict[str, Any]:
     from deepmedix.train.grpo import train_grpo
 
-    return train_grpo(load_config("grpo", size, overrides), data, model, out)
+    return train_grpo(load_config("grpo", size, overrides), data, model, out, resume=resume)
 
 
 def evaluate(data: str, model: str, out: str, size: str = "tiny", overrides: list[str] | None = None,

@@ -148,3 +148,21 @@ def weed_s3(root):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+# ---------------------------------------------------------------------------------- the cold-start tiny model
+
+@pytest.fixture(scope="session")
+def coldstart_chain(tmp_path_factory):
+    """The embedded default's data and the tiny model after stages 1 and 2 (instruction SFT, cold start) with
+    their tiny configs: what GRPO starts from. (data folder, cold-start model folder); about 3 minutes."""
+    from deepmedix import stages
+
+    root = tmp_path_factory.mktemp("chain")
+    data, traces = root / "data", root / "traces"
+    stages.curate(str(data), "tiny")
+    stages.base_model(str(data), str(root / "base"), "tiny")
+    stages.sft(str(data), str(root / "base"), str(root / "sft"), "tiny")
+    stages.coldstart_synth(str(data), str(traces), "tiny")
+    stages.coldstart_sft(str(traces), str(root / "sft"), str(root / "coldstart"), "tiny")
+    return data, root / "coldstart"

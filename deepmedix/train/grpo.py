@@ -1,80 +1,304 @@
 """Stage 3: online RL with TRL's ``GRPOTrainer`` on images, rewarded by rule-based rewards (``rewards.py``).
 
-The target metric is the mean reward of greedy answers on held-out (validate) records, before and after.
+* The reward is one of ``paper``, ``paper-words``, ``grounded``, ``clinical`` or a weighted composite of them
+  (:class:`~deepmedix.train.rewards.RewardSpec`); each component is one TRL reward function, logged on its own.
+* Rollouts: ``num_generations`` completions per prompt at ``temperature``/``top_p``, by vLLM in TRL's colocate
+  mode where vLLM is installed and a GPU is there (``use_vllm: auto``), by ``generate`` otherwise. A prompt
+  longer than ``max_prompt_length`` tokens (images included) is skipped and counted, never cut.
+* Checkpoints to the store every ``save_steps`` and ``--resume`` as in SFT (``checkpoints.py``).
+* Outputs beside the model: ``reward_curves.png`` (the total reward and each component, KL, completion length),
+  ``rollouts.jsonl`` (``rollout_samples`` completions per step with their rewards), ``metrics.json`` with the
+  held-out greedy reward before and after, and the training reward's first and last windows.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import shutil
 import time
+from pathlib import Path
 from typing import Any
 
-import torch
-
-from deepmedix import store
 from deepmedix.config import GRPOConfig
 from deepmedix.grounding import user_message
-from deepmedix.train.common import frame_boxes, freeze_vision, generate_on, load_split, record_images, save_model, write_curve, write_json
+from deepmedix.train import checkpoints as ck
+from deepmedix.train.common import frame_boxes, freeze_vision, generate_on, load_split, record_images
+from deepmedix.train.rewards import RewardSpec
+
+ROLLOUTS = "rollouts.jsonl"
 
 
-def held_out_reward(loaded, root, records, reward_fn, max_new_tokens: int, frame: int) -> float:
+# ------------------------------------------------------------------------------------------ settings
+
+def use_vllm(cfg: GRPOConfig) -> bool:
+    """vLLM rollouts: ``true``/``false``, or ``auto`` = when vLLM is importable and a CUDA GPU is there."""
+    import importlib.util
+
+    import torch
+
+    mode = str(cfg.use_vllm).lower()
+    if mode not in ("auto", "true", "false"):
+        raise ValueError(f"use_vllm must be auto, true or false, got {cfg.use_vllm!r}")
+    available = importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+    if mode == "true" and not available:
+        raise ValueError("use_vllm: true, but vLLM is not installed or there is no CUDA GPU; set use_vllm: auto")
+    return available if mode == "auto" else mode == "true"
+
+
+def trl_args(cfg: GRPOConfig, out: Path, weights: list[float], vllm: bool = False):
+    import torch
+    from trl import GRPOConfig as TRLGRPOConfig
+
+    cuda = torch.cuda.is_available()
+    return TRLGRPOConfig(
+        output_dir=str(out), max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
+        num_train_epochs=cfg.num_train_epochs, per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_ratio, lr_scheduler_type=cfg.lr_scheduler_type,
+        max_grad_norm=cfg.max_grad_norm, num_generations=cfg.num_generations,
+        max_completion_length=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p,
+        beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high or None, loss_type=cfg.loss_type,
+        scale_rewards=cfg.scale_rewards, num_iterations=cfg.num_iterations, reward_weights=weights,
+        use_vllm=vllm, vllm_mode="colocate", vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+        logging_steps=max(1, cfg.logging_steps), report_to=[], seed=cfg.seed, data_seed=cfg.seed,
+        save_strategy="steps" if cfg.save_steps > 0 else "no", save_steps=max(1, cfg.save_steps),
+        save_total_limit=None, bf16=cfg.bf16 and cuda, gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        use_cpu=not cuda, remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=False,
+        deepspeed=ck.deepspeed_config(cfg.deepspeed), ddp_timeout=cfg.ddp_timeout_s,
+    )
+
+
+# ------------------------------------------------------------------------------------------ prompts
+
+def prompt_length(processor, row: dict[str, Any]) -> int:
+    """Tokens of one prompt as the trainer feeds it (chat template with the generation prompt, image expanded)."""
+    from deepmedix.train.sft import image_tokens
+
+    text = processor.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+    n_text = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+    im = row["image"]
+    return n_text - 1 + image_tokens(processor.image_processor, im.width, im.height)
+
+
+def make_rows(root: Path, records: list, cfg: GRPOConfig, processor) -> tuple[list[dict[str, Any]], list[str]]:
+    """The prompts (one image each, with the record's answer, reference boxes and task for the rewards), and the
+    ids of those skipped for being longer than ``max_prompt_length``."""
+    rows, skipped = [], []
+    for r in records:
+        row = {"prompt": [user_message(r.prompt, 1)], "image": record_images(root, r, cfg.frame)[0],
+               "answer": r.answer, "ref_boxes_frame": frame_boxes(r, cfg.frame), "task": r.task}
+        if cfg.max_prompt_length and prompt_length(processor, row) > cfg.max_prompt_length:
+            skipped.append(r.record_id)
+            continue
+        rows.append(row)
+    return rows, skipped
+
+
+# ------------------------------------------------------------------------------------------ what a run leaves
+
+class RolloutLog:
+    """Writes ``rollout_samples`` completions of each generation batch with every reward component to a JSONL
+    file; a checkpoint carries the file so that a resumed run continues it."""
+
+    def __init__(self, path: Path, per_batch: int):
+        self.path, self.per_batch = path, per_batch
+
+    def __call__(self, batch: dict[str, Any]) -> None:
+        if self.per_batch <= 0:
+            return
+        state = batch["kwargs"].get("trainer_state")
+        step = (state.global_step if state is not None else 0) + 1  # the optimizer step these rollouts feed
+        prompts = batch["kwargs"].get("prompts") or []
+        lines = []
+        for i in range(min(self.per_batch, len(batch["completions"]))):
+            comps = {name: rows[i] for name, rows in batch["scores"].items()}
+            total = sum(batch["weights"][n] * c["overall"] for n, c in comps.items() if c is not None)
+            lines.append({"step": step, "task": batch["task"][i], "prompt": _prompt_text(prompts[i]) if prompts else None,
+                          "completion": batch["completions"][i], "answer": batch["answer"][i],
+                          "rewards": comps, "total": total})
+        with self.path.open("a", encoding="utf-8") as f:
+            f.writelines(json.dumps(x, sort_keys=True) + "\n" for x in lines)
+
+    def restore(self, checkpoint: Path | None, step: int) -> None:
+        """Start from a checkpoint's copy, keeping the lines up to its step."""
+        src = checkpoint / ROLLOUTS if checkpoint else None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if src is None or not src.is_file():
+            self.path.write_text("")
+            return
+        keep = [ln for ln in src.read_text(encoding="utf-8").splitlines() if json.loads(ln)["step"] <= step]
+        self.path.write_text("".join(ln + "\n" for ln in keep))
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        log = self
+
+        class CarryRollouts(TrainerCallback):
+            def on_save(self, args, state, control, **kw):
+                dest = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if state.is_world_process_zero and dest.is_dir() and log.path.is_file():
+                    shutil.copy2(log.path, dest / ROLLOUTS)
+                return control
+
+        return CarryRollouts()
+
+
+def _prompt_text(prompt: Any) -> str:
+    from deepmedix.train.rewards import completion_text
+
+    if isinstance(prompt, list):
+        users = [m for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+        return completion_text([{"role": "assistant", "content": users[-1]["content"]}]) if users else ""
+    return str(prompt)
+
+
+def series(log_history: list[dict], key: str) -> list[tuple[int, float]]:
+    return [(int(h["step"]), float(h[key])) for h in log_history
+            if key in h and h[key] is not None and not math.isnan(float(h[key]))]
+
+
+def windows(log_history: list[dict], key: str, frac: float = 0.25) -> tuple[float, float] | None:
+    """Mean of ``key`` over the first and the last ``frac`` of the logged steps (at least one each)."""
+    vals = [v for _, v in series(log_history, key)]
+    if len(vals) < 2:
+        return None
+    k = max(1, int(len(vals) * frac))
+    return sum(vals[:k]) / k, sum(vals[-k:]) / k
+
+
+def write_curves(log_history: list[dict], spec: RewardSpec, path: Path, title: str) -> None:
+    """One PNG: the total reward and each component (with its parts) by step; KL; completion length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    ax = axes[0]
+    for key, label in [("reward", "total (weighted)")] + [(f"rewards/{n}/mean", f"{n} (x{w:g})")
+                                                           for n, w in spec.weights.items()]:
+        pts = series(log_history, key)
+        if pts:
+            ax.plot(*zip(*pts), marker=".", label=label, linewidth=2 if key == "reward" else 1)
+    for key in sorted({k for h in log_history for k in h if k.startswith("rewards/") and k.count("/") == 2
+                       and not k.endswith(("/mean", "/std"))}):
+        pts = series(log_history, key)
+        if pts:
+            ax.plot(*zip(*pts), linestyle="--", label=key[len("rewards/"):])
+    ax.set_title("reward")
+    ax.legend(fontsize=7)
+    for ax, key, name in ((axes[1], "kl", "KL to the reference (k3)"), (axes[2], "completions/mean_length",
+                                                                        "completion length (tokens)")):
+        pts = series(log_history, key)
+        if pts:
+            ax.plot(*zip(*pts), marker=".")
+        else:
+            ax.text(0.5, 0.5, "not measured (beta = 0)" if key == "kl" else "no data", ha="center",
+                    transform=ax.transAxes)
+        ax.set_title(name)
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def held_out(loaded, root: Path, records: list, spec: RewardSpec, max_new_tokens: int, frame: int) -> dict[str, Any]:
+    """Greedy answers on held-out records, scored: the mean of every component and of ``overall``."""
     if not records:
-        return float("nan")
+        return {"overall": float("nan")}
     loaded.model.eval()
     outs = generate_on(loaded, root, records, max_new_tokens, frame=frame)
-    scores = reward_fn(outs, answer=[r.answer for r in records],
-                       ref_boxes_frame=[frame_boxes(r, frame) for r in records])
-    return float(sum(scores) / len(scores))
+    scores = [spec.score(o, r.answer, frame_boxes(r, frame), r.task) for o, r in zip(outs, records)]
+    keys = {k for s in scores for k in s}
+    means = {}
+    for k in sorted(keys):
+        vals = [s[k] for s in scores if s.get(k) is not None]
+        means[k] = sum(vals) / len(vals) if vals else None
+    return means
 
 
-def train_grpo(cfg: GRPOConfig, data_uri: str, model_uri: str, out_uri: str) -> dict[str, Any]:
-    from datasets import Dataset
-    from trl import GRPOConfig as TRLGRPOConfig
+# ------------------------------------------------------------------------------------------ the run
+
+def train_grpo(cfg: GRPOConfig, data_uri: str, model_uri: str, out_uri: str, resume: bool = False) -> dict[str, Any]:
     from trl import GRPOTrainer
 
     from deepmedix.model.load import load
-    from deepmedix.train.rewards import get_reward
 
     t0 = time.time()
     if cfg.max_length:
-        raise ValueError("grpo: 'max_length' does not apply to GRPO; bound rollouts with 'max_completion_length'")
-    reward_fn = get_reward(cfg.reward)
+        raise ValueError("grpo: 'max_length' does not apply to GRPO; bound prompts with 'max_prompt_length' and "
+                         "rollouts with 'max_completion_length'")
+    if cfg.lora:
+        raise ValueError("grpo: lora is not supported for GRPO here; train the full model (optionally with "
+                         "freeze_vision / freeze_merger)")
+    ck.check(cfg)
+    spec = RewardSpec.from_config(cfg)
+    vllm = use_vllm(cfg)
+    if cfg.deepspeed:
+        ck.ensure_process_group_env()
+    rank, _ = ck.world()
     root, train = load_split(data_uri, "train", cfg.tasks, cfg.task_ratios, cfg.max_records, cfg.seed)
     _, val = load_split(data_uri, "validate", cfg.tasks, None, cfg.eval_records, cfg.seed)
     if not train:
         raise ValueError(f"{data_uri}: no train records for tasks {cfg.tasks}")
-    loaded = load(model_uri, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
-    before = held_out_reward(loaded, root, val, reward_fn, cfg.max_completion_length, cfg.frame)
-    rows = [{"prompt": [user_message(r.prompt, 1)], "image": record_images(root, r, cfg.frame)[0], "answer": r.answer,
-             "ref_boxes_frame": frame_boxes(r, cfg.frame)} for r in train]
-    ds = Dataset.from_list(rows)
-    with store.atomic_dir(out_uri) as out:
-        work = out / ".trainer"
-        args = TRLGRPOConfig(
-            output_dir=str(work), max_steps=cfg.max_steps, num_train_epochs=cfg.num_train_epochs,
-            per_device_train_batch_size=cfg.per_device_train_batch_size,
-            gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
-            weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_ratio, lr_scheduler_type=cfg.lr_scheduler_type,
-            num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
-            temperature=cfg.temperature, beta=cfg.beta, logging_steps=max(1, cfg.logging_steps),
-            save_strategy="no", report_to=[], seed=cfg.seed, bf16=cfg.bf16 and torch.cuda.is_available(),
-            gradient_checkpointing=cfg.gradient_checkpointing, use_cpu=not torch.cuda.is_available(),
-            remove_unused_columns=False, dataloader_num_workers=0,
-        )
-        if cfg.freeze_vision or cfg.freeze_merger:
-            freeze_vision(loaded.model, tower=cfg.freeze_vision, merger=cfg.freeze_merger)
-        loaded.model.train()
-        trainer = GRPOTrainer(model=loaded.model, reward_funcs=[reward_fn], args=args, train_dataset=ds,
-                              processing_class=loaded.processor)
-        result = trainer.train()
-        shutil.rmtree(work, ignore_errors=True)
-        after = held_out_reward(loaded, root, val, reward_fn, cfg.max_completion_length, cfg.frame)
-        save_model(trainer, loaded.processor, out)
-        write_curve(trainer.state.log_history, "reward", out / "reward_curve.png", "grpo: mean reward")
-        metrics = {"stage": "grpo", "metric": f"val_reward_{cfg.reward}", "before": before, "after": after,
-                   "train_loss": result.training_loss, "steps": trainer.state.global_step, "n_train": len(ds),
-                   "n_val": len(val), "wall_s": time.time() - t0}
-        write_json(metrics, out / "metrics.json")
-        write_json(trainer.state.log_history, out / "log_history.json")
-        store.write_lineage(out, "grpo", cfg, inputs={"data": data_uri, "model": model_uri}, extra={"metrics": metrics})
+    rollouts = RolloutLog(ck.work_dir(out_uri) / ROLLOUTS, cfg.rollout_samples)
+    funcs, weights = spec.trl_functions(on_scores=rollouts if rank == 0 else None)
+    args = trl_args(cfg, ck.work_dir(out_uri) / "trainer", weights, vllm)
+    ckpt_uri, run, work, start = ck.start_run("grpo", cfg, data_uri, model_uri, out_uri, resume)
+    origin = load(model_uri, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)  # the starting policy
+    before = held_out(origin, root, val, spec, cfg.max_completion_length, cfg.frame)
+    loaded = origin
+    if start is not None:
+        # the policy continues from the checkpoint; the KL reference stays the starting model (TRL builds it
+        # from the config's name_or_path)
+        loaded = load(start, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+        loaded.model.config._name_or_path = str(origin.path)
+        del origin
+    if rank == 0:
+        rollouts.restore(start, int(start.name.split("-")[-1]) if start else 0)
+    rows, skipped = make_rows(root, train, cfg, loaded.processor)
+    if skipped and rank == 0:
+        print(f"grpo: skipped {len(skipped)} prompt(s) longer than max_prompt_length={cfg.max_prompt_length} tokens "
+              f"(e.g. {', '.join(skipped[:3])})", flush=True)
+    if not rows:
+        raise ValueError(f"{data_uri}: every train prompt is longer than max_prompt_length={cfg.max_prompt_length}")
+    from datasets import Dataset
+
+    frozen = freeze_vision(loaded.model, cfg.freeze_vision, cfg.freeze_merger) \
+        if cfg.freeze_vision or cfg.freeze_merger else 0
+    loaded.model.train()
+    callbacks = [rollouts.callback(), ck.publisher(ckpt_uri, cfg.save_total_limit, "grpo", run)] if cfg.save_steps \
+        else None
+    trainer = ck.trainer_class(GRPOTrainer, preloaded=start is not None)(
+        model=loaded.model, reward_funcs=funcs, args=args, train_dataset=Dataset.from_list(rows),
+        processing_class=loaded.processor, callbacks=callbacks)
+    result = trainer.train(resume_from_checkpoint=str(start) if start else None)
+    after = held_out(loaded, root, val, spec, cfg.max_completion_length, cfg.frame)
+    final = work / "final"
+    ck.save_final(trainer, final)
+    hist = trainer.state.log_history
+    learn = {f"train_{name}_{side}": v for name, key in (("reward", "reward"), ("iou", "rewards/grounded/iou"))
+             if (w := windows(hist, key)) for side, v in zip(("first", "last"), w)}
+    metrics = {
+        "stage": "grpo", "metric": f"val_reward_{spec.name}", "before": before["overall"], "after": after["overall"],
+        "before_components": before, "after_components": after, **learn,
+        "train_loss": result.training_loss, "steps": trainer.state.global_step, "n_train": len(rows),
+        "n_val": len(val), "skipped_too_long": len(skipped), "reward_weights": dict(spec.weights),
+        "vllm": vllm, "frozen_vision_params": frozen, "resumed_from": str(start) if start else None,
+        "wall_s": time.time() - t0,
+    }
+
+    def extras(out: Path) -> None:
+        write_curves(hist, spec, out / "reward_curves.png", f"grpo: {spec.name}")
+        if rollouts.path.is_file():
+            shutil.copy2(rollouts.path, out / ROLLOUTS)
+
+    ck.publish_model(trainer, loaded.processor, work, out_uri, "grpo", cfg, metrics,
+                     {"data": data_uri, "model": model_uri}, extras)
     return metrics

@@ -77,7 +77,7 @@ def test_grpo_runs_with_images_and_the_paper_reward(small_data, sft_model, tmp_p
     assert isinstance(m["before"], float) and isinstance(m["after"], float)
     hist = json.loads((out / "log_history.json").read_text())
     assert any("reward" in h for h in hist)
-    assert (out / "reward_curve.png").exists()
+    assert (out / "reward_curves.png").exists() and (out / "rollouts.jsonl").exists()
     assert load(out).model is not None
 
 

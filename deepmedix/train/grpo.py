@@ -223,6 +223,19 @@ def held_out(loaded, root: Path, records: list, spec: RewardSpec, max_new_tokens
     return means
 
 
+def _trained(loaded, final: Path, cfg: GRPOConfig):
+    """The trained policy, able to generate: the model in memory, or under DeepSpeed the saved folder loaded whole
+    (ZeRO's partitioning switched off: training is over)."""
+    if not cfg.deepspeed:
+        return loaded
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from deepmedix.model.load import load
+
+    unset_hf_deepspeed_config()
+    return load(final, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+
+
 # ------------------------------------------------------------------------------------------ the run
 
 def train_grpo(cfg: GRPOConfig, data_uri: str, model_uri: str, out_uri: str, resume: bool = False) -> dict[str, Any]:
@@ -249,17 +262,21 @@ def train_grpo(cfg: GRPOConfig, data_uri: str, model_uri: str, out_uri: str, res
         raise ValueError(f"{data_uri}: no train records for tasks {cfg.tasks}")
     rollouts = RolloutLog(ck.work_dir(out_uri) / ROLLOUTS, cfg.rollout_samples)
     funcs, weights = spec.trl_functions(on_scores=rollouts if rank == 0 else None)
+    # The held-out "before" score is taken on a plainly loaded starting model (rank 0), before the trainer's
+    # arguments exist: under ZeRO-3 every later load is partitioned and cannot generate outside the engine.
+    origin = load(model_uri, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    origin_path = origin.path  # the KL reference: TRL builds it from the policy config's name_or_path
+    before = held_out(origin, root, val, spec, cfg.max_completion_length, cfg.frame) if rank == 0 else None
     args = trl_args(cfg, ck.work_dir(out_uri) / "trainer", weights, vllm)
     ckpt_uri, run, work, start = ck.start_run("grpo", cfg, data_uri, model_uri, out_uri, resume)
-    origin = load(model_uri, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)  # the starting policy
-    before = held_out(origin, root, val, spec, cfg.max_completion_length, cfg.frame)
-    loaded = origin
-    if start is not None:
-        # the policy continues from the checkpoint; the KL reference stays the starting model (TRL builds it
-        # from the config's name_or_path)
-        loaded = load(start, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
-        loaded.model.config._name_or_path = str(origin.path)
+    # A checkpoint's weights are loaded by from_pretrained (see sft.py); under DeepSpeed the engine restores them.
+    weights = start if start is not None and not cfg.deepspeed else model_uri
+    if weights is start or cfg.deepspeed:
         del origin
+        loaded = load(weights, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+        loaded.model.config._name_or_path = str(origin_path)
+    else:
+        loaded = origin
     if rank == 0:
         rollouts.restore(start, int(start.name.split("-")[-1]) if start else 0)
     rows, skipped = make_rows(root, train, cfg, loaded.processor)
@@ -275,18 +292,20 @@ def train_grpo(cfg: GRPOConfig, data_uri: str, model_uri: str, out_uri: str, res
     loaded.model.train()
     callbacks = [rollouts.callback(), ck.publisher(ckpt_uri, cfg.save_total_limit, "grpo", run)] if cfg.save_steps \
         else None
-    trainer = ck.trainer_class(GRPOTrainer, preloaded=start is not None)(
+    trainer = ck.trainer_class(GRPOTrainer, preloaded=start is not None and weights is start)(
         model=loaded.model, reward_funcs=funcs, args=args, train_dataset=Dataset.from_list(rows),
         processing_class=loaded.processor, callbacks=callbacks)
     result = trainer.train(resume_from_checkpoint=str(start) if start else None)
-    after = held_out(loaded, root, val, spec, cfg.max_completion_length, cfg.frame)
     final = work / "final"
     ck.save_final(trainer, final)
+    after = held_out(_trained(loaded, final, cfg), root, val, spec, cfg.max_completion_length, cfg.frame) \
+        if rank == 0 else None
     hist = trainer.state.log_history
     learn = {f"train_{name}_{side}": v for name, key in (("reward", "reward"), ("iou", "rewards/grounded/iou"))
              if (w := windows(hist, key)) for side, v in zip(("first", "last"), w)}
     metrics = {
-        "stage": "grpo", "metric": f"val_reward_{spec.name}", "before": before["overall"], "after": after["overall"],
+        "stage": "grpo", "metric": f"val_reward_{spec.name}", "before": (before or {}).get("overall"),
+        "after": (after or {}).get("overall"),
         "before_components": before, "after_components": after, **learn,
         "train_loss": result.training_loss, "steps": trainer.state.global_step, "n_train": len(rows),
         "n_val": len(val), "skipped_too_long": len(skipped), "reward_weights": dict(spec.weights),

@@ -379,8 +379,8 @@ class RewardSpec:
                         vals = [r[part] for r in rows if r]
                         log_metric(f"rewards/{name}/{part}", sum(vals) / len(vals))
                 if on_scores is not None:
-                    key = id(completions)
-                    if batch["key"] != key:
+                    key = id(completions)  # one list per batch, passed to every function; a name seen again
+                    if batch["key"] != key or name in batch["scores"]:  # also starts a batch (ids are reused)
                         batch.update(key=key, scores={})
                     batch["scores"][name] = rows
                     if len(batch["scores"]) == len(names):

@@ -155,3 +155,19 @@ def test_7b_config_carries_the_papers_settings():
     args = grpo.trl_args(cfg, Path("/tmp/x"), [1.0], vllm=False)
     assert args.beta == 0.01 and args.num_generations == 5 and args.top_p == 0.99 and args.scale_rewards == "group"
     assert os.path.basename(args.deepspeed) == "zero3.json"
+
+
+def test_grpo_under_deepspeed_zero3_in_one_cpu_process_and_resume(small_data, base_model_dir, tmp_path):
+    out = tmp_path / "z3"
+    args = ["train", "grpo", "--data", str(small_data), "--model", str(base_model_dir), "--out", str(out),
+            "--set", "deepspeed=configs/deepspeed/zero3.json", "--set", "eval_records=2", "--set", "save_steps=1",
+            "--set", "max_completion_length=16", "--set", "per_device_train_batch_size=4", "--set", "num_generations=2"]
+    r = _cli(*args, "--set", "max_steps=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["steps"] == 2 and isinstance(m["before"], float) and isinstance(m["after"], float)  # generated on
+    r = _cli(*args, "--set", "max_steps=3", "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["steps"] == 3 and m["resumed_from"].endswith("checkpoint-2")
+    assert load(out).model is not None

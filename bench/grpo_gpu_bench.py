@@ -9,8 +9,8 @@ accumulation), ``max_steps`` = ``--warmup`` + ``--steps``, ``max_completion_leng
 ``--set KEY=VALUE`` overrides any other key of the GRPO config (e.g. ``--set beta=0``).
 
 The model is ``sft_gpu_bench``'s random-weight Qwen2.5-VL-7B (8.3 B parameters, bf16, built on the GPU); the KL
-reference is a copy of it made when TRL asks for one (TRL would load it from the policy's folder, which a random
-model has not). The processor is the project's locally built one (``deepmedix.model.tiny``: a small byte-level BPE
+reference is built by TRL from the folder the random model is saved to (``<out>/model``), as in the real stage.
+The processor is the project's locally built one (``deepmedix.model.tiny``: a small byte-level BPE
 tokenizer with the Qwen special tokens and chat template, image-only Qwen2.5-VL processor) at the paper's image
 budget min_pixels = max_pixels = 512*512 (a 512x512 image -> 532x532 -> grid (1, 38, 38) -> 361 image tokens); the
 model config takes that tokenizer's special token ids, its 152064-row vocabulary stays (ids past the tokenizer's
@@ -49,7 +49,6 @@ Prints a table and writes ``grpo_gpu_bench.json`` and ``grpo_gpu_bench.png`` (st
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import sys
@@ -225,24 +224,6 @@ def timed_trainer(timer: PhaseTimer, completion_len: int):
     return TimedGRPOTrainer, StepTimes()
 
 
-@contextmanager
-def reference_from(model) -> Iterator[None]:
-    """TRL builds the KL reference with ``create_model_from_path(policy's folder)``; a random model has no folder,
-    so the reference is a copy of the policy (what loading the same folder would give)."""
-    from unittest import mock
-
-    from trl.trainer import grpo_trainer
-
-    def create(_model_id: str, **_kwargs):
-        ref = copy.deepcopy(model)
-        ref.eval()
-        ref.requires_grad_(False)
-        return ref
-
-    with mock.patch.object(grpo_trainer, "create_model_from_path", create):
-        yield
-
-
 # ------------------------------------------------------------------------------------------- run
 
 def main(argv: list[str] | None = None) -> int:
@@ -334,17 +315,18 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.training_args import OptimizerNames
 
     targs.optim = OptimizerNames(optim)
-    if vllm:  # TRL's colocated vLLM loads the weights from the policy's folder
-        folder = out / "model"
-        model.save_pretrained(folder)
-        processor.save_pretrained(folder)
-        model.config._name_or_path = str(folder)
+    # The random model is saved as a model folder, as the real stage's starting model is one: TRL builds the KL
+    # reference from it (and a colocated vLLM loads its weights from it).
+    folder = out / "model"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    model.config._name_or_path = str(folder)
+    if vllm:
         targs.vllm_max_model_length = cfg.max_prompt_length + completion_len
     timer = PhaseTimer(device)
     trainer_cls, step_times = timed_trainer(timer, completion_len)
-    with reference_from(model):
-        trainer = trainer_cls(model=model, reward_funcs=funcs, args=targs, train_dataset=Dataset.from_list(rows),
-                              processing_class=processor, callbacks=[step_times])
+    trainer = trainer_cls(model=model, reward_funcs=funcs, args=targs, train_dataset=Dataset.from_list(rows),
+                          processing_class=processor, callbacks=[step_times])
 
     res: dict[str, Any] = {
         "device": dev_name, "device_type": device.type, "dtype": str(dtype).replace("torch.", ""),

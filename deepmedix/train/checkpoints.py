@@ -135,7 +135,7 @@ def _delete(uri: str) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def run_id(stage: str, cfg: TrainConfig, data_uri: str, model_uri: str) -> str:
+def run_id(stage: str, cfg: TrainConfig, data_uri: str, model_uri: str, extra: dict[str, Any] | None = None) -> str:
     """What makes a checkpoint resumable by a run: the stage, its inputs and its config, except the keys that
     only say how long to train or how to checkpoint and log."""
     import hashlib
@@ -144,13 +144,14 @@ def run_id(stage: str, cfg: TrainConfig, data_uri: str, model_uri: str) -> str:
     from deepmedix.config import to_dict
 
     c = {k: v for k, v in to_dict(cfg).items() if k not in _RESUMABLE_CHANGES}
-    blob = json.dumps({"stage": stage, "data": str(data_uri), "model": str(model_uri), "config": c}, sort_keys=True,
-                      default=str)
+    blob = json.dumps({"stage": stage, "data": str(data_uri), "model": str(model_uri), "config": c,
+                       **({"extra": extra} if extra else {})}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 _RESUMABLE_CHANGES = {"max_steps", "num_train_epochs", "save_steps", "save_total_limit", "checkpoint_uri",
-                      "logging_steps", "eval_records", "eval_max_new_tokens", "ddp_timeout_s"}
+                      "logging_steps", "eval_records", "eval_max_new_tokens", "ddp_timeout_s", "rollout_samples",
+                      "vllm_gpu_memory_utilization"}
 
 
 def _checkpoint_run(uri: str) -> str | None:
@@ -194,13 +195,14 @@ def clear_checkpoints(uri: str) -> int:
     return len(found)
 
 
-def start_run(stage: str, cfg: TrainConfig, data_uri: str, model_uri: str, out_uri: str,
-              resume: bool) -> tuple[str, str, Path, Path | None]:
+def start_run(stage: str, cfg: TrainConfig, data_uri: str, model_uri: str, out_uri: str, resume: bool,
+              extra: dict[str, Any] | None = None) -> tuple[str, str, Path, Path | None]:
     """Set a run up on every rank: (checkpoint URI, run id, local work folder, the checkpoint to resume from or
-    None). A fresh run (no ``resume``) removes the earlier checkpoints; a killed run's work folder is dropped."""
+    None). A fresh run (no ``resume``) removes the earlier checkpoints; a killed run's work folder is dropped.
+    ``extra`` joins the run id (what the config names but does not hold, e.g. a reward file's contents)."""
     rank, _ = world()
     ckpt_uri = checkpoint_uri(cfg, out_uri)
-    run = run_id(stage, cfg, data_uri, model_uri)
+    run = run_id(stage, cfg, data_uri, model_uri, extra)
     work = work_dir(out_uri)
     if rank == 0:
         shutil.rmtree(work, ignore_errors=True)  # a killed run's staging is never published into this one
@@ -309,14 +311,15 @@ def save_final(trainer, dest: Path) -> None:
     barrier()
 
 
-def publish_model(trainer, processor, work: Path, out_uri: str, stage: str, cfg: TrainConfig, metrics: dict[str, Any],
-                  inputs: dict[str, str], extras: Callable[[Path], None]) -> None:
-    """Rank 0 writes the output folder atomically: the trained model (``work/final``, from :func:`save_final`), the
-    processor, ``extras(out)`` (curves and the like), ``metrics.json``, ``log_history.json`` and the lineage; then
-    the work folder goes. Every rank waits for it."""
+def publish_model(is_main: bool, log_history: list[dict], processor, work: Path, out_uri: str, stage: str,
+                  cfg: TrainConfig, metrics: dict[str, Any], inputs: dict[str, str],
+                  extras: Callable[[Path], None]) -> None:
+    """Rank 0 (``is_main``) writes the output folder atomically: the trained model (``work/final``, from
+    :func:`save_final`), the processor, ``extras(out)`` (curves and the like), ``metrics.json``,
+    ``log_history.json`` and the lineage; then the work folder goes. Every rank waits for it."""
     from deepmedix.train.common import write_json
 
-    if trainer.is_world_process_zero():
+    if is_main:
         with store.atomic_dir(out_uri) as out:
             for p in (work / "final").iterdir():
                 if p.name != "training_args.bin":
@@ -324,7 +327,7 @@ def publish_model(trainer, processor, work: Path, out_uri: str, stage: str, cfg:
             processor.save_pretrained(out)
             extras(out)
             write_json(metrics, out / "metrics.json")
-            write_json(trainer.state.log_history, out / "log_history.json")
+            write_json(log_history, out / "log_history.json")
             store.write_lineage(out, stage, cfg, inputs=inputs, extra={"metrics": metrics})
         shutil.rmtree(work, ignore_errors=True)
     barrier()

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from deepmedix import store
 from deepmedix.config import GRPOConfig
 from deepmedix.grounding import user_message
 from deepmedix.train import checkpoints as ck
@@ -67,6 +68,8 @@ def trl_args(cfg: GRPOConfig, out: Path, weights: list[float], vllm: bool = Fals
         gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         use_cpu=not cuda, remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=False,
         deepspeed=ck.deepspeed_config(cfg.deepspeed), ddp_timeout=cfg.ddp_timeout_s,
+        # the KL reference (built by TRL from the starting model's folder) in bf16 on a GPU: it is never trained
+        model_init_kwargs={"dtype": "bfloat16"} if cfg.bf16 and cuda else None,
     )
 
 
@@ -78,17 +81,18 @@ def prompt_length(processor, row: dict[str, Any]) -> int:
 
     text = processor.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
     n_text = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
-    im = row["image"]
-    return n_text - 1 + image_tokens(processor.image_processor, im.width, im.height)
+    per_image = [image_tokens(processor.image_processor, im.width, im.height) for im in row["images"]]
+    return n_text - len(per_image) + sum(per_image)  # each image is one placeholder token in the template
 
 
 def make_rows(root: Path, records: list, cfg: GRPOConfig, processor) -> tuple[list[dict[str, Any]], list[str]]:
-    """The prompts (one image each, with the record's answer, reference boxes and task for the rewards), and the
+    """The prompts (the record's images, its answer, reference boxes and task for the rewards), and the
     ids of those skipped for being longer than ``max_prompt_length``."""
     rows, skipped = [], []
     for r in records:
-        row = {"prompt": [user_message(r.prompt, 1)], "image": record_images(root, r, cfg.frame)[0],
-               "answer": r.answer, "ref_boxes_frame": frame_boxes(r, cfg.frame), "task": r.task}
+        images = record_images(root, r, cfg.frame)  # every view, as evaluation and serving see the record
+        row = {"prompt": [user_message(r.prompt, len(images))], "images": images, "answer": r.answer,
+               "ref_boxes_frame": frame_boxes(r, cfg.frame), "task": r.task}
         if cfg.max_prompt_length and prompt_length(processor, row) > cfg.max_prompt_length:
             skipped.append(r.record_id)
             continue
@@ -114,8 +118,10 @@ class RolloutLog:
         lines = []
         for i in range(min(self.per_batch, len(batch["completions"]))):
             comps = {name: rows[i] for name, rows in batch["scores"].items()}
-            total = sum(batch["weights"][n] * c["overall"] for n, c in comps.items() if c is not None)
-            lines.append({"step": step, "task": batch["task"][i], "prompt": _prompt_text(prompts[i]) if prompts else None,
+            applied = [batch["weights"][n] * c["overall"] for n, c in comps.items() if c is not None]
+            total = sum(applied) if applied else None  # no component applies: TRL leaves it out too
+            lines.append({"step": step, "task": batch["task"][i],
+                          "prompt": _prompt_text(prompts[i]) if prompts else None,
                           "completion": batch["completions"][i], "answer": batch["answer"][i],
                           "rewards": comps, "total": total})
         with self.path.open("a", encoding="utf-8") as f:
@@ -239,6 +245,11 @@ def _trained(loaded, final: Path, cfg: GRPOConfig):
 # ------------------------------------------------------------------------------------------ the run
 
 def train_grpo(cfg: GRPOConfig, data_uri: str, model_uri: str, out_uri: str, resume: bool = False) -> dict[str, Any]:
+    import dataclasses
+    import gc
+
+    import torch
+    from datasets import Dataset
     from trl import GRPOTrainer
 
     from deepmedix.model.load import load
@@ -260,23 +271,28 @@ def train_grpo(cfg: GRPOConfig, data_uri: str, model_uri: str, out_uri: str, res
     _, val = load_split(data_uri, "validate", cfg.tasks, None, cfg.eval_records, cfg.seed)
     if not train:
         raise ValueError(f"{data_uri}: no train records for tasks {cfg.tasks}")
-    rollouts = RolloutLog(ck.work_dir(out_uri) / ROLLOUTS, cfg.rollout_samples)
-    funcs, weights = spec.trl_functions(on_scores=rollouts if rank == 0 else None)
-    # The held-out "before" score is taken on a plainly loaded starting model (rank 0), before the trainer's
-    # arguments exist: under ZeRO-3 every later load is partitioned and cannot generate outside the engine.
-    origin = load(model_uri, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
-    origin_path = origin.path  # the KL reference: TRL builds it from the policy config's name_or_path
-    before = held_out(origin, root, val, spec, cfg.max_completion_length, cfg.frame) if rank == 0 else None
-    args = trl_args(cfg, ck.work_dir(out_uri) / "trainer", weights, vllm)
-    ckpt_uri, run, work, start = ck.start_run("grpo", cfg, data_uri, model_uri, out_uri, resume)
-    # A checkpoint's weights are loaded by from_pretrained (see sft.py); under DeepSpeed the engine restores them.
-    weights = start if start is not None and not cfg.deepspeed else model_uri
-    if weights is start or cfg.deepspeed:
+    # the run id covers the resolved reward (a composite file's weights and settings), not only its name
+    ckpt_uri, run, work, start = ck.start_run("grpo", cfg, data_uri, model_uri, out_uri, resume,
+                                              extra={"reward": dataclasses.asdict(spec)})
+    rollouts = RolloutLog(work / ROLLOUTS, cfg.rollout_samples)
+    funcs, reward_weights = spec.trl_functions(on_scores=rollouts if rank == 0 else None)
+    # The held-out "before" score: rank 0 generates with the starting model loaded plainly (GPU, bf16 where there
+    # is one), before the trainer's arguments exist (under ZeRO-3 every later load is partitioned), then frees it.
+    before = None
+    if rank == 0:
+        origin = load(model_uri, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+        before = held_out(origin, root, val, spec, cfg.max_completion_length, cfg.frame)
         del origin
-        loaded = load(weights, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
-        loaded.model.config._name_or_path = str(origin_path)
-    else:
-        loaded = origin
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    args = trl_args(cfg, work / "trainer", reward_weights, vllm)
+    # The policy is loaded in fp32 on the CPU, as in SFT: the trainer moves it and trains under bf16 autocast with
+    # fp32 master weights. A checkpoint's weights are loaded by from_pretrained (see sft.py); under DeepSpeed the
+    # engine restores them. The KL reference stays the starting model: TRL builds it from name_or_path.
+    init = start if start is not None and not cfg.deepspeed else model_uri
+    loaded = load(init, device="cpu", dtype="float32", min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    loaded.model.config._name_or_path = str(store.fetch(model_uri))
     if rank == 0:
         rollouts.restore(start, int(start.name.split("-")[-1]) if start else 0)
     rows, skipped = make_rows(root, train, cfg, loaded.processor)
@@ -285,32 +301,36 @@ def train_grpo(cfg: GRPOConfig, data_uri: str, model_uri: str, out_uri: str, res
               f"(e.g. {', '.join(skipped[:3])})", flush=True)
     if not rows:
         raise ValueError(f"{data_uri}: every train prompt is longer than max_prompt_length={cfg.max_prompt_length}")
-    from datasets import Dataset
-
+    dataset = Dataset.from_list(rows)  # images stored encoded: the decoded list goes
+    n_train = len(rows)
+    del rows
     frozen = freeze_vision(loaded.model, cfg.freeze_vision, cfg.freeze_merger) \
         if cfg.freeze_vision or cfg.freeze_merger else 0
     loaded.model.train()
     callbacks = [rollouts.callback(), ck.publisher(ckpt_uri, cfg.save_total_limit, "grpo", run)] if cfg.save_steps \
         else None
-    trainer = ck.trainer_class(GRPOTrainer, preloaded=start is not None and weights is start)(
-        model=loaded.model, reward_funcs=funcs, args=args, train_dataset=Dataset.from_list(rows),
+    trainer = ck.trainer_class(GRPOTrainer, preloaded=start is not None and init is start)(
+        model=loaded.model, reward_funcs=funcs, args=args, train_dataset=dataset,
         processing_class=loaded.processor, callbacks=callbacks)
     result = trainer.train(resume_from_checkpoint=str(start) if start else None)
     final = work / "final"
     ck.save_final(trainer, final)
+    hist, steps, is_main = trainer.state.log_history, trainer.state.global_step, trainer.is_world_process_zero()
+    if cfg.deepspeed:  # the engine, the reference and any vLLM engine go before a whole model is loaded to score
+        del trainer
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     after = held_out(_trained(loaded, final, cfg), root, val, spec, cfg.max_completion_length, cfg.frame) \
         if rank == 0 else None
-    hist = trainer.state.log_history
     learn = {f"train_{name}_{side}": v for name, key in (("reward", "reward"), ("iou", "rewards/grounded/iou"))
              if (w := windows(hist, key)) for side, v in zip(("first", "last"), w)}
     metrics = {
         "stage": "grpo", "metric": f"val_reward_{spec.name}", "before": (before or {}).get("overall"),
-        "after": (after or {}).get("overall"),
-        "before_components": before, "after_components": after, **learn,
-        "train_loss": result.training_loss, "steps": trainer.state.global_step, "n_train": len(rows),
-        "n_val": len(val), "skipped_too_long": len(skipped), "reward_weights": dict(spec.weights),
-        "vllm": vllm, "frozen_vision_params": frozen, "resumed_from": str(start) if start else None,
-        "wall_s": time.time() - t0,
+        "after": (after or {}).get("overall"), "before_components": before, "after_components": after, **learn,
+        "train_loss": result.training_loss, "steps": steps, "n_train": n_train, "n_val": len(val),
+        "skipped_too_long": len(skipped), "reward_weights": dict(spec.weights), "vllm": vllm,
+        "frozen_vision_params": frozen, "resumed_from": str(start) if start else None, "wall_s": time.time() - t0,
     }
 
     def extras(out: Path) -> None:
@@ -318,6 +338,6 @@ def train_grpo(cfg: GRPOConfig, data_uri: str, model_uri: str, out_uri: str, res
         if rollouts.path.is_file():
             shutil.copy2(rollouts.path, out / ROLLOUTS)
 
-    ck.publish_model(trainer, loaded.processor, work, out_uri, "grpo", cfg, metrics,
+    ck.publish_model(is_main, hist, loaded.processor, work, out_uri, "grpo", cfg, metrics,
                      {"data": data_uri, "model": model_uri}, extras)
     return metrics

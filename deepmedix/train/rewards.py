@@ -182,27 +182,27 @@ def _boxes(ref: Any, where: str = "boxes") -> list[list[float]]:
     """Reference boxes as lists of 4 floats; ValueError naming the field when they are not."""
     if ref is None:
         return []
+    if not isinstance(ref, (list, tuple)):
+        raise ValueError(f"{where}: expected a list of [x1, y1, x2, y2] boxes, got {ref!r}")
     out = []
     for i, b in enumerate(ref):
-        try:
-            box = [float(v) for v in b]
-        except (TypeError, ValueError):
-            raise ValueError(f"{where}[{i}]: expected [x1, y1, x2, y2] numbers, got {b!r}") from None
-        if len(box) != 4 or not all(math.isfinite(v) for v in box):
+        if not isinstance(b, (list, tuple)) or len(b) != 4 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in b):
             raise ValueError(f"{where}[{i}]: expected 4 finite numbers [x1, y1, x2, y2], got {b!r}")
-        out.append(box)
+        out.append([float(v) for v in b])
     return out
 
 
 def grounded_components(output: str, ref_boxes: Any, mode: str = "soft", iou_weight: float = 0.5,
                         count_weight: float = 0.5, gemex_iou: float = 0.75) -> dict[str, float] | None:
-    """The reasoning's boxes against the reference boxes (both in the model frame); None without references."""
+    """The reasoning's boxes against the reference boxes (both in the model frame); None without references.
+    ``iou`` is the evaluation's mIoU: the matched IoUs summed over the larger of the two counts, so an extra or a
+    missing box counts 0 (spraying boxes cannot raise it)."""
     ref = _boxes(ref_boxes)
     if not ref:
         return None
     pred = grounding.parse(normalise(output or "")).boxes
-    pairs = grounding.match_boxes(pred, ref)
-    iou = sum(v for _, _, v in pairs) / len(pairs) if pairs else 0.0
+    iou = grounding.mean_matched_iou(pred, ref)
     count = min(len(pred), len(ref)) / max(len(pred), len(ref))
     if mode == "gemex":
         value = 1.0 if len(pred) == len(ref) and iou > gemex_iou else 0.0
@@ -231,12 +231,23 @@ def report_answer(output: str) -> str:
 
 def clinical_components(output: str, truth: str, task: str | None = None,
                         uncertain: str = "positive") -> dict[str, float] | None:
-    """CheXpert-observation F1 of the answer against the reference report; None for non-report tasks."""
+    """CheXpert-observation F1 of the answer against the reference report; None for non-report tasks.
+
+    One hardening over the labeller: an answer that mentions none of the observations earns no "No Finding" (the
+    labeller gives it to any text without findings, so gibberish would match every normal study)."""
     from deepmedix import clinical
 
     if not is_report(task, truth):
         return None
-    return {"overall": clinical.label_f1(report_answer(output), truth or "", uncertain)}
+    labels = clinical.label(report_answer(output))
+    pred = clinical.positive_set(labels, uncertain)
+    if all(v is None for k, v in labels.items() if k != "No Finding"):
+        pred.discard("No Finding")
+    ref = clinical.positive_set(clinical.label(truth or ""), uncertain)
+    if not pred and not ref:
+        return {"overall": 1.0}
+    tp = len(pred & ref)
+    return {"overall": 2 * tp / (len(pred) + len(ref))}
 
 
 # ---------------------------------------------------------------- composites
@@ -267,6 +278,13 @@ class RewardSpec:
                 raise ValueError(f"reward {self.name}: unknown component {k!r} (known: {', '.join(COMPONENTS)})")
             if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
                 raise ValueError(f"reward {self.name}: weight of {k!r} must be a number, got {w!r}")
+        for key in ("grounded_iou_weight", "grounded_count_weight", "grounded_gemex_iou"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"reward {self.name}: {key} must be a number, got {v!r}")
+        if not 0.0 <= self.grounded_gemex_iou <= 1.0:
+            raise ValueError(f"reward {self.name}: grounded_gemex_iou must be within 0..1, got "
+                             f"{self.grounded_gemex_iou}")
         if self.grounded_mode not in ("soft", "gemex"):
             raise ValueError(f"reward {self.name}: grounded_mode must be 'soft' or 'gemex', got {self.grounded_mode!r}")
         if self.clinical_uncertain not in ("positive", "negative", "ignore"):
@@ -288,6 +306,8 @@ class RewardSpec:
             weights = {}
             for part in spec.split(","):
                 k, _, v = part.partition("=")
+                if k.strip() in weights:
+                    raise ValueError(f"reward {spec!r}: {k.strip()!r} is given twice")
                 try:
                     weights[k.strip()] = float(v)
                 except ValueError:
@@ -309,7 +329,8 @@ class RewardSpec:
             raise ValueError(f"{path}: expected a mapping with 'weights', got {type(data).__name__}")
         unknown = set(data) - _SPEC_KEYS
         if unknown:
-            raise ValueError(f"{path}: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(_SPEC_KEYS))})")
+            raise ValueError(f"{path}: unknown key(s) {', '.join(sorted(unknown))} "
+                             f"(known: {', '.join(sorted(_SPEC_KEYS))})")
         if not isinstance(data.get("weights"), dict):
             raise ValueError(f"{path}: 'weights' must map component names to weights, e.g. {{paper: 1.0}}")
         try:
@@ -319,13 +340,19 @@ class RewardSpec:
 
     @classmethod
     def from_config(cls, cfg: Any) -> "RewardSpec":
-        """From a stage config's ``reward`` and ``reward_weights`` (weights given there win) and its settings."""
-        settings = {f.name: getattr(cfg, f.name) for f in fields(cls) if f.name not in ("weights", "name")
-                    and hasattr(cfg, f.name)}
+        """From a stage config: ``reward`` (a name, composite or file), then what the config itself sets wins —
+        ``reward_weights`` when given, and every setting changed from the config's default (a composite file's
+        settings beat the defaults, not the run's own choices)."""
+        import dataclasses
+
+        keys = [f.name for f in fields(cls) if f.name not in ("weights", "name") and hasattr(cfg, f.name)]
+        defaults = type(cfg)()
+        base = cls.parse(cfg.reward, **{k: getattr(cfg, k) for k in keys})
+        changes = {k: getattr(cfg, k) for k in keys if getattr(cfg, k) != getattr(defaults, k)}
         weights = getattr(cfg, "reward_weights", None)
         if weights:
-            return cls(weights=dict(weights), name="+".join(weights), **settings)
-        return cls.parse(cfg.reward, **settings)
+            changes.update(weights=dict(weights), name="+".join(weights))
+        return dataclasses.replace(base, **changes)
 
     # -- scoring
 
@@ -343,7 +370,7 @@ class RewardSpec:
     def score(self, output: str, truth: str, boxes: Any = None, task: str | None = None) -> dict[str, float | None]:
         """Every component (``name`` and ``name/part``) and ``overall``, for one output."""
         out: dict[str, float | None] = {}
-        total = 0.0
+        total = None  # None when no component applies (TRL leaves such a completion out, too)
         for name, w in self.weights.items():
             parts = self.component(name, output, truth, boxes, task)
             out[name] = None if parts is None else parts["overall"]
@@ -351,7 +378,7 @@ class RewardSpec:
                 if k != "overall":
                     out[f"{name}/{k}"] = v
             if parts is not None:
-                total += w * parts["overall"]
+                total = (total or 0.0) + w * parts["overall"]
         out["overall"] = total
         return out
 

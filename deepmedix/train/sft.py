@@ -166,7 +166,8 @@ def train_sft(stage: str, cfg: TrainConfig, data_uri: str, model_uri: str, out_u
         "deepspeed": cfg.deepspeed or None, "resumed_from": str(start) if start else None,
         "wall_s": time.time() - t0,
     }
-    ck.publish_model(trainer, loaded.processor, work, out_uri, stage, cfg, metrics,
+    ck.publish_model(trainer.is_world_process_zero(), trainer.state.log_history, loaded.processor, work, out_uri, stage,
+                     cfg, metrics,
                      {"data": data_uri, "model": model_uri, **(data_inputs or {})},
                      lambda out: write_curve(trainer.state.log_history, "loss", out / "loss_curve.png",
                                              f"{stage}: training loss"))

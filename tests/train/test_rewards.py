@@ -97,10 +97,10 @@ def test_long_answer_branch_matches_direct_computation():
     smooth = SmoothingFunction().method2
     b1 = sentence_bleu([truth], answer, weights=(1, 0, 0, 0), smoothing_function=smooth)
     b4 = sentence_bleu([truth], answer, weights=(0.25, 0.25, 0.25, 0.25), smoothing_function=smooth)
-    r1 = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True).score(truth, answer)["rouge1"].fmeasure
-    expected = 1.5 * (b1 + b4 + r1) / 3
+    r1 = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True).score(answer, truth)["rouge1"].fmeasure
+    expected = (b1 + b4 + r1) / 3 * 1.5  # the release's order of operations: bit-exact
     assert 0 < expected < 1.5
-    assert comps(f"<think>x</think> \\boxed{{{answer}}}", truth)["accuracy"] == pytest.approx(expected)
+    assert comps(f"<think>x</think> \\boxed{{{answer}}}", truth)["accuracy"] == expected
     assert comps(f"\\boxed{{{truth}}}", truth)["accuracy"] == pytest.approx(1.5)
 
 
@@ -175,12 +175,6 @@ def test_normalisation_reaches_the_answer_and_the_format():
     assert c["format"] == 1.0 and c["accuracy"] == 1.5 and c["coordinate"] == 0.05
 
 
-def test_long_answer_rouge_is_symmetric_so_argument_order_is_immaterial():
-    scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)
-    a, g = "left pleural effusion is seen", "small left pleural effusion with atelectasis"
-    assert scorer.score(a, g)["rouge1"].fmeasure == scorer.score(g, a)["rouge1"].fmeasure
-
-
 def test_paper_words_scores_bleu_over_word_tokens():
     truth = "Small left pleural effusion with basal atelectasis."
     answer = "Left pleural effusion and atelectasis."
@@ -209,9 +203,21 @@ def test_grounded_soft_and_neutral():
     half = R.grounded_components(GOOD, [[10, 10, 50, 90]])  # 1600 / 3200
     assert half["iou"] == pytest.approx(0.5) and half["overall"] == pytest.approx(0.5 * 0.5 + 0.5 * 1.0)
     two = R.grounded_components(GOOD, [[10, 10, 50, 50], [300, 300, 400, 400]], iou_weight=1.0, count_weight=0.0)
-    assert two["iou"] == 1.0 and two["count"] == 0.5 and two["overall"] == 1.0
+    assert two["iou"] == 0.5 and two["count"] == 0.5 and two["overall"] == 0.5  # the missed box counts 0
     none = R.grounded_components("<think> no boxes </think> \\boxed{x}", [[0, 0, 5, 5]])
     assert none == {"iou": 0.0, "count": 0.0, "overall": 0.0}
+
+
+def test_grounded_spraying_boxes_does_not_pay():
+    one_good = R.grounded_components("<think> a with [10, 10, 50, 45] </think> \\boxed{x}", [[10, 10, 50, 50]])
+    spray = R.grounded_components("<think> a with [10, 10, 50, 50]; b with [0, 0, 5, 5]; c with [100, 100, 105, 105]"
+                                  "; d with [200, 200, 205, 205] </think> \\boxed{x}", [[10, 10, 50, 50]])
+    assert spray["iou"] == 0.25 and one_good["iou"] == pytest.approx(0.875)
+    assert spray["overall"] < one_good["overall"]
+    assert R.RewardSpec.parse("grounded_paper").score(
+        "<think> a with [10, 10, 50, 50]; b with [0, 0, 5, 5]; c with [100, 100, 105, 105]; d with [200, 200, 205, "
+        "205] </think> \\boxed{x}", "x", [[10, 10, 50, 50]])["overall"] < R.RewardSpec.parse("grounded_paper").score(
+        "<think> a with [10, 10, 50, 45] </think> \\boxed{x}", "x", [[10, 10, 50, 50]])["overall"]
 
 
 def test_grounded_uses_hungarian_matching():
@@ -236,7 +242,8 @@ def test_grounded_only_reads_the_reasoning_boxes():
 
 
 @pytest.mark.parametrize("boxes,msg", [([[1, 2, 3]], r"boxes\[0\].*4"), ([["a", 1, 2, 3]], r"boxes\[0\]"),
-                                       ([[0, 0, float("nan"), 1]], "finite")])
+                                       ([[0, 0, float("nan"), 1]], "finite"), (5, "a list of"),
+                                       ([[1, 2, 3, True]], r"boxes\[0\]"), (["abcd"], r"boxes\[0\]")])
 def test_grounded_bad_reference_boxes(boxes, msg):
     with pytest.raises(ValueError, match=msg):
         R.grounded_components(GOOD, boxes)
@@ -256,6 +263,13 @@ def test_clinical_applies_to_reports_only():
     assert R.report_answer("<think> a </think> no box here") == "no box here"
 
 
+def test_clinical_gives_no_finding_only_to_an_answer_that_says_something():
+    normal = "No acute cardiopulmonary process. Lungs are clear. No pleural effusion."
+    assert R.clinical_components("<think> x </think> \\boxed{asdf qwerty}", normal, "report_findings")["overall"] == 0.0
+    said = "<think> x </think> \\boxed{The lungs are clear. No effusion.}"
+    assert R.clinical_components(said, normal, "report_findings")["overall"] == 1.0
+
+
 # ---------------------------------------------------------------- composites
 
 def test_spec_parse_names_inline_and_files(tmp_path):
@@ -273,6 +287,7 @@ def test_spec_parse_names_inline_and_files(tmp_path):
     ("nope", r"unknown reward 'nope'.*paper-words"),
     ("paper=1,bogus=2", r"unknown component 'bogus'"),
     ("paper=x", r"'paper=x' is not NAME=WEIGHT"),
+    ("paper=1,paper=2", r"'paper' is given twice"),
 ])
 def test_spec_parse_errors(spec, msg):
     with pytest.raises(ValueError, match=msg):
@@ -299,6 +314,23 @@ def test_spec_from_config():
     spec = R.RewardSpec.from_config(cfg)
     assert spec.weights == {"grounded": 2.0} and spec.grounded_mode == "gemex"
     assert R.RewardSpec.from_config(load_config("grpo", "7b")).weights == {"paper": 1.0}
+    # a composite file's settings beat the config's defaults; what the run sets beats the file
+    file_only = R.RewardSpec.from_config(load_config("grpo", "tiny", ["reward=grounded_paper"]))
+    assert file_only.grounded_iou_weight == 0.75 and file_only.grounded_mode == "soft"
+    mine = R.RewardSpec.from_config(load_config("grpo", "tiny", ["reward=grounded_paper", "grounded_mode=gemex",
+                                                                 "grounded_iou_weight=1.0"]))
+    assert mine.grounded_mode == "gemex" and mine.grounded_iou_weight == 1.0 and mine.weights["grounded"] == 1.0
+    both = R.RewardSpec.from_config(load_config("grpo", "tiny", ["reward=grounded_paper",
+                                                                 "reward_weights={paper: 1, grounded: 2}"]))
+    assert both.weights == {"paper": 1.0, "grounded": 2.0} and both.grounded_iou_weight == 0.75
+
+
+@pytest.mark.parametrize("key,value,msg", [("grounded_iou_weight", "0.75", "must be a number"),
+                                           ("grounded_gemex_iou", 1.5, "within 0..1"),
+                                           ("clinical_uncertain", "maybe", "positive, negative or ignore")])
+def test_spec_settings_are_checked(key, value, msg):
+    with pytest.raises(ValueError, match=msg):
+        R.RewardSpec(weights={"paper": 1.0}, **{key: value})
 
 
 def test_spec_score_sums_the_weighted_components_that_apply():
@@ -309,6 +341,8 @@ def test_spec_score_sums_the_weighted_components_that_apply():
     assert s["overall"] == s["paper"] + 2.0
     vqa = spec.score(GOOD, "nodule", None, "vqa")
     assert vqa["grounded"] is None and vqa["overall"] == vqa["paper"]
+    nothing = R.RewardSpec.parse("grounded").score(GOOD, "nodule", None, "vqa")
+    assert nothing == {"grounded": None, "overall": None}  # nothing applies: no score (as in TRL), not 0
 
 
 def test_trl_functions_names_weights_parts_and_rollouts():
@@ -328,6 +362,11 @@ def test_trl_functions_names_weights_parts_and_rollouts():
     assert metrics["rewards/grounded/iou"] == 1.0  # over the records it applies to
     (batch,) = seen
     assert batch["completions"] == [GOOD, GOOD] and batch["scores"]["grounded"][1] is None
+    # the next batch may reuse the same list object (CPython reuses ids): it still waits for every component
+    funcs[0](completions, **kw)
+    assert len(seen) == 1
+    funcs[1](completions, **kw)
+    assert len(seen) == 2
     with pytest.raises(ValueError, match="2 completions but 1 answers"):
         funcs[0](completions, answer=["x"])
 

@@ -62,7 +62,7 @@ def test_sigkill_then_resume_ends_with_the_weights_of_an_uninterrupted_run(colds
     data, model = coldstart_chain
     args = ["train", "grpo", "--data", str(data), "--model", str(model), "--set", "max_steps=12",
             "--set", "save_steps=3", "--set", "save_total_limit=2", "--set", "eval_records=2",
-            "--set", "logging_steps=3", "--set", "max_completion_length=48"]
+            "--set", "logging_steps=3", "--set", "max_completion_length=48", "--set", "per_device_train_batch_size=8"]
     whole = tmp_path / "whole"
     r = _cli(*args, "--out", str(whole))
     assert r.returncode == 0, r.stderr[-3000:]

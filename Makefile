@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/demo
 
-.PHONY: install demo test compile bench bench-curate bench-sft-gpu bench-grpo-gpu clean
+.PHONY: install demo test compile bench bench-curate bench-metrics bench-sft-gpu bench-grpo-gpu clean
 
 install: $(STAMP)
 
@@ -18,17 +18,30 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/deepmedix demo --run-dir $(RUN_DIR)
 
-test: $(STAMP)
+# System packages the tests use, installed once from Debian when missing: Chromium and its driver (the reader
+# study's browser tests), a Java JDK (METEOR 1.5; javac builds its faster drop-in classes).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
+/usr/bin/chromium /usr/bin/chromedriver &:
+	$(APT) update -qq && $(APT) install -y -qq chromium chromium-driver
+/usr/bin/java /usr/bin/javac &:
+	$(APT) update -qq && $(APT) install -y -qq default-jdk-headless
+
+test: $(STAMP) /usr/bin/chromium /usr/bin/chromedriver /usr/bin/java /usr/bin/javac
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 compile: $(STAMP)
 	$(BIN)/python -m pipelines.compile --out pipelines/deepmedix_pipeline.yaml
 
 # Benchmarks print ratios against a baseline timed in the same run (BENCH_ARGS: e.g. --large 2000).
-bench: bench-curate
+bench: bench-curate bench-metrics
 
 bench-curate: $(STAMP)
 	$(BIN)/python bench/curate_bench.py $(BENCH_ARGS)
+
+# Report metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr) on 4,547 synthetic pairs against pycocoevalcap, same run.
+bench-metrics: $(STAMP) /usr/bin/java /usr/bin/javac
+	$(BIN)/python bench/metrics_bench.py $(METRICS_BENCH_ARGS)
 
 # Needs a CUDA GPU (H100/H200): SFT of a Qwen2.5-VL-7B-shaped model, tokens/s and MFU. Not part of `make bench`.
 bench-sft-gpu: $(STAMP)

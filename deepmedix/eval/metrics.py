@@ -1,4 +1,5 @@
-"""Evaluation metrics: report generation (BLEU-4, ROUGE-L), VQA accuracy, grounding IoU, format compliance.
+"""Evaluation metrics: report generation (BLEU-4, ROUGE-L as pycocoevalcap defines them), VQA accuracy, grounding
+IoU, format compliance.
 
 All functions are pure; :func:`score_predictions` turns a list of prediction rows into one flat metrics dict.
 """
@@ -6,57 +7,13 @@ All functions are pure; :func:`score_predictions` turns a list of prediction row
 from __future__ import annotations
 
 import numbers
-import re
-from functools import lru_cache
 from typing import Any
 
 from deepmedix import grounding
 from deepmedix.train.rewards import paper_components
 
 REPORT_TASKS = ("report_findings", "report_impression")
-_WORD_RE = re.compile(r"\w+")
 _TRAILING_PUNCT = ".,;:!?"
-
-
-def tokenize(text: str) -> list[str]:
-    """Lower-cased word tokens; whitespace and punctuation both split (punctuation is dropped)."""
-    return _WORD_RE.findall((text or "").lower())
-
-
-def _check_lengths(predictions: list[str], references: list[str]) -> None:
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
-
-
-def bleu4(predictions: list[str], references: list[str]) -> float:
-    """Corpus BLEU-4 (nltk ``corpus_bleu``, smoothing method1) over :func:`tokenize` tokens; 0.0 for no input."""
-    _check_lengths(predictions, references)
-    if not predictions:
-        return 0.0
-    from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
-
-    hyps = [tokenize(p) for p in predictions]
-    refs = [[tokenize(r)] for r in references]
-    if not any(hyps):
-        return 0.0
-    return float(corpus_bleu(refs, hyps, smoothing_function=SmoothingFunction().method1))
-
-
-@lru_cache(maxsize=1)
-def _rouge_l_scorer():
-    from rouge_score import rouge_scorer
-
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-
-
-def rouge_l(predictions: list[str], references: list[str]) -> float:
-    """Mean ROUGE-L F over pairs (rouge_score, stemmed); 0.0 for no input."""
-    _check_lengths(predictions, references)
-    if not predictions:
-        return 0.0
-    scorer = _rouge_l_scorer()
-    return sum(scorer.score(r or "", p or "")["rougeL"].fmeasure for p, r in zip(predictions, references)) / len(
-        predictions)
 
 
 def _normalise_answer(text: str) -> str:
@@ -129,9 +86,12 @@ def score_predictions(rows: list[dict]) -> dict[str, float | int]:
 
     out["format_compliance"] = _mean(fmt)
     out["paper_reward"] = _mean(reward)
-    if rep_pred:
-        out["report_bleu4"] = bleu4(rep_pred, rep_ref)
-        out["report_rougeL"] = rouge_l(rep_pred, rep_ref)
+    if rep_pred:  # the headline two; every report metric, per subset and with intervals, is in suite.py
+        from deepmedix.eval.report_metrics import corpus_scores, tokenize
+
+        coco = corpus_scores([tokenize(p) for p in rep_pred], [tokenize(r) for r in rep_ref], meteor=False)
+        out["report_bleu4"] = coco["bleu4"]
+        out["report_rougeL"] = coco["rouge_l"]
     if vqa:
         out["vqa_accuracy"] = _mean([float(v) for v in vqa])
         for qt in sorted(vqa_by):

@@ -182,6 +182,40 @@ class EvalConfig:
     min_pixels: int = 0
     max_pixels: int = 0
     frame: int = 512
+    bootstrap_rounds: int = 1000    # resamples for the 95 % intervals (0 = none)
+    meteor: bool = True             # METEOR 1.5 (pycocoevalcap's jar; needs Java)
+    chexpert_uncertain: str = "positive"  # uncertain CheXpert mentions: positive, negative or ignore
+    # metrics with a model the user supplies (local paths; never downloaded); empty = not computed
+    bertscore_model: str = ""       # a Hugging Face model folder (e.g. roberta-large)
+    bertscore_layers: int = 0       # 0 = bert-score's layer for the model's name, else the last layer
+    bertscore_idf: bool = False
+    chexbert_checkpoint: str = ""   # CheXbert's chexbert.pth
+    chexbert_tokenizer: str = ""    # a bert-base-uncased tokenizer folder (CheXbert's tokenizer)
+    seed: int = 0
+
+
+@dataclass
+class ArenaConfig:
+    """The Report Arena (:mod:`deepmedix.eval.arena`): LLM judges compare models' answers pairwise."""
+    # each judge: model, base_url ("" = the env var OPENAI_BASE_URL), api_key_env (the NAME of the env var that
+    # holds the key; default OPENAI_API_KEY), name (how reports call it; default: the model)
+    judges: list[dict[str, str]] = field(default_factory=list)
+    tasks: list[str] = field(default_factory=lambda: ["report_findings", "report_impression"])
+    max_records: int = 0            # records judged: a seeded sample of those every model answered (0 = all)
+    include_reasoning: bool = False  # show the judge each answer's <think> reasoning, not only the boxed answer
+    concurrency: int = 4            # judge requests in flight, all judges together
+    max_retries: int = 4            # HTTP retries per request on timeouts, connection errors, 429 and 5xx
+    malformed_retries: int = 2      # re-asks after a reply that is not a valid verdict; then the judgment fails
+    timeout_s: float = 60.0
+    backoff_s: float = 1.0          # first retry delay; doubles per retry, with jitter (Retry-After honoured)
+    temperature: float = 0.0
+    max_tokens: int = 512
+    cache: str = ""                 # judge reply cache folder; "" = $DEEPMEDIX_CACHE/arena (~/.cache/deepmedix/arena)
+    bootstrap_rounds: int = 1000    # resamples of the records for the 95 % intervals (0 = none)
+    prior_ties: float = 1.0         # virtual ties between every model pair: finite ratings when one model always wins
+    elo_scale: float = 400.0        # rating points per factor 10 in the odds of winning
+    elo_anchor: float = 1000.0      # the mean rating, or anchor_model's
+    anchor_model: str = ""
     seed: int = 0
 
 
@@ -192,6 +226,7 @@ STAGES: dict[str, type] = {
     "coldstart": ColdStartConfig,
     "grpo": GRPOConfig,
     "eval": EvalConfig,
+    "arena": ArenaConfig,
 }
 
 

@@ -1,7 +1,11 @@
 """Evaluation: generate on a split (batched, resumable, with progress), write the prediction file, then score it.
 
 Prediction file (JSONL, one line per record): record_id, task, question_type, source, prompt, raw_output,
-answer (parsed), boxes (parsed, model frame), format_ok, reference, ref_boxes_frame.
+answer (parsed), boxes (parsed, model frame), format_ok, reference, ref_boxes_frame, ref_labels.
+
+Outputs: ``predictions.jsonl``; ``metrics.json`` with the flat headline scores and, under ``subsets``, every metric
+per subset (task x source, VQA by question type, grounding by label) with bootstrap 95 % intervals
+(:mod:`deepmedix.eval.suite`); ``metrics.md`` (the same as tables) and ``metrics_ci.png``.
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ def predict(cfg: EvalConfig, data_uri: str, model_uri: str, pred_path: Path,
                     row = {"record_id": rec.record_id, "task": rec.task, "question_type": rec.question_type,
                            "source": rec.source, "prompt": rec.prompt, "raw_output": raw, "answer": p.answer,
                            "boxes": p.boxes, "format_ok": p.format_ok, "reference": rec.answer,
-                           "ref_boxes_frame": frame_boxes(rec, cfg.frame)}
+                           "ref_boxes_frame": frame_boxes(rec, cfg.frame), "ref_labels": [b.label for b in rec.boxes]}
                     f.write(json.dumps(row) + "\n")
                     done[rec.record_id] = row
                 f.flush()
@@ -85,6 +89,7 @@ def partial_path(out_uri: str) -> Path:
 
 def evaluate(cfg: EvalConfig, data_uri: str, model_uri: str, out_uri: str,
              progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    from deepmedix.eval import model_metrics, suite
     from deepmedix.eval.metrics import markdown_table, score_predictions
 
     t0 = time.time()
@@ -92,14 +97,20 @@ def evaluate(cfg: EvalConfig, data_uri: str, model_uri: str, out_uri: str,
         partial = partial_path(out_uri)
         rows = predict(cfg, data_uri, model_uri, partial, progress)
         scores = score_predictions(rows)
+        subsets = suite.evaluate_rows(rows, cfg.bootstrap_rounds, cfg.seed, cfg.meteor, cfg.chexpert_uncertain,
+                                      models=cfg)
+        notes = model_metrics.notes(cfg)
         with (out / "predictions.jsonl").open("w") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
         metrics = {"stage": "evaluate", "metric": "format_compliance", "before": None,
-                   "after": scores.get("format_compliance"), "scores": scores, "n": len(rows),
+                   "after": scores.get("format_compliance"), "scores": scores, "subsets": subsets, "notes": notes, "n": len(rows),
                    "wall_s": time.time() - t0}
         write_json(metrics, out / "metrics.json")
-        (out / "metrics.md").write_text(markdown_table(scores) + "\n")
+        (out / "metrics.md").write_text(markdown_table(scores) + "\n## By subset (95 % bootstrap intervals)\n\n"
+                                        + suite.markdown(subsets) + "\n## Not computed\n\n"
+                                        + "".join(f"- {n}\n" for n in notes))
+        suite.write_png(subsets, out / "metrics_ci.png")
         store.write_lineage(out, "evaluate", cfg, inputs={"data": data_uri, "model": model_uri},
                             extra={"metrics": metrics})
     partial.unlink(missing_ok=True)

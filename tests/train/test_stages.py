@@ -91,6 +91,11 @@ def test_evaluate_writes_predictions_and_metrics(small_data, sft_model, tmp_path
     assert 0.0 <= scores["format_compliance"] <= 1.0
     assert sum(v for k, v in scores.items() if k.startswith("n/")) == 10
     assert (out / "metrics.md").read_text().startswith("|")
+    subsets = m["subsets"]  # the suite: every subset with its 95 % bootstrap interval
+    assert sum(e["n"] for k, e in subsets.items() if k.count("/") == 1 and not k.startswith("all/")) == 10
+    assert all("ci_low" in v for e in subsets.values() for k, v in e.items() if k != "n")
+    assert "95 % bootstrap intervals" in (out / "metrics.md").read_text()
+    assert (out / "metrics_ci.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_evaluate_resumes_from_partial_predictions(small_data, sft_model, tmp_path):

@@ -201,8 +201,8 @@ class OpenAITeacher:
             import openai
         except ImportError as exc:
             raise ValueError("cold start: teacher 'openai' needs the openai package (pip install openai)") from exc
-        self._openai = openai
-        self._fatal = (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError)
+        self.openai = openai
+        self.fatal = (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError)
         self.client = openai.OpenAI(base_url=self.base_url, api_key=self._api_key, timeout=cfg.teacher_timeout_s,
                                     max_retries=0)
         self.cache = ResponseCache(cache_dir(cfg))
@@ -217,7 +217,7 @@ class OpenAITeacher:
             self.stats[key] += n
 
     def _retryable(self, exc: Exception) -> bool:
-        oa = self._openai
+        oa = self.openai
         if isinstance(exc, (oa.APITimeoutError, oa.APIConnectionError, oa.RateLimitError, oa.InternalServerError)):
             return True
         return isinstance(exc, oa.APIStatusError) and exc.status_code >= 500
@@ -229,7 +229,7 @@ class OpenAITeacher:
             delay = max(delay, asked)
         return min(delay, MAX_DELAY_S)
 
-    def _request(self, messages: list[dict[str, str]]) -> str:
+    def request(self, messages: list[dict[str, str]]) -> str:
         """One completion, with retries; raises the last error when every attempt failed."""
         cfg = self.cfg
         for attempt in range(cfg.teacher_max_retries + 1):
@@ -259,8 +259,8 @@ class OpenAITeacher:
             self._count("cache_hits")
             return clean_response(cached), None
         try:
-            text = self._request(messages)
-        except self._fatal as exc:  # a wrong key, model or URL fails every record alike: stop the run
+            text = self.request(messages)
+        except self.fatal as exc:  # a wrong key, model or URL fails every record alike: stop the run
             raise ValueError(f"cold start: the teacher endpoint refused the request ({type(exc).__name__}: "
                              f"{str(exc)[:200]}); check teacher_base_url, teacher_model and the key in "
                              f"${cfg.teacher_api_key_env}") from None

@@ -20,8 +20,11 @@ coldstart_app = typer.Typer(help="Cold-start trace synthesis.", no_args_is_help=
 eval_app = typer.Typer(help="Evaluation.", no_args_is_help=True)
 pipeline_app = typer.Typer(help="The KFP pipeline.", no_args_is_help=True)
 reward_app = typer.Typer(help="GRPO rewards.", no_args_is_help=True)
+reader_app = typer.Typer(help="The expert reader study: create, serve, export.", no_args_is_help=True)
+arena_app = typer.Typer(help="The Report Arena: judge LLMs compare models' answers.", no_args_is_help=True)
 for sub, name in ((data_app, "data"), (model_app, "model"), (train_app, "train"), (coldstart_app, "coldstart"),
-                  (eval_app, "eval"), (pipeline_app, "pipeline"), (reward_app, "reward")):
+                  (eval_app, "eval"), (pipeline_app, "pipeline"), (reward_app, "reward"),
+                  (reader_app, "reader"), (arena_app, "arena")):
     app.add_typer(sub, name=name)
 
 err = Console(stderr=True)
@@ -193,6 +196,86 @@ def eval_run(model: str = typer.Option(...), data: str = typer.Option(...), out:
     overrides = list(set_ or []) + ([f"split={split}"] if split else [])
     with cli_errors(), progress_bar("generating") as prog:
         show(stages.evaluate(data, model, out, config, overrides, progress=prog))
+
+
+def _model_files(items: list[str], what: str) -> dict[str, str]:
+    """NAME=PATH pairs (repeatable options) as a dict; a bad item is a clear error."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ValueError(f"{what}: expected NAME=PATH, got {item!r}")
+        if name.strip() in out:
+            raise ValueError(f"{what}: model {name.strip()!r} given twice")
+        out[name.strip()] = path.strip()
+    return out
+
+
+@arena_app.command("run")
+def arena_run(predictions: List[str] = typer.Option(..., "--predictions", "-p",
+                                                   help="NAME=PATH: a model's predictions.jsonl or evaluation folder "
+                                                        "(repeat: 2 or more models)"),
+              out: str = typer.Option(..., help="output folder or s3:// URI"), config: str = CONFIG,
+              set_: Optional[List[str]] = SET):
+    """Judges compare every pair of models on the same records (both orders); Bradley-Terry ratings with 95 % CIs,
+    win rates, leaderboard.md and leaderboard.png."""
+    from deepmedix.config import load_config
+    from deepmedix.eval.arena import run_arena
+
+    with cli_errors(), progress_bar("judgments") as prog:
+        show(run_arena(load_config("arena", config, set_), _model_files(predictions, "--predictions"), out,
+                       progress=prog))
+
+
+@reader_app.command("create")
+def reader_create(db: str = typer.Option(..., help="the study file to create (SQLite; must not exist)"),
+                  data: str = typer.Option(..., help="the curated dataset the predictions were made on"),
+                  predictions: List[str] = typer.Option(..., "--predictions", "-p",
+                                                        help="NAME=predictions.jsonl of one model (repeat: 2 or more)"),
+                  reader: List[str] = typer.Option(..., "--reader", "-r", help="a reader's name (repeatable)"),
+                  cases: int = typer.Option(30, help="cases in the study"), seed: int = 0):
+    """Create a blinded study; prints each reader's personal sign-in token (only its hash is stored)."""
+    from deepmedix.reader import create_study
+
+    with cli_errors():
+        tokens = create_study(db, data, _model_files(predictions, "--predictions"), list(reader), cases, seed)
+        show({"study": db, "tokens": tokens})
+
+
+@reader_app.command("serve")
+def reader_serve(db: str = typer.Option(...), port: int = 8000, host: str = "127.0.0.1",
+                 secure_cookie: bool = typer.Option(False, help="mark the session cookie Secure (behind HTTPS)")):
+    """Serve the study to its readers (FastAPI)."""
+    from deepmedix.reader import serve as run
+
+    with cli_errors():
+        run(db, host=host, port=port, secure_cookie=secure_cookie)
+
+
+@reader_app.command("export")
+def reader_export(db: str = typer.Option(...), out: str = typer.Option(..., help="output folder")):
+    """Per model: per-axis means and preference shares, as CSV, markdown and PNG."""
+    from deepmedix.reader import export
+
+    with cli_errors():
+        show(export(db, out))
+
+
+@eval_app.command("reports")
+def eval_reports(pairs: str = typer.Argument(..., help='JSONL: {"id", "prediction", "reference"} a line'),
+                 json_: bool = typer.Option(False, "--json", help="print one JSON object"),
+                 meteor: bool = typer.Option(True, help="METEOR 1.5 (pycocoevalcap's jar; needs Java)")):
+    """BLEU-1..4, METEOR, ROUGE-L and CIDEr of report pairs, as pycocoevalcap computes them (after tokenising)."""
+    import json
+
+    from deepmedix.eval.report_metrics import score_pairs_file
+
+    with cli_errors():
+        scores = score_pairs_file(pairs, meteor=meteor)
+        if json_:
+            print(json.dumps(scores))
+        else:
+            show(scores)
 
 
 @app.command("serve")

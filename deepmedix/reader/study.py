@@ -1,0 +1,153 @@
+"""Creating a reader study: pick the cases every model answered, draw each candidate's boxes, blind and shuffle."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import secrets
+import tempfile
+import time
+from pathlib import Path
+
+from PIL import Image
+
+from deepmedix import store
+from deepmedix.grounding import DEFAULT_FRAME, from_frame, parse
+from deepmedix.reader.store import ReaderError, connect, token_hash
+
+MIN_SIDE = 512  # small images are enlarged to this (long side) so that box labels stay readable
+
+
+def read_predictions(uri: str) -> dict[str, dict]:
+    """record_id -> row of an evaluation ``predictions.jsonl`` (local path or ``s3://``)."""
+    path = store.fetch_file(uri)
+    rows: dict[str, dict] = {}
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise ReaderError(f"{uri}: line {i} is not JSON") from None
+        if not isinstance(row, dict) or not isinstance(row.get("record_id"), str) \
+                or not isinstance(row.get("raw_output"), str):
+            raise ReaderError(f"{uri}: line {i} lacks a string 'record_id' or 'raw_output'")
+        if row["record_id"] in rows:
+            raise ReaderError(f"{uri}: line {i}: record {row['record_id']} appears twice")
+        rows[row["record_id"]] = row
+    return rows
+
+
+def display_image(img: Image.Image, max_side: int) -> Image.Image:
+    """The image as readers see it: its long side brought into ``[MIN_SIDE, max_side]``."""
+    long_side = max(img.size)
+    target = min(max(long_side, MIN_SIDE), max_side)
+    if target == long_side:
+        return img
+    w, h = img.size
+    return img.resize((max(1, round(w * target / long_side)), max(1, round(h * target / long_side))),
+                      Image.Resampling.LANCZOS)
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def candidate_view(raw: str, img: Image.Image, disp: Image.Image, frame: int,
+                   tmp: Path) -> tuple[str | None, list[dict], bytes]:
+    """(answer, steps with boxes in original pixels and their colour index, overlay PNG) for one model output."""
+    from serving.predictor import COLORS, draw_overlay
+
+    parsed = parse(raw)
+    steps, boxes, labels = [], [], []
+    for i, step in enumerate(parsed.steps, 1):
+        shown = []
+        for b in step.boxes:
+            shown.append({"box": [round(v) for v in from_frame(b, *img.size, frame)],
+                          "color": len(boxes) % len(COLORS)})
+            boxes.append(from_frame(b, *disp.size, frame))
+            labels.append(f"step {i}")
+        steps.append({"text": step.text, "boxes": shown})
+    out = draw_overlay(disp, boxes, labels, tmp / "overlay.png")
+    return parsed.answer, steps, out.read_bytes()
+
+
+def create_study(db_path: str | os.PathLike, data_uri: str, predictions: dict[str, str], readers: list[str],
+                 n_cases: int, seed: int, *, frame: int = DEFAULT_FRAME, max_side: int = 1024) -> dict[str, str]:
+    """Create the study file ``db_path`` (which must not exist yet) and return each reader's personal token.
+
+    ``predictions`` maps a model name to its evaluation ``predictions.jsonl``; the cases are ``n_cases`` records
+    (drawn with ``seed``) present in every model's file, shown with the first image of the record in ``data_uri``.
+    ``frame`` is the models' box frame; display images are scaled so their long side lies in [512, ``max_side``].
+    Each reader gets the cases, and the candidates within each case, in an order of their own (seeded, stored).
+    Tokens are random and stored only as hashes: the returned dict is the only copy.
+    """
+    from deepmedix.data.schema import load_records
+    from deepmedix.train.common import record_images
+
+    db = Path(db_path)
+    if db.exists():
+        raise ReaderError(f"{db}: already exists; a study is created once, into a new file")
+    if len(predictions) < 2:
+        raise ReaderError(f"a study compares at least two models, got {len(predictions)}")
+    names = [r.strip() for r in readers]
+    if not names or any(not n or len(n) > 100 for n in names) or len(set(names)) != len(names):
+        raise ReaderError(f"readers must be distinct non-empty names (at most 100 characters), got {readers}")
+    if n_cases < 1:
+        raise ReaderError(f"n_cases must be at least 1, got {n_cases}")
+    preds = {model: read_predictions(uri) for model, uri in predictions.items()}
+    common = sorted(set.intersection(*(set(rows) for rows in preds.values())))
+    if len(common) < n_cases:
+        raise ReaderError(f"{n_cases} cases asked for, but only {len(common)} records are in every model's "
+                          f"predictions")
+    root = store.fetch(data_uri)
+    records = {r.record_id: r for r in load_records(root)}
+    chosen = random.Random(seed).sample(common, n_cases)
+    missing = [rid for rid in chosen if rid not in records]
+    if missing:
+        raise ReaderError(f"{data_uri}: record(s) {missing[:3]} of the predictions are not in this dataset")
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    part = db.with_name(db.name + ".partial")
+    for p in (part, part.with_name(part.name + "-wal"), part.with_name(part.name + "-shm")):
+        p.unlink(missing_ok=True)
+    conn = connect(part, create=True)
+    tokens = {name: secrets.token_urlsafe(24) for name in names}
+    try:
+        with conn, tempfile.TemporaryDirectory() as tmp:
+            conn.execute("INSERT INTO study VALUES (1, ?, ?, ?, ?)",
+                         (time.strftime("%Y-%m-%dT%H:%M:%S%z"), str(data_uri), seed, frame))
+            model_ids = {m: conn.execute("INSERT INTO model (name, predictions) VALUES (?, ?)",
+                                         (m, str(predictions[m]))).lastrowid for m in preds}
+            case_ids = []
+            for rid in chosen:
+                rec = records[rid]
+                img = record_images(root, rec, None)[0]
+                disp = display_image(img, max_side)
+                case_ids.append(conn.execute(
+                    "INSERT INTO study_case (record_id, question, width, height, image) VALUES (?, ?, ?, ?, ?)",
+                    (rid, rec.prompt, *img.size, png_bytes(disp))).lastrowid)
+                for m, rows in preds.items():
+                    answer, steps, overlay = candidate_view(rows[rid]["raw_output"], img, disp, frame, Path(tmp))
+                    conn.execute("INSERT INTO candidate VALUES (?, ?, ?, ?, ?)",
+                                 (case_ids[-1], model_ids[m], answer, json.dumps(steps), overlay))
+            for name in names:
+                rng = random.Random(f"{seed}:{name}")
+                reader_id = conn.execute("INSERT INTO reader (name, token_hash) VALUES (?, ?)",
+                                         (name, token_hash(tokens[name]))).lastrowid
+                for pos, case_id in enumerate(rng.sample(case_ids, len(case_ids)), 1):
+                    conn.execute("INSERT INTO assignment VALUES (?, ?, ?)", (reader_id, pos, case_id))
+                    order = rng.sample(list(model_ids.values()), len(model_ids))
+                    conn.executemany("INSERT INTO slot VALUES (?, ?, ?, ?)",
+                                     [(reader_id, case_id, k, mid) for k, mid in enumerate(order, 1)])
+    except BaseException:
+        conn.close()
+        part.unlink(missing_ok=True)
+        raise
+    conn.close()
+    os.replace(part, db)
+    return tokens

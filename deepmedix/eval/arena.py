@@ -182,8 +182,12 @@ def select_records(cfg: ArenaConfig, preds: dict[str, dict[str, dict]]) -> list[
 # ---------------------------------------------------------------- the prompt and the verdict
 
 def shown_answer(row: dict[str, Any], include_reasoning: bool) -> str:
-    """What the judge reads of one model's answer: the boxed answer, optionally after the reasoning."""
-    answer = (row.get("answer") or "").strip() or NO_ANSWER
+    """What the judge reads of one model's answer: the boxed answer (for a report without one, the output with
+    its reasoning block removed, as the metrics score it), optionally after the reasoning."""
+    answer = (row.get("answer") or "").strip()
+    if not answer and str(row.get("task") or "").startswith("report_"):
+        answer = THINK_RE.sub("", row.get("raw_output") or "").strip()
+    answer = answer or NO_ANSWER
     if not include_reasoning:
         return answer
     m = THINK_RE.search(row.get("raw_output") or "")
@@ -481,6 +485,11 @@ def leaderboard(games: np.ndarray, models: list[str], elo: np.ndarray, ci: np.nd
     return rows
 
 
+def _md(text: str) -> str:
+    """A name as one markdown table cell."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
 def win_rates(games: np.ndarray, n_models: int) -> list[list[float | None]]:
     """Row model against column model: (wins + half the ties) / games; None on the diagonal and without games."""
     w = win_matrix(games, n_models)
@@ -503,13 +512,13 @@ def markdown(report: dict[str, Any]) -> str:
              f"resamples of the records.", "",
              "| Rank | Model | Rating | 95 % CI | W / T / L | n |", "|---:|---|---:|---|---|---:|"]
     for r in report["leaderboard"]:
-        lines.append(f"| {r['rank']} | {r['model']} | {r['rating']:.0f} | {r['ci_low']:.0f} – {r['ci_high']:.0f} "
+        lines.append(f"| {r['rank']} | {_md(r['model'])} | {r['rating']:.0f} | {r['ci_low']:.0f} – {r['ci_high']:.0f} "
                      f"| {r['wins']} / {r['ties']} / {r['losses']} | {r['n']} |")
     models = report["win_rate"]["models"]
     lines += ["", "## Win rate (row against column: wins + ½ ties over games)", "",
-              "| | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
+              "| | " + " | ".join(map(_md, models)) + " |", "|---|" + "---:|" * len(models)]
     for model, row in zip(models, report["win_rate"]["matrix"]):
-        lines.append(f"| {model} | " + " | ".join("–" if v is None else f"{v:.2f}" for v in row) + " |")
+        lines.append(f"| {_md(model)} | " + " | ".join("–" if v is None else f"{v:.2f}" for v in row) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -253,9 +253,33 @@ class CheXbert:
         return out
 
 
-def notes(cfg: Any) -> list[str]:
+def check(cfg: Any) -> None:
+    """Fail before any generation when a configured model path is unusable (ModelMetricError names it)."""
+    if getattr(cfg, "bertscore_model", ""):
+        bertscore_layer(_folder("eval.bertscore_model", cfg.bertscore_model), cfg.bertscore_layers)
+    if getattr(cfg, "chexbert_checkpoint", ""):
+        if not Path(cfg.chexbert_checkpoint).expanduser().is_file():
+            raise ModelMetricError(f"eval.chexbert_checkpoint: {cfg.chexbert_checkpoint!r} is not a file (give "
+                                   "CheXbert's chexbert.pth; models are never downloaded)")
+        if not cfg.chexbert_tokenizer or not Path(cfg.chexbert_tokenizer).expanduser().is_dir():
+            raise ModelMetricError(f"eval.chexbert_tokenizer: {cfg.chexbert_tokenizer!r} is not a folder (give a "
+                                   "bert-base-uncased folder with its tokenizer files and config.json)")
+
+
+def meteor_missing() -> str | None:
+    """Why METEOR cannot run here (no pycocoevalcap or no Java), or None."""
+    from deepmedix.eval import report_metrics
+
+    try:
+        report_metrics._meteor_dir()
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
+def notes(cfg: Any, meteor_skipped: str | None = None) -> list[str]:
     """What the evaluation did not compute and why (shown with the metrics)."""
-    out = []
+    out = [f"METEOR: not computed — {meteor_skipped}"] if meteor_skipped else []
     if not getattr(cfg, "bertscore_model", ""):
         out.append("BERTScore: not computed — set eval.bertscore_model to a local model folder "
                    "(e.g. roberta-large saved with save_pretrained)")

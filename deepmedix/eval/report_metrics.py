@@ -381,6 +381,21 @@ def _text_vocab(texts: list[str]) -> set[bytes]:
     return out
 
 
+def _normalised_vocab(jar_dir: Path, texts: list[str]) -> set[bytes]:
+    """The words the jar's own ``-norm`` normaliser (``edu.cmu.meteor.util.Normalizer``, lower-casing) makes of
+    these texts (raw segments' parts): it also rewrites tokens in ways :func:`_text_vocab` does not foresee (e.g.
+    ``u.s.`` -> ``us``), and a word missing from the vocabulary would lose its synonym and paraphrase entries."""
+    if not texts:
+        return set()
+    out = subprocess.run(["java", *JAVA_OPTS, "-cp", "meteor-1.5.jar", "edu.cmu.meteor.util.Normalizer", "en",
+                          "true"], cwd=jar_dir, input="".join(t + "\n" for t in texts).encode(),
+                         capture_output=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError("meteor-1.5.jar's Normalizer failed (exit "
+                           f"{out.returncode}): {out.stderr.decode(errors='replace')[-2000:]}")
+    return set(out.stdout.lower().split())
+
+
 def _filtered_paraphrases(vocab: set[bytes], table: Path, dest: Path) -> Path:
     """The paraphrase-table entries whose words are all in ``vocab`` (the only ones that can match), as a table
     file for the jar's ``-a``; the full table when the index cannot be built or cached."""
@@ -488,7 +503,8 @@ def _chunks(segments: dict[str, bool], jobs: int | None) -> list[tuple[bool, lis
     groups = [[line for line, plain in segments.items() if plain is kind] for kind in (True, False)]
     cost = [sum(map(len, g)) * w for g, w in zip(groups, (1.0, 1.5))]
     if jobs is None:
-        jobs = min(len(os.sched_getaffinity(0)), math.ceil(len(segments) / SEGMENTS_PER_JVM))
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        jobs = min(cpus, math.ceil(len(segments) / SEGMENTS_PER_JVM))
     out = []
     for kind, group, c in zip((True, False), groups, cost):
         if group:
@@ -555,9 +571,12 @@ class _MeteorRun:
         self.pool = ThreadPoolExecutor(len(chunks))
         try:
             vocab, tmp = _text_vocab(hyps + [r for rs in refs for r in rs]), Path(self.tmp.name)
+            raw = [part for line, plain in segments if not plain for part in line.split(" ||| ")[1:]]
+            vocab |= _normalised_vocab(jar_dir, raw)
             paraphrases = _filtered_paraphrases(vocab, jar_dir / "data" / "paraphrase-en.gz", tmp)
             synonyms = _filtered_synonyms(vocab, jar_dir / "meteor-1.5.jar", tmp)
-            self.jvms = [_Jvm(jar_dir, paraphrases, synonyms, kind) for kind, _ in chunks]
+            for kind, _ in chunks:  # one by one: a failed start leaves the started ones in self.jvms to close
+                self.jvms.append(_Jvm(jar_dir, paraphrases, synonyms, kind))
             self.writers = [jvm.send(chunk, close=j > 0) for j, (jvm, (_, chunk)) in enumerate(zip(self.jvms, chunks))]
             self.parts = [self.pool.submit(jvm.read, len(chunk)) for jvm, (_, chunk) in zip(self.jvms, chunks)]
         except BaseException:

@@ -93,13 +93,15 @@ def evaluate(cfg: EvalConfig, data_uri: str, model_uri: str, out_uri: str,
     from deepmedix.eval.metrics import markdown_table, score_predictions
 
     t0 = time.time()
+    model_metrics.check(cfg)  # a bad model path fails now, not after the generation
+    meteor_skipped = model_metrics.meteor_missing() if cfg.meteor else None
     with store.atomic_dir(out_uri) as out:
         partial = partial_path(out_uri)
         rows = predict(cfg, data_uri, model_uri, partial, progress)
         scores = score_predictions(rows)
-        subsets = suite.evaluate_rows(rows, cfg.bootstrap_rounds, cfg.seed, cfg.meteor, cfg.chexpert_uncertain,
-                                      models=cfg)
-        notes = model_metrics.notes(cfg)
+        subsets = suite.evaluate_rows(rows, cfg.bootstrap_rounds, cfg.seed, cfg.meteor and not meteor_skipped,
+                                      cfg.chexpert_uncertain, models=cfg)
+        notes = model_metrics.notes(cfg, meteor_skipped)
         with (out / "predictions.jsonl").open("w") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")

@@ -73,6 +73,13 @@ def _chexpert_f1(counts: np.ndarray, columns: list[int]) -> tuple[np.ndarray, np
     return micro, macro
 
 
+def _resampled_sums(counts: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``counts[idx].sum(1)`` without the (rounds, n, ...) array: each round's draw counts times the rows."""
+    n = len(counts)
+    draws = np.stack([np.bincount(row, minlength=n) for row in idx])
+    return (draws @ counts.reshape(n, -1)).reshape((len(idx),) + counts.shape[1:])
+
+
 def _report_subset(rows: list[dict], idx: np.ndarray, meteor: bool, uncertain: str,
                    extra: dict[int, dict[str, Any]]) -> dict[str, Any]:
     from deepmedix.eval import report_metrics as rm
@@ -97,14 +104,14 @@ def _report_subset(rows: list[dict], idx: np.ndarray, meteor: bool, uncertain: s
     all14 = list(range(len(clinical.OBSERVATIONS)))
     for cols, suffix in ((all14, ""), (five, "_5")):
         micro, macro = _chexpert_f1(counts.sum(0), cols)
-        bm, bM = _chexpert_f1(counts[idx].sum(1), cols) if len(idx) else (None, None)
+        bm, bM = _chexpert_f1(_resampled_sums(counts, idx), cols) if len(idx) else (None, None)
         out[f"chexpert_micro_f1{suffix}"] = _entry(float(micro), bm)
         out[f"chexpert_macro_f1{suffix}"] = _entry(float(macro), bM)
     if rows and "chexbert" in extra.get(id(rows[0]), {}):
         counts = np.stack([extra[id(r)]["chexbert"] for r in rows])
         for cols, suffix in ((all14, ""), (five, "_5")):
             micro, macro = _chexpert_f1(counts.sum(0), cols)
-            bm, bM = _chexpert_f1(counts[idx].sum(1), cols) if len(idx) else (None, None)
+            bm, bM = _chexpert_f1(_resampled_sums(counts, idx), cols) if len(idx) else (None, None)
             out[f"chexbert_micro_f1{suffix}"] = _entry(float(micro), bm)
             out[f"chexbert_macro_f1{suffix}"] = _entry(float(macro), bM)
     if rows and "bertscore" in extra.get(id(rows[0]), {}):
@@ -174,9 +181,13 @@ def evaluate_rows(rows: list[dict], rounds: int = 1000, seed: int = 0, meteor: b
     rng = np.random.default_rng(seed)
     out: dict[str, dict[str, Any]] = {}
     for name, group in subsets(rows).items():
+        task = group[0].get("task")
+        if task == "grounding":  # as score_predictions: a record without reference boxes has no IoU to score
+            group = [r for r in group if r.get("ref_boxes_frame")]
+            if not group:
+                continue
         n = len(group)
         idx = rng.integers(0, n, size=(rounds, n)) if rounds and n else np.zeros((0, n), dtype=np.int64)
-        task = group[0].get("task")
         entry: dict[str, Any] = {"n": n}
         if task in REPORT_TASKS:
             entry.update(_report_subset(group, idx, meteor, uncertain, extra))

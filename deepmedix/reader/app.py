@@ -17,10 +17,11 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Annotated, Any, Iterator
 from urllib.parse import parse_qs
 
 from fastapi import Depends, FastAPI, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -32,6 +33,7 @@ HERE = Path(__file__).resolve().parent
 SESSION_COOKIE = "dmx_session"
 SIGNIN_COOKIE = "dmx_signin"
 MAX_BODY = 64 * 1024
+PosInt = Annotated[int, PathParam(ge=1, le=2**31 - 1)]  # case positions and slots (SQLite-safe)
 SCORES = ("1", "2", "3", "4", "5")
 HEADERS = {
     "Content-Security-Policy": "default-src 'none'; img-src 'self'; style-src 'self'; form-action 'self'; "
@@ -70,7 +72,18 @@ def render(template: str, status_code: int = 200, **ctx: Any) -> HTMLResponse:
 
 async def form_data(request: Request) -> dict[str, list[str]]:
     """The POSTed urlencoded form (at most 64 KiB, UTF-8); an empty body is an empty form."""
-    body = await request.body()
+    try:
+        declared = int(request.headers.get("content-length") or 0)
+    except ValueError:
+        raise PageError(400, "The form could not be read.") from None
+    if declared > MAX_BODY:  # refused before reading it
+        raise PageError(413, "The form is too large.")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise PageError(413, "The form is too large.")
+    body = bytes(body)
     if not body:
         return {}
     if len(body) > MAX_BODY:
@@ -273,12 +286,12 @@ def make_app(db_path: str | os.PathLike, *, secure_cookie: bool = False, session
         return render("cases.html", reader=reader, rows=rows, done=done, total=total)
 
     @app.get("/case/{pos}")
-    def case(pos: int, reader: Reader = Depends(page_reader),
+    def case(pos: PosInt, reader: Reader = Depends(page_reader),
              conn: sqlite3.Connection = Depends(get_conn)) -> HTMLResponse:
         return case_page(conn, reader, pos)
 
     @app.post("/case/{pos}", response_model=None)
-    def rate(pos: int, reader: Reader = Depends(api_reader), form: dict = Depends(form_data),
+    def rate(pos: PosInt, reader: Reader = Depends(api_reader), form: dict = Depends(form_data),
              conn: sqlite3.Connection = Depends(get_conn)) -> Response:
         check_csrf(one(form, "csrf"), reader.csrf)
         case_id = case_of(conn, reader, pos)["case_id"]
@@ -303,13 +316,13 @@ def make_app(db_path: str | os.PathLike, *, secure_cookie: bool = False, session
         return RedirectResponse(f"/case/{nxt[0]}" if nxt else "/cases", status_code=303)
 
     @app.get("/case/{pos}/image.png")
-    def image(pos: int, reader: Reader = Depends(api_reader), conn: sqlite3.Connection = Depends(get_conn)) -> Response:
+    def image(pos: PosInt, reader: Reader = Depends(api_reader), conn: sqlite3.Connection = Depends(get_conn)) -> Response:
         case_id = case_of(conn, reader, pos)["case_id"]
         blob = conn.execute("SELECT image FROM study_case WHERE id = ?", (case_id,)).fetchone()[0]
         return Response(blob, media_type="image/png")
 
     @app.get("/case/{pos}/candidate/{slot}.png")
-    def overlay(pos: int, slot: int, reader: Reader = Depends(api_reader),
+    def overlay(pos: PosInt, slot: PosInt, reader: Reader = Depends(api_reader),
                 conn: sqlite3.Connection = Depends(get_conn)) -> Response:
         case_id = case_of(conn, reader, pos)["case_id"]
         row = conn.execute("SELECT c.overlay FROM slot s JOIN candidate c ON c.case_id = s.case_id "

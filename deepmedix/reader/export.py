@@ -92,10 +92,18 @@ def export(db_path: str | os.PathLike, out_dir: str | os.PathLike) -> dict[str, 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {ext: out / f"reader_study.{ext}" for ext in ("csv", "md", "png")}
-    with files["csv"].open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(COLUMNS)
-        w.writerows([[_fmt(r[c]) for c in COLUMNS] for r in s["models"]])
-    write_markdown(s, files["md"])
-    write_chart(s, files["png"])
+    # all three written under temporary names first, then renamed: no half-written or mixed export is left
+    tmp = {ext: out / f".reader_study.{os.getpid()}.tmp.{ext}" for ext in files}
+    try:
+        with tmp["csv"].open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(COLUMNS)
+            w.writerows([[_fmt(r[c]) for c in COLUMNS] for r in s["models"]])
+        write_markdown(s, tmp["md"])
+        write_chart(s, tmp["png"])
+        for ext, path in files.items():
+            os.replace(tmp[ext], path)
+    finally:
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
     return {**s, "files": {k: str(v) for k, v in files.items()}}

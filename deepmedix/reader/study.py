@@ -83,7 +83,8 @@ def create_study(db_path: str | os.PathLike, data_uri: str, predictions: dict[st
     ``predictions`` maps a model name to its evaluation ``predictions.jsonl``; the cases are ``n_cases`` records
     (drawn with ``seed``) present in every model's file, shown with the first image of the record in ``data_uri``.
     ``frame`` is the models' box frame; display images are scaled so their long side lies in [512, ``max_side``].
-    Each reader gets the cases, and the candidates within each case, in an order of their own (seeded, stored).
+    Each reader gets the cases, and the candidates within each case, in an order of their own, drawn from the
+    system's secure random source (not from ``seed``, so nobody can recompute the blinding) and stored.
     Tokens are random and stored only as hashes: the returned dict is the only copy.
     """
     from deepmedix.data.schema import load_records
@@ -135,8 +136,8 @@ def create_study(db_path: str | os.PathLike, data_uri: str, predictions: dict[st
                     answer, steps, overlay = candidate_view(rows[rid]["raw_output"], img, disp, frame, Path(tmp))
                     conn.execute("INSERT INTO candidate VALUES (?, ?, ?, ?, ?)",
                                  (case_ids[-1], model_ids[m], answer, json.dumps(steps), overlay))
+            rng = secrets.SystemRandom()  # the blinding: not derivable from the seed, the names or the code
             for name in names:
-                rng = random.Random(f"{seed}:{name}")
                 reader_id = conn.execute("INSERT INTO reader (name, token_hash) VALUES (?, ?)",
                                          (name, token_hash(tokens[name]))).lastrowid
                 for pos, case_id in enumerate(rng.sample(case_ids, len(case_ids)), 1):

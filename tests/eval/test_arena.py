@@ -421,3 +421,12 @@ def test_the_cli_runs_an_arena(stub, tmp_path):
     assert (tmp_path / "cli" / "leaderboard.md").is_file() and (tmp_path / "cli" / "leaderboard.png").is_file()
     bad = subprocess.run(cmd[:5] + ["-p", "only=x"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "error:" in bad.stderr
+
+
+def test_a_report_without_a_box_is_shown_as_the_metrics_score_it():
+    from deepmedix.eval.arena import NO_ANSWER, shown_answer
+
+    row = {"task": "report_findings", "answer": None, "raw_output": "<think>look [1, 2, 3, 4]</think> Heart normal."}
+    assert shown_answer(row, False) == "Heart normal."
+    assert shown_answer({**row, "task": "vqa"}, False) == NO_ANSWER
+    assert shown_answer({**row, "answer": "x"}, False) == "x"

@@ -179,3 +179,16 @@ def test_suite_adds_chexbert_f1(chexbert):
     assert 0.0 < res["chexbert_micro_f1"]["value"] <= 1.0 and "chexbert_macro_f1_5" in res
     assert res["chexbert_micro_f1_5"]["value"] == pytest.approx(1.0)
     assert not any(n.startswith("CheXbert") for n in mm.notes(cfg))
+
+
+def test_bad_model_paths_fail_before_any_generation(tmp_path):
+    from deepmedix.eval.run import evaluate
+
+    cfg = EvalConfig(bertscore_model=str(tmp_path / "no-such-model"))
+    with pytest.raises(mm.ModelMetricError, match="eval.bertscore_model"):  # the data is never opened
+        evaluate(cfg, str(tmp_path / "no-data"), str(tmp_path / "no-model"), str(tmp_path / "out"))
+    cfg = EvalConfig(chexbert_checkpoint=str(tmp_path / "chexbert.pth"))
+    with pytest.raises(mm.ModelMetricError, match="eval.chexbert_checkpoint"):
+        mm.check(cfg)
+    assert not (tmp_path / "out").exists()
+    assert mm.notes(EvalConfig(), "METEOR needs a Java runtime")[0] == "METEOR: not computed — METEOR needs a Java runtime"

@@ -74,6 +74,9 @@ def _corpus(seed: int = 0, n: int = 300) -> tuple[list[str], list[list[str]]]:
         preds.append(pred)
         refs.append(rs)
     preds[5], refs[5] = preds[15], refs[15]              # a duplicated segment (METEOR aligns it once)
+    # abbreviations the jar's normaliser rewrites (u.s. -> us, a.m. -> am) into words with WordNet synonyms
+    preds += ["the u.s. lungs are clear", "seen at 3 a.m. with no change", "i.e. the heart is normal"]
+    refs += [["the america lungs are clear"], ["seen in the morning with no change"], ["that is the heart is normal"]]
     return preds, refs
 
 
@@ -114,8 +117,10 @@ def test_bleu_rouge_cider_equal_pycocoevalcap(coco, ours):
 
 
 def test_meteor_equal_pycocoevalcap(coco, ours):
-    assert ours.meteor_corpus == pytest.approx(coco["meteor"], abs=0.005)
-    assert np.abs(ours.meteor - coco["meteor_pairs"]).max() <= 0.005
+    """The same jar on the same statistics: equal, not only within the issue's 0.005."""
+    assert ours.meteor_corpus == pytest.approx(coco["meteor"], abs=1e-12)
+    np.testing.assert_array_equal(ours.meteor, coco["meteor_pairs"])
+    assert ours.meteor[-3] > 0.9  # "u.s." matched "america" through the normaliser and WordNet
     assert ours.meteor[2] == 0.0 and ours.meteor[0] > 0.9  # empty prediction; identical pair
 
 

@@ -90,3 +90,20 @@ def test_meteor_interval_stays_within_bounds():
     rows = [r for r in _rows() if r["task"] == "report_findings"]
     m = suite.evaluate_rows(rows, rounds=200, seed=0)["all/report_findings"]["meteor"]
     assert 0.0 <= m["ci_low"] <= m["value"] <= m["ci_high"] <= 1.0
+
+
+def test_grounding_without_reference_boxes_is_left_out_as_in_the_flat_scores():
+    from deepmedix.eval.metrics import score_predictions
+
+    rows = [r for r in _rows() if r["task"] == "grounding"]
+    rows.append({**rows[0], "id": "nobox", "ref_boxes_frame": [], "ref_labels": []})
+    res = suite.evaluate_rows(rows, rounds=0, meteor=False)
+    flat = score_predictions(rows)
+    assert res["mimic_cxr/grounding"]["n"] == len(rows) - 1
+    assert res["mimic_cxr/grounding"]["miou"]["value"] == pytest.approx(flat["grounding_miou"])
+
+
+def test_resampled_sums_equal_the_direct_sum():
+    counts = np.random.default_rng(0).integers(0, 3, (7, 14, 3))
+    idx = np.random.default_rng(1).integers(0, 7, (5, 7))
+    np.testing.assert_array_equal(suite._resampled_sums(counts, idx), counts[idx].sum(1))

@@ -253,9 +253,12 @@ def test_each_route_answers_only_for_the_signed_in_readers_own_cases(server):
     r = s.get(url + "/case/1/candidate/2.png")
     assert r.status_code == 200 and r.content.startswith(PNG_SIGNATURE) and r.headers["cache-control"] == "no-store"
     assert s.get(url + "/case/1/image.png").content.startswith(PNG_SIGNATURE)
-    for path in ("/case/0", "/case/4", "/case/4/image.png", "/case/1/candidate/3.png", "/case/abc", "/admin"):
+    for path in ("/case/0", "/case/4", "/case/4/image.png", "/case/1/candidate/3.png", "/case/abc", "/admin",
+                 "/case/99999999999999999999", "/case/1/candidate/99999999999999999999.png", "/case/-1"):
         assert s.get(url + path).status_code == 404, path
     assert s.post(url + "/case/4", data=complete_form(csrf)).status_code == 404
+    big = {"csrf": csrf, "pad": "x" * (70 * 1024)}
+    assert s.post(url + "/case/1", data=big).status_code == 413
     page = s.get(url + "/case/1").text  # alice rated every case; bob sees none of it
     assert " checked" not in page and "alice" not in page
     assert s.post(url + "/signout", data={"csrf": csrf}).url == url + "/"

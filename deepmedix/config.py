@@ -191,6 +191,9 @@ class EvalConfig:
     bertscore_idf: bool = False
     chexbert_checkpoint: str = ""   # CheXbert's chexbert.pth
     chexbert_tokenizer: str = ""    # a bert-base-uncased tokenizer folder (CheXbert's tokenizer)
+    radgraph_model: str = ""        # RadGraph's radgraph.tar.gz (or radgraph-xl.tar.gz), or the extracted folder
+    radgraph_encoder: str = ""      # local folder of the BERT the RadGraph config names ("" = the local HF cache)
+    radgraph_type: str = "radgraph"  # radgraph or radgraph-xl
     seed: int = 0
 
 

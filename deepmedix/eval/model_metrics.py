@@ -13,43 +13,35 @@
   report averages over all 14, counting a column with no reference and no predicted positive as 0; on a test set
   where every observation occurs the two agree).
 
+* **RadGraph F1** (``eval.radgraph_model``: the released RadGraph archive or its extracted folder, plus optionally
+  ``eval.radgraph_encoder``: a local folder of the BERT its config names): the ``simple``, ``partial`` and
+  ``complete`` rewards of the ``radgraph`` package per pair (:mod:`deepmedix.eval.radgraph`).
+
 Without a configured path these metrics are not computed, and :func:`notes` says so (the evaluation writes the
-notes to ``metrics.json`` and ``metrics.md``). RadGraph F1 is not offered: see :data:`RADGRAPH_NOTE`.
+notes to ``metrics.json`` and ``metrics.md``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from deepmedix import clinical
 
-RADGRAPH_NOTE = ("RadGraph F1: not computed — not offered yet (it needs the RadGraph entity/relation model, which "
-                 "this platform does not load yet)")
 
 
 class ModelMetricError(ValueError):
     """A configured model path is missing or not a usable model; the message names the setting and the path."""
 
 
-@contextlib.contextmanager
-def _offline() -> Iterator[None]:
-    """No hub access while a user's local model loads: a missing file fails instead of downloading."""
-    keys = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ.update({k: "1" for k in keys})
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+def _offline():
+    """No hub access while a user's local model loads (environment and huggingface_hub's own flag): a missing
+    file fails instead of downloading."""
+    from deepmedix.eval.radgraph import _offline as offline
+
+    return offline()
 
 
 def _folder(setting: str, path: str) -> Path:
@@ -178,6 +170,7 @@ class CheXbert:
                                        f"missing or not a {want}-class head; not a CheXbert checkpoint")
             self.heads.append((w.float(), b.float()))
         bert_state = {k[5:]: v for k, v in state.items() if k.startswith("bert.")}
+        bert_state.pop("embeddings.position_ids", None)  # a buffer older transformers saved; not a weight now
         if "embeddings.word_embeddings.weight" not in bert_state:
             raise ModelMetricError(f"eval.chexbert_checkpoint: {ckpt} has no 'module.bert.embeddings' weights")
         from transformers import AutoTokenizer, BertModel
@@ -266,6 +259,16 @@ def check(cfg: Any) -> None:
                                    "bert-base-uncased folder with its tokenizer files and config.json)")
 
 
+    if getattr(cfg, "radgraph_model", ""):
+        from deepmedix.eval.radgraph import ENCODER_SETTING, MODEL_SETTING, RadGraphError
+
+        if not Path(cfg.radgraph_model).expanduser().exists():
+            raise RadGraphError(f"{MODEL_SETTING}: {cfg.radgraph_model!r} does not exist (give the RadGraph archive "
+                                "or its extracted folder; models are never downloaded)")
+        if cfg.radgraph_encoder and not Path(cfg.radgraph_encoder).expanduser().is_dir():
+            raise RadGraphError(f"{ENCODER_SETTING}: {cfg.radgraph_encoder!r} is not a folder")
+
+
 def meteor_missing() -> str | None:
     """Why METEOR cannot run here (no pycocoevalcap or no Java), or None."""
     from deepmedix.eval import report_metrics
@@ -287,5 +290,8 @@ def notes(cfg: Any, meteor_skipped: str | None = None) -> list[str]:
         out.append("CheXbert F1: not computed — set eval.chexbert_checkpoint to chexbert.pth and "
                    "eval.chexbert_tokenizer to a bert-base-uncased tokenizer folder; the CheXpert F1 shown comes "
                    "from the built-in rule-based labeller")
-    out.append(RADGRAPH_NOTE)
+    if not getattr(cfg, "radgraph_model", ""):
+        out.append("RadGraph F1: not computed — set eval.radgraph_model to the RadGraph archive (radgraph.tar.gz) or "
+                   "its extracted folder, and eval.radgraph_encoder to a local folder of the BERT its config.json "
+                   "names unless that model is in the local Hugging Face cache")
     return out

@@ -5,7 +5,7 @@ Subsets (each named ``source/task[/kind]``, plus ``all/...`` across sources wher
 * reports (``report_findings``, ``report_impression``): BLEU-1..4, METEOR, ROUGE-L and CIDEr with pycocoevalcap's
   definitions (:mod:`deepmedix.eval.report_metrics`, on :func:`~deepmedix.eval.report_metrics.tokenize`\\ d text)
   and CheXpert F1 (micro and macro, over the 14 observations and over the 5 common ones) from the rule-based
-  labeller (:mod:`deepmedix.clinical`); with the models configured, BERTScore and CheXbert F1
+  labeller (:mod:`deepmedix.clinical`); with the models configured, BERTScore, CheXbert F1 and RadGraph F1
   (:mod:`deepmedix.eval.model_metrics`);
 * VQA: accuracy by question type (list answers: the same set of items; others: a normalised exact match);
 * grounding: mIoU and accuracy at IoU 0.5 by finding label (the first reference box's label).
@@ -118,12 +118,17 @@ def _report_subset(rows: list[dict], idx: np.ndarray, meteor: bool, uncertain: s
         scores = np.array([extra[id(r)]["bertscore"] for r in rows])  # (n, 3): precision, recall, f1
         for j, key in enumerate(("bertscore_precision", "bertscore_recall", "bertscore_f1")):
             out.update(_mean_subset(key, scores[:, j], idx))
+    if rows and "radgraph" in extra.get(id(rows[0]), {}):
+        scores = np.array([extra[id(r)]["radgraph"] for r in rows])  # (n, 3): simple, partial, complete
+        for j, level in enumerate(("simple", "partial", "complete")):
+            out.update(_mean_subset(f"radgraph_f1_{level}", scores[:, j], idx))
     return out
 
 
 def _model_scores(rows: list[dict], cfg: Any, uncertain: str) -> dict[int, dict[str, Any]]:
     """Per report row (keyed by ``id(row)``), once for all subsets: BERTScore (precision, recall, f1) and CheXbert
-    per-observation counts, for the models ``cfg`` (an :class:`~deepmedix.config.EvalConfig`) names."""
+    per-observation counts and RadGraph rewards (simple, partial, complete), for the models ``cfg`` (an
+    :class:`~deepmedix.config.EvalConfig`) names."""
     from deepmedix.eval import model_metrics as mm
 
     reports = [r for r in rows if r.get("task") in REPORT_TASKS]
@@ -136,6 +141,12 @@ def _model_scores(rows: list[dict], cfg: Any, uncertain: str) -> dict[int, dict[
         bs = mm.bertscore(preds, refs, cfg.bertscore_model, layers=cfg.bertscore_layers, idf=cfg.bertscore_idf)
         for r, p, rc, f in zip(reports, bs["precision"], bs["recall"], bs["f1"]):
             out[id(r)]["bertscore"] = (float(p), float(rc), float(f))
+    if getattr(cfg, "radgraph_model", ""):
+        from deepmedix.eval.radgraph import radgraph_f1
+
+        rg = radgraph_f1(preds, refs, cfg.radgraph_model, encoder=cfg.radgraph_encoder, model_type=cfg.radgraph_type)
+        for r, a, b, c in zip(reports, rg["simple"], rg["partial"], rg["complete"]):
+            out[id(r)]["radgraph"] = (float(a), float(b), float(c))
     if getattr(cfg, "chexbert_checkpoint", ""):
         labeller = mm.CheXbert(cfg.chexbert_checkpoint, cfg.chexbert_tokenizer)
         counts = _chexpert_counts(preds, refs, uncertain, labeller.label)
@@ -226,7 +237,8 @@ def write_png(result: dict[str, dict[str, Any]], path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    headline = ("bleu4", "rouge_l", "chexpert_micro_f1", "chexbert_micro_f1", "bertscore_f1", "accuracy", "miou")
+    headline = ("bleu4", "rouge_l", "chexpert_micro_f1", "chexbert_micro_f1", "bertscore_f1", "radgraph_f1_partial",
+                "accuracy", "miou")
     rows = [(f"{name}: {k}", v) for name, entry in result.items() for k, v in entry.items() if k in headline]
     fig, ax = plt.subplots(figsize=(9, max(2.5, 0.35 * len(rows) + 1)))
     for i, (label, v) in enumerate(rows):

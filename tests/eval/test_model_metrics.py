@@ -192,3 +192,22 @@ def test_bad_model_paths_fail_before_any_generation(tmp_path):
         mm.check(cfg)
     assert not (tmp_path / "out").exists()
     assert mm.notes(EvalConfig(), "METEOR needs a Java runtime")[0] == "METEOR: not computed — METEOR needs a Java runtime"
+
+
+def test_suite_adds_radgraph_f1_levels(tmp_path):
+    import fx_radgraph
+
+    from deepmedix.eval.radgraph import RadGraphError, radgraph_f1
+
+    fx = fx_radgraph.build(tmp_path / "rg")
+    cfg = EvalConfig(radgraph_model=str(fx["native_tar"]), radgraph_encoder=str(fx["encoder"]))
+    mm.check(cfg)
+    res = suite.evaluate_rows(_rows(), rounds=20, meteor=False, models=cfg)["phantom/report_findings"]
+    direct = radgraph_f1(PREDS * 4, REFS * 4, str(fx["native_tar"]), encoder=str(fx["encoder"]))
+    for level in ("simple", "partial", "complete"):
+        assert res[f"radgraph_f1_{level}"]["value"] == pytest.approx(direct[level].mean())
+    assert "ci_low" in res["radgraph_f1_partial"]
+    assert not any(n.startswith("RadGraph") for n in mm.notes(cfg))
+    assert any(n.startswith("RadGraph F1: not computed") for n in mm.notes(EvalConfig()))
+    with pytest.raises(RadGraphError, match="eval.radgraph_model"):
+        mm.check(EvalConfig(radgraph_model=str(tmp_path / "missing.tar.gz")))

@@ -43,6 +43,39 @@ def base_model_dir(small_data, tmp_path_factory):
     return out
 
 
+# ---------------------------------------------------------------------------------- a stub server process
+
+@contextlib.contextmanager
+def server_process(script, args, log_dir, ready_path="/stats"):
+    """Run ``python script --port P *args`` as a real process on 127.0.0.1; yield its base URL once ``ready_path``
+    answers; stop it (terminate, then kill) afterwards. A failed start fails the test with the server's log."""
+    import subprocess
+    import sys
+
+    from deepmedix.demo import free_port, wait_ready
+    from deepmedix.errors import DemoError
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = log_dir / "server.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([sys.executable, str(script), "--port", str(port), *args],
+                                stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        try:
+            wait_ready(f"{url}{ready_path}", proc, timeout=30)
+        except DemoError as exc:
+            pytest.fail(f"{script.name}: {exc}: {log.read_text()[-2000:]}")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
 # ---------------------------------------------------------------------------------- a real S3 server (weed)
 
 class WeedS3:

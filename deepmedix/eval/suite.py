@@ -80,6 +80,18 @@ def _resampled_sums(counts: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return (draws @ counts.reshape(n, -1)).reshape((len(idx),) + counts.shape[1:])
 
 
+def _label_f1s(prefix: str, counts: np.ndarray, idx: np.ndarray) -> dict[str, Any]:
+    """Micro and macro F1, over the 14 observations and over the 5, from per-record (N, 14, 3) counts."""
+    five = [clinical.OBSERVATIONS.index(o) for o in clinical.FIVE]
+    out: dict[str, Any] = {}
+    for cols, suffix in ((list(range(len(clinical.OBSERVATIONS))), ""), (five, "_5")):
+        micro, macro = _chexpert_f1(counts.sum(0), cols)
+        bm, bM = _chexpert_f1(_resampled_sums(counts, idx), cols) if len(idx) else (None, None)
+        out[f"{prefix}_micro_f1{suffix}"] = _entry(float(micro), bm)
+        out[f"{prefix}_macro_f1{suffix}"] = _entry(float(macro), bM)
+    return out
+
+
 def _report_subset(rows: list[dict], idx: np.ndarray, meteor: bool, uncertain: str,
                    extra: dict[int, dict[str, Any]]) -> dict[str, Any]:
     from deepmedix.eval import report_metrics as rm
@@ -100,20 +112,9 @@ def _report_subset(rows: list[dict], idx: np.ndarray, meteor: bool, uncertain: s
     out["cider"] = _entry(corpus["cider"], ps.cider[idx].mean(1) if len(idx) else None)
     counts = _chexpert_counts([report_text(grounding.parse(r.get("raw_output") or "")) for r in rows],
                               [r.get("reference") or "" for r in rows], uncertain)
-    five = [clinical.OBSERVATIONS.index(o) for o in clinical.FIVE]
-    all14 = list(range(len(clinical.OBSERVATIONS)))
-    for cols, suffix in ((all14, ""), (five, "_5")):
-        micro, macro = _chexpert_f1(counts.sum(0), cols)
-        bm, bM = _chexpert_f1(_resampled_sums(counts, idx), cols) if len(idx) else (None, None)
-        out[f"chexpert_micro_f1{suffix}"] = _entry(float(micro), bm)
-        out[f"chexpert_macro_f1{suffix}"] = _entry(float(macro), bM)
+    out.update(_label_f1s("chexpert", counts, idx))
     if rows and "chexbert" in extra.get(id(rows[0]), {}):
-        counts = np.stack([extra[id(r)]["chexbert"] for r in rows])
-        for cols, suffix in ((all14, ""), (five, "_5")):
-            micro, macro = _chexpert_f1(counts.sum(0), cols)
-            bm, bM = _chexpert_f1(_resampled_sums(counts, idx), cols) if len(idx) else (None, None)
-            out[f"chexbert_micro_f1{suffix}"] = _entry(float(micro), bm)
-            out[f"chexbert_macro_f1{suffix}"] = _entry(float(macro), bM)
+        out.update(_label_f1s("chexbert", np.stack([extra[id(r)]["chexbert"] for r in rows]), idx))
     if rows and "bertscore" in extra.get(id(rows[0]), {}):
         scores = np.array([extra[id(r)]["bertscore"] for r in rows])  # (n, 3): precision, recall, f1
         for j, key in enumerate(("bertscore_precision", "bertscore_recall", "bertscore_f1")):

@@ -14,6 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
+from conftest import server_process
 from deepmedix.config import ConfigError, load_config
 from deepmedix.eval.arena import bradley_terry, build_messages, parse_verdict, run_arena
 from deepmedix.grounding import parse
@@ -39,28 +40,8 @@ WRONG = "Unremarkable radiograph without acute abnormality."  # no word in commo
 
 @pytest.fixture(scope="module")
 def stub(tmp_path_factory):
-    from deepmedix.demo import free_port, wait_ready
-    from deepmedix.errors import DemoError
-
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tmp_path_factory.mktemp("judge") / "server.log"
-    with open(log, "wb") as err:
-        proc = subprocess.Popen([sys.executable, str(SERVER), "--port", str(port), "--key", SECRET],
-                                stdout=subprocess.DEVNULL, stderr=err)
-    try:
-        try:
-            wait_ready(f"{url}/stats", proc, timeout=30)
-        except DemoError as exc:
-            pytest.fail(f"judge stub: {exc}: {log.read_text()[-2000:]}")
+    with server_process(SERVER, ["--key", SECRET], tmp_path_factory.mktemp("judge")) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 @pytest.fixture(autouse=True)

@@ -4,15 +4,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 from typer.testing import CliRunner
 
+from conftest import server_process
 from deepmedix import stages, store
 from deepmedix.config import load_config
 from deepmedix.data.schema import Box, Record, load_records
@@ -30,30 +28,8 @@ N_RECORDS = 8  # max_records=6 train + eval_records=2 validate
 
 @pytest.fixture(scope="module")
 def stub(tmp_path_factory):
-    from deepmedix.demo import free_port
-
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tmp_path_factory.mktemp("stub") / "server.log"
-    with open(log, "wb") as err:
-        proc = subprocess.Popen([sys.executable, str(SERVER), "--port", str(port)], stdout=subprocess.DEVNULL,
-                                stderr=err)
-    try:
-        from deepmedix.demo import wait_ready
-        from deepmedix.errors import DemoError
-
-        try:
-            wait_ready(f"{url}/stats", proc, timeout=30)
-        except DemoError as exc:
-            pytest.fail(f"stub server: {exc}: {log.read_text()[-2000:]}")
+    with server_process(SERVER, [], tmp_path_factory.mktemp("stub")) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 def requests_for(stub: str, model: str) -> int:

@@ -12,11 +12,12 @@ The values are pycocoevalcap's, computed faster:
   synsets that two corpus words can share (the synonym stage tests every synset of every word pair: about a third
   of the alignment time); (3) the segments are aligned by several JVMs in parallel (one per 400 distinct segments,
   at most one per CPU) with the lines streamed instead of one round trip per segment; (4) identical (prediction,
-  references) segments are aligned once; (5) when a JDK's ``javac`` is there, two of the jar's classes are replaced by
-  drop-in versions compiled once from ``meteor_java/`` (cached under ``$DEEPMEDIX_CACHE/meteor``) and put before the
-  jar on the class path: the synonym matcher keeps each word's synsets as a sorted int array instead of looking two
-  Hashtables up for every word pair, and the Snowball stemmer wrapper remembers stems (each is a pure function of
-  the word); the same matches in the same order, so the same statistics (the tests compare them line for line with
+  references) segments are aligned once; (5) when a JDK's ``javac`` is there, three of the jar's classes are replaced
+  by drop-in versions compiled once from ``meteor_java/`` (cached under ``$DEEPMEDIX_CACHE/meteor``) and put before
+  the jar on the class path: the synonym matcher keeps each word's synsets as a sorted int array instead of looking
+  two Hashtables up for every word pair, the Snowball stemmer wrapper remembers stems (each is a pure function of
+  the word), and the statistics class reads an EVAL line without a java.util.Scanner per segment; the same matches
+  in the same order, so the same statistics and scores (the tests compare SCORE and EVAL output line for line with
   the stock jar). Without ``javac`` the stock jar runs. BLEU, ROUGE-L and CIDEr are computed while the JVMs align.
 
 Inputs are used as given, exactly as pycocoevalcap uses them: BLEU and CIDEr split on whitespace, ROUGE-L splits on

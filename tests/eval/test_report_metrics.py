@@ -174,6 +174,17 @@ def test_fast_classes_give_the_jars_statistics(corpus, tmp_path):
                 RM.FAST_CLASSES = True
         assert out[True] == out[False]
         assert sum(float(line.split()[0]) > 0 for line in out[True]) > len(lines) // 2  # statistics, not blanks
+        scores = {}
+        for fast in (False, True):  # EVAL: each segment's score and the aggregate, from the statistics
+            RM.FAST_CLASSES = fast
+            try:
+                jvm = RM._Jvm(jar_dir, table, synonyms, kind)
+                jvm.send(["EVAL ||| " + " ||| ".join(out[True])], close=True).join()
+                scores[fast] = jvm.read(len(lines) + 1)
+                jvm.stop()
+            finally:
+                RM.FAST_CLASSES = True
+        assert scores[True] == scores[False] and 0 < float(scores[True][-1]) < 1
 
 
 def test_plain_text_normalised_as_the_jar_does():

@@ -31,7 +31,6 @@ import numpy as np
 from deepmedix import clinical
 
 
-
 class ModelMetricError(ValueError):
     """A configured model path is missing or not a usable model; the message names the setting and the path."""
 
@@ -247,7 +246,8 @@ class CheXbert:
 
 
 def check(cfg: Any) -> None:
-    """Fail before any generation when a configured model path is unusable (ModelMetricError names it)."""
+    """Fail before any generation when a configured model path is unusable (a ModelMetricError, RadGraphError
+    included, names the setting and the path)."""
     if getattr(cfg, "bertscore_model", ""):
         bertscore_layer(_folder("eval.bertscore_model", cfg.bertscore_model), cfg.bertscore_layers)
     if getattr(cfg, "chexbert_checkpoint", ""):
@@ -260,13 +260,33 @@ def check(cfg: Any) -> None:
 
 
     if getattr(cfg, "radgraph_model", ""):
-        from deepmedix.eval.radgraph import ENCODER_SETTING, MODEL_SETTING, RadGraphError
+        _check_radgraph(cfg)
 
-        if not Path(cfg.radgraph_model).expanduser().exists():
-            raise RadGraphError(f"{MODEL_SETTING}: {cfg.radgraph_model!r} does not exist (give the RadGraph archive "
-                                "or its extracted folder; models are never downloaded)")
-        if cfg.radgraph_encoder and not Path(cfg.radgraph_encoder).expanduser().is_dir():
-            raise RadGraphError(f"{ENCODER_SETTING}: {cfg.radgraph_encoder!r} is not a folder")
+
+def _check_radgraph(cfg: Any) -> None:
+    """The RadGraph settings, checked without loading the model: the package, the model type, the model folder's
+    files and config (on a throw-away staging copy) or the archive, and the encoder folder."""
+    import importlib.util
+    import tarfile
+    import tempfile
+
+    from deepmedix.eval import radgraph as rg
+
+    if importlib.util.find_spec("radgraph") is None:
+        raise ModelMetricError(f"{rg.MODEL_SETTING} is set, but the radgraph package is not installed "
+                               "(pip install radgraph==0.1.18; the eval extra has it)")
+    if cfg.radgraph_type not in rg.MODEL_TYPES:
+        raise ModelMetricError(f"eval.radgraph_type: {cfg.radgraph_type!r} is not one of {', '.join(rg.MODEL_TYPES)}")
+    path = rg._model_path(cfg.radgraph_model)
+    encoder = rg._encoder_path(cfg.radgraph_encoder) if cfg.radgraph_encoder else None
+    if path.is_dir():
+        with tempfile.TemporaryDirectory() as tmp:
+            rg._stage(path, path, encoder, Path(tmp) / cfg.radgraph_type, cfg.radgraph_type)
+    elif not tarfile.is_tarfile(path):
+        raise rg.RadGraphError(f"{rg.MODEL_SETTING}: {cfg.radgraph_model!r} is neither a folder nor a tar archive")
+    if encoder is not None and not (encoder / "config.json").is_file():
+        raise rg.RadGraphError(f"{rg.ENCODER_SETTING}: {cfg.radgraph_encoder!r} has no config.json (give the BERT "
+                               "folder as save_pretrained writes it)")
 
 
 def meteor_missing() -> str | None:

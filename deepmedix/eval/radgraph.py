@@ -7,8 +7,8 @@ OBS-DA) and relations (modify, located_at, suggestive_of) in both reports of a p
 
 * ``simple``: F1 over the sets of (entity tokens, label);
 * ``partial``: F1 over (entity tokens, label, has-a-relation) — entities with no relation count as (tokens, label);
-* ``complete``: F1 over (tokens, label, relation, other entity's tokens) for each relation, (tokens, label) for an
-  entity with none.
+* ``complete``: F1 over (lower-cased tokens, label, relation, other entity's lower-cased tokens) for each relation,
+  (tokens, label) for an entity with none.
 
 A pair where either text is empty scores 0 at every level (F1RadGraph's rule), and so does a pair where either
 annotation has no entity (compute_reward's rule). A text of only whitespace, on which the package fails, counts as
@@ -45,6 +45,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from deepmedix.eval.model_metrics import ModelMetricError
+
 MODEL_SETTING = "eval.radgraph_model"
 ENCODER_SETTING = "eval.radgraph_encoder"
 MODEL_TYPES = ("radgraph", "radgraph-xl")
@@ -60,7 +62,7 @@ _REQUIRED_KEYS = (*_BERT_NAME_KEYS,
                                            "max_span_width", "target_task", "feedforward_params", "loss_weights")))
 
 
-class RadGraphError(ValueError):
+class RadGraphError(ModelMetricError):
     """A RadGraph model or encoder path that is missing or unusable; the message names the setting and the path."""
 
 
@@ -260,6 +262,7 @@ def _construct(staged: Path, user_path: Path, encoder: Path | None, model_type: 
     import pickle
 
     import radgraph.radgraph as rg
+    import torch
 
     config = json.loads((staged / "config.json").read_text())
     names = sorted({str(_get(config, keys)) for keys in _BERT_NAME_KEYS})
@@ -270,6 +273,8 @@ def _construct(staged: Path, user_path: Path, encoder: Path | None, model_type: 
             with contextlib.redirect_stdout(io.StringIO()):  # the package prints "Using device: ..."
                 return rg.RadGraph(model_type=model_type, model_cache_dir=str(staged.parent))
         except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
+            if isinstance(e, torch.OutOfMemoryError):
+                raise
             first = str(e).strip().splitlines()[:3]
             raise RadGraphError(f"{MODEL_SETTING}: weights.th in {str(user_path)!r} cannot be loaded into the model "
                                 f"its config.json describes (with encoder {names[0]!r}): {' '.join(first)[:600]}") from e

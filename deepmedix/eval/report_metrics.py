@@ -63,7 +63,8 @@ ROUGE_BETA = 1.2
 _TINY, _SMALL = 1e-15, 1e-9  # pycocoevalcap's BleuScorer constants
 SEGMENTS_PER_JVM = 400  # a JVM start costs about as much CPU as aligning this many report-length segments
 # C1 only: these runs are too short to earn back C2 compilation (measured: about 30 % less CPU per JVM)
-JAVA_OPTS = ("-Xmx2G", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1")
+# the stock jar reads numbers with java.util.Scanner, which a comma-decimal default locale breaks: pin one
+JAVA_OPTS = ("-Xmx2G", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-Duser.language=en", "-Duser.country=US")
 
 
 # --------------------------------------------------------------------------------------------- tokenize

@@ -185,8 +185,8 @@ def evaluate_rows(rows: list[dict], rounds: int = 1000, seed: int = 0, meteor: b
                   uncertain: str = "positive", models: Any = None) -> dict[str, dict[str, Any]]:
     """``{subset: {"n": N, metric: {"value", "ci_low", "ci_high"}}}`` for prediction rows (the evaluation's
     ``predictions.jsonl`` rows). ``rounds=0`` skips the intervals. ``models``: an
-    :class:`~deepmedix.config.EvalConfig` whose ``bertscore_model`` / ``chexbert_checkpoint`` add BERTScore and
-    CheXbert F1 to the report subsets (:mod:`deepmedix.eval.model_metrics`)."""
+    :class:`~deepmedix.config.EvalConfig` whose ``bertscore_model`` / ``chexbert_checkpoint`` / ``radgraph_model``
+    add BERTScore, CheXbert F1 and RadGraph F1 to the report subsets (:mod:`deepmedix.eval.model_metrics`)."""
     if rounds < 0:
         raise ValueError(f"bootstrap rounds must be >= 0, got {rounds}")
     extra = _model_scores(rows, models, uncertain)

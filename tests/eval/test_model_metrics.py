@@ -205,9 +205,19 @@ def test_suite_adds_radgraph_f1_levels(tmp_path):
     res = suite.evaluate_rows(_rows(), rounds=20, meteor=False, models=cfg)["phantom/report_findings"]
     direct = radgraph_f1(PREDS * 4, REFS * 4, str(fx["native_tar"]), encoder=str(fx["encoder"]))
     for level in ("simple", "partial", "complete"):
-        assert res[f"radgraph_f1_{level}"]["value"] == pytest.approx(direct[level].mean())
-    assert "ci_low" in res["radgraph_f1_partial"]
+        v = res[f"radgraph_f1_{level}"]
+        assert v["value"] == pytest.approx(direct[level].mean()) and 0 < v["value"] < 1
+        assert v["ci_low"] <= v["value"] <= v["ci_high"]
     assert not any(n.startswith("RadGraph") for n in mm.notes(cfg))
     assert any(n.startswith("RadGraph F1: not computed") for n in mm.notes(EvalConfig()))
     with pytest.raises(RadGraphError, match="eval.radgraph_model"):
         mm.check(EvalConfig(radgraph_model=str(tmp_path / "missing.tar.gz")))
+    (tmp_path / "not.tar.gz").write_bytes(b"not a tar")
+    with pytest.raises(RadGraphError, match="is neither a folder nor a"):
+        mm.check(EvalConfig(radgraph_model=str(tmp_path / "not.tar.gz")))
+    with pytest.raises(mm.ModelMetricError, match="eval.radgraph_type"):
+        mm.check(EvalConfig(radgraph_model=str(fx["native"]), radgraph_type="radgraph_xl"))
+    with pytest.raises(RadGraphError, match="radgraph-xl"):  # the folder's vocabulary is a radgraph model's
+        mm.check(EvalConfig(radgraph_model=str(fx["native"]), radgraph_type="radgraph-xl"))
+    with pytest.raises(RadGraphError, match="has no config.json"):
+        mm.check(EvalConfig(radgraph_model=str(fx["native"]), radgraph_encoder=str(tmp_path)))

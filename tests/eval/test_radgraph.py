@@ -211,6 +211,10 @@ def test_uncached_hub_encoder_without_encoder_setting(fx, tmp_path, monkeypatch)
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    # an empty Hugging Face cache, whatever this machine's holds
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     offline_before = huggingface_hub.constants.HF_HUB_OFFLINE
     model = tmp_path / "model"
     shutil.copytree(fx["native"], model)

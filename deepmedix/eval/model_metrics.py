@@ -12,7 +12,6 @@
   the observations' pooled counts, macro F1 over the observations with reference support (f1chexbert's sklearn
   report averages over all 14, counting a column with no reference and no predicted positive as 0; on a test set
   where every observation occurs the two agree).
-
 * **RadGraph F1** (``eval.radgraph_model``: the released RadGraph archive or its extracted folder, plus optionally
   ``eval.radgraph_encoder``: a local folder of the BERT its config names): the ``simple``, ``partial`` and
   ``complete`` rewards of the ``radgraph`` package per pair (:mod:`deepmedix.eval.radgraph`).

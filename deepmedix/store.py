@@ -30,6 +30,29 @@ class StoreError(RuntimeError):
     pass
 
 
+def jsonl_objects(path: str | os.PathLike, label: str | os.PathLike | None = None,
+                  expected: str = "a JSON object") -> Iterator[tuple[int, str, dict]]:
+    """``(line, where, row)`` for each non-blank line of a JSONL file, ``where`` being ``label:line`` (``label``: how
+    messages name the file, default its path). A file that cannot be read, a line that is not JSON or not an
+    object is a ValueError that says where (``expected``: what an object line should be, for that message)."""
+    label = path if label is None else label
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{label}: cannot read ({exc})") from None
+    for no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{label}:{no}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where}: not JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected {expected}, got {type(row).__name__}")
+        yield no, where, row
+
+
 def is_s3(uri: str | os.PathLike) -> bool:
     return str(uri).startswith("s3://")
 

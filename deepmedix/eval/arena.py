@@ -48,6 +48,7 @@ import numpy as np
 
 from deepmedix import store
 from deepmedix.config import ArenaConfig, ColdStartConfig, ConfigError
+from deepmedix.eval.predictions import read_predictions
 from deepmedix.grounding import THINK_RE
 from deepmedix.train.teacher import OpenAITeacher, cache_key, redact_url
 
@@ -55,7 +56,6 @@ Progress = Callable[[int, int], None]
 
 ORDERS = ("AB", "BA")  # AB: the pair's first model is Answer A; BA: swapped
 JUDGE_KEYS = ("name", "model", "base_url", "api_key_env")
-PREDICTION_KEYS = ("record_id", "task", "prompt", "raw_output", "answer", "reference")
 NO_ANSWER = "(no final answer)"
 
 SYSTEM_PROMPT = (
@@ -127,37 +127,6 @@ def check_config(cfg: ArenaConfig) -> list[Judge]:
         if not ok:
             raise ConfigError(f"arena config: key '{key}' must be {rule}, got {getattr(cfg, key)!r}")
     return judges
-
-
-def predictions_file(uri: str) -> Path:
-    """A predictions JSONL: a local file, or ``predictions.jsonl`` in an evaluation output (local or s3://)."""
-    if store.is_s3(uri):
-        return store.fetch(uri) / "predictions.jsonl"
-    p = store.local_path(uri)
-    p = p / "predictions.jsonl" if p.is_dir() else p
-    if not p.is_file():
-        raise FileNotFoundError(f"{uri}: no predictions file (expected predictions.jsonl or an evaluation output)")
-    return p
-
-
-def load_predictions(uri: str) -> dict[str, dict[str, Any]]:
-    """Record id -> prediction row, checked."""
-    path = predictions_file(uri)
-    rows: dict[str, dict[str, Any]] = {}
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise ValueError(f"{uri}: line {n} is not JSON") from None
-        missing = [k for k in PREDICTION_KEYS if not isinstance(row, dict) or k not in row]
-        if missing:
-            raise ValueError(f"{uri}: line {n} lacks {missing} (not an evaluation predictions file?)")
-        if row["record_id"] in rows:
-            raise ValueError(f"{uri}: record {row['record_id']!r} appears twice")
-        rows[row["record_id"]] = row
-    return rows
 
 
 def select_records(cfg: ArenaConfig, preds: dict[str, dict[str, dict]]) -> list[str]:
@@ -576,7 +545,7 @@ def run_arena(cfg: ArenaConfig, predictions: dict[str, str], out: str, progress:
     if cfg.anchor_model and cfg.anchor_model not in predictions:
         raise ConfigError(f"arena config: key 'anchor_model' is {cfg.anchor_model!r}, not one of the models "
                           f"{models}")
-    preds = {m: load_predictions(uri) for m, uri in predictions.items()}
+    preds = {m: read_predictions(uri) for m, uri in predictions.items()}
     records = select_records(cfg, preds)
     judgments, stats = judge_all(cfg, judges, models, preds, records, progress, log)
     games, counts, per_judge = outcomes(judgments, models, judges)

@@ -38,7 +38,6 @@ import gzip
 import hashlib
 import html
 import importlib.util
-import json
 import math
 import os
 import re
@@ -665,16 +664,7 @@ def read_pairs(path: str | Path) -> tuple[list[str], list[str], list[list[str]]]
     preds: list[str] = []
     refs: list[list[str]] = []
     seen: dict[str, int] = {}
-    for no, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{no}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected an object with id, prediction, reference")
+    for no, where, row in store.jsonl_objects(path, expected="an object with id, prediction, reference"):
         for field in ("id", "prediction", "reference"):
             if field not in row:
                 raise ValueError(f"{where}: missing field '{field}'")

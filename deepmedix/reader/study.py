@@ -14,30 +14,11 @@ from pathlib import Path
 from PIL import Image
 
 from deepmedix import store
+from deepmedix.eval.predictions import read_predictions
 from deepmedix.grounding import DEFAULT_FRAME, from_frame, parse
 from deepmedix.reader.store import ReaderError, connect, token_hash
 
 MIN_SIDE = 512  # small images are enlarged to this (long side) so that box labels stay readable
-
-
-def read_predictions(uri: str) -> dict[str, dict]:
-    """record_id -> row of an evaluation ``predictions.jsonl`` (local path or ``s3://``)."""
-    path = store.fetch_file(uri)
-    rows: dict[str, dict] = {}
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise ReaderError(f"{uri}: line {i} is not JSON") from None
-        if not isinstance(row, dict) or not isinstance(row.get("record_id"), str) \
-                or not isinstance(row.get("raw_output"), str):
-            raise ReaderError(f"{uri}: line {i} lacks a string 'record_id' or 'raw_output'")
-        if row["record_id"] in rows:
-            raise ReaderError(f"{uri}: line {i}: record {row['record_id']} appears twice")
-        rows[row["record_id"]] = row
-    return rows
 
 
 def display_image(img: Image.Image, max_side: int) -> Image.Image:
@@ -100,7 +81,10 @@ def create_study(db_path: str | os.PathLike, data_uri: str, predictions: dict[st
         raise ReaderError(f"readers must be distinct non-empty names (at most 100 characters), got {readers}")
     if n_cases < 1:
         raise ReaderError(f"n_cases must be at least 1, got {n_cases}")
-    preds = {model: read_predictions(uri) for model, uri in predictions.items()}
+    try:
+        preds = {model: read_predictions(uri) for model, uri in predictions.items()}
+    except ValueError as e:
+        raise ReaderError(str(e)) from None
     common = sorted(set.intersection(*(set(rows) for rows in preds.values())))
     if len(common) < n_cases:
         raise ReaderError(f"{n_cases} cases asked for, but only {len(common)} records are in every model's "

@@ -24,7 +24,6 @@ through TRL's ``log_metric`` (``rewards/<name>/<part>``).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field, fields
@@ -32,7 +31,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from deepmedix import grounding
+from deepmedix import grounding, store
 
 _NORM_RE = re.compile(r"\s*(<|>|/)\s*")
 _FORMAT_RE = re.compile(r"<think>.*</think>.*\\boxed\{.*\}.*", re.S)
@@ -428,20 +427,7 @@ def read_score_rows(path: Path) -> list[dict[str, Any]]:
     """The lines of a JSONL file to score, checked: each an object with string ``prediction`` and
     ``ground_truth`` (``boxes``: a list of [x1, y1, x2, y2] in the model frame, ``task``: optional)."""
     rows = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: cannot read ({exc})") from None
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{i}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{where}: not JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    for _, where, row in store.jsonl_objects(path):
         for key in ("prediction", "ground_truth"):
             if not isinstance(row.get(key), str):
                 raise ValueError(f"{where}: field {key!r} must be a string, got {row.get(key)!r}")

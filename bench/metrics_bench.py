@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from deepmedix.data import phantom_text as pt  # noqa: E402
+from deepmedix.eval import meteor  # noqa: E402
 from deepmedix.eval import report_metrics as RM  # noqa: E402
 
 GOAL = 5.0
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     res = {
         "pairs": args.pairs, "rounds": args.rounds, "seed": args.seed, "cpu_count": os.cpu_count(),
         "load_average_end": os.getloadavg()[0], "java": _java_version(),
-        "meteor_jobs": min(os.cpu_count() or 1, math.ceil(args.pairs / RM.SEGMENTS_PER_JVM)),
+        "meteor_jobs": min(os.cpu_count() or 1, math.ceil(args.pairs / meteor.SEGMENTS_PER_JVM)),
         "words": {"report": float(np.mean(words)), "findings": data["findings_words"],
                   "impression": data["impression_words"]},
         "coco": {"s": coco_s, "runs_s": [x["s"] for x in coco], "per_scorer_s": per_scorer,

@@ -290,10 +290,10 @@ def _check_radgraph(cfg: Any) -> None:
 
 def meteor_missing() -> str | None:
     """Why METEOR cannot run here (no pycocoevalcap or no Java), or None."""
-    from deepmedix.eval import report_metrics
+    from deepmedix.eval import meteor
 
     try:
-        report_metrics._meteor_dir()
+        meteor._meteor_dir()
     except RuntimeError as e:
         return str(e)
     return None

@@ -11,6 +11,7 @@ import zipfile
 import numpy as np
 import pytest
 
+from deepmedix.eval import meteor as M
 from deepmedix.eval import report_metrics as RM
 
 pytest.importorskip("pycocoevalcap")
@@ -131,14 +132,14 @@ def test_meteor_filters_keep_what_matters(corpus, ours, monkeypatch, tmp_path, s
     if stage == "paraphrases":
         empty = tmp_path / "empty.gz"
         gzip.open(empty, "wb").close()
-        monkeypatch.setattr(RM, "_filtered_paraphrases", lambda vocab, table, dest: empty)
+        monkeypatch.setattr(M, "_filtered_paraphrases", lambda vocab, table, dest: empty)
     else:
         empty = tmp_path / "synonym"
         empty.mkdir()
         for name in ("synsets", "relations"):
             (empty / f"english.{name}").write_bytes(b"")
-        (empty / "english.exceptions").write_bytes(RM._wordnet(RM._meteor_dir() / "meteor-1.5.jar")[2])
-        monkeypatch.setattr(RM, "_filtered_synonyms", lambda vocab, jar, dest: empty)
+        (empty / "english.exceptions").write_bytes(M._wordnet(M._meteor_dir() / "meteor-1.5.jar")[2])
+        monkeypatch.setattr(M, "_filtered_synonyms", lambda vocab, jar, dest: empty)
     preds, refs = corpus
     assert RM.corpus_scores(preds, refs, meteor_jobs=1)["meteor"] < ours.meteor_corpus - 1e-4
 
@@ -148,11 +149,11 @@ def test_fast_classes_give_the_jars_statistics(corpus, tmp_path):
     line for line, on plain (-lower) and raw (-norm) segments with the full WordNet and paraphrase tables."""
     if shutil.which("javac") is None:
         pytest.fail("javac (a JDK: Debian default-jdk-headless, which `make test` installs) is needed here")
-    jar_dir = RM._meteor_dir()
-    assert RM._fast_classes(jar_dir / "meteor-1.5.jar") is not None
+    jar_dir = M._meteor_dir()
+    assert M._fast_classes(jar_dir / "meteor-1.5.jar") is not None
     preds, refs = corpus
-    segments = [RM._segment(p, rs) for p, rs in zip(preds, refs)]
-    segments += [RM._segment(p + " patient 's e.g. dr. smith 's", rs) for p, rs in zip(preds[:60], refs[:60])]
+    segments = [M._segment(p, rs) for p, rs in zip(preds, refs)]
+    segments += [M._segment(p + " patient 's e.g. dr. smith 's", rs) for p, rs in zip(preds[:60], refs[:60])]
     synonyms = tmp_path / "synonym"
     synonyms.mkdir()
     with zipfile.ZipFile(jar_dir / "meteor-1.5.jar") as z:
@@ -164,26 +165,26 @@ def test_fast_classes_give_the_jars_statistics(corpus, tmp_path):
         assert len(lines) >= 60
         out = {}
         for fast in (False, True):
-            RM.FAST_CLASSES = fast
+            M.FAST_CLASSES = fast
             try:
-                jvm = RM._Jvm(jar_dir, table, synonyms, kind)
+                jvm = M._Jvm(jar_dir, table, synonyms, kind)
                 jvm.send(lines, close=True).join()
                 out[fast] = jvm.read(len(lines))
                 jvm.stop()
             finally:
-                RM.FAST_CLASSES = True
+                M.FAST_CLASSES = True
         assert out[True] == out[False]
         assert sum(float(line.split()[0]) > 0 for line in out[True]) > len(lines) // 2  # statistics, not blanks
         scores = {}
         for fast in (False, True):  # EVAL: each segment's score and the aggregate, from the statistics
-            RM.FAST_CLASSES = fast
+            M.FAST_CLASSES = fast
             try:
-                jvm = RM._Jvm(jar_dir, table, synonyms, kind)
+                jvm = M._Jvm(jar_dir, table, synonyms, kind)
                 jvm.send(["EVAL ||| " + " ||| ".join(out[True])], close=True).join()
                 scores[fast] = jvm.read(len(lines) + 1)
                 jvm.stop()
             finally:
-                RM.FAST_CLASSES = True
+                M.FAST_CLASSES = True
         assert scores[True] == scores[False] and 0 < float(scores[True][-1]) < 1
 
 
@@ -198,11 +199,11 @@ def test_plain_text_normalised_as_the_jar_does():
         return "".join(str(rng.choice(atoms)) + str(rng.choice(["-", "."])) for _ in range(rng.integers(0, 4))) + \
             str(rng.choice(atoms))
     lines = [" ".join(token() for _ in range(rng.integers(0, 8))) for _ in range(2000)]
-    jar = RM._meteor_dir() / "meteor-1.5.jar"
+    jar = M._meteor_dir() / "meteor-1.5.jar"
     out = subprocess.run(["java", "-cp", str(jar), "edu.cmu.meteor.util.Normalizer", "en", "true"],
                          input="\n".join(lines) + "\n", capture_output=True, text=True, check=True).stdout
-    assert out.split("\n")[:-1] == [RM._plain(line) for line in lines]
-    assert RM._plain("patient 's") is None and RM._plain("5 %") is None and RM._plain("a  b") is None
+    assert out.split("\n")[:-1] == [M._plain(line) for line in lines]
+    assert M._plain("patient 's") is None and M._plain("5 %") is None and M._plain("a  b") is None
 
 
 def test_bleu_statistics_resample(corpus, ours):

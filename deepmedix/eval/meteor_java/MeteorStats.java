@@ -121,18 +121,13 @@ public class MeteorStats {
     }
 
     public MeteorStats(String ss) {
+        this();
         String[] tok = ss.trim().split("\\s+");
         int t = 0;
         testLength = Double.parseDouble(tok[t++]);
         referenceLength = Double.parseDouble(tok[t++]);
         testFunctionWords = Double.parseDouble(tok[t++]);
         referenceFunctionWords = Double.parseDouble(tok[t++]);
-        testTotalMatches = 0;
-        referenceTotalMatches = 0;
-        testStageMatchesContent = new ArrayList<Double>();
-        referenceStageMatchesContent = new ArrayList<Double>();
-        testStageMatchesFunction = new ArrayList<Double>();
-        referenceStageMatchesFunction = new ArrayList<Double>();
         for (int i = 0; i < 4; i++) {
             double tc = Double.parseDouble(tok[t++]);
             double rc = Double.parseDouble(tok[t++]);

@@ -62,6 +62,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """Terminate a server process; kill it if it has not ended after ``timeout`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout)
+
+
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> None:
     import requests
 
@@ -104,11 +114,7 @@ def serve_and_ask(model_dir: Path, data_dir: Path, out_png: Path) -> dict[str, A
         resp.raise_for_status()
         pred = resp.json()["predictions"][0]
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, 20)
         log.close()
     with Image.open(image_path) as im:
         labels = [f"step {i + 1}" for i, s in enumerate(pred["steps"]) for _ in s["boxes"]]

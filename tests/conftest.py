@@ -43,6 +43,26 @@ def base_model_dir(small_data, tmp_path_factory):
     return out
 
 
+# ---------------------------------------------------------------------------------- a run killed mid-way
+
+def kill_at_first_checkpoint(cmd, checkpoints: str, timeout: float = 300):
+    """Run ``cmd``; SIGKILL it as soon as ``checkpoints`` holds a committed checkpoint (or it ends, or
+    ``timeout`` passes); return the committed checkpoints then, ``[(step, name), ...]``."""
+    import signal
+    import subprocess
+    import time
+
+    from deepmedix.train.checkpoints import committed_checkpoints
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not committed_checkpoints(checkpoints) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return committed_checkpoints(checkpoints)
+
+
 # ---------------------------------------------------------------------------------- a stub server process
 
 @contextlib.contextmanager
@@ -52,7 +72,7 @@ def server_process(script, args, log_dir, ready_path="/stats"):
     import subprocess
     import sys
 
-    from deepmedix.demo import free_port, wait_ready
+    from deepmedix.demo import free_port, stop_process, wait_ready
     from deepmedix.errors import DemoError
 
     port = free_port()
@@ -68,12 +88,7 @@ def server_process(script, args, log_dir, ready_path="/stats"):
             pytest.fail(f"{script.name}: {exc}: {log.read_text()[-2000:]}")
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc)
 
 
 # ---------------------------------------------------------------------------------- a real S3 server (weed)

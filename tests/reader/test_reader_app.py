@@ -18,7 +18,7 @@ import requests
 from PIL import Image
 
 from deepmedix.data.schema import load_records
-from deepmedix.demo import free_port, wait_ready
+from deepmedix.demo import free_port, stop_process, wait_ready
 from deepmedix.grounding import DEFAULT_FRAME, format_output, parse
 from deepmedix.reader import ReaderError, create_study, export, make_app
 from deepmedix.train.common import frame_boxes
@@ -68,8 +68,7 @@ def server(small_data, tmp_path_factory):
         wait_ready(url + "/", proc, timeout=60)
         yield url, tokens, db
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        stop_process(proc)
         log.close()
 
 

@@ -16,6 +16,7 @@ import pytest
 import requests
 from PIL import Image
 
+from deepmedix.demo import stop_process
 from deepmedix.model.tiny import build_tiny
 from serving.predictor import DeepMedixModel, build_prediction, draw_overlay
 
@@ -71,13 +72,7 @@ class Server:
         pytest.fail(f"server not ready after {READY_TIMEOUT_S} s\n--- stderr ---\n{self.stderr()}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc, 20)
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import kill_at_first_checkpoint
 from deepmedix import stages
 from deepmedix.config import load_config
 from deepmedix.model.load import load
@@ -69,14 +68,7 @@ def test_sigkill_then_resume_ends_with_the_weights_of_an_uninterrupted_run(colds
     assert [n for _, n in committed_checkpoints(str(tmp_path / "whole-checkpoints"))] == ["checkpoint-9",
                                                                                         "checkpoint-12"]
     out, ck = tmp_path / "killed", str(tmp_path / "killed-checkpoints")
-    proc = subprocess.Popen([str(BIN / "deepmedix"), *args, "--out", str(out)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not committed_checkpoints(ck) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = committed_checkpoints(ck)
+    done = kill_at_first_checkpoint([str(BIN / "deepmedix"), *args, "--out", str(out)], ck)
     assert done and done[-1][0] < 12 and not out.exists()
 
     r = _cli(*args, "--out", str(out), "--resume")

@@ -112,7 +112,8 @@ def serve_and_ask(model_dir: Path, data_dir: Path, out_png: Path) -> dict[str, A
         resp = requests.post(f"http://127.0.0.1:{port}/v1/models/deepmedix:predict", json=payload, timeout=300)
         latency = time.time() - t1
         resp.raise_for_status()
-        pred = resp.json()["predictions"][0]
+        answer = resp.json()["predictions"][0]
+        pred = {"text": answer["text"], **answer["grounding"]}
     finally:
         stop_process(proc, 20)
         log.close()

@@ -1,40 +1,50 @@
-"""The KServe predictor: v1 ``{"instances": [{"image", "question"}]}`` in, grounded answers out.
+"""The KServe predictor: a ``kserve.Model`` that answers v1 and v2 requests with grounded answers.
 
-Every instance is decoded and checked before any generation (a bad one fails the whole request with
-``kserve.errors.InvalidInput`` -> HTTP 400 naming ``instances[i].field``); then all instances go through ONE batched
-:func:`deepmedix.model.load.generate`. Boxes in the output are converted from the model's ``frame x frame`` square
-back to the original image's pixels with :func:`deepmedix.grounding.from_frame`.
+Every query of a request is checked and decoded first (:mod:`serving.inputs`; a bad one fails the whole request
+with HTTP 400 naming the field). Then the queries join the dynamic batcher (:mod:`serving.batcher`), which runs
+concurrent requests' queries through one :func:`deepmedix.model.load.generate_batch`. Each answer is the raw
+text plus a ``grounding`` object whose boxes are in the ORIGINAL image's pixels
+(:func:`deepmedix.grounding.from_frame` undoes the model's ``frame x frame`` square), and on request an overlay
+PNG with the boxes drawn.
+
+v1 ``POST /v1/models/<name>:predict``::
+
+    {"instances": [{"image": "<base64 PNG/JPEG/DICOM or data URL>", "question": "...",
+                    "max_new_tokens": 64, "temperature": 0, "top_p": 1, "overlay": false}]}
+    -> {"predictions": [{"text", "grounding": {...}, "usage": {...}, "finish_reason"[, "overlay_png"]}]}
+
+v2 ``POST /v2/models/<name>/infer``: BYTES inputs ``image`` and ``text`` (one element per query), optional
+``max_new_tokens`` tensor, request ``parameters`` as in v1; outputs ``text``, ``grounding`` (JSON per query) and,
+with ``overlay``, ``overlay_png`` (base64).
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import binascii
 import io
-import threading
+import json
+import uuid
 from pathlib import Path
 
 import kserve
-import numpy as np
-from kserve.errors import InvalidInput
+from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from PIL import Image, ImageDraw, ImageFont
 
 from deepmedix import grounding
 from deepmedix.model import load as model_load
+from serving import metrics
+from serving.batcher import Batcher, Job, Unavailable
+from serving.inputs import Limits, Query, parse_v1, parse_v2
 
-FORMATS = ("PNG", "JPEG")
-_HIGH_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 COLORS = [(255, 0, 0), (0, 200, 0), (0, 128, 255), (255, 160, 0), (200, 0, 255), (0, 220, 220)]
 
 
-def build_prediction(raw: str, width: int, height: int, frame: int = grounding.DEFAULT_FRAME) -> dict:
-    """One prediction from one raw model output; boxes go from the model frame to original pixels."""
+def grounding_object(raw: str, width: int, height: int, frame: int = grounding.DEFAULT_FRAME) -> dict:
+    """The grounded reading of one raw output: steps with boxes in original pixels, the answer."""
     parsed = grounding.parse(raw)
     steps = [{"text": s.text, "boxes": [grounding.from_frame(b, width, height, frame) for b in s.boxes]}
              for s in parsed.steps]
     return {
-        "text": raw,
         "answer": parsed.answer,
         "format_ok": parsed.format_ok,
         "steps": steps,
@@ -43,132 +53,113 @@ def build_prediction(raw: str, width: int, height: int, frame: int = grounding.D
     }
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB for the processor; 16-bit / float greyscale (common for X-rays) is min-max scaled to 8 bits first."""
-    if img.mode in _HIGH_DEPTH_MODES:
-        arr = np.asarray(img, dtype=np.float32)
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
-        img = Image.fromarray(arr.clip(0, 255).astype(np.uint8), mode="L")
-    return img.convert("RGB")
-
-
-def decode_image(data, where: str, max_bytes: int, max_pixels: int) -> Image.Image:
-    """A base64 PNG/JPEG string (optionally a ``data:image/...;base64,`` URL) -> RGB image, or InvalidInput."""
-    if not isinstance(data, str) or not data.strip():
-        raise InvalidInput(f"{where}.image: missing or empty (expected a base64-encoded PNG or JPEG string)")
-    data = data.strip()
-    if data.startswith("data:"):
-        head, _, data = data.partition(",")
-        if ";base64" not in head:
-            raise InvalidInput(f"{where}.image: data URL is not base64-encoded")
-    if len(data) * 3 // 4 > max_bytes + 3:
-        raise InvalidInput(f"{where}.image: larger than the limit of {max_bytes} bytes")
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise InvalidInput(f"{where}.image: not valid base64 ({exc})") from None
-    if not raw:
-        raise InvalidInput(f"{where}.image: decodes to zero bytes")
-    if len(raw) > max_bytes:
-        raise InvalidInput(f"{where}.image: {len(raw)} bytes, over the limit of {max_bytes}")
-    try:
-        img = Image.open(io.BytesIO(raw), formats=FORMATS)  # lazy: reads the header only
-        w, h = img.size
-        if w <= 0 or h <= 0 or w * h > max_pixels:
-            raise InvalidInput(f"{where}.image: {w}x{h} pixels, over the limit of {max_pixels} pixels")
-        img.load()
-    except InvalidInput:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise InvalidInput(f"{where}.image: too many pixels ({exc})") from None
-    except Exception as exc:  # UnidentifiedImageError, truncated data, bad chunks, ...
-        raise InvalidInput(f"{where}.image: not a decodable PNG or JPEG image ({type(exc).__name__})") from None
-    return to_rgb(img)
+def overlay_png(image: Image.Image, ground: dict) -> str:
+    """Base64 PNG of ``image`` with the grounding's boxes drawn, labelled by step."""
+    labels = [f"step {i + 1}" for i, s in enumerate(ground["steps"]) for _ in s["boxes"]]
+    buf = io.BytesIO()
+    draw_boxes(image, ground["boxes"], labels).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
 
 
 class DeepMedixModel(kserve.Model):
-    def __init__(self, name: str, model_uri: str, max_new_tokens: int = 256, frame: int = grounding.DEFAULT_FRAME,
-                 max_image_bytes: int = 20_000_000, max_pixels: int = 40_000_000, max_instances: int = 32,
-                 max_new_tokens_limit: int = 2048):
+    def __init__(self, name: str, model_uri: str, limits: Limits | None = None, frame: int = grounding.DEFAULT_FRAME,
+                 max_batch_size: int = 8, max_wait_ms: float = 5.0, max_queue: int = 64,
+                 request_timeout_s: float = 120.0):
         super().__init__(name)
         self.model_uri = str(model_uri)
-        self.max_new_tokens = int(max_new_tokens)
+        self.limits = limits or Limits()
         self.frame = int(frame)
-        self.max_image_bytes = int(max_image_bytes)
-        self.max_pixels = int(max_pixels)
-        self.max_instances = int(max_instances)
-        self.max_new_tokens_limit = max(int(max_new_tokens_limit), self.max_new_tokens)
         self.loaded: model_load.Loaded | None = None
-        self._lock = threading.Lock()  # one generate at a time on the shared model
+        self.batcher = Batcher(self._run_batch, max_batch_size=max_batch_size, max_wait_s=max_wait_ms / 1000.0,
+                               max_queue=max_queue, timeout_s=request_timeout_s)
 
     def load(self) -> bool:
         self.loaded = model_load.load(self.model_uri)
         self.ready = True
         return self.ready
 
-    # ------------------------------------------------------------ request checks
+    # ------------------------------------------------------------ generation (the batcher's thread)
 
-    def decode_instances(self, payload) -> tuple[list[Image.Image], list[str], list[int]]:
-        if not isinstance(payload, dict):
-            raise InvalidInput("request body: expected a JSON object {\"instances\": [...]} (v1 protocol)")
-        instances = payload.get("instances")
-        if not isinstance(instances, list) or not instances:
-            raise InvalidInput("instances: must be a non-empty list of {\"image\": base64, \"question\": str}")
-        if len(instances) > self.max_instances:
-            raise InvalidInput(f"instances: {len(instances)} instances, over the limit of {self.max_instances}")
-        images, questions, budgets = [], [], []
-        for i, inst in enumerate(instances):
-            where = f"instances[{i}]"
-            if not isinstance(inst, dict):
-                raise InvalidInput(f"{where}: expected an object with \"image\" and \"question\"")
-            q = inst.get("question")
-            if not isinstance(q, str) or not q.strip():
-                raise InvalidInput(f"{where}.question: missing or empty (expected a non-empty string)")
-            n = inst.get("max_new_tokens", self.max_new_tokens)
-            if n is None:
-                n = self.max_new_tokens
-            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.max_new_tokens_limit:
-                raise InvalidInput(f"{where}.max_new_tokens: expected an integer in 1..{self.max_new_tokens_limit}")
-            images.append(decode_image(inst.get("image"), where, self.max_image_bytes, self.max_pixels))
-            questions.append(q.strip())
-            budgets.append(n)
-        return images, questions, budgets
+    def _run_batch(self, jobs: list[Job]) -> list[model_load.Generation]:
+        q0 = jobs[0].query
+        streamer = _RowStreamer(jobs, model_load.eos_token_ids(self.loaded)) if any(j.on_token for j in jobs) else None
+        gens = model_load.generate_batch(
+            self.loaded, [[j.query.image] for j in jobs], [j.query.question for j in jobs],
+            [j.query.max_new_tokens for j in jobs], do_sample=q0.temperature > 0, temperature=q0.temperature or 1.0,
+            top_p=q0.top_p, frame=self.frame, streamer=streamer)
+        metrics.GENERATED_TOKENS.inc(sum(g.completion_tokens for g in gens))
+        metrics.PROMPT_TOKENS.inc(sum(g.prompt_tokens for g in gens))
+        return gens
 
-    # ------------------------------------------------------------ inference
-
-    def _truncate(self, text: str, n_tokens: int) -> str:
-        """Cut a batch output to an instance's own (smaller) token budget; greedy decoding makes this the same
-        prefix the instance would have produced alone, up to tokenizer round-trip."""
-        tok = getattr(self.loaded.processor, "tokenizer", None)
-        if tok is None:
-            return text
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-        return text if len(ids) <= n_tokens else tok.decode(ids[:n_tokens], skip_special_tokens=True).strip()
-
-    def run(self, payload) -> dict:
-        """Synchronous predict: validate everything, then one batched generate."""
+    async def answer(self, queries: list[Query], on_token=None) -> list[dict]:
+        """Queue ``queries`` (one request's) and return one answer dict each, in order."""
         if self.loaded is None:
-            raise RuntimeError(f"model {self.name} is not loaded")
-        images, questions, budgets = self.decode_instances(payload)
-        batch_budget = max(budgets)
-        with self._lock:
-            raws = model_load.generate(self.loaded, [[im] for im in images], questions, max_new_tokens=batch_budget,
-                                      frame=self.frame)
-        preds = []
-        for raw, im, n in zip(raws, images, budgets):
-            if n < batch_budget:
-                raw = self._truncate(raw, n)
-            preds.append(build_prediction(raw, im.width, im.height, self.frame))
-        return {"predictions": preds}
+            raise Unavailable(f"model {self.name} is not loaded yet", 5)
+        gens = await self.batcher.submit([Job(q, on_token) for q in queries])
+        return [self.result(q, g) for q, g in zip(queries, gens)]
 
-    async def predict(self, payload, headers=None, response_headers=None) -> dict:
-        # Off the event loop, so health checks and other requests stay answered during generation.
-        return await asyncio.to_thread(self.run, payload)
+    def result(self, q: Query, g: model_load.Generation) -> dict:
+        ground = grounding_object(g.text, q.image.width, q.image.height, self.frame)
+        out = {"text": g.text, "grounding": ground, "finish_reason": g.finish_reason,
+               "usage": {"prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens,
+                         "total_tokens": g.prompt_tokens + g.completion_tokens}}
+        if q.overlay:
+            out["overlay_png"] = overlay_png(q.image, ground)
+        return out
+
+    # ------------------------------------------------------------ protocols
+
+    async def predict(self, payload, headers=None, response_headers=None):
+        if isinstance(payload, InferRequest):
+            return await self._predict_v2(payload)
+        answers = await self.answer(parse_v1(payload, self.limits))
+        return {"predictions": answers}
+
+    async def _predict_v2(self, request: InferRequest) -> InferResponse:
+        queries = parse_v2(request, self.limits)
+        answers = await self.answer(queries)
+        n = len(answers)
+        outputs = [InferOutput("text", [n], "BYTES", [a["text"] for a in answers]),
+                   InferOutput("grounding", [n], "BYTES", [json.dumps(a["grounding"]) for a in answers]),
+                   InferOutput("completion_tokens", [n], "INT32", [a["usage"]["completion_tokens"] for a in answers])]
+        if any(q.overlay for q in queries):
+            outputs.append(InferOutput("overlay_png", [n], "BYTES", [a.get("overlay_png", "") for a in answers]))
+        return InferResponse(request.id or str(uuid.uuid4()), self.name, outputs)
+
+    def stop(self):
+        self.batcher.close()
 
 
-def draw_overlay(image: Image.Image, boxes: list[list[float]], labels: list[str] | None, path) -> Path:
-    """Write ``image`` as an RGB PNG at ``path`` with ``boxes`` (original pixels) drawn as coloured rectangles."""
+class _RowStreamer:
+    """A ``generate`` streamer for a batch: hands each row's new token ids to that row's ``on_token`` (the first
+    ``put`` is the prompt and is skipped), up to the row's own budget and its end of sequence."""
+
+    def __init__(self, jobs: list[Job], eos_ids: set[int]):
+        self.jobs, self.eos_ids = jobs, eos_ids
+        self.prompt_seen = False
+        self.sent = [0] * len(jobs)
+        self.ended = [False] * len(jobs)
+
+    def put(self, value):
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        ids = value.reshape(len(self.jobs), -1)[:, -1].tolist()
+        for k, (job, tok) in enumerate(zip(self.jobs, ids)):
+            if self.ended[k] or job.on_token is None:
+                continue
+            if self.sent[k] >= job.query.max_new_tokens or tok in self.eos_ids:
+                self.ended[k] = True
+                continue
+            self.sent[k] += 1
+            job.on_token(int(tok))
+
+    def end(self):
+        pass
+
+
+def draw_boxes(image: Image.Image, boxes: list[list[float]], labels: list[str] | None) -> Image.Image:
+    """An RGB copy of ``image`` with ``boxes`` (original pixels) drawn as coloured, labelled rectangles."""
     img = model_load.open_image(image).copy()
     draw = ImageDraw.Draw(img)
     width = max(2, round(min(img.size) / 150))
@@ -185,7 +176,12 @@ def draw_overlay(image: Image.Image, boxes: list[list[float]], labels: list[str]
             l, t, r, b = draw.textbbox((tx, ty), label, font=font)
             draw.rectangle([l - 1, t - 1, r + 1, b + 1], fill=(0, 0, 0))
             draw.text((tx, ty), label, fill=color, font=font)
+    return img
+
+
+def draw_overlay(image: Image.Image, boxes: list[list[float]], labels: list[str] | None, path) -> Path:
+    """Write ``image`` as an RGB PNG at ``path`` with ``boxes`` (original pixels) drawn as coloured rectangles."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    img.save(out, format="PNG")
+    draw_boxes(image, boxes, labels).save(out, format="PNG")
     return out

@@ -1,25 +1,36 @@
-"""Run the DeepMedix predictor behind KServe's ModelServer (v1 + v2 REST routes, gRPC off by default).
+"""Run the DeepMedix predictor behind KServe's ModelServer.
 
-    python -m serving.server --model PATH_OR_S3_URI [--port 8080] [--host 127.0.0.1] [--name deepmedix]
+    python -m serving.server --model PATH_OR_S3_URI [--name deepmedix] [--host 127.0.0.1] [--port 8080]
+    deepmedix serve --model PATH_OR_S3_URI ...            (the same)
 
-Then ``GET /v1/models/<name>`` (ready check) and ``POST /v1/models/<name>:predict``.
+Routes (one port): v1 ``POST /v1/models/<name>:predict``, v2 ``POST /v2/models/<name>/infer``, OpenAI-compatible
+``POST /openai/v1/chat/completions`` and ``GET /openai/v1/models``, readiness ``GET /v1/models/<name>``,
+liveness ``GET /``, Prometheus ``GET /metrics``, the OpenAPI document ``GET /openapi.json``.
+
+In front of every route sits :class:`Guard`, an ASGI middleware: request counts and latency per route, the
+optional bearer token (``--api-token-file`` or ``DEEPMEDIX_API_TOKEN``; health, readiness and metrics stay
+open for probes and scrapers), and the request body limit (413).
 
 Notes on kserve 0.21:
 * ``kserve.model_server`` parses ``sys.argv`` at import time (``parse_known_args``, abbreviations on: our
   ``--model`` would be read as its ``--model_name``), so kserve is imported here with a bare argv and every setting
   is passed to ``ModelServer`` explicitly.
-* ``RESTServer`` hard-codes uvicorn's ``host="0.0.0.0"`` and ``ModelServer`` has no host argument. ``ModelServer.start``
-  builds the RESTServer and then calls ``setup_event_loop()`` before serving; :class:`HostModelServer` overrides that
-  hook to set the uvicorn config's host (the config is read when the server binds).
-* gRPC (``GRPCServer``) always listens on ``[::]:<grpc_port>``, all interfaces, default 8081 — a second server on the
-  same machine would collide, so it is disabled unless ``--grpc-port N`` is given.
+* ``RESTServer`` hard-codes uvicorn's ``host="0.0.0.0"``; :class:`HostModelServer` sets the uvicorn config's host
+  in ``setup_event_loop()``, which ``ModelServer.start`` calls after building the REST server, before binding.
+* The REST app is the module-level ``kserve.model_server.app``: routes, middleware and exception handlers added to
+  it before ``start`` are served alongside KServe's own.
+* gRPC always listens on ``[::]:<grpc_port>`` (all interfaces), so it is off unless ``--grpc-port N`` is given.
 """
 
 from __future__ import annotations
 
 import argparse
+import hmac
+import json
+import os
 import sys
 import time
+from pathlib import Path
 
 
 def _import_kserve_with_bare_argv() -> None:
@@ -35,10 +46,19 @@ def _import_kserve_with_bare_argv() -> None:
 
 _import_kserve_with_bare_argv()
 
+from fastapi import Request  # noqa: E402
+from fastapi.responses import JSONResponse  # noqa: E402
 from kserve import ModelServer  # noqa: E402
 from kserve.logging import logger as log  # noqa: E402
 
+from serving import metrics  # noqa: E402
+from serving.batcher import Overloaded, Unavailable  # noqa: E402
+from serving.inputs import Limits  # noqa: E402
+from serving.openai_api import mount_model  # noqa: E402
+from serving.openapi import build_openapi  # noqa: E402
 from serving.predictor import DeepMedixModel  # noqa: E402
+
+OPEN_PATHS = ("/", "/metrics", "/v2/health/live", "/v2/health/ready", "/openapi.json")
 
 
 class HostModelServer(ModelServer):
@@ -49,7 +69,6 @@ class HostModelServer(ModelServer):
         self.host = host
 
     def setup_event_loop(self):
-        # Called by ModelServer.start() after it has built self._rest_server and before anything binds.
         if self._rest_server is not None:
             self._rest_server.config.host = self.host
         else:
@@ -57,35 +76,164 @@ class HostModelServer(ModelServer):
         super().setup_event_loop()
 
 
+class _TooLarge(Exception):
+    pass
+
+
+async def _send_json(send, status: int, body: dict, headers: dict | None = None) -> None:
+    data = json.dumps(body).encode()
+    hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    hdrs += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": hdrs})
+    await send({"type": "http.response.body", "body": data})
+
+
+class Guard:
+    """ASGI middleware: per-route metrics, bearer token, body-size limit (pure ASGI, so streams pass through)."""
+
+    def __init__(self, app, token: str | None = None, max_body_bytes: int = 64 << 20):
+        self.app, self.token, self.max_body = app, token, int(max_body_bytes)
+
+    def _open(self, method: str, path: str) -> bool:
+        if path in OPEN_PATHS:
+            return True
+        # Readiness (GET /v1/models/<name>, /v2/models/<name>[/ready]) carries no data: probes reach it.
+        return method == "GET" and (path.startswith("/v1/models/") or path.startswith("/v2/models/"))
+
+    def _authorized(self, headers: dict) -> bool:
+        got = headers.get(b"authorization", b"").decode("latin-1")
+        scheme, _, value = got.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), self.token.encode())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        route = metrics.route_of(scope["path"])
+        status = [0]
+
+        async def send_tracked(msg):
+            if msg["type"] == "http.response.start":
+                status[0] = msg["status"]
+            await send(msg)
+
+        try:
+            headers = dict(scope.get("headers") or [])
+            if self.token and not self._open(scope["method"], scope["path"]) and not self._authorized(headers):
+                metrics.REJECTED.labels(reason="unauthorized").inc()
+                return await _send_json(send_tracked, 401, {"error": "missing or wrong bearer token "
+                                                           "(Authorization: Bearer <token>)"},
+                                        {"WWW-Authenticate": "Bearer"})
+            length = headers.get(b"content-length")
+            if length is not None:
+                try:
+                    n = int(length)
+                except ValueError:
+                    return await _send_json(send_tracked, 400, {"error": "Content-Length: not an integer"})
+                if n > self.max_body:
+                    metrics.REJECTED.labels(reason="too_large").inc()
+                    return await _send_json(send_tracked, 413, {"error": f"request body: {n} bytes, over the "
+                                                               f"limit of {self.max_body}"})
+            seen = [0]
+
+            async def receive_counted():
+                msg = await receive()
+                if msg["type"] == "http.request":
+                    seen[0] += len(msg.get("body", b""))
+                    if seen[0] > self.max_body:
+                        raise _TooLarge()
+                return msg
+
+            try:
+                await self.app(scope, receive_counted, send_tracked)
+            except _TooLarge:
+                metrics.REJECTED.labels(reason="too_large").inc()
+                if not status[0]:
+                    await _send_json(send_tracked, 413, {"error": f"request body over the limit of "
+                                                         f"{self.max_body} bytes"})
+        finally:
+            metrics.REQUESTS.labels(route=route, code=str(status[0] or 500)).inc()
+            metrics.LATENCY.labels(route=route).observe(time.perf_counter() - t0)
+
+
+async def _overloaded(request: Request, exc: Overloaded):
+    return JSONResponse({"error": str(exc)}, status_code=429, headers={"Retry-After": str(exc.retry_after)})
+
+
+async def _unavailable(request: Request, exc: Unavailable):
+    return JSONResponse({"error": str(exc)}, status_code=503, headers={"Retry-After": str(exc.retry_after)})
+
+
+def read_token(token_file: str | None) -> str | None:
+    if token_file:
+        token = Path(token_file).read_text().strip()
+        if not token:
+            raise SystemExit(f"--api-token-file {token_file}: the file is empty")
+        return token
+    return os.environ.get("DEEPMEDIX_API_TOKEN") or None
+
+
+def install(mount, name: str, limits: Limits, token: str | None, max_body_bytes: int, v2: bool = True):
+    """Put ``mount(app)``'s routes, the Guard middleware, the 429/503 handlers and the OpenAPI document on
+    KServe's app; return the app."""
+    from kserve.model_server import app
+
+    mount(app)
+    app.add_exception_handler(Overloaded, _overloaded)
+    app.add_exception_handler(Unavailable, _unavailable)
+    app.add_middleware(Guard, token=token, max_body_bytes=max_body_bytes)
+    schema = build_openapi(name, limits, v2=v2)
+    app.openapi = lambda: schema  # FastAPI drops a cached openapi_schema when KServe adds its routes later
+    return app
+
+
 def serve(model_uri: str, name: str = "deepmedix", host: str = "127.0.0.1", port: int = 8080,
-          max_new_tokens: int = 256, frame: int = 512, grpc_port: int = 0, max_image_bytes: int = 20_000_000,
-          max_pixels: int = 40_000_000) -> None:
+          grpc_port: int = 0, frame: int = 512, limits: Limits | None = None, max_batch_size: int = 8,
+          max_wait_ms: float = 5.0, max_queue: int = 64, request_timeout_s: float = 120.0,
+          token: str | None = None, max_body_bytes: int = 64 << 20) -> None:
     """Load the model and serve it until SIGINT/SIGTERM. ``grpc_port=0`` disables gRPC."""
     t0 = time.time()
-    model = DeepMedixModel(name, model_uri, max_new_tokens=max_new_tokens, frame=frame,
-                           max_image_bytes=max_image_bytes, max_pixels=max_pixels)
+    model = DeepMedixModel(name, model_uri, limits=limits, frame=frame, max_batch_size=max_batch_size,
+                           max_wait_ms=max_wait_ms, max_queue=max_queue, request_timeout_s=request_timeout_s)
     server = HostModelServer(host=host, http_port=port, grpc_port=grpc_port or 8081, enable_grpc=bool(grpc_port),
                              workers=1, enable_docs_url=False)  # also configures kserve's logging
+    install(lambda app: mount_model(app, model), name, model.limits, token, max_body_bytes)
     model.load()
-    log.info("deepmedix: loaded %s as %r in %.1f s; serving on http://%s:%d (gRPC %s)", model_uri, name,
-             time.time() - t0, host, port, f"on [::]:{grpc_port}" if grpc_port else "disabled")
+    log.info("deepmedix: loaded %s as %r in %.1f s; serving on http://%s:%d (gRPC %s, batch <= %d, wait <= %g ms, "
+             "queue <= %d, bearer token %s)", model_uri, name, time.time() - t0, host, port,
+             f"on [::]:{grpc_port}" if grpc_port else "off", max_batch_size, max_wait_ms, max_queue,
+             "required" if token else "off")
     server.start([model])
 
 
 def main(argv: list[str] | None = None) -> None:
+    d = Limits()
     p = argparse.ArgumentParser(prog="python -m serving.server", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="model folder or s3:// URI (a Qwen2.5-VL / DeepMedix-R1 folder)")
     p.add_argument("--name", default="deepmedix", help="model name in the URL: /v1/models/<name>:predict")
     p.add_argument("--host", default="127.0.0.1", help="REST bind address (0.0.0.0 in a container)")
     p.add_argument("--port", type=int, default=8080, help="REST port")
     p.add_argument("--grpc-port", type=int, default=0, help="enable KServe's gRPC server on this port (0 = off)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--frame", type=int, default=512, help="the model's box frame (frame x frame square)")
-    p.add_argument("--max-image-bytes", type=int, default=20_000_000)
-    p.add_argument("--max-pixels", type=int, default=40_000_000)
+    p.add_argument("--max-batch-size", type=int, default=8, help="queries per batched generate")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest a batch is held open for more queries")
+    p.add_argument("--max-queue", type=int, default=64, help="queries waiting; past it: 429 + Retry-After")
+    p.add_argument("--request-timeout-s", type=float, default=120.0, help="past it: 503 + Retry-After")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="default budget per query")
+    p.add_argument("--max-new-tokens-limit", type=int, default=d.max_new_tokens_limit, help="most a query may ask")
+    p.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes)
+    p.add_argument("--max-pixels", type=int, default=d.max_pixels, help="decompression-bomb guard")
+    p.add_argument("--max-instances", type=int, default=d.max_instances, help="queries per v1/v2 request")
+    p.add_argument("--max-request-bytes", type=int, default=64 << 20, help="request body limit (413 past it)")
+    p.add_argument("--api-token-file", default=None,
+                   help="require 'Authorization: Bearer <token>' (token read from this file; or DEEPMEDIX_API_TOKEN)")
     a = p.parse_args(argv)
-    serve(a.model, name=a.name, host=a.host, port=a.port, max_new_tokens=a.max_new_tokens, frame=a.frame,
-          grpc_port=a.grpc_port, max_image_bytes=a.max_image_bytes, max_pixels=a.max_pixels)
+    limits = Limits(max_image_bytes=a.max_image_bytes, max_pixels=a.max_pixels, max_new_tokens=a.max_new_tokens,
+                    max_new_tokens_limit=max(a.max_new_tokens_limit, a.max_new_tokens), max_instances=a.max_instances)
+    serve(a.model, name=a.name, host=a.host, port=a.port, grpc_port=a.grpc_port, frame=a.frame, limits=limits,
+          max_batch_size=a.max_batch_size, max_wait_ms=a.max_wait_ms, max_queue=a.max_queue,
+          request_timeout_s=a.request_timeout_s, token=read_token(a.api_token_file),
+          max_body_bytes=a.max_request_bytes)
 
 
 if __name__ == "__main__":

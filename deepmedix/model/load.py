@@ -76,10 +76,29 @@ def chat_prompts(processor, questions: list[str], n_images: list[int]) -> list[s
             for q, n in zip(questions, n_images)]
 
 
+@dataclass
+class Generation:
+    """One output of :func:`generate_batch`: the decoded text and its token counts."""
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end of sequence) or "length" (token budget spent)
+
+
+def eos_token_ids(loaded: Loaded) -> set[int]:
+    eos = loaded.model.generation_config.eos_token_id
+    return set([eos] if isinstance(eos, int) else (eos or []))
+
+
 @torch.no_grad()
-def generate(loaded: Loaded, images: list[list[Image.Image]], questions: list[str], max_new_tokens: int = 256,
-             do_sample: bool = False, temperature: float = 1.0, frame: int = DEFAULT_FRAME) -> list[str]:
-    """One batched ``generate``: each query is one or more images and a task text (the instruction is added)."""
+def generate_batch(loaded: Loaded, images: list[list[Image.Image]], questions: list[str],
+                   max_new_tokens: int | list[int] = 256, do_sample: bool = False, temperature: float = 1.0,
+                   top_p: float = 1.0, frame: int = DEFAULT_FRAME, streamer=None) -> list[Generation]:
+    """One batched ``generate`` over several queries (each one or more images and a task text; the instruction
+    is added). ``max_new_tokens`` may be one budget per query: the batch runs to the largest and each output is
+    cut to its own budget, which gives the same tokens as a run with that budget alone (a prefix of the longer
+    run, greedy or sampled). ``streamer`` gets ``generate``'s ``put(token_ids)`` calls for the whole batch."""
+    budgets = [int(max_new_tokens)] * len(questions) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     proc = loaded.processor
     texts = chat_prompts(proc, questions, [len(i) for i in images])
     flat = [open_image(im, frame) for ims in images for im in ims]
@@ -87,7 +106,23 @@ def generate(loaded: Loaded, images: list[list[Image.Image]], questions: list[st
     inputs = inputs.to(loaded.device)
     kwargs = {"do_sample": do_sample}
     if do_sample:
-        kwargs["temperature"] = temperature
-    out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, **kwargs)
-    new = out[:, inputs["input_ids"].shape[1]:]
-    return [t.strip() for t in proc.batch_decode(new, skip_special_tokens=True)]
+        kwargs.update(temperature=temperature, top_p=top_p)
+    out = loaded.model.generate(**inputs, max_new_tokens=max(budgets), streamer=streamer, **kwargs)
+    new = out[:, inputs["input_ids"].shape[1]:].cpu()
+    eos_ids = eos_token_ids(loaded)
+    prompt_lens = inputs["attention_mask"].sum(dim=1).tolist()
+    results = []
+    for row, budget, n_prompt in zip(new.tolist(), budgets, prompt_lens):
+        row = row[:budget]
+        end = next((k for k, t in enumerate(row) if t in eos_ids), None)
+        n = len(row) if end is None else end + 1
+        text = proc.decode(row[:n], skip_special_tokens=True).strip()
+        results.append(Generation(text, int(n_prompt), n, "length" if end is None else "stop"))
+    return results
+
+
+def generate(loaded: Loaded, images: list[list[Image.Image]], questions: list[str], max_new_tokens: int = 256,
+             do_sample: bool = False, temperature: float = 1.0, frame: int = DEFAULT_FRAME) -> list[str]:
+    """One batched ``generate``: each query is one or more images and a task text (the instruction is added)."""
+    return [g.text for g in generate_batch(loaded, images, questions, max_new_tokens, do_sample=do_sample,
+                                           temperature=temperature, frame=frame)]

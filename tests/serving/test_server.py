@@ -1,116 +1,239 @@
-"""The KServe server as a real subprocess on a tiny random-init model, plus unit tests of the predictor pieces."""
+"""The KServe model server as a real process: v1, v2 and the OpenAI route (with the real ``openai`` client), on a
+tiny Qwen2.5-VL taught one grounded answer; limits, the bearer token, overload and recovery on a second server."""
 
 from __future__ import annotations
 
 import base64
 import io
+import json
 import os
-import socket
+import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import openai
+import psutil
 import pytest
 import requests
 from PIL import Image
 
-from deepmedix.demo import stop_process
-from deepmedix.model.tiny import build_tiny
-from serving.predictor import DeepMedixModel, build_prediction, draw_overlay
+import fx_serving as fx
+from deepmedix import grounding
+from deepmedix.demo import free_port, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
-READY_TIMEOUT_S = 90
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def png_b64(width: int = 300, height: int = 200) -> str:
-    arr = (np.add.outer(np.arange(height), np.arange(width)) % 256).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr, mode="L").save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
+READY_TIMEOUT_S = 120
+W, H = 300, 200
+TAUGHT_BOX = grounding.from_frame(fx.TAUGHT_BOX_FRAME, W, H, 512)  # [75, 100, 225, 175]
 
 
 class Server:
-    def __init__(self, model_dir: Path, log_dir: Path, name: str = "deepmedix"):
+    """``python -m serving.server`` on 127.0.0.1 with its stderr in a log file."""
+
+    def __init__(self, model: str | Path, log_dir: Path, *args: str, name: str = "deepmedix", env: dict | None = None):
         self.name, self.port = name, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.stderr_path = log_dir / f"{name}-{self.port}.stderr"
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-        self.t0 = time.time()
-        with open(self.stderr_path, "wb") as err:
+        self.log = log_dir / f"{name}-{self.port}.log"
+        full_env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+                        **(env or {}))
+        with open(self.log, "wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "serving.server", "--model", str(model_dir), "--port", str(self.port),
-                 "--host", "127.0.0.1", "--name", name, "--max-new-tokens", "24"],
-                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
-        self.startup_s = None
+                [sys.executable, "-m", "serving.server", "--model", str(model), "--port", str(self.port),
+                 "--host", "127.0.0.1", "--name", name, *args],
+                cwd=REPO, env=full_env, stdout=subprocess.DEVNULL, stderr=err)
+        self.wait_ready()
 
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")[-6000:]
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-5000:]
 
     def wait_ready(self) -> None:
         deadline = time.time() + READY_TIMEOUT_S
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                pytest.fail(f"server exited with {self.proc.returncode}\n--- stderr ---\n{self.stderr()}")
+                pytest.fail(f"server exited with {self.proc.returncode}\n--- log ---\n{self.tail()}")
             try:
                 r = requests.get(f"{self.url}/v1/models/{self.name}", timeout=2)
                 if r.status_code == 200 and r.json().get("ready"):
-                    self.startup_s = time.time() - self.t0
-                    print(f"server {self.name} ready in {self.startup_s:.1f} s")
                     return
             except requests.RequestException:
                 pass
             time.sleep(0.25)
         self.stop()
-        pytest.fail(f"server not ready after {READY_TIMEOUT_S} s\n--- stderr ---\n{self.stderr()}")
+        pytest.fail(f"server not ready after {READY_TIMEOUT_S} s\n--- log ---\n{self.tail()}")
+
+    def post(self, path: str, body, **kw) -> requests.Response:
+        return requests.post(f"{self.url}{path}", json=body, timeout=kw.pop("timeout", 120), **kw)
+
+    def predict(self, body, **kw) -> requests.Response:
+        return self.post(f"/v1/models/{self.name}:predict", body, **kw)
+
+    def metric(self, name: str, **labels) -> float:
+        """The summed value of one Prometheus sample from /metrics (0 if absent)."""
+        total = 0.0
+        for line in requests.get(f"{self.url}/metrics", timeout=10).text.splitlines():
+            if not line.startswith(name):
+                continue
+            head, _, value = line.rpartition(" ")
+            metric, _, lab = head.partition("{")
+            if metric == name and all(f'{k}="{v}"' in lab for k, v in labels.items()):
+                total += float(value)
+        return total
+
+    def rss_mb(self) -> float:
+        return psutil.Process(self.proc.pid).memory_info().rss / 2**20
 
     def stop(self) -> None:
         stop_process(self.proc, 20)
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return build_tiny(tmp_path_factory.mktemp("model") / "tiny")
+def taught(tmp_path_factory) -> Path:
+    return fx.taught_model(tmp_path_factory.mktemp("model") / "taught", steps=240)
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model, tmp_path_factory, request):
-    srv = Server(tiny_model, tmp_path_factory.mktemp("logs"))
-    request.addfinalizer(srv.stop)
-    srv.wait_ready()
-    return srv
+def server(taught, tmp_path_factory):
+    srv = Server(taught, tmp_path_factory.mktemp("logs"), "--max-new-tokens", "64", "--max-batch-size", "8",
+                 "--max-wait-ms", "20", "--max-image-bytes", "2000000", "--max-pixels", "4000000")
+    yield srv
+    srv.stop()
 
 
-def predict(srv: Server, body) -> requests.Response:
-    return requests.post(f"{srv.url}/v1/models/{srv.name}:predict", json=body, timeout=120)
+def chat_image(b64: str, mime: str = "image/png") -> dict:
+    return {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{b64}"}}
 
 
-# ---------------------------------------------------------------- over HTTP
+def assert_taught_grounding(g: dict, width: int = W, height: int = H) -> None:
+    box = grounding.from_frame(fx.TAUGHT_BOX_FRAME, width, height, 512)
+    assert g["answer"] == "cardiomegaly" and g["format_ok"] is True
+    assert g["image_size"] == [width, height]
+    assert g["steps"] == [{"text": "the heart with [128, 256, 384, 448] is enlarged", "boxes": [box]}]
+    assert g["boxes"] == [box]
 
-def test_valid_predict(server):
-    img = png_b64(300, 200)
-    r = predict(server, {"instances": [{"image": img, "question": "Is the heart enlarged?"},
-                                       {"image": img, "question": "Which side?", "max_new_tokens": 4}]})
+
+# ---------------------------------------------------------------- the OpenAI route, with the openai client
+
+def test_openai_client_gets_a_grounded_answer(server):
+    client = openai.OpenAI(base_url=f"{server.url}/openai/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["deepmedix"]
+    resp = client.chat.completions.create(
+        model="deepmedix", max_tokens=64, temperature=0,
+        messages=[{"role": "system", "content": "You are a radiologist."},
+                  {"role": "user", "content": [chat_image(fx.png_b64(W, H)), {"type": "text", "text": fx.QUESTIONS[0]}]}],
+        extra_body={"overlay": True})
+    choice = resp.choices[0]
+    assert choice.message.content == fx.TAUGHT and choice.finish_reason == "stop"
+    assert resp.usage.completion_tokens > 10 and resp.usage.prompt_tokens > 10
+    g = choice.model_extra["grounding"]
+    assert TAUGHT_BOX == [75, 100, 225, 175]
+    overlay = Image.open(io.BytesIO(base64.b64decode(g.pop("overlay_png"))))
+    assert_taught_grounding(g)
+    assert overlay.format == "PNG" and overlay.size == (W, H)
+    assert overlay.convert("RGB").getpixel((150, 100)) == (255, 0, 0)  # top edge of the (red) first box
+
+
+def test_openai_streaming(server):
+    client = openai.OpenAI(base_url=f"{server.url}/openai/v1", api_key="unused", max_retries=0)
+    chunks = list(client.chat.completions.create(
+        model="deepmedix", stream=True, stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": [{"type": "text", "text": fx.QUESTIONS[1]},
+                                               chat_image(fx.png_b64(W, H, seed=3))]}]))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == fx.TAUGHT
+    deltas = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(deltas) > 5  # token by token, not one block
+    last = [c for c in chunks if c.choices][-1]
+    assert last.choices[0].finish_reason == "stop"
+    assert_taught_grounding(last.choices[0].model_extra["grounding"])
+    assert chunks[-1].usage.completion_tokens > 10
+
+
+@pytest.mark.parametrize("content, param", [
+    ([{"type": "image_url", "image_url": {"url": "https://example.org/x.png"}}, {"type": "text", "text": "q"}],
+     "messages[0].content[0].image_url.url"),
+    ([{"type": "text", "text": "no image"}], "messages[0].content"),
+    ([chat_image(base64.b64encode(b"not an image").decode()), {"type": "text", "text": "q"}],
+     "messages[0].content[0].image_url.url"),
+    ([chat_image("%%%"), {"type": "text", "text": "q"}], "messages[0].content[0].image_url.url"),
+    ([{"type": "audio", "x": 1}], "messages[0].content[0].type"),
+])
+def test_openai_bad_requests_are_400_naming_the_field(server, content, param):
+    client = openai.OpenAI(base_url=f"{server.url}/openai/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="deepmedix", messages=[{"role": "user", "content": content}])
+    assert err.value.status_code == 400
+    assert param in err.value.message and err.value.body["param"] == param
+
+
+def test_openai_unknown_model_and_multi_turn(server):
+    client = openai.OpenAI(base_url=f"{server.url}/openai/v1", api_key="unused", max_retries=0)
+    user = {"role": "user", "content": [chat_image(fx.png_b64(32, 32)), {"type": "text", "text": "q"}]}
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="gpt-4o", messages=[user])
+    with pytest.raises(openai.BadRequestError, match=r"messages\[1\]\.role: multi-turn"):
+        client.chat.completions.create(model="deepmedix", messages=[user, {"role": "assistant", "content": "x"}, user])
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.chat.completions.create(model="deepmedix", messages=[user], max_tokens=10**6)
+
+
+# ---------------------------------------------------------------- v1 and v2
+
+def test_v1_grounded_in_each_images_pixels(server):
+    dcm = fx.make_dicom((np.add.outer(np.arange(240), np.arange(320)) * 9 % 4096).astype(np.uint16))
+    r = server.predict({"instances": [
+        {"image": fx.png_b64(W, H), "question": fx.QUESTIONS[0]},
+        {"image": "data:image/png;base64," + fx.png_b64(640, 480, seed=5), "question": fx.QUESTIONS[2],
+         "overlay": True},
+        {"image": base64.b64encode(dcm).decode(), "question": fx.QUESTIONS[3]},
+        {"image": fx.png_b64(W, H), "question": fx.QUESTIONS[0], "max_new_tokens": 5}]})
     assert r.status_code == 200, r.text
-    preds = r.json()["predictions"]
-    assert len(preds) == 2
-    for p in preds:
-        assert isinstance(p["text"], str)
-        assert "answer" in p and (p["answer"] is None or isinstance(p["answer"], str))
-        assert isinstance(p["format_ok"], bool)
-        assert isinstance(p["steps"], list) and isinstance(p["boxes"], list)
-        assert p["image_size"] == [300, 200]
-        for step in p["steps"]:
-            assert isinstance(step["text"], str) and isinstance(step["boxes"], list)
-        for x1, y1, x2, y2 in p["boxes"]:
-            assert 0 <= x1 <= 300 and 0 <= x2 <= 300 and 0 <= y1 <= 200 and 0 <= y2 <= 200
+    p = r.json()["predictions"]
+    assert [x["text"] for x in p[:3]] == [fx.TAUGHT] * 3
+    assert_taught_grounding(p[0]["grounding"])
+    assert_taught_grounding(p[1]["grounding"], 640, 480)
+    assert_taught_grounding(p[2]["grounding"], 320, 240)  # DICOM: Columns x Rows
+    assert "overlay_png" in p[1] and "overlay_png" not in p[0]
+    assert Image.open(io.BytesIO(base64.b64decode(p[1]["overlay_png"]))).size == (640, 480)
+    # a smaller budget in the same batch: the first 5 tokens of the same answer
+    assert p[3]["usage"]["completion_tokens"] == 5 and p[3]["finish_reason"] == "length"
+    assert fx.TAUGHT.startswith(p[3]["text"]) and p[3]["grounding"]["format_ok"] is False
+
+
+def test_v2_bytes_tensors(server):
+    body = {"id": "req-1", "parameters": {"max_new_tokens": 64},
+            "inputs": [{"name": "image", "datatype": "BYTES", "shape": [2],
+                        "data": [fx.png_b64(W, H), fx.png_b64(100, 400, seed=2)]},
+                       {"name": "text", "datatype": "BYTES", "shape": [2], "data": list(fx.QUESTIONS[:2])}]}
+    r = server.post(f"/v2/models/{server.name}/infer", body)
+    assert r.status_code == 200, r.text
+    out = {o["name"]: o for o in r.json()["outputs"]}
+    assert r.json()["id"] == "req-1" and out["text"]["data"] == [fx.TAUGHT, fx.TAUGHT]
+    assert out["text"]["datatype"] == "BYTES" and out["text"]["shape"] == [2]
+    assert_taught_grounding(json.loads(out["grounding"]["data"][0]))
+    assert_taught_grounding(json.loads(out["grounding"]["data"][1]), 100, 400)
+
+
+@pytest.mark.parametrize("inputs, field", [
+    ([{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["IMAGE"]}], "no input named 'text'"),
+    ([{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["IMAGE"]},
+      {"name": "text", "datatype": "FP32", "shape": [1], "data": [1.0]}], "inputs[1] (text): datatype FP32"),
+    ([{"name": "image", "datatype": "BYTES", "shape": [2], "data": ["IMAGE", "QUJD"]},
+      {"name": "text", "datatype": "BYTES", "shape": [1], "data": ["q"]}], "inputs[0] (image).data[1]"),
+    ([{"name": "image", "datatype": "BYTES", "shape": [3], "data": ["IMAGE"]},
+      {"name": "text", "datatype": "BYTES", "shape": [1], "data": ["q"]}], "shape [3] holds 3 values but 1"),
+])
+def test_v2_bad_input_names_the_tensor(server, inputs, field):
+    img = fx.png_b64(32, 32)
+    for t in inputs:
+        t["data"] = [img if v == "IMAGE" else v for v in t["data"]]
+    r = server.post(f"/v2/models/{server.name}/infer", {"inputs": inputs})
+    assert r.status_code == 400, r.text
+    assert field in r.json()["error"]
 
 
 @pytest.mark.parametrize("instances, field", [
@@ -119,21 +242,61 @@ def test_valid_predict(server):
     ([{"image": base64.b64encode(b"these bytes are not an image").decode(), "question": "q"}], "instances[0].image"),
     ([{"question": "q"}], "instances[0].image"),
     ([{"image": "IMAGE", "question": "q", "max_new_tokens": "many"}], "instances[0].max_new_tokens"),
+    ([{"image": "IMAGE", "question": "q", "temperature": -1}], "instances[0].temperature"),
+    ([{"image": "IMAGE", "question": "q"}] * 17, "over the limit of 16"),
     ([], "instances"),
 ])
-def test_bad_input_is_400_naming_the_field(server, instances, field):
-    img = png_b64(32, 32)
+def test_v1_bad_input_is_400_naming_the_field(server, instances, field):
+    img = fx.png_b64(32, 32)
     instances = [{k: (img if v == "IMAGE" else v) for k, v in inst.items()} for inst in instances]
-    r = predict(server, {"instances": instances})
-    assert 400 <= r.status_code < 500, r.text
+    r = server.predict({"instances": instances})
+    assert r.status_code == 400, r.text
     assert field in r.json()["error"]
 
 
-def test_missing_instances_and_non_object_body(server):
-    for body in ({}, [1, 2], {"instances": "x"}):
-        r = predict(server, body)
-        assert r.status_code == 400, r.text
-        assert "instances" in r.json()["error"] or "request body" in r.json()["error"]
+def _png_with_size(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width x height`` (a decompression bomb's signature) with a tiny body."""
+    import struct
+    import zlib
+
+    def chunk(tag, body):
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body) & 0xFFFFFFFF)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("payload, message", [
+    (_png_with_size(50_000, 50_000), "over the limit of 4000000 pixels"),
+    (_png_with_size(2_500, 2_000), "2500x2000 pixels, over the limit of 4000000 pixels"),
+    (fx.png_bytes(64, 64)[:80], "not a decodable PNG, JPEG or DICOM"),
+    (b"\x00" * 128 + b"DICM" + b"\x00" * 64, "instances[0].image"),
+    (b"GIF89a" + b"\x00" * 64, "not a decodable PNG, JPEG or DICOM"),
+    (b"\xff" * 2_100_000, "limit of 2000000 bytes"),
+])
+def test_hostile_images_are_refused_before_generation(server, payload, message):
+    before = server.metric("deepmedix_batch_size_count")
+    r = server.predict({"instances": [{"image": base64.b64encode(payload).decode(), "question": "q"}]})
+    assert r.status_code == 400, r.text
+    assert message in r.json()["error"] and "instances[0].image" in r.json()["error"]
+    assert server.metric("deepmedix_batch_size_count") == before
+
+
+def test_concurrent_requests_share_a_generate_and_metrics_count_them(server):
+    before = {k: server.metric(k) for k in ("deepmedix_batch_size_count", "deepmedix_batch_size_sum",
+                                            "deepmedix_generated_tokens_total")}
+    ok_before = server.metric("deepmedix_requests_total", route="v1_predict", code="200")
+    body = {"instances": [{"image": fx.png_b64(W, H, seed=7), "question": fx.QUESTIONS[0]}]}
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: server.predict(body), range(8)))
+    assert all(r.status_code == 200 for r in results)
+    assert all(r.json()["predictions"][0]["text"] == fx.TAUGHT for r in results)
+    batches = server.metric("deepmedix_batch_size_count") - before["deepmedix_batch_size_count"]
+    queries = server.metric("deepmedix_batch_size_sum") - before["deepmedix_batch_size_sum"]
+    assert queries == 8 and batches < 8, f"8 queries in {batches} generate calls"
+    tokens = server.metric("deepmedix_generated_tokens_total") - before["deepmedix_generated_tokens_total"]
+    assert tokens == 8 * results[0].json()["predictions"][0]["usage"]["completion_tokens"]
+    assert server.metric("deepmedix_requests_total", route="v1_predict", code="200") == ok_before + 8
+    assert server.metric("deepmedix_request_duration_seconds_count", route="v1_predict") >= 8
 
 
 def test_binds_requested_host(server):
@@ -144,54 +307,203 @@ def test_binds_requested_host(server):
     assert f"0100007F:{server.port:04X}" in listening  # 127.0.0.1, not 0.0.0.0
 
 
-def test_second_server_alongside(server, tiny_model, tmp_path):
-    """gRPC is off, so a second server on the same machine does not collide on 8081."""
-    other = Server(tiny_model, tmp_path, name="second")
+# ---------------------------------------------------------------- fuzzing from the OpenAPI document
+
+def test_schemathesis_malformed_requests_never_5xx_and_memory_stays_bounded(server):
+    """At least 1,000 requests generated from the server's own OpenAPI document (negative mode: each violates
+    the schema; positive mode: schema-valid but with random images and texts) get no 5xx. The server's
+    resident memory stays bounded across them and a burst of real generations."""
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+    from schemathesis.generation.modes import GenerationMode
+
+    warm = {"instances": [{"image": fx.png_b64(W, H), "question": fx.QUESTIONS[0]}]}
+    for _ in range(3):
+        assert server.predict(warm).status_code == 200
+    rss0 = server.rss_mb()
+    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+    counts, server_errors = {}, []
+    for result in schema.get_all_operations():
+        op = result.ok()
+        is_post = op.method.upper() == "POST"
+        for mode, n in ((GenerationMode.NEGATIVE, 260 if is_post else 40), (GenerationMode.POSITIVE, 90 if is_post else 5)):
+            @given(case=op.as_strategy(generation_mode=mode))
+            @settings(max_examples=n, deadline=None, database=None, derandomize=True, phases=[Phase.generate],
+                      suppress_health_check=list(HealthCheck))
+            def run(case):
+                r = case.call(base_url=server.url, timeout=120)
+                counts[r.status_code] = counts.get(r.status_code, 0) + 1
+                if r.status_code >= 500:
+                    server_errors.append(f"{op.label} {mode.value} -> {r.status_code}: {r.text[:200]} "
+                                         f"body={str(case.body)[:200]}")
+            try:
+                run()
+            except Exception as exc:  # an operation with nothing to negate (no body, no parameters)
+                if "Unsatisfiable" not in type(exc).__name__:
+                    raise
+    total = sum(counts.values())
+    print(f"schemathesis: {total} requests, status codes {dict(sorted(counts.items()))}")
+    assert total >= 1000, counts
+    assert not server_errors, "\n".join(server_errors[:10])
+    with ThreadPoolExecutor(8) as pool:
+        assert all(r.status_code == 200 for r in pool.map(lambda _: server.predict(warm), range(24)))
+    growth = server.rss_mb() - rss0
+    print(f"server RSS {rss0:.0f} MB -> {rss0 + growth:.0f} MB")
+    assert growth < 150, f"RSS grew by {growth:.0f} MB over {total} requests"
+
+
+# ---------------------------------------------------------------- a strict server: token, small queue, timeout
+
+@pytest.fixture(scope="module")
+def strict(tmp_path_factory):
+    """Random-init tiny model (it never stops early), one query per batch, 2 waiting at most, 2 s timeout,
+    a bearer token and a 300 kB body limit."""
+    from deepmedix.model.tiny import build_tiny
+
+    d = tmp_path_factory.mktemp("strict")
+    model = build_tiny(d / "tiny")
+    (d / "token").write_text("s3cret-token\n")
+    srv = Server(model, d, "--max-batch-size", "1", "--max-queue", "2", "--request-timeout-s", "2",
+                 "--max-new-tokens", "8", "--max-new-tokens-limit", "3500", "--max-request-bytes", "300000",
+                 "--api-token-file", str(d / "token"), name="strict")
+    srv.auth = {"Authorization": "Bearer s3cret-token"}
+    yield srv
+    srv.stop()
+
+
+def test_bearer_token(strict):
+    body = {"instances": [{"image": fx.png_b64(32, 32), "question": "q"}]}
+    r = strict.predict(body)
+    assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer" and "bearer token" in r.json()["error"]
+    assert strict.predict(body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert strict.predict(body, headers=strict.auth).status_code == 200
+    client = openai.OpenAI(base_url=f"{strict.url}/openai/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        client.models.list()
+    client = openai.OpenAI(base_url=f"{strict.url}/openai/v1", api_key="s3cret-token", max_retries=0)
+    assert client.models.list().data[0].id == "strict"
+    # probes and the scraper need no token
+    for path in ("/", "/v1/models/strict", "/v2/health/ready", "/metrics"):
+        assert requests.get(strict.url + path, timeout=10).status_code == 200, path
+    assert strict.metric("deepmedix_rejected_total", reason="unauthorized") >= 3
+
+
+def test_body_limit_is_413(strict):
+    big = {"instances": [{"image": base64.b64encode(os.urandom(400_000)).decode(), "question": "q"}]}
+    r = strict.predict(big, headers=strict.auth)
+    assert r.status_code == 413 and "over the limit of 300000" in r.json()["error"]
+    # chunked upload (no Content-Length) is counted as it streams in
+    data = json.dumps(big).encode()
+    r = requests.post(f"{strict.url}/v1/models/strict:predict", data=iter([data[i:i + 65536] for i in
+                                                                          range(0, len(data), 65536)]),
+                      headers={**strict.auth, "Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 413
+
+
+def test_overload_gets_429_and_503_with_retry_after_then_recovers(strict):
+    long = {"instances": [{"image": fx.png_b64(64, 64), "question": "q", "max_new_tokens": 3400}]}
+    results, lock = {}, threading.Lock()
+
+    def send(key):
+        r = strict.predict(long, headers=strict.auth, timeout=60)
+        with lock:
+            results[key] = r
+
+    threads = [threading.Thread(target=send, args=(k,)) for k in ("running", "queued1", "queued2")]
+    threads[0].start()
+    time.sleep(0.5)  # the first is generating (one per batch); the next two wait in the queue (its limit)
+    threads[1].start()
+    threads[2].start()
+    time.sleep(0.5)
+    t0 = time.time()
+    refused = strict.predict(long, headers=strict.auth)
+    assert time.time() - t0 < 1.0, "a full queue must refuse at once"
+    assert refused.status_code == 429, refused.text
+    assert int(refused.headers["Retry-After"]) >= 1 and "retry later" in refused.json()["error"]
+    for t in threads:
+        t.join(60)
+    # 2 s timeout, each generation takes longer: all three get 503 + Retry-After
+    assert [results[k].status_code for k in ("running", "queued1", "queued2")] == [503, 503, 503]
+    assert all(int(results[k].headers["Retry-After"]) >= 1 for k in results)
+    assert "request timeout of 2 s" in results["running"].json()["error"]
+    # recovery: once the abandoned generations are done, short requests are answered again
+    deadline = time.time() + 60
+    while True:
+        r = strict.predict({"instances": [{"image": fx.png_b64(64, 64), "question": "q"}]}, headers=strict.auth)
+        if r.status_code == 200 or time.time() > deadline:
+            break
+        assert r.status_code in (429, 503), r.text
+        time.sleep(0.5)
+    assert r.status_code == 200 and r.json()["predictions"][0]["usage"]["completion_tokens"] == 8
+    assert strict.metric("deepmedix_rejected_total", reason="queue_full") >= 1
+    assert strict.metric("deepmedix_rejected_total", reason="timeout") >= 3
+    assert strict.proc.poll() is None
+
+
+# ---------------------------------------------------------------- loading from s3://
+
+def test_serves_a_model_from_s3(taught, tmp_path):
+    from conftest import weed_s3
+
+    from deepmedix import store
+
+    with weed_s3(tmp_path / "weed") as s3:
+        with store.atomic_dir("s3://models/deepmedix-r1") as d:
+            shutil.copytree(taught, d, dirs_exist_ok=True)
+        srv = Server("s3://models/deepmedix-r1", tmp_path, name="froms3",
+                     env={**s3.env, "DEEPMEDIX_CACHE": str(tmp_path / "cache")})
+        try:
+            r = srv.predict({"instances": [{"image": fx.png_b64(W, H), "question": fx.QUESTIONS[0]}]})
+            assert r.status_code == 200, r.text
+            assert_taught_grounding(r.json()["predictions"][0]["grounding"])
+        finally:
+            srv.stop()
+
+
+# ---------------------------------------------------------------- the grounding transformer (vLLM runtime's helper)
+
+def test_grounding_transformer_in_front_of_an_openai_predictor(server, tmp_path):
+    """The transformer KServe runs in front of the HF/vLLM runtime, here in front of the DeepMedix predictor's
+    OpenAI route (the same protocol): it squares the image, adds the instruction, and grounds the answer in the
+    caller's pixels. KServe's own transformer flags are accepted."""
+    port = free_port()
+    log = tmp_path / "transformer.log"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "serving.transformer", "--model_name", "deepmedix",
+                                 "--predictor_host", f"127.0.0.1:{server.port}", "--predictor_protocol", "v1",
+                                 "--http_port", str(port), "--host", "127.0.0.1"],
+                                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
+    url = f"http://127.0.0.1:{port}"
     try:
-        other.wait_ready()
-        r = predict(other, {"instances": [{"image": png_b64(64, 48), "question": "q", "max_new_tokens": 2}]})
+        deadline = time.time() + READY_TIMEOUT_S
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                if requests.get(f"{url}/v1/models/deepmedix", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.25)
+        client = openai.OpenAI(base_url=f"{url}/openai/v1", api_key="unused", max_retries=0)
+        resp = client.chat.completions.create(model="deepmedix", max_tokens=64, messages=[
+            {"role": "user", "content": [chat_image(fx.png_b64(640, 480, seed=11)),
+                                         {"type": "text", "text": fx.QUESTIONS[2]}]}])
+        assert resp.choices[0].message.content == fx.TAUGHT
+        assert_taught_grounding(resp.choices[0].model_extra["grounding"], 640, 480)
+        r = requests.post(f"{url}/v1/models/deepmedix:predict", timeout=120, json={"instances": [
+            {"image": fx.png_b64(W, H), "question": fx.QUESTIONS[0], "overlay": True},
+            {"image": fx.png_b64(100, 400), "question": fx.QUESTIONS[1]}]})
         assert r.status_code == 200, r.text
-        assert r.json()["predictions"][0]["image_size"] == [64, 48]
+        p = r.json()["predictions"]
+        assert_taught_grounding(p[0]["grounding"])
+        assert_taught_grounding(p[1]["grounding"], 100, 400)
+        assert Image.open(io.BytesIO(base64.b64decode(p[0]["overlay_png"]))).size == (W, H)
+        bad = requests.post(f"{url}/v1/models/deepmedix:predict", json={"instances": [{"question": "q"}]})
+        assert bad.status_code == 400 and "instances[0].image" in bad.json()["error"]
+        with pytest.raises(openai.BadRequestError, match="stream"):
+            client.chat.completions.create(model="deepmedix", stream=True, messages=[
+                {"role": "user", "content": [chat_image(fx.png_b64(32, 32)), {"type": "text", "text": "q"}]}])
     finally:
-        other.stop()
-    assert requests.get(f"{server.url}/v1/models/{server.name}", timeout=5).status_code == 200
-
-
-# ---------------------------------------------------------------- in process
-
-def test_box_conversion_from_frame():
-    raw = r"<think> heart with [0, 0, 256, 512] </think> The answer is: \boxed{yes}"
-    p = build_prediction(raw, 300, 200, frame=512)
-    assert p["boxes"] == [[0, 0, 150, 200]]
-    assert p["steps"] == [{"text": "heart with [0, 0, 256, 512]", "boxes": [[0, 0, 150, 200]]}]
-    assert p["answer"] == "yes" and p["format_ok"] is True
-    assert p["image_size"] == [300, 200] and p["text"] == raw
-
-
-def test_size_limits_checked_before_generation():
-    m = DeepMedixModel("m", "/nonexistent", max_pixels=300 * 200 - 1, max_image_bytes=10_000_000)
-    with pytest.raises(Exception, match=r"instances\[0\]\.image: 300x200 pixels"):
-        m.decode_instances({"instances": [{"image": png_b64(300, 200), "question": "q"}]})
-    m = DeepMedixModel("m", "/nonexistent", max_image_bytes=100)
-    with pytest.raises(Exception, match=r"instances\[0\]\.image: .*limit of 100"):
-        m.decode_instances({"instances": [{"image": png_b64(300, 200), "question": "q"}]})
-
-
-def test_sixteen_bit_and_data_url_images_decode():
-    arr = (np.arange(40 * 30, dtype=np.uint16).reshape(30, 40) * 50)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    data_url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    images, questions, budgets = DeepMedixModel("m", "/x").decode_instances(
-        {"instances": [{"image": data_url, "question": " q "}]})
-    assert images[0].mode == "RGB" and images[0].size == (40, 30)
-    assert np.asarray(images[0]).max() == 255 and questions == ["q"] and budgets == [256]
-
-
-def test_draw_overlay(tmp_path):
-    img = Image.new("L", (300, 200), 0)
-    out = draw_overlay(img, [[10, 20, 150, 120]], ["heart"], tmp_path / "o.png")
-    drawn = Image.open(out)
-    assert drawn.format == "PNG" and drawn.mode == "RGB" and drawn.size == (300, 200)
-    assert drawn.getpixel((80, 20)) == (255, 0, 0)  # top edge of the first (red) box
-    assert drawn.getpixel((80, 70)) == (0, 0, 0)  # inside stays untouched
+        stop_process(proc, 20)

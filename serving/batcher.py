@@ -1,0 +1,175 @@
+"""Dynamic batching: concurrent requests' queries go through one ``generate``.
+
+A bounded queue in front of one generation thread. The loop takes up to ``max_batch_size`` queued queries that
+decode the same way (greedy, or the same sampling settings); when fewer are waiting it holds the batch open for
+at most ``max_wait_s`` after the oldest one arrived (queries that waited behind a running batch start at once).
+Past ``max_queue`` waiting queries a request is refused with :class:`Overloaded` (HTTP 429 + ``Retry-After``);
+a request not answered within ``timeout_s`` gets :class:`Unavailable` (HTTP 503 + ``Retry-After``) and its
+queries are dropped from the queue. A request's queries are admitted all together or not at all.
+
+Streaming: a query may carry ``on_token(token_id)``; it is called from the generation thread for each new token
+of its row, up to the row's own budget (the batch runs to the largest budget and cuts each row afterwards).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+from serving import metrics
+
+
+class Overloaded(Exception):
+    """The queue is full: HTTP 429 with Retry-After."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Unavailable(Exception):
+    """Timed out, or not ready: HTTP 503 with Retry-After."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass
+class Job:
+    query: object  # serving.inputs.Query
+    on_token: Callable[[int], None] | None = None
+    future: asyncio.Future | None = None
+    enqueued: float = field(default_factory=time.monotonic)
+
+    @property
+    def live(self) -> bool:
+        return self.future is not None and not self.future.done()
+
+
+class Batcher:
+    def __init__(self, run_batch: Callable[[list[Job]], list], max_batch_size: int = 8, max_wait_s: float = 0.005,
+                 max_queue: int = 64, timeout_s: float = 120.0):
+        if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0 or timeout_s <= 0:
+            raise ValueError("max_batch_size and max_queue must be >= 1, max_wait_s >= 0, timeout_s > 0")
+        self.run_batch = run_batch
+        self.max_batch_size, self.max_wait_s = int(max_batch_size), float(max_wait_s)
+        self.max_queue, self.timeout_s = int(max_queue), float(timeout_s)
+        self._queue: collections.deque[Job] = collections.deque()
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        self._batch_s = 1.0  # running mean of one batch's seconds, for Retry-After
+        self.running = 0  # queries in the batch now generating
+
+    # ------------------------------------------------------------------ admission
+
+    def waiting(self) -> int:
+        return sum(1 for j in self._queue if j.live)
+
+    def retry_after(self) -> int:
+        batches_ahead = 1 + self.waiting() / self.max_batch_size
+        return max(1, math.ceil(batches_ahead * self._batch_s))
+
+    async def submit(self, jobs: list[Job]) -> list:
+        """Queue ``jobs`` (one request's queries) and wait for their results, in order."""
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done():
+            self._wakeup = asyncio.Event()
+            self._task = loop.create_task(self._loop(), name="deepmedix-batcher")
+        waiting = self.waiting()
+        if waiting and waiting + len(jobs) > self.max_queue:
+            metrics.REJECTED.labels(reason="queue_full").inc()
+            raise Overloaded(f"server busy: {waiting} queries waiting (limit {self.max_queue}); retry later",
+                             self.retry_after())
+        for j in jobs:
+            j.future = loop.create_future()
+            j.enqueued = time.monotonic()
+            self._queue.append(j)
+        metrics.QUEUE.set(self.waiting())
+        self._wakeup.set()
+        try:
+            return await asyncio.wait_for(asyncio.gather(*(j.future for j in jobs)), self.timeout_s)
+        except asyncio.TimeoutError:
+            metrics.REJECTED.labels(reason="timeout").inc()
+            raise Unavailable(f"no answer within the request timeout of {self.timeout_s:g} s; retry later",
+                              self.retry_after()) from None
+        finally:
+            for j in jobs:  # cancelled (timeout, client gone): drop from the queue
+                if j.future is not None and not j.future.done():
+                    j.future.cancel()
+            metrics.QUEUE.set(self.waiting())
+
+    # ------------------------------------------------------------------ the loop
+
+    def _take(self) -> list[Job]:
+        while self._queue and not self._queue[0].live:
+            self._queue.popleft()
+        if not self._queue:
+            return []
+        key = self._queue[0].query.sampling
+        batch, rest = [], collections.deque()
+        while self._queue:
+            j = self._queue.popleft()
+            if not j.live:
+                continue
+            if len(batch) < self.max_batch_size and j.query.sampling == key:
+                batch.append(j)
+            else:
+                rest.append(j)
+        self._queue = rest
+        return batch
+
+    def _ready_count(self) -> int:
+        if not self._queue:
+            return 0
+        key = next((j.query.sampling for j in self._queue if j.live), None)
+        return sum(1 for j in self._queue if j.live and j.query.sampling == key)
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not any(j.live for j in self._queue):
+                self._queue.clear()
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            oldest = next(j for j in self._queue if j.live)
+            deadline = oldest.enqueued + self.max_wait_s
+            while self._ready_count() < self.max_batch_size and (left := deadline - time.monotonic()) > 0:
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), left)
+                except asyncio.TimeoutError:
+                    break
+            batch = self._take()
+            metrics.QUEUE.set(self.waiting())
+            if not batch:
+                continue
+            self.running = len(batch)
+            metrics.BATCH_SIZE.observe(len(batch))
+            t0 = time.monotonic()
+            try:
+                results = await loop.run_in_executor(self._executor, self.run_batch, batch)
+            except Exception as exc:  # noqa: BLE001 - handed to each waiting request
+                for j in batch:
+                    if j.live:
+                        j.future.set_exception(exc)
+            else:
+                for j, r in zip(batch, results):
+                    if j.live:
+                        j.future.set_result(r)
+            finally:
+                self.running = 0
+                dt = time.monotonic() - t0
+                metrics.GENERATE_SECONDS.observe(dt)
+                self._batch_s = 0.8 * self._batch_s + 0.2 * dt
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,149 @@
+"""The grounding transformer: DeepMedix's pre- and post-processing in front of any OpenAI-compatible predictor,
+such as KServe's Hugging Face runtime with the vLLM backend on GPUs.
+
+    python -m serving.transformer --model_name deepmedix-r1 --predictor_host HOST[:PORT] [--port 8080]
+
+KServe starts a transformer container with ``--model_name``, ``--predictor_host`` and ``--http_port`` appended;
+those (and other KServe transformer flags) are accepted. For each query it
+
+1. checks the request as the predictor does (:mod:`serving.inputs`: limits, PNG/JPEG/DICOM, clear 400s);
+2. squares the image to the model's ``frame x frame`` input (as training did: :func:`deepmedix.model.load.
+   open_image`) and re-encodes it as PNG, and puts the grounded-reasoning instruction after the question — the
+   same prompt the HF backend builds, so the model's boxes are in the frame;
+3. calls the predictor's ``/openai/v1/chat/completions`` and maps the boxes of its answer back to the ORIGINAL
+   image's pixels, adding the ``grounding`` object (and on request an overlay PNG).
+
+Routes: ``POST /openai/v1/chat/completions`` (not streamed), ``GET /openai/v1/models``, v1
+``POST /v1/models/<name>:predict`` (instances fan out as concurrent chat calls), ``/metrics``, readiness.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import time
+
+from serving import server as _server  # imports kserve with a bare argv first
+
+import httpx  # noqa: E402
+import kserve  # noqa: E402
+from kserve.errors import InvalidInput  # noqa: E402
+from kserve.logging import logger as log  # noqa: E402
+
+from deepmedix import grounding  # noqa: E402
+from deepmedix.model.load import open_image  # noqa: E402
+from serving.batcher import Unavailable  # noqa: E402
+from serving.inputs import Limits, Query, parse_v1  # noqa: E402
+from serving.openai_api import mount_openai  # noqa: E402
+from serving.predictor import grounding_object, overlay_png  # noqa: E402
+
+
+class GroundingTransformer(kserve.Model):
+    def __init__(self, name: str, predictor_host: str, limits: Limits | None = None,
+                 frame: int = grounding.DEFAULT_FRAME, predictor_model: str | None = None, use_ssl: bool = False,
+                 timeout_s: float = 300.0, max_concurrency: int = 64):
+        super().__init__(name)
+        host = predictor_host.strip().rstrip("/")
+        if "://" not in host:
+            host = f"{'https' if use_ssl else 'http'}://{host}"
+        self.base = f"{host}/openai/v1"
+        self.limits = limits or Limits()
+        self.frame = int(frame)
+        self.predictor_model = predictor_model or name
+        self.timeout_s = float(timeout_s)
+        self._client: httpx.AsyncClient | None = None
+        self._slots = asyncio.Semaphore(max_concurrency)
+        self.ready = True
+
+    def load(self) -> bool:
+        self.ready = True
+        return True
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=self.timeout_s)
+        return self._client
+
+    def upstream_request(self, q: Query) -> dict:
+        """The chat request the predictor sees: the image squared to the frame, the instruction added."""
+        buf = io.BytesIO()
+        open_image(q.image, self.frame).save(buf, format="PNG")
+        url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        body = {"model": self.predictor_model, "max_tokens": q.max_new_tokens, "temperature": q.temperature,
+                "top_p": q.top_p, "stream": False,
+                "messages": [{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": url}},
+                    {"type": "text", "text": grounding.build_prompt(q.question)}]}]}
+        return body
+
+    async def answer(self, q: Query) -> dict:
+        """One query through the predictor; the answer dict the predictor itself would give."""
+        async with self._slots:
+            try:
+                r = await self._http().post(f"{self.base}/chat/completions", json=self.upstream_request(q))
+            except httpx.HTTPError as exc:
+                raise Unavailable(f"predictor {self.base}: {type(exc).__name__}: {exc}", 5) from None
+        if r.status_code == 429 or r.status_code >= 500:
+            raise Unavailable(f"predictor {self.base} answered {r.status_code}: {r.text[:300]}",
+                              int(r.headers.get("Retry-After", "5") or 5))
+        if r.status_code >= 400:
+            try:
+                msg = r.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                msg = r.text[:300]
+            raise InvalidInput(f"predictor refused the request ({r.status_code}): {msg}")
+        out = r.json()
+        choice = out["choices"][0]
+        text = choice["message"].get("content") or ""
+        ground = grounding_object(text, q.image.width, q.image.height, self.frame)
+        usage = out.get("usage") or {}
+        ans = {"text": text, "grounding": ground, "finish_reason": choice.get("finish_reason"),
+               "usage": {k: usage.get(k, 0) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}}
+        if q.overlay:
+            ans["overlay_png"] = overlay_png(q.image, ground)
+        return ans
+
+    async def predict(self, payload, headers=None, response_headers=None):
+        queries = parse_v1(payload, self.limits)
+        return {"predictions": list(await asyncio.gather(*(self.answer(q) for q in queries)))}
+
+
+def main(argv: list[str] | None = None) -> None:
+    d = Limits()
+    p = argparse.ArgumentParser(prog="python -m serving.transformer", description=__doc__.split("\n")[0])
+    p.add_argument("--model_name", "--name", dest="name", default="deepmedix")
+    p.add_argument("--predictor_host", "--predictor-host", dest="predictor_host", required=True,
+                   help="host[:port] of the OpenAI-compatible predictor (KServe passes it)")
+    p.add_argument("--predictor_use_ssl", dest="use_ssl", default="false")
+    p.add_argument("--predictor_model", default=None, help="model name at the predictor (default: --model_name)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", "--http_port", dest="port", type=int, default=8080)
+    p.add_argument("--frame", type=int, default=512)
+    p.add_argument("--request-timeout-s", type=float, default=300.0)
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--max-new-tokens-limit", type=int, default=d.max_new_tokens_limit)
+    p.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes)
+    p.add_argument("--max-pixels", type=int, default=d.max_pixels)
+    p.add_argument("--max-request-bytes", type=int, default=64 << 20)
+    p.add_argument("--api-token-file", default=None)
+    a, unknown = p.parse_known_args(argv)
+    if unknown:
+        log.info("deepmedix transformer: ignoring KServe flags %s", unknown)
+    limits = Limits(max_image_bytes=a.max_image_bytes, max_pixels=a.max_pixels, max_new_tokens=a.max_new_tokens,
+                    max_new_tokens_limit=max(a.max_new_tokens_limit, a.max_new_tokens))
+    model = GroundingTransformer(a.name, a.predictor_host, limits, a.frame, a.predictor_model,
+                                 use_ssl=str(a.use_ssl).lower() in ("1", "true", "yes"), timeout_s=a.request_timeout_s)
+    srv = _server.HostModelServer(host=a.host, http_port=a.port, grpc_port=8081, enable_grpc=False, workers=1,
+                                  enable_docs_url=False)
+    _server.install(lambda app: mount_openai(app, model.name, model.limits, model.answer), model.name, limits,
+                    _server.read_token(a.api_token_file), a.max_request_bytes, v2=False)
+    log.info("deepmedix transformer %r -> %s on http://%s:%d", model.name, model.base, a.host, a.port)
+    t0 = time.time()
+    srv.start([model])
+    log.info("deepmedix transformer stopped after %.0f s", time.time() - t0)
+
+
+if __name__ == "__main__":
+    main()

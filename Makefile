@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/demo
 
-.PHONY: install demo test compile bench bench-curate bench-metrics bench-sft-gpu bench-grpo-gpu clean
+.PHONY: install demo test compile bench bench-curate bench-metrics bench-serve bench-sft-gpu bench-grpo-gpu clean
 
 install: $(STAMP)
 
@@ -34,7 +34,7 @@ compile: $(STAMP)
 	$(BIN)/python -m pipelines.compile --out pipelines/deepmedix_pipeline.yaml
 
 # Benchmarks print ratios against a baseline timed in the same run (BENCH_ARGS: e.g. --large 2000).
-bench: bench-curate bench-metrics
+bench: bench-curate bench-metrics bench-serve
 
 bench-curate: $(STAMP)
 	$(BIN)/python bench/curate_bench.py $(BENCH_ARGS)
@@ -42,6 +42,11 @@ bench-curate: $(STAMP)
 # Report metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr) on 4,547 synthetic pairs against pycocoevalcap, same run.
 bench-metrics: $(STAMP) /usr/bin/java /usr/bin/javac
 	$(BIN)/python bench/metrics_bench.py $(METRICS_BENCH_ARGS)
+
+# The KServe model server (v1 over HTTP) against in-process generate at concurrency 1, 4, 16, same run
+# (SERVE_BENCH_ARGS: e.g. --model PATH --max-new-tokens 256; on a GPU machine the model runs on the GPU).
+bench-serve: $(STAMP)
+	$(BIN)/python bench/serve_bench.py $(SERVE_BENCH_ARGS)
 
 # Needs a CUDA GPU (H100/H200): SFT of a Qwen2.5-VL-7B-shaped model, tokens/s and MFU. Not part of `make bench`.
 bench-sft-gpu: $(STAMP)

@@ -278,14 +278,18 @@ def eval_reports(pairs: str = typer.Argument(..., help='JSONL: {"id", "predictio
             show(scores)
 
 
-@app.command("serve")
-def serve(model: str = typer.Option(..., help="model folder or s3:// URI"), port: int = 8080,
+@app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve(ctx: typer.Context, model: str = typer.Option(..., help="model folder or s3:// URI"), port: int = 8080,
           host: str = "127.0.0.1", name: str = "deepmedix"):
-    """Serve a model with the KServe model server (v1 :predict)."""
+    """Serve a model with the KServe model server: v1, v2 and OpenAI-compatible routes, grounded answers.
+
+    Further options go to the server as they are (see `python -m serving.server --help`): --max-batch-size,
+    --max-wait-ms, --max-queue, --request-timeout-s, --max-new-tokens, --max-image-bytes, --max-pixels,
+    --api-token-file, ..."""
     from serving.server import main
 
     with cli_errors():
-        main(["--model", model, "--port", str(port), "--host", host, "--name", name])
+        main(["--model", model, "--port", str(port), "--host", host, "--name", name, *ctx.args])
 
 
 @pipeline_app.command("compile")

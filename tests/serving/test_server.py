@@ -35,7 +35,8 @@ TAUGHT_BOX = grounding.from_frame(fx.TAUGHT_BOX_FRAME, W, H, 512)  # [75, 100, 2
 class Server:
     """``python -m serving.server`` on 127.0.0.1 with its stderr in a log file."""
 
-    def __init__(self, model: str | Path, log_dir: Path, *args: str, name: str = "deepmedix", env: dict | None = None):
+    def __init__(self, model: str | Path, log_dir: Path, *args: str, name: str = "deepmedix", env: dict | None = None,
+                 cli: bool = False):
         self.name, self.port = name, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log_dir / f"{name}-{self.port}.log"
@@ -43,7 +44,8 @@ class Server:
                         **(env or {}))
         with open(self.log, "wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "serving.server", "--model", str(model), "--port", str(self.port),
+                [sys.executable, "-m", *(("deepmedix.cli", "serve") if cli else ("serving.server",)), "--model",
+                 str(model), "--port", str(self.port),
                  "--host", "127.0.0.1", "--name", name, *args],
                 cwd=REPO, env=full_env, stdout=subprocess.DEVNULL, stderr=err)
         self.wait_ready()
@@ -442,7 +444,7 @@ def test_overload_gets_429_and_503_with_retry_after_then_recovers(strict):
 
 # ---------------------------------------------------------------- loading from s3://
 
-def test_serves_a_model_from_s3(taught, tmp_path):
+def test_deepmedix_serve_a_model_from_s3(taught, tmp_path):
     from conftest import weed_s3
 
     from deepmedix import store
@@ -450,12 +452,13 @@ def test_serves_a_model_from_s3(taught, tmp_path):
     with weed_s3(tmp_path / "weed") as s3:
         with store.atomic_dir("s3://models/deepmedix-r1") as d:
             shutil.copytree(taught, d, dirs_exist_ok=True)
-        srv = Server("s3://models/deepmedix-r1", tmp_path, name="froms3",
-                     env={**s3.env, "DEEPMEDIX_CACHE": str(tmp_path / "cache")})
+        srv = Server("s3://models/deepmedix-r1", tmp_path, "--max-batch-size", "2", name="froms3", cli=True,
+                     env={**s3.env, "DEEPMEDIX_CACHE": str(tmp_path / "cache")})  # `deepmedix serve`
         try:
             r = srv.predict({"instances": [{"image": fx.png_b64(W, H), "question": fx.QUESTIONS[0]}]})
             assert r.status_code == 200, r.text
             assert_taught_grounding(r.json()["predictions"][0]["grounding"])
+            assert "batch <= 2" in srv.tail()  # the extra option reached the server
         finally:
             srv.stop()
 

@@ -104,7 +104,7 @@ def over_http(url: str, name: str, images, question: str, c: int, n: int, budget
 
 
 def start_server(model: str, port: int, args, log_path: Path) -> subprocess.Popen:
-    import requests
+    from deepmedix.demo import wait_ready
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     log = open(log_path, "wb")
@@ -113,18 +113,12 @@ def start_server(model: str, port: int, args, log_path: Path) -> subprocess.Pope
                              str(args.max_wait_ms), "--max-queue", "256", "--max-new-tokens-limit",
                              str(max(args.max_new_tokens, 2048))],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}: {log_path.read_text()[-3000:]}")
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/v1/models/bench", timeout=2).status_code == 200:
-                return proc
-        except requests.RequestException:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise SystemExit("server not ready in 300 s")
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/v1/models/bench", proc, timeout=300)
+    except Exception as exc:
+        proc.kill()
+        raise SystemExit(f"{exc}: {log_path.read_text()[-3000:]}") from None
+    return proc
 
 
 def plot(res: dict, path: Path) -> None:
@@ -158,7 +152,7 @@ def main(argv=None) -> int:
     p.add_argument("--concurrency", default="1,4,16")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--max-batch-size", type=int, default=16)
-    p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--max-wait-ms", type=float, default=20.0)
     p.add_argument("--out", default="runs/bench")
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -183,8 +177,9 @@ def main(argv=None) -> int:
     url = f"http://127.0.0.1:{port}"
     rows: dict[str, dict[str, list[dict]]] = {str(c): {"in_process": [], "server": []} for c in levels}
     try:
-        over_http(url, "bench", images, question, 2, 4, 8)  # warm up both sides
-        in_process(loaded, images, question, 2, 4, 8)
+        for c in levels:  # warm up both sides at every batch shape (first calls of a shape are slower)
+            over_http(url, "bench", images, question, c, c, args.max_new_tokens)
+            in_process(loaded, images, question, c, c, args.max_new_tokens)
         for r in range(args.rounds):
             for c in levels:
                 n = max(args.requests * max(1, c // 2), 2 * c)
@@ -208,7 +203,8 @@ def main(argv=None) -> int:
            "levels": {c: {k: {m: med(k, c, m) for m in ("p50", "p95", "throughput")} | {"n": rows[c][k][0]["n"]}
                           for k in ("in_process", "server")} for c in rows}}
     print(f"\nserving benchmark: {res['model']}, {args.max_new_tokens} new tokens per request, medians of "
-          f"{args.rounds} rounds, server RSS {rss:.0f} MB")
+          f"{args.rounds} rounds; server --max-batch-size {args.max_batch_size} --max-wait-ms {args.max_wait_ms:g}, "
+          f"RSS {rss:.0f} MB")
     print(f"{'concurrency':>11} | {'in-process p50':>14} {'p95':>7} {'req/s':>7} | {'server p50':>10} {'p95':>7} "
           f"{'req/s':>7} | {'server/in-process req/s':>23}")
     for c in map(str, levels):

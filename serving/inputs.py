@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from kserve.errors import InvalidInput
-from PIL import Image
+from PIL import Image, ImageOps
 
-from deepmedix.grounding import INSTRUCTION
+from deepmedix.grounding import DEFAULT_FRAME, INSTRUCTION
 
 PIL_FORMATS = ("PNG", "JPEG")
 _HIGH_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
@@ -33,17 +33,29 @@ class Limits:
     max_new_tokens_limit: int = 2048  # the most a request may ask for
     max_instances: int = 16  # queries in one v1/v2 request
     max_text_chars: int = 20_000
+    frame: int = DEFAULT_FRAME  # the model's input square; images are reduced to it when a request is parsed
+
+
+OVERLAY_MAX_SIDE = 2048  # overlays are drawn on the image scaled to at most this long side
 
 
 @dataclass
 class Query:
-    """One question about one image, checked and decoded; what the batcher turns into one generate row."""
-    image: Image.Image  # RGB, original size
+    """One question about one image, checked and decoded; what the batcher turns into one generate row.
+    Only the model's view of the image is kept (the ``frame x frame`` square, under 1 MB) plus the original size;
+    the original pixels are kept (scaled to at most ``OVERLAY_MAX_SIDE``) only when an overlay is asked for."""
+    image: Image.Image  # RGB, the model's frame x frame input
+    size: tuple[int, int]  # the original image's (width, height): grounding boxes are mapped back to it
     question: str
     max_new_tokens: int
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
-    overlay: bool = False
+    original: Image.Image | None = None  # for the overlay PNG
+    system: str | None = None  # a system prompt (OpenAI system messages); None: the chat template's default
+
+    @property
+    def overlay(self) -> bool:
+        return self.original is not None
 
     @property
     def sampling(self) -> tuple:
@@ -66,8 +78,10 @@ def image_bytes(data, where: str, max_bytes: int) -> bytes:
     if isinstance(data, (bytes, bytearray)):
         raw = bytes(data)
     else:
-        if not isinstance(data, str) or not data.strip():
+        if data is None or (isinstance(data, str) and not data.strip()):
             raise InvalidInput(f"{where}: missing or empty (expected a base64-encoded PNG, JPEG or DICOM file)")
+        if not isinstance(data, str):
+            raise InvalidInput(f"{where}: expected a base64 string, got {type(data).__name__}")
         data = data.strip()
         if data.startswith("data:"):
             head, _, data = data.partition(",")
@@ -75,8 +89,9 @@ def image_bytes(data, where: str, max_bytes: int) -> bytes:
                 raise InvalidInput(f"{where}: data URL is not base64-encoded")
         elif data.startswith(("http://", "https://", "s3://", "file:")):
             raise InvalidInput(f"{where}: only base64 data or data: URLs are accepted (the server fetches no URL)")
-        if len(data) * 3 // 4 > max_bytes + 3:
+        if len(data) * 3 // 4 > max_bytes * 1.05 + 3:  # line breaks (MIME base64) are allowed and dropped
             raise InvalidInput(f"{where}: larger than the limit of {max_bytes} bytes")
+        data = "".join(data.split())
         try:
             raw = base64.b64decode(data, validate=True)
         except (binascii.Error, ValueError) as exc:
@@ -84,7 +99,7 @@ def image_bytes(data, where: str, max_bytes: int) -> bytes:
     if not raw:
         raise InvalidInput(f"{where}: decodes to zero bytes")
     if len(raw) > max_bytes:
-        raise InvalidInput(f"{where}: {len(raw)} bytes, over the limit of {max_bytes}")
+        raise InvalidInput(f"{where}: {len(raw)} bytes, over the limit of {max_bytes} bytes")
     return raw
 
 
@@ -110,6 +125,7 @@ def decode_image_bytes(raw: bytes, where: str, max_pixels: int) -> Image.Image:
             if w <= 0 or h <= 0 or w * h > max_pixels:
                 raise InvalidInput(f"{where}: {w}x{h} pixels, over the limit of {max_pixels} pixels")
             img.load()
+            img = ImageOps.exif_transpose(img)  # boxes are given in the image as it is displayed
     except InvalidInput:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -121,6 +137,18 @@ def decode_image_bytes(raw: bytes, where: str, max_pixels: int) -> Image.Image:
 
 def decode_image(data, where: str, limits: Limits) -> Image.Image:
     return decode_image_bytes(image_bytes(data, where, limits.max_image_bytes), where, limits.max_pixels)
+
+
+def make_query(img: Image.Image, question: str, limits: Limits, max_new_tokens: int, temperature: float = 0.0,
+               top_p: float = 1.0, overlay: bool = False) -> Query:
+    """The model's view of ``img`` (:func:`deepmedix.model.load.open_image`: the frame square) and its size."""
+    from deepmedix.model.load import open_image
+
+    original = None
+    if overlay:
+        original = img.copy()
+        original.thumbnail((OVERLAY_MAX_SIDE, OVERLAY_MAX_SIDE))
+    return Query(open_image(img, limits.frame), img.size, question, max_new_tokens, temperature, top_p, original)
 
 
 def question_text(value, where: str, limits: Limits) -> str:
@@ -144,10 +172,16 @@ def int_in(value, where: str, lo: int, hi: int, default: int) -> int:
 def float_in(value, where: str, lo: float, hi: float, default: float, lo_open: bool = False) -> float:
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(value) \
-            or not (lo < value if lo_open else lo <= value) or value > hi:
-        raise InvalidInput(f"{where}: expected a number in {'(' if lo_open else '['}{lo}, {hi}]")
-    return float(value)
+    bad = InvalidInput(f"{where}: expected a number in {'(' if lo_open else '['}{lo}, {hi}]")
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        raise bad
+    try:
+        v = float(value)
+    except OverflowError:
+        raise bad from None
+    if not math.isfinite(v) or not (lo < v if lo_open else lo <= v) or v > hi:
+        raise bad
+    return v
 
 
 def bool_of(value, where: str, default: bool = False) -> bool:
@@ -188,7 +222,7 @@ def parse_v1(payload, limits: Limits) -> list[Query]:
             raise InvalidInput(f"{where}: expected an object with \"image\" and \"question\"")
         q = question_text(inst.get("question"), f"{where}.question", limits)
         opts = sampling_of(inst, f"{where}.", limits)
-        queries.append(Query(decode_image(inst.get("image"), f"{where}.image", limits), q, **opts))
+        queries.append(make_query(decode_image(inst.get("image"), f"{where}.image", limits), q, limits, **opts))
     return queries
 
 
@@ -208,17 +242,19 @@ def _tensor_values(inp, where: str, n: int | None) -> list:
             stack.extend(reversed(v))
         else:
             flat.append(v)
+    if any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in inp.shape or []):
+        raise InvalidInput(f"{where}: shape {list(inp.shape)} must be non-negative integers")
     count = math.prod(inp.shape) if inp.shape else len(flat)
     if count != len(flat):
         raise InvalidInput(f"{where}: shape {list(inp.shape)} holds {count} values but {len(flat)} were sent")
     if n is not None and len(flat) not in (1, n):
-        raise InvalidInput(f"{where}: {len(flat)} values, expected 1 or {n} (one per image)")
+        raise InvalidInput(f"{where}: {len(flat)} values, expected {n} (one per image) or 1 (for all)")
     return flat
 
 
 def parse_v2(request, limits: Limits) -> list[Query]:
-    """Open Inference Protocol: BYTES tensors ``image`` (base64 or raw file bytes) and ``text``, one element
-    per query; optional ``max_new_tokens`` (INT32/INT64) tensor; ``parameters`` may carry ``max_new_tokens``,
+    """Open Inference Protocol: BYTES tensors ``image`` (base64 strings in the JSON body; the REST binary
+    extension is refused by the server) and ``text``, one element per query; optional ``max_new_tokens`` (INT32/INT64) tensor; ``parameters`` may carry ``max_new_tokens``,
     ``temperature``, ``top_p``, ``overlay`` for the whole request."""
     by_name = {}
     for k, inp in enumerate(request.inputs):
@@ -264,16 +300,21 @@ def parse_v2(request, limits: Limits) -> list[Query]:
         text = texts[j].decode("utf-8", "replace") if isinstance(texts[j], (bytes, bytearray)) else texts[j]
         q = question_text(text, f"inputs[{kt}] (text).data[{j}]", limits)
         img = decode_image(images[j], f"inputs[{ki}] (image).data[{j}]", limits)
-        queries.append(Query(img, q, budgets[j], opts["temperature"], opts["top_p"], opts["overlay"]))
+        queries.append(make_query(img, q, limits, budgets[j], opts["temperature"], opts["top_p"], opts["overlay"]))
     return queries
 
 
 # ------------------------------------------------------------------------------------------------ OpenAI
 
-CHAT_UNSUPPORTED = {
+CHAT_UNSUPPORTED = {  # refused when set (truthy), rather than silently ignored
     "tools": "tool calls are not supported",
     "functions": "function calls are not supported",
     "logprobs": "log probabilities are not returned",
+    "top_logprobs": "log probabilities are not returned",
+    "stop": "stop sequences are not supported (the answer ends at \\boxed{...})",
+    "logit_bias": "logit bias is not supported",
+    "presence_penalty": "presence penalty is not supported",
+    "frequency_penalty": "frequency penalty is not supported",
 }
 
 
@@ -308,14 +349,22 @@ def _text_parts(content, where: str, allow_images: bool) -> tuple[list[str], lis
     return texts, images
 
 
-def parse_chat(body, limits: Limits) -> tuple[Query, dict]:
-    """An OpenAI chat completion request -> one Query plus the options the response needs
-    (``model``, ``stream``). One user turn (after optional system turns) with exactly one image."""
+class UnknownModel(InvalidInput):
+    """The request names another model: HTTP 404 (OpenAI's ``model_not_found``)."""
+
+
+def parse_chat(body, limits: Limits, served: str | None = None) -> tuple[Query, dict]:
+    """An OpenAI chat completion request -> one Query plus the options the response needs (``model``,
+    ``stream``, ``include_usage``). One user turn (after optional system turns, which become the system prompt)
+    with exactly one image. ``served``: the model name this server answers to (else :class:`UnknownModel`),
+    checked before any image is decoded."""
     if not isinstance(body, dict):
         raise InvalidInput("request body: expected a JSON object (OpenAI chat completion request)")
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidInput("model: expected the served model's name (GET /openai/v1/models lists it)")
+    if served is not None and model != served:
+        raise UnknownModel(f"model: the model {model!r} does not exist (this server serves {served!r})")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidInput("messages: expected a non-empty list of {\"role\", \"content\"}")
@@ -323,23 +372,26 @@ def parse_chat(body, limits: Limits) -> tuple[Query, dict]:
         if body.get(key):
             raise InvalidInput(f"{key}: {why} by this server")
     n = body.get("n")
-    if n is not None and n != 1:
+    if n is not None and (isinstance(n, bool) or n != 1):
         raise InvalidInput("n: only n=1 is supported")
-    users = []
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise InvalidInput("response_format: only {\"type\": \"text\"} is supported")
+    users, systems = [], []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
             raise InvalidInput(f"{where}: expected an object with \"role\" and \"content\"")
         role = m.get("role")
         if role in ("system", "developer"):
-            _text_parts(m.get("content"), f"{where}.content", allow_images=False)
+            systems += _text_parts(m.get("content"), f"{where}.content", allow_images=False)[0]
         elif role == "user":
             users.append(i)
         elif role == "assistant":
             raise InvalidInput(f"{where}.role: multi-turn conversations are not supported; send one user message "
                                "(with the image) after optional system messages")
         else:
-            raise InvalidInput(f"{where}.role: {role!r} is not one of 'system', 'user'")
+            raise InvalidInput(f"{where}.role: {role!r} is not one of 'system', 'developer', 'user'")
     if len(users) != 1:
         raise InvalidInput(f"messages: {len(users)} user messages; expected exactly one (with the image)")
     where = f"messages[{users[0]}].content"
@@ -352,10 +404,17 @@ def parse_chat(body, limits: Limits) -> tuple[Query, dict]:
     budget = int_in(budget, name, 1, limits.max_new_tokens_limit, limits.max_new_tokens)
     temperature = float_in(body.get("temperature"), "temperature", 0.0, 2.0, 0.0)
     top_p = float_in(body.get("top_p"), "top_p", 0.0, 1.0, 1.0, lo_open=True)
+    if body.get("seed") is not None and temperature > 0:
+        raise InvalidInput("seed: seeded sampling is not supported (batched requests share one random stream); "
+                           "use temperature 0 for reproducible answers")
     overlay = bool_of(body.get("overlay"), "overlay")
     stream = bool_of(body.get("stream"), "stream")
     opts = body.get("stream_options")
     include_usage = isinstance(opts, dict) and opts.get("include_usage") is True
+    system = "\n".join(t for t in systems if t.strip()) or None
+    if system is not None and len(system) > limits.max_text_chars:
+        raise InvalidInput(f"messages (system): {len(system)} characters, over the limit of {limits.max_text_chars}")
     img = decode_image(images[0][1], images[0][0], limits)
-    return Query(img, question, budget, temperature, top_p, overlay), {"model": model, "stream": stream,
-                                                                      "include_usage": include_usage}
+    query = make_query(img, question, limits, budget, temperature, top_p, overlay)
+    query.system = system
+    return query, {"model": model, "stream": stream, "include_usage": include_usage}

@@ -18,12 +18,14 @@ import re
 import time
 import uuid
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from kserve.errors import InvalidInput
+from kserve.logging import logger as log
 
 from serving.batcher import Overloaded, Unavailable
-from serving.inputs import parse_chat
+from serving.inputs import UnknownModel, parse_chat
 
 _PARAM_RE = re.compile(r"^([A-Za-z_][\w.\[\]]*)")
 
@@ -35,8 +37,10 @@ def openai_error(status: int, message: str, kind: str, code: str | None = None, 
 
 
 def _error_response(exc: Exception):
+    if isinstance(exc, UnknownModel):
+        return openai_error(404, str(exc), "invalid_request_error", "model_not_found")
     if isinstance(exc, InvalidInput):
-        return openai_error(400, str(exc.reason if hasattr(exc, "reason") else exc), "invalid_request_error")
+        return openai_error(400, str(exc), "invalid_request_error")
     if isinstance(exc, Overloaded):
         return openai_error(429, str(exc), "rate_limit_exceeded", "queue_full",
                             {"Retry-After": str(exc.retry_after)})
@@ -45,10 +49,18 @@ def _error_response(exc: Exception):
     raise exc
 
 
-def mount_openai(app: FastAPI, name: str, limits, answer, stream=None) -> None:
+def read_json(raw: bytes):
+    """A request body -> JSON, or InvalidInput (orjson: no recursion blow-up, integers beyond 64 bits refused)."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"request body: not valid JSON ({exc})") from None
+
+
+def mount_openai(app: FastAPI, name: str, limits, answer, stream=None, admit=None) -> None:
     """Add the two routes. ``answer(query)`` is a coroutine giving one answer dict (``text``, ``grounding``,
     ``finish_reason``, ``usage``[, ``overlay_png``]); ``stream(query, opts, rid, ts)`` serves ``"stream": true``
-    (None: refused with 400)."""
+    (None: refused with 400); ``admit()`` may refuse (429) before the image is decoded."""
 
     created = int(time.time())
 
@@ -57,24 +69,16 @@ def mount_openai(app: FastAPI, name: str, limits, answer, stream=None) -> None:
                                             "owned_by": "deepmedix"}]}
 
     async def chat_completions(request: Request):
-        raw = await request.body()
         try:
-            body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            return openai_error(400, f"request body: not valid JSON ({exc})", "invalid_request_error")
-        try:
-            query, opts = parse_chat(body, limits)
+            body = read_json(await request.body())
+            if admit is not None:
+                admit()
+            query, opts = await asyncio.to_thread(parse_chat, body, limits, name)  # decoding stays off the loop
             if opts["stream"] and stream is None:
                 raise InvalidInput("stream: streaming is not supported by this server")
-        except InvalidInput as exc:
-            return _error_response(exc)
-        if opts["model"] != name:
-            return openai_error(404, f"model: the model {opts['model']!r} does not exist (this server serves "
-                                f"{name!r})", "invalid_request_error", "model_not_found")
-        rid, ts = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        if opts["stream"]:
-            return await stream(query, opts, rid, ts)
-        try:
+            rid, ts = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+            if opts["stream"]:
+                return await stream(query, opts, rid, ts)
             ans = await answer(query)
         except (InvalidInput, Overloaded, Unavailable) as exc:
             return _error_response(exc)
@@ -98,7 +102,8 @@ def mount_model(app: FastAPI, model) -> None:
         return ans
 
     mount_openai(app, model.name, model.limits, answer,
-                 stream=lambda query, opts, rid, ts: _stream(model, query, opts, rid, ts))
+                 stream=lambda query, opts, rid, ts: _stream(model, query, opts, rid, ts),
+                 admit=lambda: model.batcher.admit(1))
 
 
 def _grounding(ans: dict) -> dict:
@@ -106,6 +111,10 @@ def _grounding(ans: dict) -> dict:
     if "overlay_png" in ans:
         g["overlay_png"] = ans["overlay_png"]
     return g
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
 
 
 async def _stream(model, query, opts, rid: str, ts: int):
@@ -121,42 +130,45 @@ async def _stream(model, query, opts, rid: str, ts: int):
         return _error_response(task.exception())
 
     def chunk(delta: dict, finish=None, **extra) -> str:
-        body = {"id": rid, "object": "chat.completion.chunk", "created": ts, "model": model.name,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None, **extra}]}
-        return f"data: {json.dumps(body)}\n\n"
+        return _sse({"id": rid, "object": "chat.completion.chunk", "created": ts, "model": model.name,
+                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None, **extra}]})
 
     async def events():
-        ids, sent = [], ""
+        ids, sent = [], ""  # sent: exactly what the client has received
         yield chunk({"role": "assistant", "content": ""})
         getter = None
         try:
             while True:
                 getter = asyncio.ensure_future(tokens.get())
                 done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-                if getter in done:
-                    ids.append(getter.result())
-                    text = tokenizer.decode(ids, skip_special_tokens=True).lstrip()
-                    if not text.endswith("\ufffd") and len(text) > len(sent) and text.startswith(sent):
-                        delta, sent = text[len(sent):], text
-                        yield chunk({"content": delta})
-                    continue
-                getter.cancel()
-                break
+                if getter not in done:
+                    getter.cancel()
+                    break
+                ids.append(getter.result())
+                text = tokenizer.decode(ids, skip_special_tokens=True).lstrip()
+                # hold back a partial UTF-8 character and trailing whitespace (the final text is stripped)
+                text = text.rstrip()
+                if not text.endswith("\ufffd") and len(text) > len(sent) and text.startswith(sent):
+                    delta, sent = text[len(sent):], text
+                    yield chunk({"content": delta})
             try:
                 (ans,) = task.result()
-            except (Overloaded, Unavailable) as exc:
-                yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'server_error'}})}\n\n"
+            except Exception as exc:  # noqa: BLE001 - the status line has gone: report in the stream
+                log.error("streamed generation failed: %s: %s", type(exc).__name__, exc)
+                kind = "server_error" if not isinstance(exc, (Overloaded, Unavailable)) else "unavailable"
+                yield _sse({"error": {"message": f"generation failed: {type(exc).__name__}: {exc}", "type": kind}})
                 return
-            # The final text is the stripped, complete decode; send whatever the deltas have not covered.
-            rest = ans["text"][len(sent.strip()):] if ans["text"].startswith(sent.strip()) else ""
+            final = ans["text"]
+            rest = final[len(sent):] if final.startswith(sent) else ""
             yield chunk({"content": rest} if rest else {}, ans["finish_reason"], grounding=_grounding(ans))
             if opts["include_usage"]:
-                yield f"data: {json.dumps({'id': rid, 'object': 'chat.completion.chunk', 'created': ts, 'model': model.name, 'choices': [], 'usage': ans['usage']})}\n\n"  # noqa: E501
+                yield _sse({"id": rid, "object": "chat.completion.chunk", "created": ts, "model": model.name,
+                            "choices": [], "usage": ans["usage"]})
             yield "data: [DONE]\n\n"
         finally:
             if getter is not None:
                 getter.cancel()
             if not task.done():
-                task.cancel()
+                task.cancel()  # the client went away: the batcher drops the query and stops its row
 
     return StreamingResponse(events(), media_type="text/event-stream")

@@ -34,16 +34,17 @@ def build_openapi(name: str, limits: Limits, v2: bool = True) -> dict:
     model_name = {"name": "model_name", "in": "path", "required": True, "schema": {"type": "string", "enum": [name]}}
     errors = {"400": _resp("invalid request (the message names the field)", _ERROR),
               "401": _resp("missing or wrong bearer token", _ERROR),
+              "403": _resp("a refused route (the model repository extension)", _ERROR),
               "404": _resp("unknown model", _ERROR),
               "413": _resp("request body too large", _ERROR),
               "422": _resp("request body does not match the schema"),
               "429": _resp("queue full; see Retry-After", _ERROR),
               "503": _resp("not ready or timed out; see Retry-After", _ERROR)}
     v1_request = {
-        "type": "object", "required": ["instances"], "additionalProperties": False,
+        "type": "object", "required": ["instances"],
         "properties": {"instances": {
             "type": "array", "minItems": 1, "maxItems": limits.max_instances,
-            "items": {"type": "object", "required": ["image", "question"], "additionalProperties": False,
+            "items": {"type": "object", "required": ["image", "question"],
                       "properties": {"image": image, "question": question, **_sampling(limits)}}}},
     }
     tensor = {"type": "object", "required": ["name", "shape", "datatype", "data"],
@@ -64,7 +65,7 @@ def build_openapi(name: str, limits: Limits, v2: bool = True) -> dict:
             "image_url": {"type": "object", "required": ["url"], "properties": {
                 "url": {"type": "string", "pattern": "^data:image/"}, "detail": {"type": "string"}}}}}]}
     message = {"type": "object", "required": ["role", "content"], "properties": {
-        "role": {"type": "string", "enum": ["system", "user"]},
+        "role": {"type": "string", "enum": ["system", "developer", "user"]},
         "content": {"oneOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": part}]}}}
     chat_request = {"type": "object", "required": ["model", "messages"], "properties": {
         "model": {"type": "string", "enum": [name]},

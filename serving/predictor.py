@@ -20,6 +20,7 @@ with ``overlay``, ``overlay_png`` (base64).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -53,22 +54,27 @@ def grounding_object(raw: str, width: int, height: int, frame: int = grounding.D
     }
 
 
-def overlay_png(image: Image.Image, ground: dict) -> str:
-    """Base64 PNG of ``image`` with the grounding's boxes drawn, labelled by step."""
+def overlay_png(image: Image.Image, ground: dict, size: tuple[int, int] | None = None) -> str:
+    """Base64 PNG of ``image`` with the grounding's boxes drawn, labelled by step. ``size``: the size the boxes
+    refer to, when ``image`` is a reduced copy (boxes are scaled to it)."""
     labels = [f"step {i + 1}" for i, s in enumerate(ground["steps"]) for _ in s["boxes"]]
+    sx, sy = (image.width / size[0], image.height / size[1]) if size else (1.0, 1.0)
+    boxes = [[b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy] for b in ground["boxes"]]
     buf = io.BytesIO()
-    draw_boxes(image, ground["boxes"], labels).save(buf, format="PNG")
+    draw_boxes(image, boxes, labels).save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()
 
 
 class DeepMedixModel(kserve.Model):
     def __init__(self, name: str, model_uri: str, limits: Limits | None = None, frame: int = grounding.DEFAULT_FRAME,
-                 max_batch_size: int = 8, max_wait_ms: float = 5.0, max_queue: int = 64,
+                 max_batch_size: int = 8, max_wait_ms: float = 20.0, max_queue: int = 64,
                  request_timeout_s: float = 120.0):
         super().__init__(name)
         self.model_uri = str(model_uri)
-        self.limits = limits or Limits()
-        self.frame = int(frame)
+        self.limits = limits or Limits(frame=frame)
+        self.frame = self.limits.frame = int(frame)
+        # Our own pixel limit is checked from the header; Pillow's must not fire first with a vaguer message.
+        Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, self.limits.max_pixels)
         self.loaded: model_load.Loaded | None = None
         self.batcher = Batcher(self._run_batch, max_batch_size=max_batch_size, max_wait_s=max_wait_ms / 1000.0,
                                max_queue=max_queue, timeout_s=request_timeout_s)
@@ -82,11 +88,19 @@ class DeepMedixModel(kserve.Model):
 
     def _run_batch(self, jobs: list[Job]) -> list[model_load.Generation]:
         q0 = jobs[0].query
-        streamer = _RowStreamer(jobs, model_load.eos_token_ids(self.loaded)) if any(j.on_token for j in jobs) else None
+
+        def on_token(k: int, tok: int) -> None:
+            if jobs[k].on_token is not None and not jobs[k].dead.is_set():
+                try:
+                    jobs[k].on_token(tok)
+                except Exception:  # noqa: BLE001 - one stream's failure (its loop closed) must not end the batch
+                    jobs[k].dead.set()
+
         gens = model_load.generate_batch(
             self.loaded, [[j.query.image] for j in jobs], [j.query.question for j in jobs],
             [j.query.max_new_tokens for j in jobs], do_sample=q0.temperature > 0, temperature=q0.temperature or 1.0,
-            top_p=q0.top_p, frame=self.frame, streamer=streamer)
+            top_p=q0.top_p, frame=self.frame, systems=[j.query.system for j in jobs], on_token=on_token,
+            on_done=lambda k, g: jobs[k].deliver(g), stop_row=lambda k: jobs[k].dead.is_set())
         metrics.GENERATED_TOKENS.inc(sum(g.completion_tokens for g in gens))
         metrics.PROMPT_TOKENS.inc(sum(g.prompt_tokens for g in gens))
         return gens
@@ -96,15 +110,20 @@ class DeepMedixModel(kserve.Model):
         if self.loaded is None:
             raise Unavailable(f"model {self.name} is not loaded yet", 5)
         gens = await self.batcher.submit([Job(q, on_token) for q in queries])
-        return [self.result(q, g) for q, g in zip(queries, gens)]
+        return await asyncio.to_thread(lambda: [self.result(q, g) for q, g in zip(queries, gens)])
+
+    async def parse(self, parser, payload) -> list[Query]:
+        """Check the queue first (a request that would get 429 costs no decoding), then decode off the loop."""
+        self.batcher.admit(1)
+        return await asyncio.to_thread(parser, payload, self.limits)
 
     def result(self, q: Query, g: model_load.Generation) -> dict:
-        ground = grounding_object(g.text, q.image.width, q.image.height, self.frame)
+        ground = grounding_object(g.text, q.size[0], q.size[1], self.frame)
         out = {"text": g.text, "grounding": ground, "finish_reason": g.finish_reason,
                "usage": {"prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens,
                          "total_tokens": g.prompt_tokens + g.completion_tokens}}
         if q.overlay:
-            out["overlay_png"] = overlay_png(q.image, ground)
+            out["overlay_png"] = overlay_png(q.original, ground, q.size)
         return out
 
     # ------------------------------------------------------------ protocols
@@ -112,11 +131,11 @@ class DeepMedixModel(kserve.Model):
     async def predict(self, payload, headers=None, response_headers=None):
         if isinstance(payload, InferRequest):
             return await self._predict_v2(payload)
-        answers = await self.answer(parse_v1(payload, self.limits))
+        answers = await self.answer(await self.parse(parse_v1, payload))
         return {"predictions": answers}
 
     async def _predict_v2(self, request: InferRequest) -> InferResponse:
-        queries = parse_v2(request, self.limits)
+        queries = await self.parse(parse_v2, request)
         answers = await self.answer(queries)
         n = len(answers)
         outputs = [InferOutput("text", [n], "BYTES", [a["text"] for a in answers]),
@@ -128,34 +147,6 @@ class DeepMedixModel(kserve.Model):
 
     def stop(self):
         self.batcher.close()
-
-
-class _RowStreamer:
-    """A ``generate`` streamer for a batch: hands each row's new token ids to that row's ``on_token`` (the first
-    ``put`` is the prompt and is skipped), up to the row's own budget and its end of sequence."""
-
-    def __init__(self, jobs: list[Job], eos_ids: set[int]):
-        self.jobs, self.eos_ids = jobs, eos_ids
-        self.prompt_seen = False
-        self.sent = [0] * len(jobs)
-        self.ended = [False] * len(jobs)
-
-    def put(self, value):
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        ids = value.reshape(len(self.jobs), -1)[:, -1].tolist()
-        for k, (job, tok) in enumerate(zip(self.jobs, ids)):
-            if self.ended[k] or job.on_token is None:
-                continue
-            if self.sent[k] >= job.query.max_new_tokens or tok in self.eos_ids:
-                self.ended[k] = True
-                continue
-            self.sent[k] += 1
-            job.on_token(int(tok))
-
-    def end(self):
-        pass
 
 
 def draw_boxes(image: Image.Image, boxes: list[list[float]], labels: list[str] | None) -> Image.Image:

@@ -8,8 +8,10 @@ Routes (one port): v1 ``POST /v1/models/<name>:predict``, v2 ``POST /v2/models/<
 liveness ``GET /``, Prometheus ``GET /metrics``, the OpenAPI document ``GET /openapi.json``.
 
 In front of every route sits :class:`Guard`, an ASGI middleware: request counts and latency per route, the
-optional bearer token (``--api-token-file`` or ``DEEPMEDIX_API_TOKEN``; health, readiness and metrics stay
-open for probes and scrapers), and the request body limit (413).
+optional bearer token (``--api-token-file`` or ``DEEPMEDIX_API_TOKEN``; liveness, readiness, metrics and the
+OpenAPI document stay open for probes and scrapers), the request body limit (413), and two refusals: KServe's
+model-repository routes (``/v2/repository/...``: unloading the model is not a client's call; 403) and the v2
+binary tensor extension (``Inference-Header-Content-Length``; BYTES go as base64 strings in JSON; 400).
 
 Notes on kserve 0.21:
 * ``kserve.model_server`` parses ``sys.argv`` at import time (``parse_known_args``, abbreviations on: our
@@ -59,6 +61,7 @@ from serving.openapi import build_openapi  # noqa: E402
 from serving.predictor import DeepMedixModel  # noqa: E402
 
 OPEN_PATHS = ("/", "/metrics", "/v2/health/live", "/v2/health/ready", "/openapi.json")
+DISCONNECTED = "499"  # the status label of a request whose client left before any response
 
 
 class HostModelServer(ModelServer):
@@ -97,13 +100,15 @@ class Guard:
     def _open(self, method: str, path: str) -> bool:
         if path in OPEN_PATHS:
             return True
-        # Readiness (GET /v1/models/<name>, /v2/models/<name>[/ready]) carries no data: probes reach it.
-        return method == "GET" and (path.startswith("/v1/models/") or path.startswith("/v2/models/"))
+        # Readiness (GET /v1/models/<name>, /v2/models/<name>/ready) carries no data: probes reach it.
+        parts = path.split("/")
+        return method == "GET" and (
+            (len(parts) == 4 and parts[1:3] == ["v1", "models"])
+            or (len(parts) == 5 and parts[1:3] == ["v2", "models"] and parts[4] == "ready"))
 
     def _authorized(self, headers: dict) -> bool:
-        got = headers.get(b"authorization", b"").decode("latin-1")
-        scheme, _, value = got.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), self.token.encode())
+        scheme, _, value = headers.get(b"authorization", b"").partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(value.strip(), self.token.encode())
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -124,6 +129,13 @@ class Guard:
                 return await _send_json(send_tracked, 401, {"error": "missing or wrong bearer token "
                                                            "(Authorization: Bearer <token>)"},
                                         {"WWW-Authenticate": "Bearer"})
+            if scope["path"].startswith("/v2/repository"):
+                return await _send_json(send_tracked, 403, {"error": "the model repository extension (load/unload) "
+                                                           "is disabled on this server"})
+            if b"inference-header-content-length" in headers:
+                return await _send_json(send_tracked, 400, {"error": "Inference-Header-Content-Length: the binary "
+                                                           "tensor extension is not supported; send BYTES tensors "
+                                                           "as base64 strings in the JSON body"})
             length = headers.get(b"content-length")
             if length is not None:
                 try:
@@ -152,25 +164,31 @@ class Guard:
                     await _send_json(send_tracked, 413, {"error": f"request body over the limit of "
                                                          f"{self.max_body} bytes"})
         finally:
-            metrics.REQUESTS.labels(route=route, code=str(status[0] or 500)).inc()
+            metrics.REQUESTS.labels(route=route, code=str(status[0]) if status[0] else DISCONNECTED).inc()
             metrics.LATENCY.labels(route=route).observe(time.perf_counter() - t0)
 
 
-async def _overloaded(request: Request, exc: Overloaded):
-    return JSONResponse({"error": str(exc)}, status_code=429, headers={"Retry-After": str(exc.retry_after)})
+async def _retry_later(request: Request, exc: Overloaded | Unavailable):
+    """429 (queue full) or 503 (timed out, not ready), both with Retry-After."""
+    return JSONResponse({"error": str(exc)}, status_code=429 if isinstance(exc, Overloaded) else 503,
+                        headers={"Retry-After": str(exc.retry_after)})
 
 
-async def _unavailable(request: Request, exc: Unavailable):
-    return JSONResponse({"error": str(exc)}, status_code=503, headers={"Retry-After": str(exc.retry_after)})
+def read_token_file(path: str | None) -> str | None:
+    if not path:
+        return None
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise SystemExit(f"{path}: cannot read the token file ({exc.strerror})") from None
+    if not token:
+        raise SystemExit(f"{path}: the token file is empty")
+    return token
 
 
 def read_token(token_file: str | None) -> str | None:
-    if token_file:
-        token = Path(token_file).read_text().strip()
-        if not token:
-            raise SystemExit(f"--api-token-file {token_file}: the file is empty")
-        return token
-    return os.environ.get("DEEPMEDIX_API_TOKEN") or None
+    """The API token: from ``--api-token-file``, else ``DEEPMEDIX_API_TOKEN``, else none (no auth)."""
+    return read_token_file(token_file) or os.environ.get("DEEPMEDIX_API_TOKEN") or None
 
 
 def install(mount, name: str, limits: Limits, token: str | None, max_body_bytes: int, v2: bool = True):
@@ -179,8 +197,8 @@ def install(mount, name: str, limits: Limits, token: str | None, max_body_bytes:
     from kserve.model_server import app
 
     mount(app)
-    app.add_exception_handler(Overloaded, _overloaded)
-    app.add_exception_handler(Unavailable, _unavailable)
+    app.add_exception_handler(Overloaded, _retry_later)
+    app.add_exception_handler(Unavailable, _retry_later)
     app.add_middleware(Guard, token=token, max_body_bytes=max_body_bytes)
     schema = build_openapi(name, limits, v2=v2)
     app.openapi = lambda: schema  # FastAPI drops a cached openapi_schema when KServe adds its routes later
@@ -189,7 +207,7 @@ def install(mount, name: str, limits: Limits, token: str | None, max_body_bytes:
 
 def serve(model_uri: str, name: str = "deepmedix", host: str = "127.0.0.1", port: int = 8080,
           grpc_port: int = 0, frame: int = 512, limits: Limits | None = None, max_batch_size: int = 8,
-          max_wait_ms: float = 5.0, max_queue: int = 64, request_timeout_s: float = 120.0,
+          max_wait_ms: float = 20.0, max_queue: int = 64, request_timeout_s: float = 120.0,
           token: str | None = None, max_body_bytes: int = 64 << 20) -> None:
     """Load the model and serve it until SIGINT/SIGTERM. ``grpc_port=0`` disables gRPC."""
     t0 = time.time()
@@ -206,19 +224,10 @@ def serve(model_uri: str, name: str = "deepmedix", host: str = "127.0.0.1", port
     server.start([model])
 
 
-def main(argv: list[str] | None = None) -> None:
+def add_limit_args(p: argparse.ArgumentParser) -> None:
+    """The request limits and access options the predictor and the transformer share."""
     d = Limits()
-    p = argparse.ArgumentParser(prog="python -m serving.server", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="model folder or s3:// URI (a Qwen2.5-VL / DeepMedix-R1 folder)")
-    p.add_argument("--name", default="deepmedix", help="model name in the URL: /v1/models/<name>:predict")
-    p.add_argument("--host", default="127.0.0.1", help="REST bind address (0.0.0.0 in a container)")
-    p.add_argument("--port", type=int, default=8080, help="REST port")
-    p.add_argument("--grpc-port", type=int, default=0, help="enable KServe's gRPC server on this port (0 = off)")
-    p.add_argument("--frame", type=int, default=512, help="the model's box frame (frame x frame square)")
-    p.add_argument("--max-batch-size", type=int, default=8, help="queries per batched generate")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest a batch is held open for more queries")
-    p.add_argument("--max-queue", type=int, default=64, help="queries waiting; past it: 429 + Retry-After")
-    p.add_argument("--request-timeout-s", type=float, default=120.0, help="past it: 503 + Retry-After")
+    p.add_argument("--frame", type=int, default=d.frame, help="the model's box frame (frame x frame square)")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="default budget per query")
     p.add_argument("--max-new-tokens-limit", type=int, default=d.max_new_tokens_limit, help="most a query may ask")
     p.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes)
@@ -227,12 +236,31 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-request-bytes", type=int, default=64 << 20, help="request body limit (413 past it)")
     p.add_argument("--api-token-file", default=None,
                    help="require 'Authorization: Bearer <token>' (token read from this file; or DEEPMEDIX_API_TOKEN)")
+
+
+def limits_from_args(a: argparse.Namespace) -> Limits:
+    return Limits(max_image_bytes=a.max_image_bytes, max_pixels=a.max_pixels, max_new_tokens=a.max_new_tokens,
+                  max_new_tokens_limit=max(a.max_new_tokens_limit, a.max_new_tokens), max_instances=a.max_instances,
+                  frame=a.frame)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m serving.server", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="model folder or s3:// URI (a Qwen2.5-VL / DeepMedix-R1 folder)")
+    p.add_argument("--name", default="deepmedix", help="model name in the URL: /v1/models/<name>:predict")
+    p.add_argument("--host", default="127.0.0.1", help="REST bind address (0.0.0.0 in a container)")
+    p.add_argument("--port", type=int, default=8080, help="REST port")
+    p.add_argument("--grpc-port", type=int, default=0, help="enable KServe's gRPC server on this port (0 = off)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="queries per batched generate")
+    p.add_argument("--max-wait-ms", type=float, default=20.0,
+                   help="longest a batch is held open for more queries (a lone caller never waits)")
+    p.add_argument("--max-queue", type=int, default=64, help="queries waiting; past it: 429 + Retry-After")
+    p.add_argument("--request-timeout-s", type=float, default=120.0, help="past it: 503 + Retry-After")
+    add_limit_args(p)
     a = p.parse_args(argv)
-    limits = Limits(max_image_bytes=a.max_image_bytes, max_pixels=a.max_pixels, max_new_tokens=a.max_new_tokens,
-                    max_new_tokens_limit=max(a.max_new_tokens_limit, a.max_new_tokens), max_instances=a.max_instances)
-    serve(a.model, name=a.name, host=a.host, port=a.port, grpc_port=a.grpc_port, frame=a.frame, limits=limits,
-          max_batch_size=a.max_batch_size, max_wait_ms=a.max_wait_ms, max_queue=a.max_queue,
-          request_timeout_s=a.request_timeout_s, token=read_token(a.api_token_file),
+    serve(a.model, name=a.name, host=a.host, port=a.port, grpc_port=a.grpc_port, frame=a.frame,
+          limits=limits_from_args(a), max_batch_size=a.max_batch_size, max_wait_ms=a.max_wait_ms,
+          max_queue=a.max_queue, request_timeout_s=a.request_timeout_s, token=read_token(a.api_token_file),
           max_body_bytes=a.max_request_bytes)
 
 

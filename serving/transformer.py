@@ -33,8 +33,8 @@ from kserve.errors import InvalidInput  # noqa: E402
 from kserve.logging import logger as log  # noqa: E402
 
 from deepmedix import grounding  # noqa: E402
-from deepmedix.model.load import open_image  # noqa: E402
-from serving.batcher import Unavailable  # noqa: E402
+from serving import metrics  # noqa: E402
+from serving.batcher import Overloaded, Unavailable  # noqa: E402
 from serving.inputs import Limits, Query, parse_v1  # noqa: E402
 from serving.openai_api import mount_openai  # noqa: E402
 from serving.predictor import grounding_object, overlay_png  # noqa: E402
@@ -43,18 +43,22 @@ from serving.predictor import grounding_object, overlay_png  # noqa: E402
 class GroundingTransformer(kserve.Model):
     def __init__(self, name: str, predictor_host: str, limits: Limits | None = None,
                  frame: int = grounding.DEFAULT_FRAME, predictor_model: str | None = None, use_ssl: bool = False,
-                 timeout_s: float = 300.0, max_concurrency: int = 64):
+                 timeout_s: float = 300.0, max_concurrency: int = 64, max_queue: int = 256,
+                 predictor_token: str | None = None):
         super().__init__(name)
         host = predictor_host.strip().rstrip("/")
         if "://" not in host:
             host = f"{'https' if use_ssl else 'http'}://{host}"
         self.base = f"{host}/openai/v1"
-        self.limits = limits or Limits()
-        self.frame = int(frame)
+        self.limits = limits or Limits(frame=frame)
+        self.frame = self.limits.frame = int(frame)
         self.predictor_model = predictor_model or name
         self.timeout_s = float(timeout_s)
         self._client: httpx.AsyncClient | None = None
-        self._slots = asyncio.Semaphore(max_concurrency)
+        self._slots = asyncio.Semaphore(max_concurrency)  # calls in flight to the predictor
+        self.max_queue = int(max_queue)  # requests waiting for a slot; past it: 429
+        self._waiting = 0
+        self._headers = {"Authorization": f"Bearer {predictor_token}"} if predictor_token else {}
         self.ready = True
 
     def load(self) -> bool:
@@ -69,49 +73,81 @@ class GroundingTransformer(kserve.Model):
     def upstream_request(self, q: Query) -> dict:
         """The chat request the predictor sees: the image squared to the frame, the instruction added."""
         buf = io.BytesIO()
-        open_image(q.image, self.frame).save(buf, format="PNG")
+        q.image.save(buf, format="PNG")  # already the frame square (serving.inputs.make_query)
         url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
         body = {"model": self.predictor_model, "max_tokens": q.max_new_tokens, "temperature": q.temperature,
                 "top_p": q.top_p, "stream": False,
-                "messages": [{"role": "user", "content": [
-                    {"type": "image_url", "image_url": {"url": url}},
-                    {"type": "text", "text": grounding.build_prompt(q.question)}]}]}
+                "messages": ([{"role": "system", "content": q.system}] if q.system else []) + [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                 {"type": "text", "text": grounding.build_prompt(q.question)}]}]}
         return body
+
+    def admit(self) -> None:
+        if self._waiting >= self.max_queue:
+            metrics.REJECTED.labels(reason="queue_full").inc()
+            raise Overloaded(f"transformer busy: {self._waiting} requests waiting (limit {self.max_queue}); "
+                             "retry later", 2)
 
     async def answer(self, q: Query) -> dict:
         """One query through the predictor; the answer dict the predictor itself would give."""
-        async with self._slots:
-            try:
-                r = await self._http().post(f"{self.base}/chat/completions", json=self.upstream_request(q))
-            except httpx.HTTPError as exc:
-                raise Unavailable(f"predictor {self.base}: {type(exc).__name__}: {exc}", 5) from None
+        self.admit()
+        self._waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._waiting -= 1
+        try:
+            body = await asyncio.to_thread(self.upstream_request, q)
+            r = await self._http().post(f"{self.base}/chat/completions", json=body, headers=self._headers)
+        except httpx.HTTPError as exc:
+            raise Unavailable(f"predictor {self.base}: {type(exc).__name__}: {exc}", 5) from None
+        finally:
+            self._slots.release()
+        return await asyncio.to_thread(self._answer_from, q, r)
+
+    def _answer_from(self, q: Query, r: httpx.Response) -> dict:
+        if r.status_code in (401, 403):
+            raise Unavailable(f"predictor {self.base} refused the transformer ({r.status_code}): check "
+                              "--predictor-token-file", 30)
         if r.status_code == 429 or r.status_code >= 500:
             raise Unavailable(f"predictor {self.base} answered {r.status_code}: {r.text[:300]}",
-                              int(r.headers.get("Retry-After", "5") or 5))
+                              _retry_after(r.headers.get("Retry-After")))
+        try:
+            out = r.json()
+        except ValueError:
+            raise Unavailable(f"predictor {self.base} answered {r.status_code} with a body that is not JSON", 5) \
+                from None
         if r.status_code >= 400:
-            try:
-                msg = r.json()["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                msg = r.text[:300]
+            err = out.get("error") if isinstance(out, dict) else None
+            msg = err.get("message") if isinstance(err, dict) else (err or r.text[:300])
             raise InvalidInput(f"predictor refused the request ({r.status_code}): {msg}")
-        out = r.json()
-        choice = out["choices"][0]
-        text = choice["message"].get("content") or ""
-        ground = grounding_object(text, q.image.width, q.image.height, self.frame)
+        try:
+            choice = out["choices"][0]
+            text = choice["message"].get("content") or ""
+        except (KeyError, IndexError, TypeError, AttributeError):
+            raise Unavailable(f"predictor {self.base} answered without choices[0].message", 5) from None
+        ground = grounding_object(text, q.size[0], q.size[1], self.frame)
         usage = out.get("usage") or {}
         ans = {"text": text, "grounding": ground, "finish_reason": choice.get("finish_reason"),
                "usage": {k: usage.get(k, 0) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}}
         if q.overlay:
-            ans["overlay_png"] = overlay_png(q.image, ground)
+            ans["overlay_png"] = overlay_png(q.original, ground, q.size)
         return ans
 
     async def predict(self, payload, headers=None, response_headers=None):
-        queries = parse_v1(payload, self.limits)
+        self.admit()
+        queries = await asyncio.to_thread(parse_v1, payload, self.limits)
         return {"predictions": list(await asyncio.gather(*(self.answer(q) for q in queries)))}
 
 
+def _retry_after(value: str | None) -> int:
+    try:
+        return max(1, int(value or 5))
+    except ValueError:  # an HTTP date
+        return 5
+
+
 def main(argv: list[str] | None = None) -> None:
-    d = Limits()
     p = argparse.ArgumentParser(prog="python -m serving.transformer", description=__doc__.split("\n")[0])
     p.add_argument("--model_name", "--name", dest="name", default="deepmedix")
     p.add_argument("--predictor_host", "--predictor-host", dest="predictor_host", required=True,
@@ -120,24 +156,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--predictor_model", default=None, help="model name at the predictor (default: --model_name)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", "--http_port", dest="port", type=int, default=8080)
-    p.add_argument("--frame", type=int, default=512)
+    p.add_argument("--predictor-token-file", default=None, help="bearer token the predictor requires")
     p.add_argument("--request-timeout-s", type=float, default=300.0)
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    p.add_argument("--max-new-tokens-limit", type=int, default=d.max_new_tokens_limit)
-    p.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes)
-    p.add_argument("--max-pixels", type=int, default=d.max_pixels)
-    p.add_argument("--max-request-bytes", type=int, default=64 << 20)
-    p.add_argument("--api-token-file", default=None)
+    p.add_argument("--max-concurrency", type=int, default=64, help="calls in flight to the predictor")
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a call; past it: 429")
+    _server.add_limit_args(p)
     a, unknown = p.parse_known_args(argv)
     if unknown:
         log.info("deepmedix transformer: ignoring KServe flags %s", unknown)
-    limits = Limits(max_image_bytes=a.max_image_bytes, max_pixels=a.max_pixels, max_new_tokens=a.max_new_tokens,
-                    max_new_tokens_limit=max(a.max_new_tokens_limit, a.max_new_tokens))
+    limits = _server.limits_from_args(a)
     model = GroundingTransformer(a.name, a.predictor_host, limits, a.frame, a.predictor_model,
-                                 use_ssl=str(a.use_ssl).lower() in ("1", "true", "yes"), timeout_s=a.request_timeout_s)
+                                 use_ssl=str(a.use_ssl).lower() in ("1", "true", "yes"), timeout_s=a.request_timeout_s,
+                                 max_concurrency=a.max_concurrency, max_queue=a.max_queue,
+                                 predictor_token=_server.read_token_file(a.predictor_token_file))
     srv = _server.HostModelServer(host=a.host, http_port=a.port, grpc_port=8081, enable_grpc=False, workers=1,
                                   enable_docs_url=False)
-    _server.install(lambda app: mount_openai(app, model.name, model.limits, model.answer), model.name, limits,
+    _server.install(lambda app: mount_openai(app, model.name, model.limits, model.answer, admit=model.admit),
+                    model.name, limits,
                     _server.read_token(a.api_token_file), a.max_request_bytes, v2=False)
     log.info("deepmedix transformer %r -> %s on http://%s:%d", model.name, model.base, a.host, a.port)
     t0 = time.time()

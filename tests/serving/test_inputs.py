@@ -15,7 +15,7 @@ from PIL import Image
 import fx_serving as fx
 from deepmedix.grounding import INSTRUCTION
 from serving import metrics
-from serving.inputs import Limits, parse_chat, parse_v1, parse_v2
+from serving.inputs import Limits, UnknownModel, make_query, parse_chat, parse_v1, parse_v2
 from serving.predictor import DeepMedixModel, draw_overlay, grounding_object
 
 
@@ -37,7 +37,8 @@ def test_v1_sixteen_bit_png_data_url_and_instruction_not_doubled():
     url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
     (q,) = parse_v1({"instances": [{"image": url, "question": f" Findings?\n{INSTRUCTION}\n", "top_p": 0.5,
                                     "temperature": 0.7}]}, Limits(max_new_tokens=33))
-    assert q.image.mode == "RGB" and q.image.size == (40, 30) and np.asarray(q.image).max() == 255
+    assert q.image.mode == "RGB" and q.image.size == (512, 512) and q.size == (40, 30)  # the model's frame
+    assert np.asarray(q.image).max() == 255 and q.original is None
     assert q.question == "Findings?" and q.max_new_tokens == 33
     assert q.sampling == (True, 0.7, 0.5)
 
@@ -56,7 +57,8 @@ def test_v2_raw_bytes_and_broadcast_text():
     text = InferInput("text", [1], "BYTES", [b"Findings?"])
     budget = InferInput("max_new_tokens", [2, 1], "INT32", [[5], [7]])
     qs = parse_v2(InferRequest("m", [img, text, budget], parameters={"overlay": True}), Limits())
-    assert [q.image.size for q in qs] == [(20, 10), (30, 10)]
+    assert [q.size for q in qs] == [(20, 10), (30, 10)]
+    assert [q.original.size for q in qs] == [(20, 10), (30, 10)]  # kept for the overlay
     assert [q.question for q in qs] == ["Findings?", "Findings?"] and [q.max_new_tokens for q in qs] == [5, 7]
     assert all(q.overlay for q in qs)
     with pytest.raises(InvalidInput, match=r"unknown input\(s\) \['prompt'\]"):
@@ -69,8 +71,9 @@ def test_chat_parsing():
                                                                             + fx.png_b64(16, 8)}},
                                         {"type": "text", "text": "an effusion?"}]}
     q, opts = parse_chat({"model": "m", "messages": [{"role": "system", "content": "Be brief."}, user],
-                          "max_completion_tokens": 9, "stream": True}, Limits())
-    assert q.question == "Is there\nan effusion?" and q.image.size == (16, 8) and q.max_new_tokens == 9
+                          "max_completion_tokens": 9, "stream": True}, Limits(), "m")
+    assert q.question == "Is there\nan effusion?" and q.size == (16, 8) and q.max_new_tokens == 9
+    assert q.system == "Be brief."
     assert opts == {"model": "m", "stream": True, "include_usage": False}
     for body, msg in [({"model": "m", "messages": [user], "n": 2}, "n: only n=1"),
                       ({"model": "m", "messages": [user], "tools": [{"type": "function"}]}, "tools:"),
@@ -78,9 +81,19 @@ def test_chat_parsing():
                       ({"model": "m", "messages": [{"role": "tool", "content": "x"}]}, r"messages\[0\]\.role"),
                       ({"messages": [user]}, "model:"),
                       ({"model": "m", "messages": [user], "top_p": 0}, r"top_p: expected a number in \(0"),
-                      ({"model": "m", "messages": [user], "stream": "yes"}, "stream: expected true or false")]:
+                      ({"model": "m", "messages": [user], "stream": "yes"}, "stream: expected true or false"),
+                      ({"model": "m", "messages": [user], "temperature": 10**400}, "temperature: expected a number"),
+                      ({"model": "m", "messages": [user], "n": True}, "n: only n=1"),
+                      ({"model": "m", "messages": [user], "stop": ["\n"]}, "stop: stop sequences"),
+                      ({"model": "m", "messages": [user], "seed": 1, "temperature": 0.5}, "seed: seeded sampling"),
+                      ({"model": "m", "messages": [user], "response_format": {"type": "json_object"}},
+                       "response_format"),
+                      ({"model": "other", "messages": [user]}, "model: the model 'other' does not exist")]:
         with pytest.raises(InvalidInput, match=msg):
-            parse_chat(body, Limits())
+            parse_chat(body, Limits(), "m")
+    with pytest.raises(UnknownModel):  # checked before the image is decoded
+        parse_chat({"model": "x", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}, Limits(), "m")
 
 
 def test_draw_overlay(tmp_path):
@@ -101,10 +114,11 @@ def test_batcher_groups_by_decoding_and_keeps_order(tmp_path):
     model.load()
     img = fx.image(64, 48)
 
+    lim = Limits()
+
     async def go():
-        from serving.inputs import Query
-        greedy = [Query(img, "q", n) for n in (3, 6, 9, 12)]
-        sampled = [Query(img, "q", 4, temperature=0.9, top_p=0.9) for _ in range(2)]
+        greedy = [make_query(img, "q", lim, n) for n in (3, 6, 9, 12)]
+        sampled = [make_query(img, "q", lim, 4, temperature=0.9, top_p=0.9) for _ in range(2)]
         return await asyncio.gather(model.answer(greedy[:2]), model.answer(sampled), model.answer(greedy[2:]))
 
     count0, sum0 = _hist(metrics.BATCH_SIZE)
@@ -121,3 +135,22 @@ def test_batcher_groups_by_decoding_and_keeps_order(tmp_path):
 def _hist(h):
     samples = {s.name: s.value for m in h.collect() for s in m.samples}
     return samples["deepmedix_batch_size_count"], samples["deepmedix_batch_size_sum"]
+
+
+def test_generate_batch_rows_end_on_their_own(tmp_path):
+    """Each row stops at its own budget and is reported (on_done) as it ends, before the batch does; a row whose
+    caller is gone stops at once; the streamed tokens are the row's tokens."""
+    from deepmedix.model.load import generate_batch, load
+    from deepmedix.model.tiny import build_tiny
+
+    loaded = load(build_tiny(tmp_path / "tiny"), device="cpu")
+    img = fx.image(64, 48)
+    done, streamed = [], {0: [], 1: [], 2: []}
+    gens = generate_batch(loaded, [[img]] * 3, ["q", "q", "r"], [2, 12, 40],
+                          on_token=lambda k, t: streamed[k].append(t), on_done=lambda k, g: done.append((k, g)),
+                          stop_row=lambda k: k == 2 and len(streamed[2]) >= 5)
+    assert [k for k, _ in done] == [0, 2, 1]  # in the order they ended
+    assert [g.completion_tokens for g in gens] == [2, 12, 5] and gens[2].finish_reason == "length"
+    assert [dict(done)[k] for k in range(3)] == gens
+    assert [len(v) for v in streamed.values()] == [2, 12, 5]
+    assert loaded.processor.decode(streamed[1], skip_special_tokens=True).strip() == gens[1].text

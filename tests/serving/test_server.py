@@ -35,19 +35,20 @@ TAUGHT_BOX = grounding.from_frame(fx.TAUGHT_BOX_FRAME, W, H, 512)  # [75, 100, 2
 class Server:
     """``python -m serving.server`` on 127.0.0.1 with its stderr in a log file."""
 
-    def __init__(self, model: str | Path, log_dir: Path, *args: str, name: str = "deepmedix", env: dict | None = None,
-                 cli: bool = False):
+    def __init__(self, model: str | Path | None, log_dir: Path, *args: str, name: str = "deepmedix",
+                 env: dict | None = None, cli: bool = False, module: str | None = None):
         self.name, self.port = name, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log_dir / f"{name}-{self.port}.log"
         full_env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                         **(env or {}))
         with open(self.log, "wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", *(("deepmedix.cli", "serve") if cli else ("serving.server",)), "--model",
-                 str(model), "--port", str(self.port),
-                 "--host", "127.0.0.1", "--name", name, *args],
-                cwd=REPO, env=full_env, stdout=subprocess.DEVNULL, stderr=err)
+            if module is not None:  # another server (the transformer): its own arguments
+                cmd = [sys.executable, "-m", module, *args, "--port", str(self.port), "--host", "127.0.0.1"]
+            else:
+                cmd = [sys.executable, "-m", *(("deepmedix.cli", "serve") if cli else ("serving.server",)),
+                       "--model", str(model), "--port", str(self.port), "--host", "127.0.0.1", "--name", name, *args]
+            self.proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.DEVNULL, stderr=err)
         self.wait_ready()
 
     def tail(self) -> str:
@@ -313,8 +314,9 @@ def test_binds_requested_host(server):
 
 def test_schemathesis_malformed_requests_never_5xx_and_memory_stays_bounded(server):
     """At least 1,000 requests generated from the server's own OpenAPI document (negative mode: each violates
-    the schema; positive mode: schema-valid but with random images and texts) get no 5xx. The server's
-    resident memory stays bounded across them and a burst of real generations."""
+    the schema; positive mode: schema-valid, with random strings where the images go) get no 5xx. The server's
+    resident memory stays bounded across them and a burst of real generations. (Malformed bodies that are not
+    JSON, and valid requests with random fields, have their own tests below.)"""
     import schemathesis
     from hypothesis import HealthCheck, Phase, given, settings
     from schemathesis.generation.modes import GenerationMode
@@ -352,6 +354,86 @@ def test_schemathesis_malformed_requests_never_5xx_and_memory_stays_bounded(serv
     growth = server.rss_mb() - rss0
     print(f"server RSS {rss0:.0f} MB -> {rss0 + growth:.0f} MB")
     assert growth < 150, f"RSS grew by {growth:.0f} MB over {total} requests"
+
+
+DEEP = b"[" * 100_000
+LONG_INT = b"9" * 5000
+
+
+@pytest.mark.parametrize("path", ["/v1/models/deepmedix:predict", "/v2/models/deepmedix/infer",
+                                  "/openai/v1/chat/completions"])
+@pytest.mark.parametrize("body", [
+    DEEP, b'{"a": ' + LONG_INT + b"}", b"\xff\xfe\x00garbage", b"", b"null", b'"text"', b"[1, 2]",
+    b'{"instances": [{"image": "x", "question": "q", "max_new_tokens": ' + LONG_INT + b"}]}",
+    b'{"model": "deepmedix", "messages": [], "temperature": 1' + b"0" * 400 + b"}",
+    b'{"inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1, -1], "data": ["x"]}], '
+    b'"parameters": {"temperature": 1' + b"0" * 400 + b"}}",
+], ids=["deep", "long-int", "not-utf8", "empty", "null", "string", "list", "v1-long-int", "chat-huge-temp",
+        "v2-negative-shape"])
+def test_malformed_bodies_are_4xx(server, path, body):
+    r = requests.post(server.url + path, data=body, headers={"Content-Type": "application/json"}, timeout=60)
+    assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
+
+
+def test_binary_tensor_extension_and_repository_routes_are_refused(server):
+    r = requests.post(f"{server.url}/v2/models/deepmedix/infer", data=b'{"inputs": []}' + fx.png_bytes(8, 8),
+                      headers={"Inference-Header-Content-Length": "14", "Content-Type": "application/octet-stream"})
+    assert r.status_code == 400 and "base64" in r.json()["error"]
+    r = requests.post(f"{server.url}/v2/repository/models/deepmedix/unload", timeout=10)
+    assert r.status_code == 403
+    assert server.predict({"instances": [{"image": fx.png_b64(), "question": fx.QUESTIONS[0]}]}).status_code == 200
+
+
+def test_valid_requests_with_random_fields_are_answered(server):
+    """Schema-valid requests with real images and random questions, budgets and decoding settings all go
+    through generation and come back 200 with a well-formed grounding."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    client = openai.OpenAI(base_url=f"{server.url}/openai/v1", api_key="unused", max_retries=0)
+    seen = []
+
+    @given(question=st.text(min_size=1, max_size=120).filter(str.strip), budget=st.integers(1, 12),
+           temperature=st.sampled_from([0, 0.7, 2]), top_p=st.floats(0.05, 1), overlay=st.booleans(),
+           size=st.tuples(st.integers(1, 700), st.integers(1, 700)), use_chat=st.booleans())
+    @settings(max_examples=30, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    def run(question, budget, temperature, top_p, overlay, size, use_chat):
+        img = fx.png_b64(*size)
+        if use_chat:
+            resp = client.chat.completions.create(
+                model="deepmedix", max_tokens=budget, temperature=temperature, top_p=top_p,
+                messages=[{"role": "user", "content": [chat_image(img), {"type": "text", "text": question}]}],
+                extra_body={"overlay": overlay})
+            g, n = resp.choices[0].model_extra["grounding"], resp.usage.completion_tokens
+            assert ("overlay_png" in g) == overlay
+        else:
+            r = server.predict({"instances": [{"image": img, "question": question, "max_new_tokens": budget,
+                                               "temperature": temperature, "top_p": top_p, "overlay": overlay}]})
+            assert r.status_code == 200, r.text
+            pred = r.json()["predictions"][0]
+            g, n = pred["grounding"], pred["usage"]["completion_tokens"]
+            assert ("overlay_png" in pred) == overlay
+        assert g["image_size"] == list(size) and 1 <= n <= budget
+        for x1, y1, x2, y2 in g["boxes"]:
+            assert 0 <= min(x1, x2) and max(x1, x2) <= size[0] and 0 <= min(y1, y2) and max(y1, y2) <= size[1]
+        seen.append(n)
+
+    run()
+    assert len(seen) == 30
+
+
+def test_stream_client_leaving_early_does_not_hurt_the_server(server):
+    body = {"model": "deepmedix", "stream": True, "max_tokens": 64, "messages": [
+        {"role": "user", "content": [chat_image(fx.png_b64()), {"type": "text", "text": fx.QUESTIONS[0]}]}]}
+    with requests.post(f"{server.url}/openai/v1/chat/completions", json=body, stream=True, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = r.iter_lines()
+        first = next(line for line in lines if line)
+        assert json.loads(first[len(b"data: "):])["object"] == "chat.completion.chunk"
+    # gone after one event; the server goes on answering
+    r = server.predict({"instances": [{"image": fx.png_b64(), "question": fx.QUESTIONS[0]}]})
+    assert r.status_code == 200 and r.json()["predictions"][0]["text"] == fx.TAUGHT
 
 
 # ---------------------------------------------------------------- a strict server: token, small queue, timeout
@@ -404,6 +486,7 @@ def test_body_limit_is_413(strict):
 
 def test_overload_gets_429_and_503_with_retry_after_then_recovers(strict):
     long = {"instances": [{"image": fx.png_b64(64, 64), "question": "q", "max_new_tokens": 3400}]}
+    rss0 = strict.rss_mb()
     results, lock = {}, threading.Lock()
 
     def send(key):
@@ -439,7 +522,20 @@ def test_overload_gets_429_and_503_with_retry_after_then_recovers(strict):
     assert r.status_code == 200 and r.json()["predictions"][0]["usage"]["completion_tokens"] == 8
     assert strict.metric("deepmedix_rejected_total", reason="queue_full") >= 1
     assert strict.metric("deepmedix_rejected_total", reason="timeout") >= 3
+    assert strict.metric("deepmedix_queue_waiting") == 0  # the timed-out queries left the queue
     assert strict.proc.poll() is None
+    # a flood of refused and timed-out requests leaves no memory behind
+    buf = io.BytesIO()
+    Image.new("L", (1500, 1500), 90).save(buf, format="PNG")  # small file, 2.25 MP once decoded
+    flood = {"instances": [{"image": base64.b64encode(buf.getvalue()).decode(), "question": "q",
+                            "max_new_tokens": 3400, "overlay": True}]}
+    with ThreadPoolExecutor(12) as pool:
+        codes = [r.status_code for r in pool.map(lambda _: strict.predict(flood, headers=strict.auth, timeout=60),
+                                                range(36))]
+    assert set(codes) <= {429, 503} and 429 in codes, codes
+    growth = strict.rss_mb() - rss0
+    print(f"strict server RSS {rss0:.0f} MB -> {rss0 + growth:.0f} MB after {len(codes)} refused requests")
+    assert growth < 200, f"RSS grew by {growth:.0f} MB"
 
 
 # ---------------------------------------------------------------- loading from s3://
@@ -469,26 +565,10 @@ def test_grounding_transformer_in_front_of_an_openai_predictor(server, tmp_path)
     """The transformer KServe runs in front of the HF/vLLM runtime, here in front of the DeepMedix predictor's
     OpenAI route (the same protocol): it squares the image, adds the instruction, and grounds the answer in the
     caller's pixels. KServe's own transformer flags are accepted."""
-    port = free_port()
-    log = tmp_path / "transformer.log"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    with open(log, "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "serving.transformer", "--model_name", "deepmedix",
-                                 "--predictor_host", f"127.0.0.1:{server.port}", "--predictor_protocol", "v1",
-                                 "--http_port", str(port), "--host", "127.0.0.1"],
-                                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
-    url = f"http://127.0.0.1:{port}"
+    tr = Server(None, tmp_path, "--model_name", "deepmedix", "--predictor_host", f"127.0.0.1:{server.port}",
+                "--predictor_protocol", "v1", "--http_port", "1", module="serving.transformer")  # KServe's flags
+    url = tr.url
     try:
-        deadline = time.time() + READY_TIMEOUT_S
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                if requests.get(f"{url}/v1/models/deepmedix", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert time.time() < deadline, log.read_text()[-3000:]
-            time.sleep(0.25)
         client = openai.OpenAI(base_url=f"{url}/openai/v1", api_key="unused", max_retries=0)
         resp = client.chat.completions.create(model="deepmedix", max_tokens=64, messages=[
             {"role": "user", "content": [chat_image(fx.png_b64(640, 480, seed=11)),
@@ -509,4 +589,4 @@ def test_grounding_transformer_in_front_of_an_openai_predictor(server, tmp_path)
             client.chat.completions.create(model="deepmedix", stream=True, messages=[
                 {"role": "user", "content": [chat_image(fx.png_b64(32, 32)), {"type": "text", "text": "q"}]}])
     finally:
-        stop_process(proc, 20)
+        tr.stop()

@@ -1,5 +1,10 @@
-"""One KFP v2 lightweight component per stage. Each body imports ``deepmedix`` and calls one function of
-``deepmedix.stages``: the same code runs in a test, under ``kfp.local`` and in a pod of the image below."""
+"""One KFP v2 lightweight component per stage. Each body imports ``deepmedix`` and calls one function: the same
+code runs in a test, under ``kfp.local`` and in a pod of the stage's image.
+
+Images, one per dependency profile (``images/*.Dockerfile``; ``make images``): the CPU data image (curation, the arena,
+deploy), the CUDA training image (the training stages, cold-start synthesis, evaluation). ``DEEPMEDIX_REGISTRY``
+and ``DEEPMEDIX_VERSION`` pick them at compile time.
+"""
 
 
 import os
@@ -7,33 +12,38 @@ import os
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
-# The image every component runs in on a cluster (built from the repository; see the cluster issue).
-IMAGE = os.environ.get("DEEPMEDIX_IMAGE", "docker.io/deepmedix/deepmedix:0.1.0")
+REGISTRY = os.environ.get("DEEPMEDIX_REGISTRY", "ghcr.io/deepmedix")
+VERSION = os.environ.get("DEEPMEDIX_VERSION", "0.1.0")
+DATA_IMAGE = f"{REGISTRY}/deepmedix-data:{VERSION}"
+TRAIN_IMAGE = f"{REGISTRY}/deepmedix-train:{VERSION}"
+SERVING_IMAGE = f"{REGISTRY}/deepmedix-serving:{VERSION}"
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
+@dsl.component(base_image=DATA_IMAGE, install_kfp_package=False)
 def curate(size: str, overrides: list, data: Output[Dataset], metrics: Output[Metrics]):
     from deepmedix import stages
 
     stages.log_kfp(metrics, stages.curate(data.path, size, overrides))
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
+@dsl.component(base_image=DATA_IMAGE, install_kfp_package=False)
 def base_model(data: Input[Dataset], size: str, model_uri: str, model: Output[Model], metrics: Output[Metrics]):
     from deepmedix import stages
 
     stages.log_kfp(metrics, stages.base_model(data.path, model.path, size, None, model_uri))
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
-def sft(data: Input[Dataset], base: Input[Model], size: str, overrides: list, model: Output[Model],
-        metrics: Output[Metrics]):
+@dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
+def sft(data: Input[Dataset], base: Input[Model], size: str, overrides: list, nodes: int, gpus_per_node: int,
+        image: str, model: Output[Model], metrics: Output[Metrics]):
     from deepmedix import stages
+    from deepmedix.cluster.trainjob import run_training
 
-    stages.log_kfp(metrics, stages.sft(data.path, base.path, model.path, size, overrides))
+    stages.log_kfp(metrics, run_training("sft", (data.path, data.uri), (base.path, base.uri), (model.path, model.uri),
+                                         size, overrides, nodes, gpus_per_node, image))
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
+@dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
 def coldstart_synth(data: Input[Dataset], size: str, overrides: list, traces: Output[Dataset],
                     metrics: Output[Metrics]):
     from deepmedix import stages
@@ -41,23 +51,27 @@ def coldstart_synth(data: Input[Dataset], size: str, overrides: list, traces: Ou
     stages.log_kfp(metrics, stages.coldstart_synth(data.path, traces.path, size, overrides))
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
-def coldstart_sft(traces: Input[Dataset], base: Input[Model], size: str, overrides: list, model: Output[Model],
-                  metrics: Output[Metrics]):
+@dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
+def coldstart_sft(traces: Input[Dataset], base: Input[Model], size: str, overrides: list, nodes: int,
+                  gpus_per_node: int, image: str, model: Output[Model], metrics: Output[Metrics]):
     from deepmedix import stages
+    from deepmedix.cluster.trainjob import run_training
 
-    stages.log_kfp(metrics, stages.coldstart_sft(traces.path, base.path, model.path, size, overrides))
+    stages.log_kfp(metrics, run_training("coldstart", (traces.path, traces.uri), (base.path, base.uri),
+                                         (model.path, model.uri), size, overrides, nodes, gpus_per_node, image))
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
-def grpo(data: Input[Dataset], base: Input[Model], size: str, overrides: list, model: Output[Model],
-         metrics: Output[Metrics]):
+@dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
+def grpo(data: Input[Dataset], base: Input[Model], size: str, overrides: list, nodes: int, gpus_per_node: int,
+         image: str, model: Output[Model], metrics: Output[Metrics]):
     from deepmedix import stages
+    from deepmedix.cluster.trainjob import run_training
 
-    stages.log_kfp(metrics, stages.grpo(data.path, base.path, model.path, size, overrides))
+    stages.log_kfp(metrics, run_training("grpo", (data.path, data.uri), (base.path, base.uri), (model.path, model.uri),
+                                         size, overrides, nodes, gpus_per_node, image))
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
+@dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
 def evaluate(data: Input[Dataset], model: Input[Model], size: str, overrides: list, results: Output[Dataset],
              metrics: Output[Metrics]):
     from deepmedix import stages
@@ -65,10 +79,34 @@ def evaluate(data: Input[Dataset], model: Input[Model], size: str, overrides: li
     stages.log_kfp(metrics, stages.evaluate(data.path, model.path, results.path, size, overrides))
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
+@dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
 def evaluate_coldstart(data: Input[Dataset], model: Input[Model], size: str, overrides: list,
                        results: Output[Dataset], metrics: Output[Metrics]):
     """The same evaluation, of the cold-start model: its format compliance is stage 2's acceptance figure."""
     from deepmedix import stages
 
     stages.log_kfp(metrics, stages.evaluate(data.path, model.path, results.path, size, overrides))
+
+
+@dsl.component(base_image=DATA_IMAGE, install_kfp_package=False)
+def arena(coldstart: Input[Dataset], final: Input[Dataset], size: str, overrides: list,
+          leaderboard: Output[Dataset], metrics: Output[Metrics]):
+    """The Report Arena between the cold-start and the final model (judges from the arena config; their API key
+    comes from the environment, i.e. a Secret)."""
+    from deepmedix import stages
+    from deepmedix.config import load_config
+    from deepmedix.eval.arena import run_arena
+
+    stages.log_kfp(metrics, run_arena(load_config("arena", size, overrides),
+                                      {"coldstart": coldstart.path, "grpo": final.path}, leaderboard.path))
+
+
+@dsl.component(base_image=DATA_IMAGE, install_kfp_package=False)
+def deploy(model: Input[Model], name: str, namespace: str, serving_image: str, gpus: int, gpu_node_selector: dict,
+           gpu_tolerations: list, metrics: Output[Metrics]):
+    """Create or patch the InferenceService serving ``model`` from its s3:// URI; wait until it is Ready."""
+    from deepmedix.cluster.deploy import Serving, deploy_model
+
+    pool = {"node_selector": gpu_node_selector, "tolerations": gpu_tolerations} if gpus else {}
+    out = deploy_model(model.uri, name, namespace, Serving(image=serving_image, gpus=gpus, **pool))
+    metrics.metadata.update({k: str(v) for k, v in out.items()})

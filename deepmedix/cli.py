@@ -22,9 +22,11 @@ pipeline_app = typer.Typer(help="The KFP pipeline.", no_args_is_help=True)
 reward_app = typer.Typer(help="GRPO rewards.", no_args_is_help=True)
 reader_app = typer.Typer(help="The expert reader study: create, serve, export.", no_args_is_help=True)
 arena_app = typer.Typer(help="The Report Arena: judge LLMs compare models' answers.", no_args_is_help=True)
+stage_app = typer.Typer(help="Run a stage as a pipeline step does (multi-node: a Kubeflow Trainer TrainJob).",
+                        no_args_is_help=True)
 for sub, name in ((data_app, "data"), (model_app, "model"), (train_app, "train"), (coldstart_app, "coldstart"),
                   (eval_app, "eval"), (pipeline_app, "pipeline"), (reward_app, "reward"),
-                  (reader_app, "reader"), (arena_app, "arena")):
+                  (reader_app, "reader"), (arena_app, "arena"), (stage_app, "stage")):
     app.add_typer(sub, name=name)
 
 err = Console(stderr=True)
@@ -38,13 +40,13 @@ def cli_errors() -> Iterator[None]:
     """Known failures become one clear line on stderr and exit code 2 (no traceback)."""
     from deepmedix.config import ConfigError
     from deepmedix.data.schema import RecordError
-    from deepmedix.errors import CurationError, DemoError, ModelLoadError
+    from deepmedix.errors import ClusterError, CurationError, DemoError, ModelLoadError
     from deepmedix.store import StoreError
 
     try:
         yield
-    except (ConfigError, RecordError, StoreError, ModelLoadError, DemoError, CurationError, ValueError,
-            FileNotFoundError) as exc:
+    except (ConfigError, RecordError, StoreError, ModelLoadError, DemoError, CurationError, ClusterError,
+            ValueError, FileNotFoundError) as exc:
         err.print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False)
         raise typer.Exit(2)
 
@@ -300,6 +302,25 @@ def pipeline_compile(out: str = typer.Option("pipelines/deepmedix_pipeline.yaml"
     print(compile_pipeline(out))
 
 
+@pipeline_app.command("submit")
+def pipeline_submit(host: str = typer.Option(..., help="the KFP API, e.g. http://ml-pipeline-ui.kubeflow or "
+                                                       "https://<kubeflow>/pipeline"),
+                    params: str = typer.Option("", help="a YAML file of pipeline parameters (see pipelines/README)"),
+                    experiment: str = typer.Option("deepmedix", help="the KFP experiment"),
+                    run_name: str = typer.Option("", help="default: deepmedix-r1-<time>"),
+                    namespace: str = typer.Option("", help="the KFP namespace (multi-user Kubeflow)"),
+                    token_env: str = typer.Option("KF_PIPELINES_TOKEN",
+                                                  help="the NAME of an env var holding a bearer token, if needed")):
+    """Compile the pipeline and create a run through kfp.Client; prints the run id and its URL."""
+    import os
+
+    from pipelines.submit import load_params, submit
+
+    with cli_errors():
+        show(submit(host, load_params(params) if params else {}, experiment, run_name, namespace,
+                    os.environ.get(token_env) or None))
+
+
 @pipeline_app.command("run-local")
 def pipeline_run_local(root: str = typer.Option("runs/local/pipeline_root"), size: str = "tiny"):
     """Run the whole pipeline under kfp.local (subprocess runner)."""
@@ -310,6 +331,58 @@ def pipeline_run_local(root: str = typer.Option("runs/local/pipeline_root"), siz
     with cli_errors():
         run = run_pipeline_local(Path(root).resolve(), size=size)
         show({"run": str(run), "stages": stage_metrics(run)})
+
+
+@stage_app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def stage_run(ctx: typer.Context, stage: str = typer.Argument(..., help="sft, coldstart or grpo"),
+              nodes: int = typer.Option(1, help="nodes; more than 1: a Kubeflow Trainer TrainJob"),
+              gpus_per_node: int = typer.Option(1, help="GPUs per node (torchrun processes)"),
+              image: str = typer.Option("", help="the training image (for a TrainJob)"),
+              namespace: str = typer.Option("", help="the TrainJob's namespace (default: this pod's)")):
+    """A training stage on one or more nodes; after `--` the stage's own options (--data/--traces, --model,
+    --out, -c, --set). The Argo WorkflowTemplate's training steps run this."""
+    from deepmedix.cluster.trainjob import STAGES, run_training
+
+    with cli_errors():
+        if stage not in STAGES:
+            raise ValueError(f"stage: {stage!r} is not one of {sorted(STAGES)}")
+        opts = _stage_options(list(ctx.args), STAGES[stage][1])
+        show(run_training(stage, (opts["data"],) * 2, (opts["model"],) * 2, (opts["out"],) * 2, opts["config"],
+                          opts["set"], nodes, gpus_per_node, image, namespace))
+
+
+def _stage_options(args: list[str], data_opt: str) -> dict:
+    """``--data X --model Y --out Z [-c SIZE] [--set K=V ...]`` -> a dict; anything else is a clear error."""
+    opts: dict = {"config": "tiny", "set": []}
+    names = {data_opt: "data", "--model": "model", "--out": "out", "--config": "config", "-c": "config",
+             "--set": "set", "-s": "set"}
+    args = [a for a in args if a != "--"]
+    while args:
+        flag = args.pop(0)
+        if flag not in names or not args:
+            raise ValueError(f"stage options: unexpected {flag!r} (expected {data_opt}, --model, --out, -c, --set)")
+        value = args.pop(0)
+        opts["set"].append(value) if names[flag] == "set" else opts.__setitem__(names[flag], value)
+    missing = [n for n in ("data", "model", "out") if n not in opts]
+    if missing:
+        raise ValueError(f"stage options: missing {', '.join('--' + m if m != 'data' else data_opt for m in missing)}")
+    return opts
+
+
+@app.command("deploy")
+def deploy_cmd(model: str = typer.Option(..., help="the model folder's s3:// URI"),
+               name: str = typer.Option("deepmedix-r1", help="the InferenceService's name"),
+               namespace: str = typer.Option("", help="default: this pod's namespace"),
+               image: str = typer.Option("", help="the serving image (default: the release's)"),
+               gpus: int = typer.Option(0, help="GPUs per replica (0: CPU)"),
+               mode: str = typer.Option("Knative", help="KServe deployment mode: Knative or Standard"),
+               timeout: float = typer.Option(1800, help="seconds to wait for Ready")):
+    """Create or patch the InferenceService for a model folder on S3 and wait until it is Ready."""
+    from deepmedix.cluster.deploy import SERVING_IMAGE, Serving, deploy_model
+
+    with cli_errors():
+        show(deploy_model(model, name, namespace, Serving(image=image or SERVING_IMAGE, gpus=gpus,
+                                                          deployment_mode=mode), timeout_s=timeout))
 
 
 @app.command("demo")

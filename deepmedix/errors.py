@@ -11,3 +11,7 @@ class DemoError(RuntimeError):
 
 class CurationError(RuntimeError):
     """A curation run that cannot go on (a worker process died, the output overlaps an input, ...)."""
+
+
+class ClusterError(RuntimeError):
+    """A cluster object (TrainJob, InferenceService, pipeline run) that failed, timed out or could not be made."""

@@ -1,19 +1,46 @@
 """The DeepMedix-R1 DAG: curate -> base model -> stage 1 SFT -> cold start (synthesis, SFT; evaluated) -> GRPO ->
-evaluate.
+evaluate -> [Report Arena] -> [deploy].
 
-Only the wiring lives here; every step is a component of ``components.stages``.
+Only the wiring lives here; every step is a component of ``components.stages``. Cluster settings:
+
+* GPU steps (the training stages, cold-start synthesis, evaluation) get ``set_accelerator_type`` /
+  ``set_accelerator_limit`` (GPUs per node from the parameters), the GPU pool's node selector and tolerations
+  (parameters, JSON), and a memory-backed ``/dev/shm``; curation, the arena and deploy get none of these.
+* Every step gets the S3 credentials from the Secret named by ``s3_secret`` as environment (by name only), and
+  the non-secret endpoint settings (``S3_ENDPOINT``, ``S3_USE_HTTPS``, ``AWS_REGION``) from the ConfigMap named
+  by ``s3_env_configmap`` (the Helm chart's ``<release>-s3-env``) when it exists.
+* Caching is off for training and evaluation steps. Artifacts go under ``pipeline_root`` on S3 (the cluster's
+  ``kfp-launcher`` ConfigMap may set another).
+* A training stage with ``*_nodes`` > 1 runs as a Kubeflow Trainer TrainJob (``deepmedix.cluster.trainjob``).
 """
 
 
-from kfp import dsl
+from kfp import dsl, kubernetes
 
 from components import stages as c
 
+PIPELINE_ROOT = "s3://deepmedix/pipeline-root"
 STAGE_TASKS = ("curate", "base-model", "sft", "coldstart-synth", "coldstart-sft", "evaluate-coldstart", "grpo",
                "evaluate")
+OPTIONAL_TASKS = ("arena", "deploy")
+GPU_TASKS = ("sft", "coldstart-synth", "coldstart-sft", "evaluate-coldstart", "grpo", "evaluate")
+TRAINING_TASKS = ("sft", "coldstart-sft", "grpo")
+S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+S3_SETTINGS_KEYS = ("S3_ENDPOINT", "S3_USE_HTTPS", "AWS_REGION")
+GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
+GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 
 
-@dsl.pipeline(name="deepmedix-r1", description="DeepMedix-R1: curation, SFT, grounded cold start, GRPO, evaluation")
+def _gpu(task, gpus, node_selector, tolerations, shm: str = "32Gi"):
+    task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(gpus)
+    kubernetes.add_node_selector_json(task, node_selector)
+    kubernetes.add_toleration_json(task, tolerations)
+    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=shm)
+    return task
+
+
+@dsl.pipeline(name="deepmedix-r1", description="DeepMedix-R1: curation, SFT, grounded cold start, GRPO, evaluation",
+              pipeline_root=PIPELINE_ROOT)
 def deepmedix_pipeline(
     size: str = "tiny",
     base_model_uri: str = "",
@@ -22,22 +49,63 @@ def deepmedix_pipeline(
     coldstart_overrides: list = [],
     grpo_overrides: list = [],
     eval_overrides: list = [],
+    arena_overrides: list = [],
+    sft_nodes: int = 1,
+    sft_gpus_per_node: int = 1,
+    coldstart_nodes: int = 1,
+    coldstart_gpus_per_node: int = 1,
+    grpo_nodes: int = 1,
+    grpo_gpus_per_node: int = 1,
+    synth_gpus: int = 1,
+    eval_gpus: int = 1,
+    gpu_node_selector: dict = GPU_NODE_SELECTOR,
+    gpu_tolerations: list = GPU_TOLERATIONS,
+    train_image: str = c.TRAIN_IMAGE,
+    s3_secret: str = "deepmedix-s3",
+    s3_env_configmap: str = "deepmedix-s3-env",
+    run_arena: bool = False,
+    deploy: bool = False,
+    deploy_name: str = "deepmedix-r1",
+    deploy_namespace: str = "",
+    serving_image: str = c.SERVING_IMAGE,
+    serving_gpus: int = 0,
 ):
+    """Data sources and their ratios go in ``curate_overrides`` (e.g. ``sources=[...]``, ``limit=...``) and the
+    task mix in the training overrides (``task_ratios={...}``); reward weights in ``grpo_overrides``
+    (``reward_weights={paper: 1, grounded: 0.5}``) — the same ``key=value`` overrides as the CLI's ``--set``."""
+    pool = (gpu_node_selector, gpu_tolerations)
     cur = c.curate(size=size, overrides=curate_overrides).set_display_name("curate")
     base = c.base_model(data=cur.outputs["data"], size=size, model_uri=base_model_uri).set_display_name("base-model")
-    s1 = c.sft(data=cur.outputs["data"], base=base.outputs["model"], size=size,
-               overrides=sft_overrides).set_display_name("sft")
-    syn = c.coldstart_synth(data=cur.outputs["data"], size=size,
-                            overrides=coldstart_overrides).set_display_name("coldstart-synth")
-    s2 = c.coldstart_sft(traces=syn.outputs["traces"], base=s1.outputs["model"], size=size,
-                         overrides=coldstart_overrides).set_display_name("coldstart-sft")
-    ev2 = c.evaluate_coldstart(data=cur.outputs["data"], model=s2.outputs["model"], size=size,
-                               overrides=eval_overrides).set_display_name("evaluate-coldstart")
-    s3 = c.grpo(data=cur.outputs["data"], base=s2.outputs["model"], size=size,
-                overrides=grpo_overrides).set_display_name("grpo")
-    ev = c.evaluate(data=cur.outputs["data"], model=s3.outputs["model"], size=size,
-                    overrides=eval_overrides).set_display_name("evaluate")
-    for task in (s1, s2, s3):
+    s1 = _gpu(c.sft(data=cur.outputs["data"], base=base.outputs["model"], size=size, overrides=sft_overrides,
+                    nodes=sft_nodes, gpus_per_node=sft_gpus_per_node, image=train_image).set_display_name("sft"),
+              sft_gpus_per_node, *pool)
+    syn = _gpu(c.coldstart_synth(data=cur.outputs["data"], size=size, overrides=coldstart_overrides)
+               .set_display_name("coldstart-synth"), synth_gpus, *pool)
+    s2 = _gpu(c.coldstart_sft(traces=syn.outputs["traces"], base=s1.outputs["model"], size=size,
+                              overrides=coldstart_overrides, nodes=coldstart_nodes,
+                              gpus_per_node=coldstart_gpus_per_node, image=train_image)
+              .set_display_name("coldstart-sft"), coldstart_gpus_per_node, *pool)
+    ev2 = _gpu(c.evaluate_coldstart(data=cur.outputs["data"], model=s2.outputs["model"], size=size,
+                                    overrides=eval_overrides).set_display_name("evaluate-coldstart"), eval_gpus, *pool)
+    s3 = _gpu(c.grpo(data=cur.outputs["data"], base=s2.outputs["model"], size=size, overrides=grpo_overrides,
+                     nodes=grpo_nodes, gpus_per_node=grpo_gpus_per_node, image=train_image).set_display_name("grpo"),
+              grpo_gpus_per_node, *pool)
+    ev = _gpu(c.evaluate(data=cur.outputs["data"], model=s3.outputs["model"], size=size,
+                         overrides=eval_overrides).set_display_name("evaluate"), eval_gpus, *pool)
+    tasks = [cur, base, s1, syn, s2, ev2, s3, ev]
+    with dsl.If(run_arena == True):  # noqa: E712 - a pipeline condition, not Python truthiness
+        ar = c.arena(coldstart=ev2.outputs["results"], final=ev.outputs["results"], size=size,
+                     overrides=arena_overrides).set_display_name("arena")
+        kubernetes.use_secret_as_env(ar, "deepmedix-judge", {"OPENAI_API_KEY": "OPENAI_API_KEY"}, optional=True)
+        tasks.append(ar)
+    with dsl.If(deploy == True):  # noqa: E712
+        dep = c.deploy(model=s3.outputs["model"], name=deploy_name, namespace=deploy_namespace,
+                       serving_image=serving_image, gpus=serving_gpus, gpu_node_selector=gpu_node_selector,
+                       gpu_tolerations=gpu_tolerations).set_display_name("deploy")
+        dep.after(ev)
+        tasks.append(dep)
+    for task in tasks:
+        kubernetes.use_secret_as_env(task, s3_secret, {k: k for k in S3_SECRET_KEYS})
+        kubernetes.use_config_map_as_env(task, s3_env_configmap, {k: k for k in S3_SETTINGS_KEYS}, optional=True)
+    for task in (s1, syn, s2, ev2, s3, ev):
         task.set_caching_options(False)
-    ev.set_caching_options(False)
-    ev2.set_caching_options(False)

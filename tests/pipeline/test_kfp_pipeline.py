@@ -1,4 +1,5 @@
-"""The pipeline compiles to IR naming every stage, the checked-in IR is current, and kfp.local runs it whole."""
+"""The pipeline compiles to IR naming every stage with its cluster settings (GPUs, pool, shared memory, secrets by
+name), the checked-in IR is current, and kfp.local runs it whole."""
 
 from __future__ import annotations
 
@@ -7,21 +8,94 @@ import json
 import yaml
 
 from pipelines.compile import DEFAULT_OUT, compile_pipeline
-from pipelines.deepmedix_pipeline import STAGE_TASKS
+from pipelines.deepmedix_pipeline import (GPU_NODE_SELECTOR, GPU_TASKS, GPU_TOLERATIONS, OPTIONAL_TASKS,
+                                          PIPELINE_ROOT, STAGE_TASKS, TRAINING_TASKS)
+
+
+def _compiled(tmp_path):
+    ir, platform = yaml.safe_load_all(compile_pipeline(tmp_path / "p.yaml").read_text())
+    return ir, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def _executor(ir, task: str) -> str:
+    """The executor label of a task, wherever it sits (the root DAG or a condition branch)."""
+    for comp in [ir["root"], *ir["components"].values()]:
+        for name, t in (comp.get("dag") or {}).get("tasks", {}).items():
+            if name == task and "executorLabel" in ir["components"][t["componentRef"]["name"]]:
+                return ir["components"][t["componentRef"]["name"]]["executorLabel"]
+    raise KeyError(task)
 
 
 def test_compiles_and_names_every_stage(tmp_path):
-    ir = yaml.safe_load(compile_pipeline(tmp_path / "p.yaml").read_text())
+    ir, _ = _compiled(tmp_path)
     tasks = ir["root"]["dag"]["tasks"]
     assert set(STAGE_TASKS) <= {t["taskInfo"]["name"] for t in tasks.values()}
     execs = ir["deploymentSpec"]["executors"]
-    assert len(execs) == len(STAGE_TASKS)
+    assert len(execs) == len(STAGE_TASKS) + len(OPTIONAL_TASKS)
     for ex in execs.values():
-        assert ex["container"]["image"].startswith("docker.io/deepmedix/deepmedix")
+        assert ex["container"]["image"].startswith("ghcr.io/deepmedix/deepmedix-")
         assert "pip install" not in " ".join(ex["container"]["command"])  # install_kfp_package=False
-        assert "from deepmedix import stages" in " ".join(ex["container"]["command"])
+        assert "from deepmedix" in " ".join(ex["container"]["command"])  # the body calls the library
     assert tasks["grpo"]["cachingOptions"] == {} and tasks["sft"]["cachingOptions"] == {}
-    assert set(ir["root"]["inputDefinitions"]["parameters"]) >= {"size", "base_model_uri", "sft_overrides"}
+    assert set(ir["root"]["inputDefinitions"]["parameters"]) >= {
+        "size", "base_model_uri", "sft_overrides", "curate_overrides", "grpo_overrides", "sft_nodes",
+        "sft_gpus_per_node", "grpo_nodes", "grpo_gpus_per_node", "gpu_node_selector", "gpu_tolerations"}
+    assert ir["defaultPipelineRoot"] == PIPELINE_ROOT and PIPELINE_ROOT.startswith("s3://")
+
+
+def test_gpu_steps_carry_gpus_pool_and_shared_memory_and_cpu_steps_none(tmp_path):
+    ir, kube = _compiled(tmp_path)
+    params = ir["root"]["inputDefinitions"]["parameters"]
+    assert params["gpu_node_selector"]["defaultValue"] == GPU_NODE_SELECTOR
+    assert params["gpu_tolerations"]["defaultValue"] == GPU_TOLERATIONS
+    for task in STAGE_TASKS + OPTIONAL_TASKS:
+        label = _executor(ir, task)
+        container = ir["deploymentSpec"]["executors"][label]["container"]
+        k8s = kube[label]
+        if task in GPU_TASKS:
+            acc = container["resources"]["accelerator"]
+            assert acc["resourceType"] == "nvidia.com/gpu" and "gpus" in acc["resourceCount"] or \
+                "eval_gpus" in acc["resourceCount"] or "synth_gpus" in acc["resourceCount"], (task, acc)
+            assert k8s["nodeSelector"] == {"nodeSelectorJson": {"componentInputParameter": "gpu_node_selector"}}
+            assert k8s["tolerations"] == [{"tolerationJson": {"componentInputParameter": "gpu_tolerations"}}]
+            assert k8s["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "32Gi",
+                                              "volumeName": "dshm"}]
+            assert "deepmedix-train" in container["image"]
+        else:
+            assert "resources" not in container, task
+            assert not {"nodeSelector", "tolerations", "emptyDirMounts"} & set(k8s), task
+            assert "deepmedix-data" in container["image"], task
+    for task in TRAINING_TASKS:  # the GPU count per node is the stage's own parameter
+        label = _executor(ir, task)
+        stage = task.split("-")[0]
+        count = ir["deploymentSpec"]["executors"][label]["container"]["resources"]["accelerator"]["resourceCount"]
+        assert f"{stage}_gpus_per_node" in count
+
+
+def test_secrets_by_name_only_and_training_uncached(tmp_path):
+    ir, kube = _compiled(tmp_path)
+    for label, k8s in kube.items():
+        refs = k8s["secretAsEnv"]
+        assert {e["envVar"] for r in refs for e in r["keyToEnv"]} >= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+        for r in refs:
+            assert set(r) <= {"keyToEnv", "optional", "secretNameParameter", "secretName"}, r
+            # the S3 Secret by the pipeline parameter's name (inside a condition branch: its channel), the judge's by
+            # a fixed name
+            assert r.get("secretNameParameter", {}).get("componentInputParameter") in (
+                "s3_secret", "pipelinechannel--s3_secret") or r.get("secretName") == "deepmedix-judge", r
+        (cm,) = k8s["configMapAsEnv"]
+        assert {e["envVar"] for e in cm["keyToEnv"]} == {"S3_ENDPOINT", "S3_USE_HTTPS", "AWS_REGION"}
+        assert cm["optional"] is True and cm["configMapNameParameter"]["componentInputParameter"] in (
+            "s3_env_configmap", "pipelinechannel--s3_env_configmap")
+    text = (tmp_path / "p.yaml").read_text()
+    for needle in ("aws_secret_access_key:", "AKIA", "password", "secretKeyValue"):
+        assert needle not in text.lower() if needle.islower() else needle not in text
+    for container in ir["deploymentSpec"]["executors"].values():
+        assert not container["container"].get("env"), "no literal env values in any step"
+    tasks = ir["root"]["dag"]["tasks"]
+    for task in TRAINING_TASKS + ("coldstart-synth", "evaluate", "evaluate-coldstart"):
+        assert tasks[task]["cachingOptions"] == {}, task
+    assert tasks["curate"]["cachingOptions"] == {"enableCache": True}
 
 
 def test_checked_in_ir_is_current(tmp_path):

@@ -1,0 +1,139 @@
+"""Deploy: create or patch the InferenceService that serves a model folder from its ``s3://`` URI, and wait
+until KServe says it is Ready.
+
+The object is the one in ``manifests/base/inferenceservice.yaml`` (a test keeps the two in step): the DeepMedix
+predictor (``python -m serving.server``) as a custom container, its model from ``STORAGE_URI`` (the
+storage-initializer downloads it with the credentials of the ServiceAccount's S3 Secret), Pod Security
+"restricted".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from deepmedix.cluster.k8s import ClusterError, api, condition, current_namespace, wait_for
+
+GROUP, VERSION, PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
+SERVING_IMAGE = "ghcr.io/deepmedix/deepmedix-serving:0.1.0"
+
+
+@dataclass
+class Serving:
+    """How the predictor runs. ``deployment_mode``: ``Knative`` (KPA on concurrency, can scale to zero) or
+    ``Standard`` (a Deployment; autoscaling by the cluster's HPA/KEDA settings)."""
+    image: str = SERVING_IMAGE
+    service_account: str = "deepmedix-serving"
+    deployment_mode: str = "Knative"
+    min_replicas: int = 1
+    max_replicas: int = 2
+    scale_target: int = 8  # concurrent requests per replica (Knative)
+    gpus: int = 0
+    node_selector: dict = field(default_factory=dict)
+    tolerations: list = field(default_factory=list)
+    max_batch_size: int = 8
+    max_new_tokens: int = 512
+    cpu: str = "4"
+    memory: str = "16Gi"
+
+
+def inferenceservice_manifest(name: str, namespace: str, storage_uri: str, s: Serving | None = None) -> dict:
+    s = s or Serving()
+    if not storage_uri.startswith(("s3://", "pvc://", "gs://", "hf://")):
+        raise ClusterError(f"storage_uri: {storage_uri!r} is not a URI KServe's storage-initializer can fetch "
+                           "(s3://, pvc://, gs://, hf://)")
+    if s.deployment_mode not in ("Knative", "Standard"):
+        raise ClusterError(f"deployment_mode: {s.deployment_mode!r} is not Knative or Standard")
+    probe = lambda path, **kw: {"httpGet": {"path": path, "port": 8080}, "periodSeconds": 10,  # noqa: E731
+                                "timeoutSeconds": 5, **kw}
+    resources = {"requests": {"cpu": s.cpu, "memory": s.memory}, "limits": {"memory": s.memory}}
+    if s.gpus:
+        resources["requests"]["nvidia.com/gpu"] = resources["limits"]["nvidia.com/gpu"] = str(s.gpus)
+    container = {
+        "name": "kserve-container",
+        "image": s.image,
+        "command": ["python", "-m", "serving.server"],
+        "args": ["--model", "/mnt/models", "--name", name, "--host", "0.0.0.0", "--port", "8080",
+                 "--max-batch-size", str(s.max_batch_size), "--max-new-tokens", str(s.max_new_tokens)],
+        "env": [{"name": "STORAGE_URI", "value": storage_uri},
+                {"name": "HF_HOME", "value": "/var/cache/deepmedix/huggingface"},
+                {"name": "HF_HUB_OFFLINE", "value": "1"}],
+        "ports": [{"name": "http1", "containerPort": 8080, "protocol": "TCP"}],
+        "resources": resources,
+        "startupProbe": probe("/", failureThreshold=60),
+        "readinessProbe": probe(f"/v1/models/{name}", failureThreshold=3),
+        "livenessProbe": probe("/", failureThreshold=3),
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000,
+                            "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                            "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}},
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, {"name": "cache", "mountPath": "/var/cache/deepmedix"}],
+    }
+    predictor = {"serviceAccountName": s.service_account, "minReplicas": s.min_replicas,
+                 "maxReplicas": s.max_replicas, "containers": [container],
+                 "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "2Gi"}},
+                             {"name": "cache", "emptyDir": {"sizeLimit": "4Gi"}}]}
+    if s.deployment_mode == "Knative":
+        predictor.update(scaleMetric="concurrency", scaleTarget=s.scale_target)
+    if s.node_selector:
+        predictor["nodeSelector"] = dict(s.node_selector)
+    if s.tolerations:
+        predictor["tolerations"] = list(s.tolerations)
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "InferenceService",
+        "metadata": {"name": name, "namespace": namespace,
+                     "annotations": {"serving.kserve.io/deploymentMode": s.deployment_mode},
+                     "labels": {"app.kubernetes.io/part-of": "deepmedix"}},
+        "spec": {"predictor": predictor},
+    }
+
+
+def ready_verdict(obj: dict) -> tuple[bool, str | None]:
+    """(done, failure) from an InferenceService's status: Ready=True for the current spec (its observedGeneration
+    has caught up, so a patched service is not taken for ready on its old revision), or a failure KServe reports."""
+    status = obj.get("status") or {}
+    generation = (obj.get("metadata") or {}).get("generation")
+    current = generation is None or status.get("observedGeneration", generation) >= generation
+    ready = condition(obj, "Ready")
+    if current and ready and ready.get("status") == "True":
+        return True, None
+    failure = (status.get("modelStatus") or {}).get("lastFailureInfo")
+    if failure and failure.get("reason"):
+        return True, f"{failure.get('reason')}: {failure.get('message') or ''}".strip()
+    return False, None
+
+
+def deploy(manifest: dict, timeout_s: float = 1800, poll_s: float = 10.0,
+           log: Callable[[str], None] = print) -> dict:
+    """Create the InferenceService, or patch it when it exists (a new model rolls out); wait until Ready.
+    Returns ``{"name", "namespace", "url", "storage_uri"}``."""
+    k = api()
+    ns, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        k.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+        exists = True
+    except ApiException as exc:
+        if exc.status != 404:
+            raise ClusterError(f"InferenceService {ns}/{name}: {exc.status} {exc.reason}") from None
+        exists = False
+    try:
+        if exists:
+            k.custom.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, manifest)
+            log(f"InferenceService {ns}/{name} patched")
+        else:
+            k.custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, manifest)
+            log(f"InferenceService {ns}/{name} created")
+    except ApiException as exc:
+        raise ClusterError(f"InferenceService {ns}/{name}: {exc.status} {exc.reason}: {exc.body}") from None
+    obj = wait_for(lambda: k.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name), ready_verdict,
+                   f"InferenceService {ns}/{name}", timeout_s, poll_s, log)
+    uri = manifest["spec"]["predictor"]["containers"][0]["env"][0]["value"]
+    return {"name": name, "namespace": ns, "url": (obj.get("status") or {}).get("url"), "storage_uri": uri}
+
+
+def deploy_model(storage_uri: str, name: str = "deepmedix-r1", namespace: str = "", serving: Serving | None = None,
+                 timeout_s: float = 1800, log: Callable[[str], None] = print) -> dict:
+    return deploy(inferenceservice_manifest(name, namespace or current_namespace(), storage_uri, serving),
+                  timeout_s=timeout_s, log=log)

@@ -1,0 +1,183 @@
+"""Training stages on more than one GPU: ``torchrun`` in the step's own pod for one node, a Kubeflow Trainer
+``TrainJob`` (runtime ``torch-distributed``: torchrun on every node, DeepSpeed ZeRO-3 from the stage's config)
+for several.
+
+A multi-node run cannot write into the pipeline step's local artifact folder, so the TrainJob reads its inputs
+from their ``s3://`` URIs and writes its model to the output's ``s3://`` URI; the step then copies the result
+into its local output folder, which the KFP launcher uploads as usual. While the TrainJob runs, the step
+streams the logs of its first node and fails with the TrainJob's own reason when it fails.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import threading
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable
+
+from deepmedix.cluster.k8s import S3_SECRET, ClusterError, api, condition, current_namespace, s3_env, wait_for
+
+GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
+RUNTIME = "torch-distributed"
+NODE = "node"  # the torch-distributed runtime's replicated job and container
+# stage -> (CLI words, the option that names its training data)
+STAGES = {"sft": (["train", "sft"], "--data"), "coldstart": (["train", "coldstart"], "--traces"),
+          "grpo": (["train", "grpo"], "--data")}
+
+
+@dataclass
+class GpuPool:
+    """Where GPU pods go. Defaults fit the NVIDIA GPU operator's node label and the usual GPU-node taint."""
+    node_selector: dict = field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
+    tolerations: list = field(default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                                        "effect": "NoSchedule"}])
+    resource: str = "nvidia.com/gpu"
+    shm_size: str = "32Gi"
+    cpu_per_node: str = "16"
+    memory_per_node: str = "128Gi"
+
+
+def stage_args(stage: str, data: str, model: str, out: str, size: str, overrides: list[str]) -> list[str]:
+    """``deepmedix`` CLI arguments for one training stage."""
+    if stage not in STAGES:
+        raise ValueError(f"stage: {stage!r} is not one of {sorted(STAGES)}")
+    words, data_opt = STAGES[stage]
+    args = [*words, data_opt, data, "--model", model, "--out", out, "--config", size]
+    for o in overrides:
+        args += ["--set", o]
+    return args
+
+
+def trainjob_manifest(name: str, namespace: str, image: str, args: list[str], nodes: int, gpus_per_node: int,
+                      pool: GpuPool | None = None, s3_secret: str = S3_SECRET, runtime: str = RUNTIME,
+                      service_account: str | None = None) -> dict:
+    """A TrainJob running ``torchrun -m deepmedix.cli ARGS`` on ``nodes`` nodes of ``gpus_per_node`` GPUs."""
+    pool = pool or GpuPool()
+    gpus = str(gpus_per_node)
+    pod_spec = {
+        "nodeSelector": dict(pool.node_selector),
+        "tolerations": list(pool.tolerations),
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": pool.shm_size}}],
+        "containers": [{"name": NODE, "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+                        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}}],
+    }
+    if service_account:
+        pod_spec["serviceAccountName"] = service_account
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "TrainJob",
+        "metadata": {"name": name, "namespace": namespace,
+                     "labels": {"app.kubernetes.io/part-of": "deepmedix", "app.kubernetes.io/component": "training"}},
+        "spec": {
+            "runtimeRef": {"name": runtime, "kind": "ClusterTrainingRuntime", "apiGroup": GROUP},
+            "trainer": {
+                "image": image,
+                "command": ["torchrun", "-m", "deepmedix.cli", *args],
+                "numNodes": int(nodes),
+                "numProcPerNode": int(gpus_per_node),
+                "resourcesPerNode": {"requests": {"cpu": pool.cpu_per_node, "memory": pool.memory_per_node,
+                                                  pool.resource: gpus},
+                                     "limits": {"memory": pool.memory_per_node, pool.resource: gpus}},
+                "env": s3_env(s3_secret) + [{"name": "TOKENIZERS_PARALLELISM", "value": "false"}],
+            },
+            "runtimePatches": [{"manager": "deepmedix.io/pipeline", "trainingRuntimeSpec": {"template": {"spec": {
+                "replicatedJobs": [{"name": NODE, "template": {"spec": {"template": {"spec": pod_spec}}}}]}}}}],
+        },
+    }
+
+
+def trainjob_verdict(obj: dict) -> tuple[bool, str | None]:
+    """(done, failure reason) from a TrainJob's status conditions (``Complete`` / ``Failed``)."""
+    failed = condition(obj, "Failed")
+    if failed and failed.get("status") == "True":
+        return True, f"{failed.get('reason') or 'Failed'}: {failed.get('message') or 'no message'}"
+    complete = condition(obj, "Complete")
+    if complete and complete.get("status") == "True":
+        return True, None
+    return False, None
+
+
+def _stream_logs(core, namespace: str, name: str, stop: threading.Event, log: Callable[[str], None]) -> None:
+    """Follow the first node's pod log (JobSet labels) until it ends or ``stop`` is set."""
+    selector = f"jobset.sigs.k8s.io/jobset-name={name},batch.kubernetes.io/job-completion-index=0"
+    while not stop.is_set():
+        pods = core.list_namespaced_pod(namespace, label_selector=selector).items
+        running = [p for p in pods if p.status.phase in ("Running", "Succeeded", "Failed")]
+        if not running:
+            stop.wait(5)
+            continue
+        pod = running[0].metadata.name
+        try:
+            resp = core.read_namespaced_pod_log(pod, namespace, container=NODE, follow=True, _preload_content=False)
+            for line in resp.stream():
+                log(f"[{pod}] {line.decode(errors='replace').rstrip()}")
+                if stop.is_set():
+                    break
+        except Exception as exc:  # noqa: BLE001 - logs are a courtesy; the verdict comes from the TrainJob
+            log(f"[{pod}] log stream ended: {exc}")
+        return
+
+
+def run_trainjob(manifest: dict, timeout_s: float = 7 * 24 * 3600, poll_s: float = 15.0,
+                 log: Callable[[str], None] = print) -> dict:
+    """Create the TrainJob, stream its logs, wait for ``Complete`` (returned) or ``Failed`` (ClusterError with
+    the TrainJob's reason and message)."""
+    k = api()
+    ns, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
+    try:
+        k.custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, manifest)
+    except Exception as exc:  # noqa: BLE001 - ApiException carries the API server's reason
+        raise ClusterError(f"TrainJob {ns}/{name}: could not be created: {getattr(exc, 'reason', '')} "
+                           f"{getattr(exc, 'body', exc)}") from None
+    log(f"TrainJob {ns}/{name} created: {manifest['spec']['trainer']['numNodes']} nodes x "
+        f"{manifest['spec']['trainer']['numProcPerNode']} GPUs")
+    stop = threading.Event()
+    streamer = threading.Thread(target=_stream_logs, args=(k.core, ns, name, stop, log), daemon=True)
+    streamer.start()
+    try:
+        return wait_for(lambda: k.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name),
+                        trainjob_verdict, f"TrainJob {ns}/{name}", timeout_s, poll_s, log)
+    finally:
+        stop.set()
+        streamer.join(10)
+
+
+def run_training(stage: str, data: tuple[str, str], model: tuple[str, str], out: tuple[str, str], size: str,
+                 overrides: list[str], nodes: int = 1, gpus_per_node: int = 1, image: str = "",
+                 namespace: str = "", pool: GpuPool | None = None, log: Callable[[str], None] = print) -> dict:
+    """One training stage. ``data``, ``model`` and ``out`` are ``(local path, remote URI)`` pairs (a KFP
+    artifact's ``path`` and ``uri``). One node: in this process (one GPU; the stage's result with its metrics is
+    returned) or under ``torchrun`` (several), on the local paths. Several nodes: a TrainJob on the remote URIs,
+    then the result copied to ``out``'s local path."""
+    if nodes <= 1 and gpus_per_node <= 1:
+        from deepmedix import stages
+
+        run = {"sft": stages.sft, "coldstart": stages.coldstart_sft, "grpo": stages.grpo}[stage]
+        return run(data[0], model[0], out[0], size, overrides)
+    if nodes <= 1:
+        log(f"{stage}: one node, {gpus_per_node} GPUs under torchrun")
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        f"--nproc-per-node={gpus_per_node}", "-m", "deepmedix.cli",
+                        *stage_args(stage, data[0], model[0], out[0], size, overrides)], check=True)
+        return {"stage": stage, "nodes": 1, "gpus_per_node": gpus_per_node}
+    remote = [u for _, u in (data, model, out)]
+    if not all(u.startswith("s3://") for u in remote):
+        raise ClusterError(f"{stage}: a multi-node run needs s3:// inputs and output (pipeline_root on S3); got "
+                           f"{remote}")
+    if not image:
+        raise ClusterError(f"{stage}: a multi-node run needs the training image (--image)")
+    name = f"deepmedix-{stage}-{uuid.uuid4().hex[:8]}"
+    manifest = trainjob_manifest(name, namespace or current_namespace(), image,
+                                 stage_args(stage, data[1], model[1], out[1], size, overrides), nodes,
+                                 gpus_per_node, pool)
+    run_trainjob(manifest, log=log)
+    from deepmedix import store
+
+    if out[0] != out[1]:  # a KFP step: its launcher uploads the local output folder
+        shutil.copytree(store.fetch(out[1]), out[0], dirs_exist_ok=True)
+    return {"stage": stage, "nodes": nodes, "gpus_per_node": gpus_per_node, "trainjob": name}

@@ -1,0 +1,74 @@
+"""``deepmedix pipeline submit``: compile the pipeline and create a run on a KFP API server with ``kfp.Client``.
+
+The parameters file is YAML, one key per pipeline parameter (``deepmedix pipeline submit --help``; the keys are
+those of :func:`pipelines.deepmedix_pipeline.deepmedix_pipeline`). It is checked before anything is sent:
+an unknown key or a value of the wrong type is an error naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import inspect
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from deepmedix.errors import ClusterError
+from pipelines.deepmedix_pipeline import deepmedix_pipeline
+
+_TYPES = {int: (int,), float: (int, float), str: (str,), bool: (bool,), list: (list,), dict: (dict,)}
+
+
+def pipeline_parameters() -> dict[str, tuple[type, object]]:
+    """name -> (type, default) of the pipeline's parameters."""
+    sig = inspect.signature(deepmedix_pipeline.pipeline_func)
+    return {n: (p.annotation, p.default) for n, p in sig.parameters.items()}
+
+
+def check_params(params: dict, where: str = "parameters") -> dict:
+    known = pipeline_parameters()
+    if not isinstance(params, dict):
+        raise ValueError(f"{where}: expected a mapping of pipeline parameters, got {type(params).__name__}")
+    for key, value in params.items():
+        if key not in known:
+            raise ValueError(f"{where}: {key!r} is not a pipeline parameter (known: {', '.join(sorted(known))})")
+        kind = known[key][0]
+        ok = _TYPES.get(kind, (object,))
+        if isinstance(value, bool) and kind is not bool or not isinstance(value, ok):
+            raise ValueError(f"{where}: {key}: expected {kind.__name__}, got {type(value).__name__} ({value!r})")
+    return params
+
+
+def load_params(path: str) -> dict:
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the parameters file ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML ({exc})") from None
+    return check_params(data, str(path))
+
+
+def submit(host: str, params: dict, experiment: str = "deepmedix", run_name: str = "", namespace: str = "",
+           token: str | None = None) -> dict:
+    """Compile, then ``kfp.Client(host).create_run_from_pipeline_package``. Returns the run id and its URL."""
+    from kfp import Client
+
+    from pipelines.compile import compile_pipeline
+
+    check_params(params)
+    run_name = run_name or f"deepmedix-r1-{time.strftime('%Y%m%d-%H%M%S')}"
+    with tempfile.TemporaryDirectory() as tmp:
+        package = compile_pipeline(Path(tmp) / "deepmedix_pipeline.yaml")
+        try:
+            client = Client(host=host, namespace=namespace or None, existing_token=token)
+            run = client.create_run_from_pipeline_package(str(package), arguments=params, run_name=run_name,
+                                                          experiment_name=experiment,
+                                                          namespace=namespace or None)
+        except Exception as exc:  # noqa: BLE001 - connection refused, 401/403, 404 (wrong path), ...
+            raise ClusterError(f"KFP API at {host}: could not create the run ({type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    return {"run_id": run.run_id, "run_name": run_name, "experiment": experiment,
+            "url": f"{host.rstrip('/')}/#/runs/details/{run.run_id}"}

@@ -1,0 +1,210 @@
+"""The cluster objects the stages create: the multi-node TrainJob and the InferenceService of the deploy step,
+checked against their published schemas (the Kubeflow Trainer API models, the KServe SDK models) and for Pod
+Security "restricted"; the verdicts read from their status; the `deepmedix stage run` entry on one node."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from deepmedix.cli import app
+from deepmedix.cluster.deploy import Serving, inferenceservice_manifest, ready_verdict
+from deepmedix.cluster.trainjob import GpuPool, stage_args, trainjob_manifest, trainjob_verdict
+from deepmedix.errors import ClusterError
+
+REPO = Path(__file__).resolve().parents[2]
+runner = CliRunner()
+
+
+def _strip_none(x):
+    if isinstance(x, dict):
+        return {k: _strip_none(v) for k, v in x.items() if v is not None}
+    if isinstance(x, list):
+        return [_strip_none(v) for v in x]
+    return x
+
+
+def assert_trainjob_schema(obj: dict) -> None:
+    """Strict against kubeflow-trainer-api's TrainJob model: parsing and writing back gives the same object
+    (a field the schema does not know would be dropped, a wrong type refused)."""
+    from kubeflow_trainer_api.models.trainer_v1alpha1_train_job import TrainerV1alpha1TrainJob
+
+    parsed = TrainerV1alpha1TrainJob.from_dict(copy.deepcopy(obj))
+    assert _strip_none(parsed.to_dict()) == obj
+
+
+def sft_job(**kw) -> dict:
+    args = stage_args("sft", "s3://b/run/curate/data", "s3://b/run/base/model", "s3://b/run/sft/model", "7b",
+                      ["max_steps=100", "deepspeed=configs/deepspeed/zero3.json"])
+    return trainjob_manifest("deepmedix-sft-1234", "team-a", "ghcr.io/deepmedix/deepmedix-train:0.1.0", args,
+                             nodes=kw.pop("nodes", 4), gpus_per_node=kw.pop("gpus_per_node", 8), **kw)
+
+
+def test_trainjob_matches_the_published_schema_and_runs_torchrun():
+    from k8s_checks import secret_errors
+
+    job = sft_job()
+    assert_trainjob_schema(job)
+    assert secret_errors([job]) == []
+    spec = job["spec"]
+    assert spec["runtimeRef"] == {"name": "torch-distributed", "kind": "ClusterTrainingRuntime",
+                                  "apiGroup": "trainer.kubeflow.org"}
+    t = spec["trainer"]
+    assert t["numNodes"] == 4 and t["numProcPerNode"] == 8
+    assert t["command"][:3] == ["torchrun", "-m", "deepmedix.cli"]
+    assert t["command"][3:] == ["train", "sft", "--data", "s3://b/run/curate/data", "--model", "s3://b/run/base/model",
+                                "--out", "s3://b/run/sft/model", "--config", "7b", "--set", "max_steps=100", "--set",
+                                "deepspeed=configs/deepspeed/zero3.json"]
+    assert t["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "8"
+    creds = {e["name"]: e for e in t["env"] if e["name"].startswith("AWS_") and "KEY" in e["name"]}
+    assert set(creds) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert all(e["valueFrom"]["secretKeyRef"]["name"] == "deepmedix-s3" and "value" not in e for e in creds.values())
+    (patch,) = spec["runtimePatches"]
+    (rj,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    pod = rj["template"]["spec"]["template"]["spec"]
+    assert rj["name"] == "node" and pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert pod["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "32Gi"}}]
+    assert pod["containers"][0]["volumeMounts"] == [{"name": "dshm", "mountPath": "/dev/shm"}]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["containers"][0]["securityContext"] == {"allowPrivilegeEscalation": False,
+                                                       "capabilities": {"drop": ["ALL"]}}
+
+
+def test_trainjob_pool_is_configurable_and_bad_stage_is_refused():
+    pool = GpuPool(node_selector={"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"},
+                   tolerations=[{"key": "gpu", "operator": "Equal", "value": "h100", "effect": "NoSchedule"}],
+                   shm_size="64Gi")
+    job = sft_job(nodes=2, gpus_per_node=4, pool=pool, service_account="pipeline-runner")
+    assert_trainjob_schema(job)
+    pod = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0][
+        "template"]["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == pool.node_selector and pod["serviceAccountName"] == "pipeline-runner"
+    with pytest.raises(ValueError, match="stage: 'rlhf'"):
+        stage_args("rlhf", "d", "m", "o", "tiny", [])
+    bad = copy.deepcopy(job)
+    bad["spec"]["trainer"]["numNodes"] = "two"
+    with pytest.raises(Exception):
+        assert_trainjob_schema(bad)
+    unknown = copy.deepcopy(job)
+    unknown["spec"]["trainer"]["gpus"] = 8
+    with pytest.raises(AssertionError):
+        assert_trainjob_schema(unknown)
+
+
+@pytest.mark.parametrize("status, verdict", [
+    ({}, (False, None)),
+    ({"conditions": [{"type": "Created", "status": "True"}]}, (False, None)),
+    ({"conditions": [{"type": "Complete", "status": "True", "reason": "JobsCompleted"}]}, (True, None)),
+    ({"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+                      "message": "node-1 exited with 137"}]},
+     (True, "BackoffLimitExceeded: node-1 exited with 137")),
+])
+def test_trainjob_verdict(status, verdict):
+    assert trainjob_verdict({"status": status}) == verdict
+
+
+def test_multi_node_needs_s3_and_a_cluster(tmp_path):
+    from deepmedix.cluster.trainjob import run_training
+
+    local = (str(tmp_path / "d"), str(tmp_path / "d"))
+    with pytest.raises(ClusterError, match="needs s3:// inputs and output"):
+        run_training("sft", local, local, local, "tiny", [], nodes=2, gpus_per_node=1, image="x")
+    s3 = ("s3://b/d", "s3://b/d")
+    with pytest.raises(ClusterError, match="needs the training image"):
+        run_training("sft", s3, s3, s3, "tiny", [], nodes=2)
+
+
+def test_stage_run_on_one_node_trains(small_data, base_model_dir, tmp_path):
+    """`deepmedix stage run sft` (what the Argo steps call) on one node: the real SFT, in this process."""
+    out = tmp_path / "sft"
+    r = subprocess.run([sys.executable, "-m", "deepmedix.cli", "stage", "run", "sft", "--nodes", "1",
+                        "--gpus-per-node", "1", "--", "--data", str(small_data), "--model", str(base_model_dir),
+                        "--out", str(out), "-c", "tiny", "--set", "max_steps=1", "--set", "eval_records=2",
+                        "--set", "per_device_train_batch_size=2", "--set", "max_records=4"],
+                       capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "config.json").exists() and any(out.glob("*.safetensors"))
+    bad = runner.invoke(app, ["stage", "run", "sft", "--", "--data", "x", "--model", "y"])
+    assert bad.exit_code == 2 and "missing --out" in bad.output
+    bad = runner.invoke(app, ["stage", "run", "sft", "--", "--data", "x", "--bogus", "y"])
+    assert bad.exit_code == 2 and "unexpected '--bogus'" in bad.output
+
+
+# ---------------------------------------------------------------- the deploy step's InferenceService
+
+def test_inferenceservice_of_the_deploy_step(tmp_path):
+    from k8s_checks import assert_restricted, isvc_schema_errors, kserve_admission_errors, pods, secret_errors
+
+    isvc = inferenceservice_manifest("deepmedix-r1", "team-a", "s3://deepmedix/runs/r1/grpo/model")
+    gpu_isvc = inferenceservice_manifest("x", "ns", "s3://b/m", Serving(deployment_mode="Standard", gpus=1))
+    for obj in (isvc, gpu_isvc):
+        assert isvc_schema_errors(obj) == [] and kserve_admission_errors(obj) == []
+        for name, pod in pods(obj).items():
+            assert_restricted(pod, name)
+        assert secret_errors([obj]) == []
+    pred = isvc["spec"]["predictor"]
+    (c,) = pred["containers"]
+    assert c["env"][0] == {"name": "STORAGE_URI", "value": "s3://deepmedix/runs/r1/grpo/model"}
+    assert pred["serviceAccountName"] == "deepmedix-serving" and pred["scaleMetric"] == "concurrency"
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Knative"
+    gpu = inferenceservice_manifest("x", "ns", "s3://b/m", Serving(deployment_mode="Standard", gpus=1,
+                                                                 node_selector={"pool": "gpu"},
+                                                                 tolerations=[{"key": "gpu", "operator": "Exists"}]))
+    gp = gpu["spec"]["predictor"]
+    assert gp["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1" and "scaleMetric" not in gp
+    assert gp["nodeSelector"] == {"pool": "gpu"} and gp["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
+    with pytest.raises(ClusterError, match="not a URI"):
+        inferenceservice_manifest("x", "ns", "/local/folder")
+    with pytest.raises(ClusterError, match="deployment_mode"):
+        inferenceservice_manifest("x", "ns", "s3://b/m", Serving(deployment_mode="Serverless2"))
+
+
+def test_deploy_manifest_matches_the_kustomize_base():
+    """The deploy step's object and manifests/base describe the same container (args, probes, security, mounts)."""
+    from k8s_tools import kubectl
+
+    rendered = subprocess.run([str(kubectl()), "kustomize", str(REPO / "manifests" / "base")], capture_output=True,
+                              text=True, check=True).stdout
+    base = next(d for d in yaml.safe_load_all(rendered) if d and d["kind"] == "InferenceService")
+    ours = inferenceservice_manifest(base["metadata"]["name"], "ns",
+                                     base["spec"]["predictor"]["containers"][0]["env"][0]["value"])
+    b, o = base["spec"]["predictor"]["containers"][0], ours["spec"]["predictor"]["containers"][0]
+    for key in ("name", "image", "command", "ports", "volumeMounts"):
+        assert o[key] == b[key], key
+    for key in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert o[key]["httpGet"] == b[key]["httpGet"], key
+    assert o["securityContext"]["capabilities"] == b["securityContext"]["capabilities"]
+    assert o["securityContext"]["readOnlyRootFilesystem"] is b["securityContext"]["readOnlyRootFilesystem"] is True
+    flags = lambda args: {a for a in args if a.startswith("--")}  # noqa: E731
+    assert flags(o["args"]) <= flags(b["args"])
+    assert o["args"][:8] == b["args"][:8]  # --model /mnt/models --name N --host 0.0.0.0 --port 8080
+    assert {v["name"] for v in ours["spec"]["predictor"]["volumes"]} == \
+        {v["name"] for v in base["spec"]["predictor"]["volumes"]}
+
+
+@pytest.mark.parametrize("obj, verdict", [
+    ({"status": {}}, (False, None)),
+    ({"metadata": {"generation": 2}, "status": {"observedGeneration": 2, "conditions": [
+        {"type": "Ready", "status": "True"}]}}, (True, None)),
+    ({"metadata": {"generation": 3}, "status": {"observedGeneration": 2, "conditions": [
+        {"type": "Ready", "status": "True"}]}}, (False, None)),  # the old revision is ready, not the new one
+    ({"status": {"modelStatus": {"lastFailureInfo": {"reason": "ModelLoadFailed", "message": "no config.json"}}}},
+     (True, "ModelLoadFailed: no config.json")),
+])
+def test_ready_verdict(obj, verdict):
+    assert ready_verdict(obj) == verdict
+
+
+def test_deploy_without_a_cluster_fails_clearly(monkeypatch, tmp_path):
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "none"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    r = runner.invoke(app, ["deploy", "--model", "s3://b/m", "--namespace", "ns"])
+    assert r.exit_code == 2 and "no Kubernetes API" in r.output

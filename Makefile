@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/demo
 
-.PHONY: install demo test compile bench bench-curate bench-metrics bench-serve bench-sft-gpu bench-grpo-gpu clean
+.PHONY: install demo test compile bench bench-curate bench-metrics bench-serve bench-sft-gpu bench-grpo-gpu images clean
 
 install: $(STAMP)
 
@@ -30,8 +30,10 @@ APT := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 test: $(STAMP) /usr/bin/chromium /usr/bin/chromedriver /usr/bin/java /usr/bin/javac
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
+# The KFP IR and the same DAG as an Argo WorkflowTemplate (both checked in; tests fail when they are stale).
 compile: $(STAMP)
 	$(BIN)/python -m pipelines.compile --out pipelines/deepmedix_pipeline.yaml
+	$(BIN)/python -m pipelines.argo --out pipelines/deepmedix_workflowtemplate.yaml
 
 # Benchmarks print ratios against a baseline timed in the same run (BENCH_ARGS: e.g. --large 2000).
 bench: bench-curate bench-metrics bench-serve
@@ -56,6 +58,15 @@ bench-sft-gpu: $(STAMP)
 # update seconds. Not part of `make bench`.
 bench-grpo-gpu: $(STAMP)
 	$(BIN)/python bench/grpo_gpu_bench.py $(BENCH_ARGS)
+
+# Container images (images/*.Dockerfile): data (CPU), train (CUDA), serving, tagged $(REGISTRY)/deepmedix-<image>:$(VERSION)
+# and built with the first engine that works of docker, podman and buildah (exit 2 when none); PUSH=1 pushes them.
+REGISTRY ?= ghcr.io/deepmedix
+VERSION ?= $(shell sed -n 's/^version *= *"\(.*\)"/\1/p' pyproject.toml)
+PUSH ?= 0
+
+images:
+	REGISTRY='$(REGISTRY)' VERSION='$(VERSION)' PUSH='$(PUSH)' bash images/build.sh
 
 clean:
 	rm -rf runs .pytest_cache

@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/demo
+REGISTRY ?= ghcr.io/deepmedix
+VERSION ?= $(shell sed -n 's/^version *= *"\(.*\)"/\1/p' pyproject.toml)
 
 .PHONY: install demo test compile bench bench-curate bench-metrics bench-serve bench-sft-gpu bench-grpo-gpu images clean
 
@@ -31,9 +33,12 @@ test: $(STAMP) /usr/bin/chromium /usr/bin/chromedriver /usr/bin/java /usr/bin/ja
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 # The KFP IR and the same DAG as an Argo WorkflowTemplate (both checked in; tests fail when they are stale).
+# The steps' images come from REGISTRY and VERSION (the same variables as `make images`).
 compile: $(STAMP)
-	$(BIN)/python -m pipelines.compile --out pipelines/deepmedix_pipeline.yaml
-	$(BIN)/python -m pipelines.argo --out pipelines/deepmedix_workflowtemplate.yaml
+	DEEPMEDIX_REGISTRY='$(REGISTRY)' DEEPMEDIX_VERSION='$(VERSION)' \
+	  $(BIN)/python -m pipelines.compile --out pipelines/deepmedix_pipeline.yaml
+	DEEPMEDIX_REGISTRY='$(REGISTRY)' DEEPMEDIX_VERSION='$(VERSION)' \
+	  $(BIN)/python -m pipelines.argo --out pipelines/deepmedix_workflowtemplate.yaml
 
 # Benchmarks print ratios against a baseline timed in the same run (BENCH_ARGS: e.g. --large 2000).
 bench: bench-curate bench-metrics bench-serve
@@ -61,8 +66,6 @@ bench-grpo-gpu: $(STAMP)
 
 # Container images (images/*.Dockerfile): data (CPU), train (CUDA), serving, tagged $(REGISTRY)/deepmedix-<image>:$(VERSION)
 # and built with the first engine that works of docker, podman and buildah (exit 2 when none); PUSH=1 pushes them.
-REGISTRY ?= ghcr.io/deepmedix
-VERSION ?= $(shell sed -n 's/^version *= *"\(.*\)"/\1/p' pyproject.toml)
 PUSH ?= 0
 
 images:

@@ -8,6 +8,7 @@ and ``DEEPMEDIX_VERSION`` pick them at compile time.
 
 
 import os
+from typing import NamedTuple
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
@@ -17,6 +18,19 @@ VERSION = os.environ.get("DEEPMEDIX_VERSION", "0.1.0")
 DATA_IMAGE = f"{REGISTRY}/deepmedix-data:{VERSION}"
 TRAIN_IMAGE = f"{REGISTRY}/deepmedix-train:{VERSION}"
 SERVING_IMAGE = f"{REGISTRY}/deepmedix-serving:{VERSION}"
+
+
+@dsl.component(base_image=DATA_IMAGE, install_kfp_package=False)
+def step_gpus(sft_nodes: int, sft_gpus_per_node: int, coldstart_nodes: int, coldstart_gpus_per_node: int,
+              grpo_nodes: int, grpo_gpus_per_node: int) -> NamedTuple("StepGpus", sft=int, coldstart=int, grpo=int):
+    """GPUs each training step's own pod requests: its GPUs per node when it trains in the pod, none when it only
+    launches a multi-node TrainJob (holding a GPU node while waiting could starve the TrainJob)."""
+    from collections import namedtuple
+
+    own = lambda nodes, gpus: 0 if nodes > 1 else gpus  # noqa: E731
+    return namedtuple("StepGpus", "sft coldstart grpo")(own(sft_nodes, sft_gpus_per_node),
+                                                          own(coldstart_nodes, coldstart_gpus_per_node),
+                                                          own(grpo_nodes, grpo_gpus_per_node))
 
 
 @dsl.component(base_image=DATA_IMAGE, install_kfp_package=False)
@@ -35,12 +49,14 @@ def base_model(data: Input[Dataset], size: str, model_uri: str, model: Output[Mo
 
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
 def sft(data: Input[Dataset], base: Input[Model], size: str, overrides: list, nodes: int, gpus_per_node: int,
-        image: str, model: Output[Model], metrics: Output[Metrics]):
+        image: str, gpu_node_selector: dict, gpu_tolerations: list, s3_secret: str, model: Output[Model],
+        metrics: Output[Metrics]):
     from deepmedix import stages
-    from deepmedix.cluster.trainjob import run_training
+    from deepmedix.cluster.trainjob import GpuPool, run_training
 
+    pool = GpuPool(node_selector=gpu_node_selector, tolerations=gpu_tolerations)
     stages.log_kfp(metrics, run_training("sft", (data.path, data.uri), (base.path, base.uri), (model.path, model.uri),
-                                         size, overrides, nodes, gpus_per_node, image))
+                                         size, overrides, nodes, gpus_per_node, image, pool=pool, s3_secret=s3_secret))
 
 
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
@@ -53,22 +69,27 @@ def coldstart_synth(data: Input[Dataset], size: str, overrides: list, traces: Ou
 
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
 def coldstart_sft(traces: Input[Dataset], base: Input[Model], size: str, overrides: list, nodes: int,
-                  gpus_per_node: int, image: str, model: Output[Model], metrics: Output[Metrics]):
+                  gpus_per_node: int, image: str, gpu_node_selector: dict, gpu_tolerations: list, s3_secret: str,
+                  model: Output[Model], metrics: Output[Metrics]):
     from deepmedix import stages
-    from deepmedix.cluster.trainjob import run_training
+    from deepmedix.cluster.trainjob import GpuPool, run_training
 
+    pool = GpuPool(node_selector=gpu_node_selector, tolerations=gpu_tolerations)
     stages.log_kfp(metrics, run_training("coldstart", (traces.path, traces.uri), (base.path, base.uri),
-                                         (model.path, model.uri), size, overrides, nodes, gpus_per_node, image))
+                                         (model.path, model.uri), size, overrides, nodes, gpus_per_node, image,
+                                         pool=pool, s3_secret=s3_secret))
 
 
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
 def grpo(data: Input[Dataset], base: Input[Model], size: str, overrides: list, nodes: int, gpus_per_node: int,
-         image: str, model: Output[Model], metrics: Output[Metrics]):
+         image: str, gpu_node_selector: dict, gpu_tolerations: list, s3_secret: str, model: Output[Model],
+         metrics: Output[Metrics]):
     from deepmedix import stages
-    from deepmedix.cluster.trainjob import run_training
+    from deepmedix.cluster.trainjob import GpuPool, run_training
 
+    pool = GpuPool(node_selector=gpu_node_selector, tolerations=gpu_tolerations)
     stages.log_kfp(metrics, run_training("grpo", (data.path, data.uri), (base.path, base.uri), (model.path, model.uri),
-                                         size, overrides, nodes, gpus_per_node, image))
+                                         size, overrides, nodes, gpus_per_node, image, pool=pool, s3_secret=s3_secret))
 
 
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
@@ -102,11 +123,13 @@ def arena(coldstart: Input[Dataset], final: Input[Dataset], size: str, overrides
 
 
 @dsl.component(base_image=DATA_IMAGE, install_kfp_package=False)
-def deploy(model: Input[Model], name: str, namespace: str, serving_image: str, gpus: int, gpu_node_selector: dict,
-           gpu_tolerations: list, metrics: Output[Metrics]):
-    """Create or patch the InferenceService serving ``model`` from its s3:// URI; wait until it is Ready."""
+def deploy(model: Input[Model], name: str, namespace: str, mode: str, serving_image: str, gpus: int,
+           gpu_node_selector: dict, gpu_tolerations: list, metrics: Output[Metrics]):
+    """Create or patch the InferenceService serving ``model`` from its s3:// URI; wait until the new model is
+    Ready."""
     from deepmedix.cluster.deploy import Serving, deploy_model
 
     pool = {"node_selector": gpu_node_selector, "tolerations": gpu_tolerations} if gpus else {}
-    out = deploy_model(model.uri, name, namespace, Serving(image=serving_image, gpus=gpus, **pool))
+    out = deploy_model(model.uri, name, namespace, Serving(image=serving_image, gpus=gpus, deployment_mode=mode,
+                                                           **pool))
     metrics.metadata.update({k: str(v) for k, v in out.items()})

@@ -309,6 +309,8 @@ def pipeline_submit(host: str = typer.Option(..., help="the KFP API, e.g. http:/
                     experiment: str = typer.Option("deepmedix", help="the KFP experiment"),
                     run_name: str = typer.Option("", help="default: deepmedix-r1-<time>"),
                     namespace: str = typer.Option("", help="the KFP namespace (multi-user Kubeflow)"),
+                    pipeline_root: str = typer.Option("", help="s3://... for this run (default: the namespace's "
+                                                               "kfp-launcher defaultPipelineRoot)"),
                     token_env: str = typer.Option("KF_PIPELINES_TOKEN",
                                                   help="the NAME of an env var holding a bearer token, if needed")):
     """Compile the pipeline and create a run through kfp.Client; prints the run id and its URL."""
@@ -318,7 +320,7 @@ def pipeline_submit(host: str = typer.Option(..., help="the KFP API, e.g. http:/
 
     with cli_errors():
         show(submit(host, load_params(params) if params else {}, experiment, run_name, namespace,
-                    os.environ.get(token_env) or None))
+                    os.environ.get(token_env) or None, pipeline_root))
 
 
 @pipeline_app.command("run-local")
@@ -338,7 +340,10 @@ def stage_run(ctx: typer.Context, stage: str = typer.Argument(..., help="sft, co
               nodes: int = typer.Option(1, help="nodes; more than 1: a Kubeflow Trainer TrainJob"),
               gpus_per_node: int = typer.Option(1, help="GPUs per node (torchrun processes)"),
               image: str = typer.Option("", help="the training image (for a TrainJob)"),
-              namespace: str = typer.Option("", help="the TrainJob's namespace (default: this pod's)")):
+              namespace: str = typer.Option("", help="the TrainJob's namespace (default: this pod's)"),
+              node_selector: str = typer.Option("", help='GPU pool node selector, JSON: {"label": "value"}'),
+              tolerations: str = typer.Option("", help='GPU pool tolerations, JSON: [{"key": ..., ...}]'),
+              s3_secret: str = typer.Option("deepmedix-s3", help="the Secret with the S3 credentials")):
     """A training stage on one or more nodes; after `--` the stage's own options (--data/--traces, --model,
     --out, -c, --set). The Argo WorkflowTemplate's training steps run this."""
     from deepmedix.cluster.trainjob import STAGES, run_training
@@ -348,7 +353,26 @@ def stage_run(ctx: typer.Context, stage: str = typer.Argument(..., help="sft, co
             raise ValueError(f"stage: {stage!r} is not one of {sorted(STAGES)}")
         opts = _stage_options(list(ctx.args), STAGES[stage][1])
         show(run_training(stage, (opts["data"],) * 2, (opts["model"],) * 2, (opts["out"],) * 2, opts["config"],
-                          opts["set"], nodes, gpus_per_node, image, namespace))
+                          opts["set"], nodes, gpus_per_node, image, namespace,
+                          pool=_gpu_pool(node_selector, tolerations), s3_secret=s3_secret))
+
+
+def _gpu_pool(node_selector: str, tolerations: str):
+    """A GpuPool from JSON options (empty: the defaults); a bad value is a clear error naming the option."""
+    from deepmedix.cluster.trainjob import GpuPool
+
+    pool = GpuPool()
+    for flag, text, kind, attr in (("--node-selector", node_selector, dict, "node_selector"),
+                                   ("--tolerations", tolerations, list, "tolerations")):
+        if text:
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{flag}: not valid JSON ({exc})") from None
+            if not isinstance(value, kind):
+                raise ValueError(f"{flag}: expected a JSON {kind.__name__}")
+            setattr(pool, attr, value)
+    return pool
 
 
 def _stage_options(args: list[str], data_opt: str) -> dict:
@@ -371,18 +395,23 @@ def _stage_options(args: list[str], data_opt: str) -> dict:
 
 @app.command("deploy")
 def deploy_cmd(model: str = typer.Option(..., help="the model folder's s3:// URI"),
-               name: str = typer.Option("deepmedix-r1", help="the InferenceService's name"),
+               name: str = typer.Option("deepmedix-r1-pipeline", help="the InferenceService's name (the Helm "
+                                                                       "chart owns deepmedix-r1)"),
                namespace: str = typer.Option("", help="default: this pod's namespace"),
                image: str = typer.Option("", help="the serving image (default: the release's)"),
                gpus: int = typer.Option(0, help="GPUs per replica (0: CPU)"),
                mode: str = typer.Option("Knative", help="KServe deployment mode: Knative or Standard"),
+               node_selector: str = typer.Option("", help="with --gpus: the GPU pool's node selector, JSON"),
+               tolerations: str = typer.Option("", help="with --gpus: the GPU pool's tolerations, JSON"),
                timeout: float = typer.Option(1800, help="seconds to wait for Ready")):
-    """Create or patch the InferenceService for a model folder on S3 and wait until it is Ready."""
+    """Create or patch the InferenceService for a model folder on S3 and wait until the new model is Ready."""
     from deepmedix.cluster.deploy import SERVING_IMAGE, Serving, deploy_model
 
     with cli_errors():
+        pool = _gpu_pool(node_selector, tolerations) if gpus else None
+        placement = {"node_selector": pool.node_selector, "tolerations": pool.tolerations} if pool else {}
         show(deploy_model(model, name, namespace, Serving(image=image or SERVING_IMAGE, gpus=gpus,
-                                                          deployment_mode=mode), timeout_s=timeout))
+                                                          deployment_mode=mode, **placement), timeout_s=timeout))
 
 
 @app.command("demo")

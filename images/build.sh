@@ -90,9 +90,9 @@ for image in $IMAGES; do
   tag="$REGISTRY/deepmedix-$image:$VERSION"
   echo "images/build.sh: $engine: building $tag from images/$image.Dockerfile"
   if [[ "$engine" == buildah ]]; then
-    buildah bud --file "$dockerfile" --tag "$tag" --build-arg "VERSION=$VERSION" "${extra[@]}" "$root"
+    buildah bud --file "$dockerfile" --tag "$tag" --build-arg "VERSION=$VERSION" ${extra[@]+"${extra[@]}"} "$root"
   else
-    "$engine" build --file "$dockerfile" --tag "$tag" --build-arg "VERSION=$VERSION" "${extra[@]}" "$root"
+    "$engine" build --file "$dockerfile" --tag "$tag" --build-arg "VERSION=$VERSION" ${extra[@]+"${extra[@]}"} "$root"
   fi
   if [[ "$PUSH" == 1 ]]; then
     echo "images/build.sh: $engine: pushing $tag"

@@ -75,6 +75,14 @@ def wf(name: str) -> str:
     return "{{workflow.parameters.%s}}" % name
 
 
+# The GPU pool as JSON for `deepmedix stage run` / `deepmedix deploy` (a TrainJob's or InferenceService's pods go to
+# the same pool as the workflow's own GPU steps).
+POOL_SELECTOR_JSON = '{"' + "{{workflow.parameters.gpu_node_selector_key}}" + '": "' + \
+    "{{workflow.parameters.gpu_node_selector_value}}" + '"}'
+POOL_TOLERATIONS_JSON = '[{"key": "' + "{{workflow.parameters.gpu_toleration_key}}" + \
+    '", "operator": "Exists", "effect": "NoSchedule"}]'
+
+
 def inp(name: str) -> str:
     return "{{inputs.parameters.%s}}" % name
 
@@ -85,7 +93,9 @@ def artifact(stage: str, name: str) -> str:
 
 def parameters() -> dict[str, tuple[str, str]]:
     """The workflow parameters: name -> (default, description)."""
-    tag = project_version()
+    # the same images as the KFP components (DEEPMEDIX_REGISTRY / DEEPMEDIX_VERSION at render time; `make compile`)
+    registry = os.environ.get("DEEPMEDIX_REGISTRY", "ghcr.io/deepmedix")
+    tag = os.environ.get("DEEPMEDIX_VERSION") or project_version()
     gpu_stage = {"sft": "stage 1 SFT", "coldstart": "stage 2 cold-start SFT", "grpo": "stage 3 GRPO"}
     out = {
         "size": ("tiny", "config size of every stage: configs/<stage>/<size>.yaml (tiny, 7b)"),
@@ -107,9 +117,9 @@ def parameters() -> dict[str, tuple[str, str]]:
         "gpu_node_selector_key": ("nvidia.com/gpu.present", "node label that selects the GPU pool"),
         "gpu_node_selector_value": ("true", "its value"),
         "gpu_toleration_key": (GPU, "taint key of the GPU pool (tolerated with operator Exists, NoSchedule)"),
-        "data_image": (f"ghcr.io/deepmedix/deepmedix-data:{tag}", "CPU image (images/data.Dockerfile)"),
-        "train_image": (f"ghcr.io/deepmedix/deepmedix-train:{tag}", "CUDA image (images/train.Dockerfile)"),
-        "serving_image": (f"ghcr.io/deepmedix/deepmedix-serving:{tag}",
+        "data_image": (f"{registry}/deepmedix-data:{tag}", "CPU image (images/data.Dockerfile)"),
+        "train_image": (f"{registry}/deepmedix-train:{tag}", "CUDA image (images/train.Dockerfile)"),
+        "serving_image": (f"{registry}/deepmedix-serving:{tag}",
                           "the predictor image the deploy step puts in the InferenceService"),
         "s3_endpoint": ("minio-service.kubeflow:9000", "S3 endpoint, host:port or URL (S3_ENDPOINT)"),
         "s3_use_https": ("0", "1: HTTPS to the S3 endpoint (S3_USE_HTTPS)"),
@@ -117,10 +127,10 @@ def parameters() -> dict[str, tuple[str, str]]:
         "llm_base_url": ("", "OpenAI-compatible endpoint of an API teacher / the judges (OPENAI_BASE_URL)"),
         "run_arena": ("false", "true: run the Report Arena on both evaluations (needs judges: arena_overrides)"),
         "deploy": ("false", "true: deploy the GRPO model with KServe after its evaluation"),
-        "deploy_name": ("deepmedix-r1", "InferenceService name"),
+        "deploy_name": ("deepmedix-r1-pipeline", "InferenceService name (the Helm chart owns deepmedix-r1)"),
         "deploy_namespace": ("", "namespace of the InferenceService (empty: the workflow's)"),
         "serving_gpus": ("0", "GPUs per serving replica (0: CPU)"),
-        "serving_mode": ("Knative", "KServe deployment mode: Knative (scale to zero) or Standard"),
+        "deploy_mode": ("Knative", "KServe deployment mode: Knative (scale to zero) or Standard"),
     })
     return out
 
@@ -150,7 +160,8 @@ def _train_gpus(stage: str) -> str:
 
 def _train_argv(stage: str, io: list[str]) -> list[str]:
     return ["stage", "run", stage, "--nodes", wf(f"{stage}_nodes"), "--gpus-per-node", wf(f"{stage}_gpus_per_node"),
-            "--image", wf("train_image"), "--", *io, "-c", wf("size")]
+            "--image", wf("train_image"), "--node-selector", POOL_SELECTOR_JSON, "--tolerations", POOL_TOLERATIONS_JSON,
+            "--", *io, "-c", wf("size")]
 
 
 def stages() -> list[Stage]:
@@ -187,7 +198,8 @@ def stages() -> list[Stage]:
               description="Report Arena: LLM judges compare the two models' answers"),
         Stage("deploy", ["deploy", "--model", inp("model"), "--name", wf("deploy_name"),
                          "--namespace", wf("deploy_namespace"), "--image", wf("serving_image"),
-                         "--gpus", wf("serving_gpus"), "--mode", wf("serving_mode")],
+                         "--gpus", wf("serving_gpus"), "--mode", wf("deploy_mode"),
+                         "--node-selector", POOL_SELECTOR_JSON, "--tolerations", POOL_TOLERATIONS_JSON],
               ("model",), cpu="250m", memory="512Mi",
               description="create or update the InferenceService serving the model; wait until Ready"),
     ]

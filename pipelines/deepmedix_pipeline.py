@@ -9,9 +9,13 @@ Only the wiring lives here; every step is a component of ``components.stages``. 
 * Every step gets the S3 credentials from the Secret named by ``s3_secret`` as environment (by name only), and
   the non-secret endpoint settings (``S3_ENDPOINT``, ``S3_USE_HTTPS``, ``AWS_REGION``) from the ConfigMap named
   by ``s3_env_configmap`` (the Helm chart's ``<release>-s3-env``) when it exists.
-* Caching is off for training and evaluation steps. Artifacts go under ``pipeline_root`` on S3 (the cluster's
-  ``kfp-launcher`` ConfigMap may set another).
-* A training stage with ``*_nodes`` > 1 runs as a Kubeflow Trainer TrainJob (``deepmedix.cluster.trainjob``).
+* Caching is off for training and evaluation steps. Artifacts go under the pipeline root on S3: the namespace's
+  ``kfp-launcher`` ConfigMap sets it (the Helm chart writes ``s3://<bucket>/pipeline-root``), and
+  ``deepmedix pipeline submit --pipeline-root`` overrides it per run. The pipeline itself sets none, so that the
+  ConfigMap's bucket is the one used.
+* A training stage with ``*_nodes`` > 1 runs as a Kubeflow Trainer TrainJob (``deepmedix.cluster.trainjob``) with
+  the same GPU pool and S3 Secret; its own step then requests no GPU (``step-gpus`` works that out), so it does not
+  hold a GPU node while the TrainJob waits for nodes.
 """
 
 
@@ -19,7 +23,7 @@ from kfp import dsl, kubernetes
 
 from components import stages as c
 
-PIPELINE_ROOT = "s3://deepmedix/pipeline-root"
+PIPELINE_ROOT = "s3://deepmedix/pipeline-root"  # the Helm chart's kfp-launcher default; `pipeline submit` may override
 STAGE_TASKS = ("curate", "base-model", "sft", "coldstart-synth", "coldstart-sft", "evaluate-coldstart", "grpo",
                "evaluate")
 OPTIONAL_TASKS = ("arena", "deploy")
@@ -39,8 +43,7 @@ def _gpu(task, gpus, node_selector, tolerations, shm: str = "32Gi"):
     return task
 
 
-@dsl.pipeline(name="deepmedix-r1", description="DeepMedix-R1: curation, SFT, grounded cold start, GRPO, evaluation",
-              pipeline_root=PIPELINE_ROOT)
+@dsl.pipeline(name="deepmedix-r1", description="DeepMedix-R1: curation, SFT, grounded cold start, GRPO, evaluation")
 def deepmedix_pipeline(
     size: str = "tiny",
     base_model_uri: str = "",
@@ -65,8 +68,9 @@ def deepmedix_pipeline(
     s3_env_configmap: str = "deepmedix-s3-env",
     run_arena: bool = False,
     deploy: bool = False,
-    deploy_name: str = "deepmedix-r1",
+    deploy_name: str = "deepmedix-r1-pipeline",
     deploy_namespace: str = "",
+    deploy_mode: str = "Knative",
     serving_image: str = c.SERVING_IMAGE,
     serving_gpus: int = 0,
 ):
@@ -74,37 +78,47 @@ def deepmedix_pipeline(
     task mix in the training overrides (``task_ratios={...}``); reward weights in ``grpo_overrides``
     (``reward_weights={paper: 1, grounded: 0.5}``) — the same ``key=value`` overrides as the CLI's ``--set``."""
     pool = (gpu_node_selector, gpu_tolerations)
+    place = dict(image=train_image, gpu_node_selector=gpu_node_selector, gpu_tolerations=gpu_tolerations,
+                 s3_secret=s3_secret)
+    plan = c.step_gpus(sft_nodes=sft_nodes, sft_gpus_per_node=sft_gpus_per_node, coldstart_nodes=coldstart_nodes,
+                       coldstart_gpus_per_node=coldstart_gpus_per_node, grpo_nodes=grpo_nodes,
+                       grpo_gpus_per_node=grpo_gpus_per_node).set_display_name("step-gpus")
     cur = c.curate(size=size, overrides=curate_overrides).set_display_name("curate")
     base = c.base_model(data=cur.outputs["data"], size=size, model_uri=base_model_uri).set_display_name("base-model")
     s1 = _gpu(c.sft(data=cur.outputs["data"], base=base.outputs["model"], size=size, overrides=sft_overrides,
-                    nodes=sft_nodes, gpus_per_node=sft_gpus_per_node, image=train_image).set_display_name("sft"),
-              sft_gpus_per_node, *pool)
+                    nodes=sft_nodes, gpus_per_node=sft_gpus_per_node, **place).set_display_name("sft"),
+              plan.outputs["sft"], *pool)
     syn = _gpu(c.coldstart_synth(data=cur.outputs["data"], size=size, overrides=coldstart_overrides)
                .set_display_name("coldstart-synth"), synth_gpus, *pool)
+    kubernetes.use_secret_as_env(syn, "deepmedix-judge", {"OPENAI_API_KEY": "OPENAI_API_KEY",
+                                                          "OPENAI_BASE_URL": "OPENAI_BASE_URL"}, optional=True)
     s2 = _gpu(c.coldstart_sft(traces=syn.outputs["traces"], base=s1.outputs["model"], size=size,
                               overrides=coldstart_overrides, nodes=coldstart_nodes,
-                              gpus_per_node=coldstart_gpus_per_node, image=train_image)
-              .set_display_name("coldstart-sft"), coldstart_gpus_per_node, *pool)
+                              gpus_per_node=coldstart_gpus_per_node, **place)
+              .set_display_name("coldstart-sft"), plan.outputs["coldstart"], *pool)
     ev2 = _gpu(c.evaluate_coldstart(data=cur.outputs["data"], model=s2.outputs["model"], size=size,
                                     overrides=eval_overrides).set_display_name("evaluate-coldstart"), eval_gpus, *pool)
     s3 = _gpu(c.grpo(data=cur.outputs["data"], base=s2.outputs["model"], size=size, overrides=grpo_overrides,
-                     nodes=grpo_nodes, gpus_per_node=grpo_gpus_per_node, image=train_image).set_display_name("grpo"),
-              grpo_gpus_per_node, *pool)
+                     nodes=grpo_nodes, gpus_per_node=grpo_gpus_per_node, **place).set_display_name("grpo"),
+              plan.outputs["grpo"], *pool)
     ev = _gpu(c.evaluate(data=cur.outputs["data"], model=s3.outputs["model"], size=size,
                          overrides=eval_overrides).set_display_name("evaluate"), eval_gpus, *pool)
+    for task in (s1, s2, s3):  # the compiler does not count a channel used only in a resource limit as a dependency
+        task.after(plan)
     tasks = [cur, base, s1, syn, s2, ev2, s3, ev]
     with dsl.If(run_arena == True):  # noqa: E712 - a pipeline condition, not Python truthiness
         ar = c.arena(coldstart=ev2.outputs["results"], final=ev.outputs["results"], size=size,
                      overrides=arena_overrides).set_display_name("arena")
-        kubernetes.use_secret_as_env(ar, "deepmedix-judge", {"OPENAI_API_KEY": "OPENAI_API_KEY"}, optional=True)
+        kubernetes.use_secret_as_env(ar, "deepmedix-judge", {"OPENAI_API_KEY": "OPENAI_API_KEY",
+                                                             "OPENAI_BASE_URL": "OPENAI_BASE_URL"}, optional=True)
         tasks.append(ar)
     with dsl.If(deploy == True):  # noqa: E712
-        dep = c.deploy(model=s3.outputs["model"], name=deploy_name, namespace=deploy_namespace,
+        dep = c.deploy(model=s3.outputs["model"], name=deploy_name, namespace=deploy_namespace, mode=deploy_mode,
                        serving_image=serving_image, gpus=serving_gpus, gpu_node_selector=gpu_node_selector,
                        gpu_tolerations=gpu_tolerations).set_display_name("deploy")
         dep.after(ev)
         tasks.append(dep)
-    for task in tasks:
+    for task in tasks:  # (step-gpus reads nothing)
         kubernetes.use_secret_as_env(task, s3_secret, {k: k for k in S3_SECRET_KEYS})
         kubernetes.use_config_map_as_env(task, s3_env_configmap, {k: k for k in S3_SETTINGS_KEYS}, optional=True)
     for task in (s1, syn, s2, ev2, s3, ev):

@@ -52,13 +52,15 @@ def load_params(path: str) -> dict:
 
 
 def submit(host: str, params: dict, experiment: str = "deepmedix", run_name: str = "", namespace: str = "",
-           token: str | None = None) -> dict:
+           token: str | None = None, pipeline_root: str = "") -> dict:
     """Compile, then ``kfp.Client(host).create_run_from_pipeline_package``. Returns the run id and its URL."""
     from kfp import Client
 
     from pipelines.compile import compile_pipeline
 
     check_params(params)
+    if pipeline_root and not pipeline_root.startswith(("s3://", "minio://", "gs://")):
+        raise ValueError(f"--pipeline-root: {pipeline_root!r} is not an object-store URI (s3://bucket/prefix)")
     run_name = run_name or f"deepmedix-r1-{time.strftime('%Y%m%d-%H%M%S')}"
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(Path(tmp) / "deepmedix_pipeline.yaml")
@@ -66,9 +68,19 @@ def submit(host: str, params: dict, experiment: str = "deepmedix", run_name: str
             client = Client(host=host, namespace=namespace or None, existing_token=token)
             run = client.create_run_from_pipeline_package(str(package), arguments=params, run_name=run_name,
                                                           experiment_name=experiment,
-                                                          namespace=namespace or None)
+                                                          namespace=namespace or None,
+                                                          pipeline_root=pipeline_root or None)
         except Exception as exc:  # noqa: BLE001 - connection refused, 401/403, 404 (wrong path), ...
-            raise ClusterError(f"KFP API at {host}: could not create the run ({type(exc).__name__}: "
-                               f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+            raise ClusterError(f"KFP API at {host}: could not create the run ({_reason(exc)})") from None
     return {"run_id": run.run_id, "run_name": run_name, "experiment": experiment,
             "url": f"{host.rstrip('/')}/#/runs/details/{run.run_id}"}
+
+
+def _reason(exc: Exception) -> str:
+    """One line: the HTTP status, reason and the body's first line for an API error; else the exception."""
+    if getattr(exc, "status", None):
+        body = (getattr(exc, "body", "") or "")
+        body = body.decode(errors="replace") if isinstance(body, bytes) else str(body)
+        return f"HTTP {exc.status} {getattr(exc, 'reason', '')}: {body.strip().splitlines()[0] if body.strip() else ''}"
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"

@@ -32,6 +32,9 @@ class Serving:
     node_selector: dict = field(default_factory=dict)
     tolerations: list = field(default_factory=list)
     max_batch_size: int = 8
+    max_wait_ms: int = 20
+    max_queue: int = 64
+    request_timeout_s: int = 120
     max_new_tokens: int = 512
     cpu: str = "4"
     memory: str = "16Gi"
@@ -54,10 +57,15 @@ def inferenceservice_manifest(name: str, namespace: str, storage_uri: str, s: Se
         "image": s.image,
         "command": ["python", "-m", "serving.server"],
         "args": ["--model", "/mnt/models", "--name", name, "--host", "0.0.0.0", "--port", "8080",
-                 "--max-batch-size", str(s.max_batch_size), "--max-new-tokens", str(s.max_new_tokens)],
+                 "--max-batch-size", str(s.max_batch_size), "--max-wait-ms", str(s.max_wait_ms), "--max-queue",
+                 str(s.max_queue), "--request-timeout-s", str(s.request_timeout_s), "--max-new-tokens",
+                 str(s.max_new_tokens)],
         "env": [{"name": "STORAGE_URI", "value": storage_uri},
                 {"name": "HF_HOME", "value": "/var/cache/deepmedix/huggingface"},
-                {"name": "HF_HUB_OFFLINE", "value": "1"}],
+                {"name": "XDG_CACHE_HOME", "value": "/var/cache/deepmedix"},
+                {"name": "HF_HUB_OFFLINE", "value": "1"},
+                {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
+                {"name": "OMP_NUM_THREADS", "value": s.cpu}],
         "ports": [{"name": "http1", "containerPort": 8080, "protocol": "TCP"}],
         "resources": resources,
         "startupProbe": probe("/", failureThreshold=60),
@@ -88,52 +96,81 @@ def inferenceservice_manifest(name: str, namespace: str, storage_uri: str, s: Se
     }
 
 
-def ready_verdict(obj: dict) -> tuple[bool, str | None]:
-    """(done, failure) from an InferenceService's status: Ready=True for the current spec (its observedGeneration
-    has caught up, so a patched service is not taken for ready on its old revision), or a failure KServe reports."""
+def ready_verdict(obj: dict, previous_revision: str | None = None, previous_failure: dict | None = None
+                  ) -> tuple[bool, str | None]:
+    """(done, failure) from an InferenceService's status. Done: ``Ready`` is True and, in Knative mode, the
+    latest created revision is the ready one and it is not ``previous_revision`` (the one serving before a patch:
+    KServe keeps the old revision Ready while the new one starts). Failed: a ``lastFailureInfo`` that was not
+    there before the patch."""
     status = obj.get("status") or {}
-    generation = (obj.get("metadata") or {}).get("generation")
-    current = generation is None or status.get("observedGeneration", generation) >= generation
-    ready = condition(obj, "Ready")
-    if current and ready and ready.get("status") == "True":
-        return True, None
     failure = (status.get("modelStatus") or {}).get("lastFailureInfo")
-    if failure and failure.get("reason"):
+    if failure and failure.get("reason") and failure != previous_failure:
         return True, f"{failure.get('reason')}: {failure.get('message') or ''}".strip()
-    return False, None
+    ready = condition(obj, "Ready")
+    if not (ready and ready.get("status") == "True"):
+        return False, None
+    pred = (status.get("components") or {}).get("predictor") or {}
+    created, latest = pred.get("latestCreatedRevision"), pred.get("latestReadyRevision")
+    if created or latest:  # Knative: revisions
+        return (created == latest and latest != previous_revision), None
+    return True, None
+
+
+def rollout_verdict(dep) -> tuple[bool, str | None]:
+    """Standard mode: the predictor's Deployment has rolled out its current spec."""
+    st, want = dep.status, dep.spec.replicas or 0
+    current = (st.observed_generation or 0) >= (dep.metadata.generation or 0)
+    return (current and (st.updated_replicas or 0) >= want and (st.available_replicas or 0) >= want
+            and not (st.unavailable_replicas or 0)), None
 
 
 def deploy(manifest: dict, timeout_s: float = 1800, poll_s: float = 10.0,
            log: Callable[[str], None] = print) -> dict:
-    """Create the InferenceService, or patch it when it exists (a new model rolls out); wait until Ready.
-    Returns ``{"name", "namespace", "url", "storage_uri"}``."""
-    k = api()
-    ns, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
+    """Create the InferenceService, or patch it when it exists (a new model rolls out); wait until the NEW model
+    is Ready. Returns ``{"name", "namespace", "url", "storage_uri"}``."""
+    from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
+    k = api()
+    ns, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
+    mode = manifest["metadata"]["annotations"]["serving.kserve.io/deploymentMode"]
     try:
-        k.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
-        exists = True
+        live = k.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
     except ApiException as exc:
         if exc.status != 404:
             raise ClusterError(f"InferenceService {ns}/{name}: {exc.status} {exc.reason}") from None
-        exists = False
+        live = None
+    previous_revision = previous_failure = None
+    if live is not None:
+        live_mode = ((live.get("metadata") or {}).get("annotations") or {}).get("serving.kserve.io/deploymentMode")
+        if live_mode and live_mode not in (mode, {"Knative": "Serverless", "Standard": "RawDeployment"}[mode]):
+            raise ClusterError(f"InferenceService {ns}/{name} runs in {live_mode} mode and KServe does not change a "
+                               f"service's mode: deploy with mode {live_mode}, or under another name")
+        status = live.get("status") or {}
+        previous_revision = ((status.get("components") or {}).get("predictor") or {}).get("latestReadyRevision")
+        previous_failure = (status.get("modelStatus") or {}).get("lastFailureInfo")
     try:
-        if exists:
+        if live is not None:
             k.custom.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, manifest)
-            log(f"InferenceService {ns}/{name} patched")
+            log(f"InferenceService {ns}/{name} patched (was serving revision {previous_revision or '?'})")
         else:
             k.custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, manifest)
             log(f"InferenceService {ns}/{name} created")
     except ApiException as exc:
         raise ClusterError(f"InferenceService {ns}/{name}: {exc.status} {exc.reason}: {exc.body}") from None
-    obj = wait_for(lambda: k.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name), ready_verdict,
+    obj = wait_for(lambda: k.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name),
+                   lambda o: ready_verdict(o, previous_revision, previous_failure),
                    f"InferenceService {ns}/{name}", timeout_s, poll_s, log)
+    if mode == "Standard" and live is not None:
+        apps = client.AppsV1Api()
+        wait_for(lambda: apps.read_namespaced_deployment(f"{name}-predictor", ns), rollout_verdict,
+                 f"Deployment {ns}/{name}-predictor", timeout_s, poll_s, log)
     uri = manifest["spec"]["predictor"]["containers"][0]["env"][0]["value"]
     return {"name": name, "namespace": ns, "url": (obj.get("status") or {}).get("url"), "storage_uri": uri}
 
 
-def deploy_model(storage_uri: str, name: str = "deepmedix-r1", namespace: str = "", serving: Serving | None = None,
-                 timeout_s: float = 1800, log: Callable[[str], None] = print) -> dict:
+def deploy_model(storage_uri: str, name: str = "deepmedix-r1-pipeline", namespace: str = "",
+                 serving: Serving | None = None, timeout_s: float = 1800,
+                 log: Callable[[str], None] = print) -> dict:
     return deploy(inferenceservice_manifest(name, namespace or current_namespace(), storage_uri, serving),
                   timeout_s=timeout_s, log=log)

@@ -57,17 +57,31 @@ def s3_env(secret: str = S3_SECRET) -> list[dict]:
     return env
 
 
+class Failed(ClusterError):
+    """The object reached a final, failed state (its controller said so)."""
+
+
 def wait_for(get: Callable[[], dict], verdict: Callable[[dict], tuple[bool, str | None]], what: str,
              timeout_s: float, poll_s: float = 10.0, log: Callable[[str], None] = print) -> dict:
     """Poll ``get()`` until ``verdict(obj)`` says done: ``(True, None)`` succeeded, ``(True, reason)`` failed
     (ClusterError with the reason). Timeout: ClusterError."""
     deadline = time.monotonic() + timeout_s
     last = None
+    errors = 0
     while True:
-        obj = get()
+        try:
+            obj = get()
+            errors = 0
+        except Exception as exc:  # noqa: BLE001 - a transient API error (500, reset) must not end a days-long wait
+            errors += 1
+            if errors > 10 or time.monotonic() > deadline:
+                raise ClusterError(f"{what}: the API keeps failing ({type(exc).__name__}: {exc})") from None
+            log(f"{what}: API error ({type(exc).__name__}), retrying")
+            time.sleep(min(poll_s, 30))
+            continue
         done, failure = verdict(obj)
         if done and failure:
-            raise ClusterError(f"{what} failed: {failure}")
+            raise Failed(f"{what} failed: {failure}")
         if done:
             return obj
         state = describe(obj)

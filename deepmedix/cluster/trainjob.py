@@ -10,7 +10,9 @@ streams the logs of its first node and fails with the TrainJob's own reason when
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -18,7 +20,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
-from deepmedix.cluster.k8s import S3_SECRET, ClusterError, api, condition, current_namespace, s3_env, wait_for
+from deepmedix.cluster.k8s import (S3_SECRET, ClusterError, Failed, api, condition, current_namespace, s3_env,
+                                  wait_for)
 
 GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
 RUNTIME = "torch-distributed"
@@ -51,10 +54,20 @@ def stage_args(stage: str, data: str, model: str, out: str, size: str, overrides
     return args
 
 
+def owner_reference() -> list[dict]:
+    """The pipeline step's pod as the TrainJob's owner (KFP puts its name and UID in the step's environment):
+    when the run is cancelled and the pod deleted, Kubernetes deletes the TrainJob and frees its GPUs."""
+    name, uid = os.environ.get("KFP_POD_NAME"), os.environ.get("KFP_POD_UID")
+    if not (name and uid):
+        return []
+    return [{"apiVersion": "v1", "kind": "Pod", "name": name, "uid": uid, "blockOwnerDeletion": False}]
+
+
 def trainjob_manifest(name: str, namespace: str, image: str, args: list[str], nodes: int, gpus_per_node: int,
                       pool: GpuPool | None = None, s3_secret: str = S3_SECRET, runtime: str = RUNTIME,
-                      service_account: str | None = None) -> dict:
-    """A TrainJob running ``torchrun -m deepmedix.cli ARGS`` on ``nodes`` nodes of ``gpus_per_node`` GPUs."""
+                      service_account: str | None = None, owners: list[dict] | None = None) -> dict:
+    """A TrainJob running ``torchrun -m deepmedix.cli ARGS`` on ``nodes`` nodes of ``gpus_per_node`` GPUs. Needs
+    Kubeflow Trainer >= 2.3 (``spec.runtimePatches`` carries the pool, ``/dev/shm`` and the security context)."""
     pool = pool or GpuPool()
     gpus = str(gpus_per_node)
     pod_spec = {
@@ -68,11 +81,14 @@ def trainjob_manifest(name: str, namespace: str, image: str, args: list[str], no
     }
     if service_account:
         pod_spec["serviceAccountName"] = service_account
+    metadata = {"name": name, "namespace": namespace,
+                "labels": {"app.kubernetes.io/part-of": "deepmedix", "app.kubernetes.io/component": "training"}}
+    if owners:
+        metadata["ownerReferences"] = owners
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "TrainJob",
-        "metadata": {"name": name, "namespace": namespace,
-                     "labels": {"app.kubernetes.io/part-of": "deepmedix", "app.kubernetes.io/component": "training"}},
+        "metadata": metadata,
         "spec": {
             "runtimeRef": {"name": runtime, "kind": "ClusterTrainingRuntime", "apiGroup": GROUP},
             "trainer": {
@@ -86,7 +102,11 @@ def trainjob_manifest(name: str, namespace: str, image: str, args: list[str], no
                 "env": s3_env(s3_secret) + [{"name": "TOKENIZERS_PARALLELISM", "value": "false"}],
             },
             "runtimePatches": [{"manager": "deepmedix.io/pipeline", "trainingRuntimeSpec": {"template": {"spec": {
-                "replicatedJobs": [{"name": NODE, "template": {"spec": {"template": {"spec": pod_spec}}}}]}}}}],
+                "replicatedJobs": [{"name": NODE, "template": {"spec": {"template": {
+                    # no service-mesh sidecar (Kubeflow profile namespaces inject Istio): NCCL goes node to node
+                    # and a Job's pod must be able to finish
+                    "metadata": {"annotations": {"sidecar.istio.io/inject": "false"}},
+                    "spec": pod_spec}}}}]}}}}],
         },
     }
 
@@ -103,53 +123,99 @@ def trainjob_verdict(obj: dict) -> tuple[bool, str | None]:
 
 
 def _stream_logs(core, namespace: str, name: str, stop: threading.Event, log: Callable[[str], None]) -> None:
-    """Follow the first node's pod log (JobSet labels) until it ends or ``stop`` is set."""
+    """Follow the first node's pod log (JobSet labels; the newest such pod after a restart), line by line, until
+    ``stop`` is set."""
     selector = f"jobset.sigs.k8s.io/jobset-name={name},batch.kubernetes.io/job-completion-index=0"
+    followed = set()
     while not stop.is_set():
-        pods = core.list_namespaced_pod(namespace, label_selector=selector).items
-        running = [p for p in pods if p.status.phase in ("Running", "Succeeded", "Failed")]
-        if not running:
+        try:
+            pods = core.list_namespaced_pod(namespace, label_selector=selector).items
+        except Exception:  # noqa: BLE001 - logs are a courtesy; the verdict comes from the TrainJob
+            stop.wait(10)
+            continue
+        started = [p for p in pods if p.status.phase in ("Running", "Succeeded", "Failed")
+                   and p.metadata.uid not in followed]
+        if not started:
             stop.wait(5)
             continue
-        pod = running[0].metadata.name
+        pod = max(started, key=lambda p: p.metadata.creation_timestamp)
+        followed.add(pod.metadata.uid)
+        name_ = pod.metadata.name
         try:
-            resp = core.read_namespaced_pod_log(pod, namespace, container=NODE, follow=True, _preload_content=False)
-            for line in resp.stream():
-                log(f"[{pod}] {line.decode(errors='replace').rstrip()}")
+            resp = core.read_namespaced_pod_log(name_, namespace, container=NODE, follow=True,
+                                                _preload_content=False)
+            tail = b""
+            for chunk in resp.stream():
+                *lines, tail = (tail + chunk).split(b"\n")
+                for line in lines:
+                    log(f"[{name_}] {line.decode(errors='replace').rstrip()}")
                 if stop.is_set():
                     break
-        except Exception as exc:  # noqa: BLE001 - logs are a courtesy; the verdict comes from the TrainJob
-            log(f"[{pod}] log stream ended: {exc}")
-        return
+            if tail:
+                log(f"[{name_}] {tail.decode(errors='replace').rstrip()}")
+        except Exception as exc:  # noqa: BLE001
+            log(f"[{name_}] log stream ended: {exc}")
+
+
+def _exit_on_signal(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def run_trainjob(manifest: dict, timeout_s: float = 7 * 24 * 3600, poll_s: float = 15.0,
                  log: Callable[[str], None] = print) -> dict:
     """Create the TrainJob, stream its logs, wait for ``Complete`` (returned) or ``Failed`` (ClusterError with
-    the TrainJob's reason and message)."""
+    the TrainJob's reason and message). On any other way out (timeout, a signal, an error) the TrainJob is
+    deleted, so that no GPU stays held by a job nobody waits for."""
     k = api()
     ns, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
     try:
-        k.custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, manifest)
+        created = k.custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, manifest)
     except Exception as exc:  # noqa: BLE001 - ApiException carries the API server's reason
         raise ClusterError(f"TrainJob {ns}/{name}: could not be created: {getattr(exc, 'reason', '')} "
                            f"{getattr(exc, 'body', exc)}") from None
-    log(f"TrainJob {ns}/{name} created: {manifest['spec']['trainer']['numNodes']} nodes x "
-        f"{manifest['spec']['trainer']['numProcPerNode']} GPUs")
     stop = threading.Event()
+    done = False
+
+    def delete(*_):
+        try:
+            k.custom.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+            log(f"TrainJob {ns}/{name} deleted")
+        except Exception as exc:  # noqa: BLE001
+            log(f"TrainJob {ns}/{name}: could not delete it ({exc}); delete it by hand")
+
+    try:  # a cancelled run's step gets SIGTERM: leave through the finally below
+        previous = signal.signal(signal.SIGTERM, _exit_on_signal)
+    except ValueError:  # not the main thread
+        previous = None
     streamer = threading.Thread(target=_stream_logs, args=(k.core, ns, name, stop, log), daemon=True)
-    streamer.start()
     try:
-        return wait_for(lambda: k.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name),
-                        trainjob_verdict, f"TrainJob {ns}/{name}", timeout_s, poll_s, log)
+        if "runtimePatches" not in (created or {}).get("spec", {}):
+            raise ClusterError(f"TrainJob {ns}/{name}: the cluster's Trainer dropped spec.runtimePatches (GPU pool, "
+                               "/dev/shm, security context); Kubeflow Trainer >= 2.3 is needed")
+        log(f"TrainJob {ns}/{name} created: {manifest['spec']['trainer']['numNodes']} nodes x "
+            f"{manifest['spec']['trainer']['numProcPerNode']} GPUs")
+        streamer.start()
+        obj = wait_for(lambda: k.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name),
+                       trainjob_verdict, f"TrainJob {ns}/{name}", timeout_s, poll_s, log)
+        done = True
+        return obj
+    except Failed:
+        done = True  # the TrainJob ended by itself: keep it for its logs and events
+        raise
     finally:
         stop.set()
-        streamer.join(10)
+        if streamer.is_alive():
+            streamer.join(10)
+        if not done:
+            delete()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def run_training(stage: str, data: tuple[str, str], model: tuple[str, str], out: tuple[str, str], size: str,
                  overrides: list[str], nodes: int = 1, gpus_per_node: int = 1, image: str = "",
-                 namespace: str = "", pool: GpuPool | None = None, log: Callable[[str], None] = print) -> dict:
+                 namespace: str = "", pool: GpuPool | None = None, s3_secret: str = S3_SECRET,
+                 log: Callable[[str], None] = print) -> dict:
     """One training stage. ``data``, ``model`` and ``out`` are ``(local path, remote URI)`` pairs (a KFP
     artifact's ``path`` and ``uri``). One node: in this process (one GPU; the stage's result with its metrics is
     returned) or under ``torchrun`` (several), on the local paths. Several nodes: a TrainJob on the remote URIs,
@@ -171,10 +237,13 @@ def run_training(stage: str, data: tuple[str, str], model: tuple[str, str], out:
                            f"{remote}")
     if not image:
         raise ClusterError(f"{stage}: a multi-node run needs the training image (--image)")
+    if not os.environ.get("S3_ENDPOINT"):
+        raise ClusterError(f"{stage}: S3_ENDPOINT is not set in this step, so the TrainJob's nodes could not reach "
+                           "the store (the ConfigMap deepmedix-s3-env provides it)")
     name = f"deepmedix-{stage}-{uuid.uuid4().hex[:8]}"
     manifest = trainjob_manifest(name, namespace or current_namespace(), image,
                                  stage_args(stage, data[1], model[1], out[1], size, overrides), nodes,
-                                 gpus_per_node, pool)
+                                 gpus_per_node, pool, s3_secret=s3_secret, owners=owner_reference())
     run_trainjob(manifest, log=log)
     from deepmedix import store
 

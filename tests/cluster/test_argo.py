@@ -139,6 +139,9 @@ def kfp_dag(tmp_path_factory) -> dict[str, set[str]]:
 def test_same_stages_and_dependencies_as_the_kfp_pipeline(wt, kfp_dag):
     from pipelines.deepmedix_pipeline import STAGE_TASKS
 
+    # KFP's step-gpus task only works out the training steps' own GPU requests; Argo does that in podSpecPatch
+    kfp_dag = {n: d - {"step-gpus"} for n, d in kfp_dag.items() if n != "step-gpus"}
+
     assert set(STAGE_TASKS) <= set(kfp_dag), f"STAGE_TASKS {STAGE_TASKS} vs. the compiled DAG {sorted(kfp_dag)}"
     tasks = dag_tasks(wt)
     assert set(tasks) == set(kfp_dag) | set(argo.EXTRA_TASKS), \

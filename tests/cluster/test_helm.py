@@ -263,17 +263,22 @@ def test_pinned_images():
 
 # ================================================================================================= RBAC
 
-def _rules(secret: str) -> list[dict]:
-    return [
-        {"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"],
-         "verbs": ["get", "list", "watch", "create", "patch", "update"]},
-        {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"],
-         "verbs": ["get", "list", "watch", "create", "delete"]},
-        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+def _rules(secret: str, argo: bool = False) -> list[dict]:
+    """Exactly what deepmedix.cluster uses (deploy: get/create/patch the InferenceService, read its Deployment;
+    trainjob: get/create/delete the TrainJob, list its pods, read their logs) plus what KFP's driver and launcher
+    read; with pipelineRunner.argo, the Argo executor's task results."""
+    rules = [
+        {"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"], "verbs": ["get", "create", "patch"]},
+        {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get"]},
+        {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"], "verbs": ["get", "create", "delete"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
         {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
         {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["kfp-launcher"], "verbs": ["get"]},
         {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [secret], "verbs": ["get"]},
     ]
+    if argo:
+        rules.append({"apiGroups": ["argoproj.io"], "resources": ["workflowtaskresults"], "verbs": ["create", "patch"]})
+    return rules
 
 
 @pytest.mark.parametrize("scenario", NAMES)
@@ -284,7 +289,7 @@ def test_pipeline_runner_rbac_is_least_privilege(scenario):
     roles, bindings = objects(docs, "Role"), objects(docs, "RoleBinding")
     assert list(roles) == list(bindings) == ["deepmedix-pipeline-runner"]
     rules = roles["deepmedix-pipeline-runner"]["rules"]
-    assert rules == _rules(s3_secret_name(v))
+    assert rules == _rules(s3_secret_name(v), bool(v.get("pipelineRunner", {}).get("argo")))
     for rule in rules:
         for field in ("apiGroups", "resources", "verbs", "resourceNames"):
             assert "*" not in rule.get(field, []), rule

@@ -177,30 +177,82 @@ def test_deploy_manifest_matches_the_kustomize_base():
     ours = inferenceservice_manifest(base["metadata"]["name"], "ns",
                                      base["spec"]["predictor"]["containers"][0]["env"][0]["value"])
     b, o = base["spec"]["predictor"]["containers"][0], ours["spec"]["predictor"]["containers"][0]
-    for key in ("name", "image", "command", "ports", "volumeMounts"):
+    for key in ("name", "image", "command", "ports", "volumeMounts", "env", "args"):
         assert o[key] == b[key], key
     for key in ("readinessProbe", "livenessProbe", "startupProbe"):
         assert o[key]["httpGet"] == b[key]["httpGet"], key
     assert o["securityContext"]["capabilities"] == b["securityContext"]["capabilities"]
     assert o["securityContext"]["readOnlyRootFilesystem"] is b["securityContext"]["readOnlyRootFilesystem"] is True
-    flags = lambda args: {a for a in args if a.startswith("--")}  # noqa: E731
-    assert flags(o["args"]) <= flags(b["args"])
-    assert o["args"][:8] == b["args"][:8]  # --model /mnt/models --name N --host 0.0.0.0 --port 8080
     assert {v["name"] for v in ours["spec"]["predictor"]["volumes"]} == \
         {v["name"] for v in base["spec"]["predictor"]["volumes"]}
 
 
-@pytest.mark.parametrize("obj, verdict", [
-    ({"status": {}}, (False, None)),
-    ({"metadata": {"generation": 2}, "status": {"observedGeneration": 2, "conditions": [
-        {"type": "Ready", "status": "True"}]}}, (True, None)),
-    ({"metadata": {"generation": 3}, "status": {"observedGeneration": 2, "conditions": [
-        {"type": "Ready", "status": "True"}]}}, (False, None)),  # the old revision is ready, not the new one
+KN = {"conditions": [{"type": "Ready", "status": "True"}]}
+
+
+@pytest.mark.parametrize("obj, before, verdict", [
+    ({"status": {}}, (None, None), (False, None)),
+    ({"status": {**KN, "components": {"predictor": {"latestCreatedRevision": "p-00001",
+                                                    "latestReadyRevision": "p-00001"}}}}, (None, None), (True, None)),
+    # after a patch: the old revision still serves and is Ready; the new one is created but not ready
+    ({"status": {**KN, "components": {"predictor": {"latestCreatedRevision": "p-00002",
+                                                    "latestReadyRevision": "p-00001"}}}}, ("p-00001", None),
+     (False, None)),
+    # nothing new created yet: the old revision is not taken for the new model
+    ({"status": {**KN, "components": {"predictor": {"latestCreatedRevision": "p-00001",
+                                                    "latestReadyRevision": "p-00001"}}}}, ("p-00001", None),
+     (False, None)),
+    ({"status": {**KN, "components": {"predictor": {"latestCreatedRevision": "p-00002",
+                                                    "latestReadyRevision": "p-00002"}}}}, ("p-00001", None),
+     (True, None)),
+    ({"status": KN}, (None, None), (True, None)),  # Standard mode: no revisions (the Deployment is checked after)
     ({"status": {"modelStatus": {"lastFailureInfo": {"reason": "ModelLoadFailed", "message": "no config.json"}}}},
-     (True, "ModelLoadFailed: no config.json")),
+     (None, None), (True, "ModelLoadFailed: no config.json")),
+    # a failure left from before the patch does not fail the new deploy
+    ({"status": {"modelStatus": {"lastFailureInfo": {"reason": "ModelLoadFailed", "message": "x"}}}},
+     (None, {"reason": "ModelLoadFailed", "message": "x"}), (False, None)),
 ])
-def test_ready_verdict(obj, verdict):
-    assert ready_verdict(obj) == verdict
+def test_ready_verdict(obj, before, verdict):
+    assert ready_verdict(obj, *before) == verdict
+
+
+def test_trainjob_is_owned_by_the_step_pod_and_has_no_mesh_sidecar(monkeypatch):
+    from deepmedix.cluster.trainjob import owner_reference
+
+    monkeypatch.delenv("KFP_POD_NAME", raising=False)
+    assert owner_reference() == []
+    monkeypatch.setenv("KFP_POD_NAME", "deepmedix-r1-abcde-sft-driver")
+    monkeypatch.setenv("KFP_POD_UID", "0c8c7a2e-0000-4000-8000-000000000001")
+    job = sft_job(owners=owner_reference())
+    assert_trainjob_schema(job)
+    assert job["metadata"]["ownerReferences"] == [{"apiVersion": "v1", "kind": "Pod",
+                                                   "name": "deepmedix-r1-abcde-sft-driver",
+                                                   "uid": "0c8c7a2e-0000-4000-8000-000000000001",
+                                                   "blockOwnerDeletion": False}]
+    tmpl = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0][
+        "template"]["spec"]["template"]
+    assert tmpl["metadata"]["annotations"] == {"sidecar.istio.io/inject": "false"}
+
+
+def test_multi_node_checks_the_store_endpoint_before_asking_for_gpus(monkeypatch):
+    from deepmedix.cluster.trainjob import run_training
+
+    monkeypatch.delenv("S3_ENDPOINT", raising=False)
+    s3 = ("s3://b/d", "s3://b/d")
+    with pytest.raises(ClusterError, match="S3_ENDPOINT is not set"):
+        run_training("sft", s3, s3, s3, "tiny", [], nodes=2, image="img")
+
+
+def test_cli_pool_options():
+    from deepmedix.cli import _gpu_pool
+
+    pool = _gpu_pool('{"pool": "h100"}', '[{"key": "gpu", "operator": "Exists"}]')
+    assert pool.node_selector == {"pool": "h100"} and pool.tolerations == [{"key": "gpu", "operator": "Exists"}]
+    assert _gpu_pool("", "").node_selector == {"nvidia.com/gpu.present": "true"}
+    with pytest.raises(ValueError, match="--node-selector: not valid JSON"):
+        _gpu_pool("{pool", "")
+    with pytest.raises(ValueError, match="--tolerations: expected a JSON list"):
+        _gpu_pool("", "{}")
 
 
 def test_deploy_without_a_cluster_fails_clearly(monkeypatch, tmp_path):

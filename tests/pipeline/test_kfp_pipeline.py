@@ -31,16 +31,19 @@ def test_compiles_and_names_every_stage(tmp_path):
     tasks = ir["root"]["dag"]["tasks"]
     assert set(STAGE_TASKS) <= {t["taskInfo"]["name"] for t in tasks.values()}
     execs = ir["deploymentSpec"]["executors"]
-    assert len(execs) == len(STAGE_TASKS) + len(OPTIONAL_TASKS)
-    for ex in execs.values():
+    assert len(execs) == len(STAGE_TASKS) + len(OPTIONAL_TASKS) + 1  # + step-gpus
+    for label, ex in execs.items():
         assert ex["container"]["image"].startswith("ghcr.io/deepmedix/deepmedix-")
         assert "pip install" not in " ".join(ex["container"]["command"])  # install_kfp_package=False
-        assert "from deepmedix" in " ".join(ex["container"]["command"])  # the body calls the library
+        if label != "exec-step-gpus":  # every stage's body calls the library
+            assert "from deepmedix" in " ".join(ex["container"]["command"]), label
     assert tasks["grpo"]["cachingOptions"] == {} and tasks["sft"]["cachingOptions"] == {}
     assert set(ir["root"]["inputDefinitions"]["parameters"]) >= {
         "size", "base_model_uri", "sft_overrides", "curate_overrides", "grpo_overrides", "sft_nodes",
         "sft_gpus_per_node", "grpo_nodes", "grpo_gpus_per_node", "gpu_node_selector", "gpu_tolerations"}
-    assert ir["defaultPipelineRoot"] == PIPELINE_ROOT and PIPELINE_ROOT.startswith("s3://")
+    # the pipeline root comes from the namespace's kfp-launcher ConfigMap (the chart: s3://) or `submit
+    # --pipeline-root`; a root compiled in would outrank the ConfigMap
+    assert "defaultPipelineRoot" not in ir and PIPELINE_ROOT.startswith("s3://")
 
 
 def test_gpu_steps_carry_gpus_pool_and_shared_memory_and_cpu_steps_none(tmp_path):
@@ -54,8 +57,8 @@ def test_gpu_steps_carry_gpus_pool_and_shared_memory_and_cpu_steps_none(tmp_path
         k8s = kube[label]
         if task in GPU_TASKS:
             acc = container["resources"]["accelerator"]
-            assert acc["resourceType"] == "nvidia.com/gpu" and "gpus" in acc["resourceCount"] or \
-                "eval_gpus" in acc["resourceCount"] or "synth_gpus" in acc["resourceCount"], (task, acc)
+            assert acc["resourceType"] == "nvidia.com/gpu", (task, acc)
+            assert any(p in acc["resourceCount"] for p in ("step-gpus-", "eval_gpus", "synth_gpus")), (task, acc)
             assert k8s["nodeSelector"] == {"nodeSelectorJson": {"componentInputParameter": "gpu_node_selector"}}
             assert k8s["tolerations"] == [{"tolerationJson": {"componentInputParameter": "gpu_tolerations"}}]
             assert k8s["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "32Gi",
@@ -65,16 +68,26 @@ def test_gpu_steps_carry_gpus_pool_and_shared_memory_and_cpu_steps_none(tmp_path
             assert "resources" not in container, task
             assert not {"nodeSelector", "tolerations", "emptyDirMounts"} & set(k8s), task
             assert "deepmedix-data" in container["image"], task
-    for task in TRAINING_TASKS:  # the GPU count per node is the stage's own parameter
+    for task in TRAINING_TASKS:  # a training step's own GPUs: its GPUs per node, or none when it runs a TrainJob
         label = _executor(ir, task)
         stage = task.split("-")[0]
         count = ir["deploymentSpec"]["executors"][label]["container"]["resources"]["accelerator"]["resourceCount"]
-        assert f"{stage}_gpus_per_node" in count
+        assert count == f"{{{{$.inputs.parameters['pipelinechannel--step-gpus-{stage}']}}}}", count
+        assert ir["root"]["dag"]["tasks"][task]["inputs"]["parameters"][f"pipelinechannel--step-gpus-{stage}"] == {
+            "taskOutputParameter": {"outputParameterKey": stage, "producerTask": "step-gpus"}}
+        assert kube[label]["nodeSelector"] and kube[label]["tolerations"]  # the pool, also for the TrainJob
+    from components.stages import step_gpus
+
+    own = step_gpus.python_func
+    assert tuple(own(1, 8, 2, 8, 4, 4)) == (8, 0, 0) and tuple(own(1, 1, 1, 2, 1, 1)) == (1, 2, 1)
 
 
 def test_secrets_by_name_only_and_training_uncached(tmp_path):
     ir, kube = _compiled(tmp_path)
     for label, k8s in kube.items():
+        if label == "exec-step-gpus":
+            assert not k8s.get("secretAsEnv"), "step-gpus reads nothing"
+            continue
         refs = k8s["secretAsEnv"]
         assert {e["envVar"] for r in refs for e in r["keyToEnv"]} >= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
         for r in refs:

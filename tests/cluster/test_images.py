@@ -481,8 +481,10 @@ def test_make_images_calls_build_sh(tmp_path):
     make = shutil.which("make")
     if make is None:
         pytest.skip("no make")
-    proc = subprocess.run([make, "-n", "images"], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                          env={k: v for k, v in os.environ.items() if k not in ("REGISTRY", "VERSION", "PUSH")})
+    # not the enclosing `make test`'s flags (they add "Entering/Leaving directory" lines)
+    outer = ("REGISTRY", "VERSION", "PUSH", "MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")
+    proc = subprocess.run([make, "--no-print-directory", "-n", "images"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, env={k: v for k, v in os.environ.items() if k not in outer})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"REGISTRY='ghcr.io/deepmedix' VERSION='{VERSION}' PUSH='0' bash images/build.sh"
     # the real target with no engine on PATH (only bash and sed): build.sh's status 2 fails make
@@ -490,6 +492,7 @@ def test_make_images_calls_build_sh(tmp_path):
     bin_dir.mkdir()
     for tool in ("bash", "sed"):
         (bin_dir / tool).symlink_to(shutil.which(tool))
-    proc = subprocess.run([make, "-s", "images"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+    proc = subprocess.run([make, "--no-print-directory", "-s", "images"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60,
                           env={"PATH": str(bin_dir), "HOME": str(tmp_path)})
     assert proc.returncode == 2 and "docker, podman or buildah" in proc.stderr, proc.stderr

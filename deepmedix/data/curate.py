@@ -485,7 +485,7 @@ def _parquet_bytes(records: list[Record]) -> bytes:
 
 # ------------------------------------------------------------------------------------------------- the run
 
-FORMAT = 2  # bump when stored bytes, hashes or markers change: a run of another format is never resumed
+FORMAT = 3  # bump when stored bytes, hashes or markers change: a run of another format is never resumed
 
 
 def _config_hash(cfg: CurateConfig) -> str:

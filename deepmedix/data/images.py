@@ -153,16 +153,18 @@ def _decode_pil_guarded(fp, name: str, max_pixels: int, max_image_pixels: int) -
 
 
 def resize(img: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """Bicubic; the last step after a DCT-domain reduction (less than 2x left) is bilinear, which is as good
-    there and cheaper (Pillow's filters widen with the scale factor, so both are antialiased)."""
+    """Bicubic; the last step after a DCT-domain reduction (less than 2x left) is a box filter (area average),
+    which is as good for a shrink that small and a third cheaper than bilinear (Pillow's filters widen with the
+    scale factor, so every filter here is antialiased)."""
     if img.size == size:
         return img
     small_step = img.width < 2 * size[0] and img.height < 2 * size[1]
-    return img.resize(size, Image.BILINEAR if small_step else Image.BICUBIC, reducing_gap=3.0)
+    return img.resize(size, Image.BOX if small_step else Image.BICUBIC, reducing_gap=3.0)
 
 
-def _chunk(tag: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", _deflate.crc32(tag + body) & 0xFFFFFFFF)
+def _chunk(tag: bytes, body: bytes) -> tuple[bytes, bytes, bytes, bytes]:
+    crc = _deflate.crc32(body, _deflate.crc32(tag)) & 0xFFFFFFFF
+    return struct.pack(">I", len(body)), tag, body, struct.pack(">I", crc)
 
 
 def encode_png(img: Image.Image, compress_level: int = 1) -> bytes:
@@ -178,7 +180,7 @@ def encode_png(img: Image.Image, compress_level: int = 1) -> bytes:
     z = _deflate.compressobj(compress_level, _deflate.DEFLATED, 15, 9, _deflate.Z_HUFFMAN_ONLY)
     idat = z.compress(rows) + z.flush()  # the array's buffer, no copy
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+    return b"".join((b"\x89PNG\r\n\x1a\n", *_chunk(b"IHDR", ihdr), *_chunk(b"IDAT", idat), *_chunk(b"IEND", b"")))
 
 
 PHASH_BITS = 256

@@ -19,4 +19,9 @@ def test_bench_curate_smoke(tmp_path):
     assert res["ours_w1"]["images"] == res["ours_w2"]["images"] == 6 and res["ours_large"]["images"] == 12
     assert res["naive_ips"] > 0 and res["ours_w1"]["ips"] > 0
     assert set(res["goals"]) == {"per_core_vs_naive", "two_vs_one_worker", "rss_large_vs_small"}
+    # paired ratios: the round's 1-worker run against the two naive runs around it, 2 workers against 1
+    assert len(res["naive_runs_ips"]) == 2
+    assert res["per_core_vs_naive_rounds"] == [res["ours_w1"]["ips"] / (sum(res["naive_runs_ips"]) / 2)]
+    assert res["two_vs_one_worker_rounds"] == [res["ours_w2"]["ips"] / res["ours_w1"]["ips"]]
+    assert res["goals"]["per_core_vs_naive"]["value"] == res["per_core_vs_naive_rounds"][0]
     assert "per_core_vs_naive" in r.stdout and (tmp_path / "curate_bench.png").stat().st_size > 1000

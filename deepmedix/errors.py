@@ -1,4 +1,9 @@
-"""Error types the CLI reports as one line (kept here, free of heavy imports, so catching them costs nothing)."""
+"""Error types the CLI reports as one line (kept here, free of heavy imports, so catching them costs nothing), and
+how a SIGTERM ends a run."""
+
+import contextlib
+import signal
+import threading
 
 
 class ModelLoadError(RuntimeError):
@@ -15,3 +20,22 @@ class CurationError(RuntimeError):
 
 class ClusterError(RuntimeError):
     """A cluster object (TrainJob, InferenceService, pipeline run) that failed, timed out or could not be made."""
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def sigterm_exits():
+    """Within the block, SIGTERM (a cancelled pipeline step, ``kill``) raises SystemExit like Ctrl-C raises
+    KeyboardInterrupt, so ``finally`` clean-ups run; the previous handler comes back after it. Signals reach only
+    the main thread: elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

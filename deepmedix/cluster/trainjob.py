@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ from typing import Callable
 
 from deepmedix.cluster.k8s import (S3_SECRET, ClusterError, Failed, api, condition, current_namespace, s3_env,
                                   wait_for)
+from deepmedix.errors import sigterm_exits
 
 GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
 RUNTIME = "torch-distributed"
@@ -157,10 +157,6 @@ def _stream_logs(core, namespace: str, name: str, stop: threading.Event, log: Ca
             log(f"[{name_}] log stream ended: {exc}")
 
 
-def _exit_on_signal(signum, frame):
-    raise SystemExit(128 + signum)
-
-
 def run_trainjob(manifest: dict, timeout_s: float = 7 * 24 * 3600, poll_s: float = 15.0,
                  log: Callable[[str], None] = print) -> dict:
     """Create the TrainJob, stream its logs, wait for ``Complete`` (returned) or ``Failed`` (ClusterError with
@@ -175,41 +171,32 @@ def run_trainjob(manifest: dict, timeout_s: float = 7 * 24 * 3600, poll_s: float
                            f"{getattr(exc, 'body', exc)}") from None
     stop = threading.Event()
     done = False
-
-    def delete(*_):
-        try:
-            k.custom.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
-            log(f"TrainJob {ns}/{name} deleted")
-        except Exception as exc:  # noqa: BLE001
-            log(f"TrainJob {ns}/{name}: could not delete it ({exc}); delete it by hand")
-
-    try:  # a cancelled run's step gets SIGTERM: leave through the finally below
-        previous = signal.signal(signal.SIGTERM, _exit_on_signal)
-    except ValueError:  # not the main thread
-        previous = None
     streamer = threading.Thread(target=_stream_logs, args=(k.core, ns, name, stop, log), daemon=True)
-    try:
-        if "runtimePatches" not in (created or {}).get("spec", {}):
-            raise ClusterError(f"TrainJob {ns}/{name}: the cluster's Trainer dropped spec.runtimePatches (GPU pool, "
-                               "/dev/shm, security context); Kubeflow Trainer >= 2.3 is needed")
-        log(f"TrainJob {ns}/{name} created: {manifest['spec']['trainer']['numNodes']} nodes x "
-            f"{manifest['spec']['trainer']['numProcPerNode']} GPUs")
-        streamer.start()
-        obj = wait_for(lambda: k.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name),
-                       trainjob_verdict, f"TrainJob {ns}/{name}", timeout_s, poll_s, log)
-        done = True
-        return obj
-    except Failed:
-        done = True  # the TrainJob ended by itself: keep it for its logs and events
-        raise
-    finally:
-        stop.set()
-        if streamer.is_alive():
-            streamer.join(10)
-        if not done:
-            delete()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+    with sigterm_exits():  # a cancelled run's step gets SIGTERM: it leaves through the finally below
+        try:
+            if "runtimePatches" not in (created or {}).get("spec", {}):
+                raise ClusterError(f"TrainJob {ns}/{name}: the cluster's Trainer dropped spec.runtimePatches (GPU "
+                                   "pool, /dev/shm, security context); Kubeflow Trainer >= 2.3 is needed")
+            log(f"TrainJob {ns}/{name} created: {manifest['spec']['trainer']['numNodes']} nodes x "
+                f"{manifest['spec']['trainer']['numProcPerNode']} GPUs")
+            streamer.start()
+            obj = wait_for(lambda: k.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name),
+                           trainjob_verdict, f"TrainJob {ns}/{name}", timeout_s, poll_s, log)
+            done = True
+            return obj
+        except Failed:
+            done = True  # the TrainJob ended by itself: keep it for its logs and events
+            raise
+        finally:
+            stop.set()
+            if streamer.is_alive():
+                streamer.join(10)
+            if not done:
+                try:
+                    k.custom.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+                    log(f"TrainJob {ns}/{name} deleted")
+                except Exception as exc:  # noqa: BLE001
+                    log(f"TrainJob {ns}/{name}: could not delete it ({exc}); delete it by hand")
 
 
 def run_training(stage: str, data: tuple[str, str], model: tuple[str, str], out: tuple[str, str], size: str,

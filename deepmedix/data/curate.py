@@ -42,7 +42,7 @@ from deepmedix.data.schema import SPLITS, Box, Record, RecordError
 from deepmedix.data.sink import Sink
 from deepmedix.data.sources import ImageRef, Item, Quarantine, Root, Source, get_source
 from deepmedix.data.workers import ImagePool
-from deepmedix.errors import CurationError
+from deepmedix.errors import CurationError, sigterm_exits
 
 Progress = Callable[[int, int], None]
 WORK = "_work"
@@ -545,19 +545,8 @@ def curate(cfg: CurateConfig, out_uri: str, progress: Progress | None = None,
     for rel in sink.list(WORK):
         if not rel.startswith(work + "/"):
             sink.delete(rel)
-    import signal
-    import threading
-
-    old_term = None
-    if threading.current_thread() is threading.main_thread():  # SIGTERM unwinds like Ctrl-C: workers are stopped
-        def _term(signum, frame):
-            raise SystemExit(128 + signum)
-        old_term = signal.signal(signal.SIGTERM, _term)
-    try:
+    with sigterm_exits():  # SIGTERM unwinds like Ctrl-C: the workers are stopped
         return _run(cfg, specs, opened, sink, chash, work, progress, log, t0)
-    finally:
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
 
 
 def _run(cfg, specs, opened, sink: Sink, chash: str, work: str, progress, log, t0: float) -> dict[str, Any]:

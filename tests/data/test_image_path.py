@@ -1,13 +1,15 @@
-"""The image path of curation: the minimal PNG writer, the fast JPEG path against a full-size reference, and the
-perceptual hash."""
+"""The image path of curation: the minimal PNG writer, the fast JPEG path against a full-size reference, the
+perceptual hash, and buffer reuse in the forked workers."""
 
 from __future__ import annotations
 
 import io
+import platform
 import struct
 import zlib
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from deepmedix.data import images as imgs
@@ -106,6 +108,7 @@ print((faults[1] - faults[0]) / 56)
 """
 
 
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the malloc settings are glibc's")
 def test_forked_workers_reuse_image_buffers(tmp_path):
     """Each image's buffers come from the heap the previous image freed, not from fresh pages: with malloc's
     defaults a forked worker took about 400 page faults an image (1600x2000 JPEGs) and a millisecond of kernel

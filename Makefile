@@ -30,7 +30,7 @@ APT := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 	$(APT) update -qq && $(APT) install -y -qq default-jdk-headless
 
 test: $(STAMP) /usr/bin/chromium /usr/bin/chromedriver /usr/bin/java /usr/bin/javac
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25 tests
 
 # The KFP IR and the same DAG as an Argo WorkflowTemplate (both checked in; tests fail when they are stale).
 # The steps' images come from REGISTRY and VERSION (the same variables as `make images`).

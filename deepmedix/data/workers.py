@@ -37,7 +37,6 @@ def _init_worker(sink: Sink, settings: dict[str, int], forked: bool = False, par
         if parent and os.getppid() != parent:
             os._exit(1)
     _W["sink"], _W["settings"], _W["roots"] = sink, settings, {}
-    _keep_heap()
 
 
 def _keep_heap() -> None:
@@ -45,7 +44,8 @@ def _keep_heap() -> None:
     limits follow the largest block freed so far: after a 0.5 MB image, a heap top over 1 MB is given back to
     the kernel, so each image's buffers were fresh zeroed pages again, about 400 page faults and a millisecond
     of kernel time an image in a forked worker. (A process that once freed a larger block, such as a big CSV
-    read, escapes it by chance.) The limits set here are glibc's own ceilings for its dynamic ones."""
+    read, escapes it by chance.) The limits set here are glibc's own ceilings for its dynamic ones; forked
+    workers inherit them."""
     try:
         import ctypes
 
@@ -98,6 +98,7 @@ class ImagePool:
     def __init__(self, workers: int, sink: Sink, settings: dict[str, int]):
         self.ex = None
         _init_worker(sink, settings)
+        _keep_heap()  # here, before any fork: the workers inherit it
         if workers > 1:
             import multiprocessing as mp
             from concurrent.futures import ProcessPoolExecutor

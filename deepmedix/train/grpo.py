@@ -24,7 +24,7 @@ from deepmedix import store
 from deepmedix.config import GRPOConfig
 from deepmedix.grounding import user_message
 from deepmedix.train import checkpoints as ck
-from deepmedix.train.common import frame_boxes, freeze_vision, generate_on, load_split, record_images
+from deepmedix.train.common import frame_boxes, freeze_vision, generate_on, image_dataset, load_split, record_images
 from deepmedix.train.rewards import RewardSpec
 
 ROLLOUTS = "rollouts.jsonl"
@@ -249,7 +249,6 @@ def train_grpo(cfg: GRPOConfig, data_uri: str, model_uri: str, out_uri: str, res
     import gc
 
     import torch
-    from datasets import Dataset
     from trl import GRPOTrainer
 
     from deepmedix.model.load import load
@@ -301,7 +300,7 @@ def train_grpo(cfg: GRPOConfig, data_uri: str, model_uri: str, out_uri: str, res
               f"(e.g. {', '.join(skipped[:3])})", flush=True)
     if not rows:
         raise ValueError(f"{data_uri}: every train prompt is longer than max_prompt_length={cfg.max_prompt_length}")
-    dataset = Dataset.from_list(rows)  # images stored encoded: the decoded list goes
+    dataset = image_dataset(rows)  # images stored encoded: the decoded list goes
     n_train = len(rows)
     del rows
     frozen = freeze_vision(loaded.model, cfg.freeze_vision, cfg.freeze_merger) \

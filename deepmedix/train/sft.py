@@ -29,7 +29,7 @@ from typing import Any
 from deepmedix.config import TrainConfig
 from deepmedix.data.schema import Record
 from deepmedix.train import checkpoints as ck
-from deepmedix.train.common import freeze_vision, load_split, plain_target, sft_row, write_curve
+from deepmedix.train.common import freeze_vision, image_dataset, load_split, plain_target, sft_row, write_curve
 
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -66,11 +66,9 @@ def make_rows(root: Path, records: list[Record], targets: list[str], reasoning: 
 
 
 def make_dataset(rows: list[dict[str, Any]], where: str):
-    from datasets import Dataset
-
     if not rows:
         raise ValueError(f"{where}: no samples to train on (check the config's tasks, split and max_length)")
-    return Dataset.from_list(rows)
+    return image_dataset(rows)
 
 
 # ------------------------------------------------------------------------------------------ distribution
@@ -150,7 +148,8 @@ def train_sft(stage: str, cfg: TrainConfig, data_uri: str, model_uri: str, out_u
                          model=model, args=args, train_dataset=train_ds,
                          eval_dataset=val_ds, processing_class=loaded.processor,
                          peft_config=lora_config(cfg) if cfg.lora else None,
-                         callbacks=[ck.publisher(ckpt_uri, cfg.save_total_limit, stage, run)] if cfg.save_steps else None)
+                         callbacks=[ck.publisher(ckpt_uri, cfg.save_total_limit, stage, run)]
+                         if cfg.save_steps else None)
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters() if p.requires_grad)
     # (DeepSpeed below ZeRO-3 cannot evaluate before its engine exists: the "before" loss is not measured there)
     before = (trainer.evaluate()["eval_loss"] if val_ds is not None else math.nan) if not cfg.deepspeed else None

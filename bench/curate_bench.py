@@ -82,7 +82,8 @@ def _make(job: tuple[int, str, tuple[int, int]]) -> None:
     dx, dy = (float(v) for v in rng.uniform(-25, 25, 2))
     c, sn = math.cos(math.radians(ang)) / s, math.sin(math.radians(ang)) / s
     cx = cy = 256
-    posed = base.transform((512, 512), Image.AFFINE, (c, sn, cx - c * cx - sn * cy - dx, -sn, c, cy + sn * cx - c * cy - dy),
+    posed = base.transform((512, 512), Image.AFFINE,
+                           (c, sn, cx - c * cx - sn * cy - dx, -sn, c, cy + sn * cx - c * cy - dy),
                            Image.BILINEAR, fillcolor=int(rng.integers(0, 30)))
     big = np.asarray(posed.resize((w, h), Image.BICUBIC), dtype=np.int16)
     ox, oy = (int(v) for v in rng.integers(0, 200, 2))

@@ -114,7 +114,8 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = ST
     that no processor (and no torchvision) is needed: both sides multiples of ``factor``, pixels within
     [min_pixels, max_pixels], aspect ratio kept as far as possible."""
     if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}")
+        raise ValueError("absolute aspect ratio must be smaller than 200, "
+                         f"got {max(height, width) / min(height, width)}")
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
     if h_bar * w_bar > max_pixels:
@@ -266,7 +267,8 @@ def sample_layout(seq_len: int, n_image: int, prompt_tokens: int) -> tuple[int, 
     sys_part = 1 + 10 + 2  # <|im_start|> 'system\nYou are a helpful assistant.' (~10 tokens) <|im_end|> '\n'
     user_head = 1 + 2  # <|im_start|>user\n
     before_image = sys_part + user_head
-    answer_start = before_image + 1 + n_image + 1 + prompt_tokens + 2 + 3  # vision_end, prompt, <|im_end|>\n, assistant\n
+    # vision_end, prompt, <|im_end|>\n, assistant\n
+    answer_start = before_image + 1 + n_image + 1 + prompt_tokens + 2 + 3
     if answer_start + 2 > seq_len:
         raise ValueError(f"--seq-len {seq_len} is too short for {n_image} image tokens + {prompt_tokens} prompt "
                          f"tokens (need > {answer_start + 2})")
@@ -362,7 +364,7 @@ def try_batch(model, opt, bs: int, args, grid, shape, device, n_warm: int, n_ste
         oom = True  # clean up outside the handler: the traceback holds the step's tensors
     if oom:
         opt.zero_grad(set_to_none=True)
-        batch = None
+        batch = None  # noqa: F841 - drops the failed batch's tensors before _free() empties the CUDA cache
         out.update(oom=True)
     _free(device)
     return out
@@ -518,7 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     res["measure"] = {
         "batch": best, "steps": args.steps, "warmup": args.warmup, "step_s": step_s,
         "step_s_median": times[len(times) // 2], "step_times": r["times"],
-        "tokens_per_step": fl["lm_tokens"], "image_tokens_per_step": best * n_img_tok, "patches_per_step": fl["patches"],
+        "tokens_per_step": fl["lm_tokens"], "image_tokens_per_step": best * n_img_tok,
+        "patches_per_step": fl["patches"],
     }
     res["tokens_per_s"] = fl["lm_tokens"] / step_s
     res["samples_per_s"] = best / step_s

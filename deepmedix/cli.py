@@ -48,7 +48,7 @@ def cli_errors() -> Iterator[None]:
     except (ConfigError, RecordError, StoreError, ModelLoadError, DemoError, CurationError, ClusterError,
             ValueError, FileNotFoundError) as exc:
         err.print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
 
 
 @contextmanager
@@ -88,7 +88,8 @@ def curate(out: str = typer.Option(..., help="output dataset folder or s3:// URI
            limit: Optional[int] = typer.Option(None, help="at most N records per source"),
            workers: Optional[int] = typer.Option(None, help="image worker processes"),
            config: str = typer.Option("tiny", "--config", "-c",
-                                      help="config size (configs/curate/<size>.yaml) or a YAML path (a mix of sources)"),
+                                      help="config size (configs/curate/<size>.yaml) or a YAML path "
+                                           "(a mix of sources)"),
            set_: Optional[List[str]] = SET):
     """Curate public CXR datasets (or a mix from --config) into one Record dataset; bad inputs are quarantined."""
     import json as _json
@@ -164,7 +165,8 @@ def reward_score(file: str = typer.Argument(..., help="JSONL: one object a line 
                                                     "(and boxes [[x1, y1, x2, y2], ...] in the model frame, task)"),
                  reward: str = typer.Option("paper", "--reward", "-r",
                                             help="paper, paper-words, grounded, clinical, a composite under "
-                                                 "configs/rewards/, a YAML file, or inline weights paper=1,grounded=0.5")):
+                                                 "configs/rewards/, a YAML file, or inline weights "
+                                                 "paper=1,grounded=0.5")):
     """Score predictions with a reward: one JSON object a line, with every component and overall."""
     import json
     from pathlib import Path

@@ -175,8 +175,8 @@ def _anchor_base(clause: str, start: int, end: int) -> float | None:
 
 def _negated_before(window: str) -> bool:
     last = None
-    for last in _NEG_PRE.finditer(window):
-        pass
+    for m in _NEG_PRE.finditer(window):
+        last = m
     return last is not None and not _NEG_BREAK.search(window, last.end())
 
 

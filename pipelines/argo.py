@@ -44,8 +44,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 try:  # rendering needs hera; the images only run `exec`, which does not
-    from hera.workflows import (DAG, Container, EmptyDirVolume, Env, Parameter, RetryStrategy, SecretEnv, Task,
-                                WorkflowTemplate)
+    from hera.workflows import (
+        DAG,
+        Container,
+        EmptyDirVolume,
+        Env,
+        Parameter,
+        RetryStrategy,
+        SecretEnv,
+        Task,
+        WorkflowTemplate,
+    )
     from hera.workflows import models as m
 except ImportError:  # pragma: no cover - exercised in the images
     DAG = Container = EmptyDirVolume = Env = Parameter = RetryStrategy = SecretEnv = Task = WorkflowTemplate = None

@@ -253,9 +253,9 @@ def _tensor_values(inp, where: str, n: int | None) -> list:
 
 
 def parse_v2(request, limits: Limits) -> list[Query]:
-    """Open Inference Protocol: BYTES tensors ``image`` (base64 strings in the JSON body; the REST binary
-    extension is refused by the server) and ``text``, one element per query; optional ``max_new_tokens`` (INT32/INT64) tensor; ``parameters`` may carry ``max_new_tokens``,
-    ``temperature``, ``top_p``, ``overlay`` for the whole request."""
+    """Open Inference Protocol: BYTES tensors ``image`` (base64 strings in the JSON body; the REST binary extension is
+    refused by the server) and ``text``, one element per query; optional ``max_new_tokens`` (INT32/INT64) tensor;
+    ``parameters`` may carry ``max_new_tokens``, ``temperature``, ``top_p``, ``overlay`` for the whole request."""
     by_name = {}
     for k, inp in enumerate(request.inputs):
         if inp.name in by_name:

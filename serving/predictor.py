@@ -164,8 +164,8 @@ def draw_boxes(image: Image.Image, boxes: list[list[float]], labels: list[str] |
         label = labels[k] if labels and k < len(labels) else None
         if label:
             tx, ty = x1 + width, (y1 - 12 if y1 >= 12 else y1 + width)
-            l, t, r, b = draw.textbbox((tx, ty), label, font=font)
-            draw.rectangle([l - 1, t - 1, r + 1, b + 1], fill=(0, 0, 0))
+            left, top, right, bottom = draw.textbbox((tx, ty), label, font=font)
+            draw.rectangle([left - 1, top - 1, right + 1, bottom + 1], fill=(0, 0, 0))
             draw.text((tx, ty), label, fill=color, font=font)
     return img
 

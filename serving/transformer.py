@@ -27,6 +27,8 @@ import time
 
 from serving import server as _server  # imports kserve with a bare argv first
 
+# isort: split
+
 import httpx  # noqa: E402
 import kserve  # noqa: E402
 from kserve.errors import InvalidInput  # noqa: E402

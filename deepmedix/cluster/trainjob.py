@@ -19,8 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
-from deepmedix.cluster.k8s import (S3_SECRET, ClusterError, Failed, api, condition, current_namespace, s3_env,
-                                  wait_for)
+from deepmedix.cluster.k8s import S3_SECRET, ClusterError, Failed, api, condition, current_namespace, s3_env, wait_for
 from deepmedix.errors import sigterm_exits
 
 GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"

@@ -11,12 +11,12 @@ the engine cuts the stream into chunks of ``shard_size`` Items and, per chunk,
    hash of the patient id; a patient already placed keeps its split), validates the Record;
 5. writes one Parquet shard per split atomically, then the chunk's marker under ``_work/`` (the chunk's commit).
 
-Image work for chunk k+1 runs in the workers while the main process finishes chunk k. A rerun with the same
-config skips chunks whose marker exists, whose input digest still matches and whose files are all there (their
-state is replayed from the marker), and so finishes an interrupted run. At the end: ``quarantine.jsonl``, ``manifest.json``, unreferenced images and stale
-shards removed, the no-patient-in-two-splits check over the written shards, then ``lineage.json`` — the commit
-marker of the whole dataset — and ``_work/`` is removed. Nothing is loaded whole: memory is bounded by two chunks
-plus the dedupe indexes (about a kilobyte per image, a hundred bytes per record).
+Image work for chunk k+1 runs in the workers while the main process finishes chunk k. A rerun with the same config
+skips chunks whose marker exists, whose input digest still matches and whose files are all there (their state is
+replayed from the marker), and so finishes an interrupted run. At the end: ``quarantine.jsonl``, ``manifest.json``,
+unreferenced images and stale shards removed, the no-patient-in-two-splits check over the written shards, then
+``lineage.json`` — the commit marker of the whole dataset — and ``_work/`` is removed. Nothing is loaded whole:
+memory is bounded by two chunks plus the dedupe indexes (about a kilobyte per image, a hundred bytes per record).
 """
 
 from __future__ import annotations
@@ -251,7 +251,8 @@ def _stream(spec: SourceSpec, src: Source, seed: int) -> Iterator[Item | Quarant
         if isinstance(x, Quarantine):
             yield x
             continue
-        if spec.ratio < 1 and _u64("sample", str(seed), spec.name, str(getattr(x, "record_id", ""))) / 2**64 >= spec.ratio:
+        if spec.ratio < 1 and _u64("sample", str(seed), spec.name,
+                                   str(getattr(x, "record_id", ""))) / 2**64 >= spec.ratio:
             continue
         if spec.limit and kept >= spec.limit:
             return

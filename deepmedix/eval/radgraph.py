@@ -277,7 +277,8 @@ def _construct(staged: Path, user_path: Path, encoder: Path | None, model_type: 
                 raise
             first = str(e).strip().splitlines()[:3]
             raise RadGraphError(f"{MODEL_SETTING}: weights.th in {str(user_path)!r} cannot be loaded into the model "
-                                f"its config.json describes (with encoder {names[0]!r}): {' '.join(first)[:600]}") from e
+                                f"its config.json describes (with encoder {names[0]!r}): "
+                                f"{' '.join(first)[:600]}") from e
 
 
 def _check_encoder(name: str, encoder: Path | None) -> None:

@@ -106,8 +106,8 @@ def evaluate(cfg: EvalConfig, data_uri: str, model_uri: str, out_uri: str,
             for row in rows:
                 f.write(json.dumps(row) + "\n")
         metrics = {"stage": "evaluate", "metric": "format_compliance", "before": None,
-                   "after": scores.get("format_compliance"), "scores": scores, "subsets": subsets, "notes": notes, "n": len(rows),
-                   "wall_s": time.time() - t0}
+                   "after": scores.get("format_compliance"), "scores": scores, "subsets": subsets, "notes": notes,
+                   "n": len(rows), "wall_s": time.time() - t0}
         write_json(metrics, out / "metrics.json")
         (out / "metrics.md").write_text(markdown_table(scores) + "\n## By subset (95 % bootstrap intervals)\n\n"
                                         + suite.markdown(subsets) + "\n## Not computed\n\n"

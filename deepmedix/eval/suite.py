@@ -242,7 +242,7 @@ def write_png(result: dict[str, dict[str, Any]], path) -> None:
                 "accuracy", "miou")
     rows = [(f"{name}: {k}", v) for name, entry in result.items() for k, v in entry.items() if k in headline]
     fig, ax = plt.subplots(figsize=(9, max(2.5, 0.35 * len(rows) + 1)))
-    for i, (label, v) in enumerate(rows):
+    for i, (_label, v) in enumerate(rows):
         lo, hi = v.get("ci_low", v["value"]), v.get("ci_high", v["value"])
         ax.errorbar(v["value"], i, xerr=[[v["value"] - lo], [hi - v["value"]]], fmt="o", capsize=3)
     ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=8)

@@ -22,7 +22,8 @@ from transformers.processing_utils import ProcessorMixin
 CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}"
     "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
     "{% else %}{% for content in message['content'] %}"
@@ -108,7 +109,8 @@ def load_processor(folder: str | Path, min_pixels: int | None = None, max_pixels
     folder = Path(folder)
     budget = {}
     if min_pixels or max_pixels:
-        budget = {"size": {"shortest_edge": int(min_pixels or max_pixels), "longest_edge": int(max_pixels or min_pixels)}}
+        budget = {"size": {"shortest_edge": int(min_pixels or max_pixels),
+                           "longest_edge": int(max_pixels or min_pixels)}}
     if has_torchvision():
         from transformers import AutoProcessor
 

@@ -93,7 +93,8 @@ def build_tiny(out_dir: str | Path, cfg: ModelConfig | None = None, texts: Itera
     model = Qwen2_5_VLForConditionalGeneration(build_config(cfg, tokenizer))
     ids = tokenizer.convert_tokens_to_ids
     gen = model.generation_config
-    gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = ids("<|endoftext|>"), [ids("<|im_end|>"), ids("<|endoftext|>")], ids("<|endoftext|>")
+    gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = (
+        ids("<|endoftext|>"), [ids("<|im_end|>"), ids("<|endoftext|>")], ids("<|endoftext|>"))
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out

@@ -316,7 +316,8 @@ def make_app(db_path: str | os.PathLike, *, secure_cookie: bool = False, session
         return RedirectResponse(f"/case/{nxt[0]}" if nxt else "/cases", status_code=303)
 
     @app.get("/case/{pos}/image.png")
-    def image(pos: PosInt, reader: Reader = Depends(api_reader), conn: sqlite3.Connection = Depends(get_conn)) -> Response:
+    def image(pos: PosInt, reader: Reader = Depends(api_reader),
+              conn: sqlite3.Connection = Depends(get_conn)) -> Response:
         case_id = case_of(conn, reader, pos)["case_id"]
         blob = conn.execute("SELECT image FROM study_case WHERE id = ?", (case_id,)).fetchone()[0]
         return Response(blob, media_type="image/png")

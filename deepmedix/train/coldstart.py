@@ -168,7 +168,8 @@ def synthesize(cfg: ColdStartConfig, data_uri: str, out_uri: str) -> dict[str, A
     seen: set = set()
     fkw = filter_kwargs(cfg)
     for rec, (trace, error) in zip(selected, results):
-        reason = error or (keep_trace(trace, rec, cfg.frame, seen=seen, **fkw) if trace is not None else "teacher_error")
+        reason = error or (keep_trace(trace, rec, cfg.frame, seen=seen, **fkw) if trace is not None
+                           else "teacher_error")
         if reason:
             dropped[reason] = dropped.get(reason, 0) + 1
             if len(examples.setdefault(reason, [])) < 5:

@@ -6,10 +6,11 @@ question and its reference answer — and writes the reasoning as if it were rea
 ``[x1, y1, x2, y2]`` and ending in the reference answer, in the output grammar of :mod:`deepmedix.grounding`.
 
 Requests run on a thread pool (``teacher_concurrency``); each is retried on timeouts, connection errors, 429 and
-5xx with exponential backoff and jitter (``teacher_max_retries``); a record whose requests all fail comes back
-as ``(None, "teacher_error")`` and the run goes on. Records with identical messages share one request. Successful responses are cached on disk, keyed by the
-sha256 of (base URL, model, messages, temperature, max tokens), so a rerun with the same inputs makes no call.
-The API key is read from the env var named by ``teacher_api_key_env`` and is never written anywhere.
+5xx with exponential backoff and jitter (``teacher_max_retries``); a record whose requests all fail comes back as
+``(None, "teacher_error")`` and the run goes on. Records with identical messages share one request. Successful
+responses are cached on disk, keyed by the sha256 of (base URL, model, messages, temperature, max tokens), so a
+rerun with the same inputs makes no call. The API key is read from the env var named by ``teacher_api_key_env`` and
+is never written anywhere.
 """
 
 from __future__ import annotations

@@ -506,7 +506,7 @@ class MsCxrSource(Source):
             where = f"dicom {dicom!r}, phrase {phrase[:60]!r}"
             errors: list[Quarantine] = []
 
-            def fail(line: int, row: dict[str, str], reason: str) -> None:
+            def fail(line: int, row: dict[str, str], reason: str, *, errors=errors, where=where) -> None:
                 errors.append(self.bad(rel, f"line {line}: {reason} ({where}; phrase dropped)", _rec(row)))
 
             why = _bad_id("dicom_id", dicom)

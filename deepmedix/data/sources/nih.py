@@ -50,8 +50,7 @@ from typing import Any, Iterator
 
 from deepmedix.data.prompts import grounding_prompt
 from deepmedix.data.schema import Box
-from deepmedix.data.sources.base import (BadInput, ImageRef, Item, Quarantine, Root, Source, read_csv_rows,
-                                         slug)
+from deepmedix.data.sources.base import BadInput, ImageRef, Item, Quarantine, Root, Source, read_csv_rows, slug
 
 __all__ = ["ChestXray14", "BOX_LABELS", "FRAME"]
 
@@ -103,7 +102,7 @@ class ChestXray14(Source):
             need = max(cols.values()) + 1  # type: ignore[type-var]
             seen: dict[tuple, int] = {}
             for n, cells in rows:
-                def reject(reason: str, rec: str = "") -> None:
+                def reject(reason: str, rec: str = "", *, n: int = n) -> None:
                     bad.append(self.bad(rel, f"row {n}: {reason}", rec))
 
                 if len(cells) < need:

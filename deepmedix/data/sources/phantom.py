@@ -19,7 +19,8 @@ class PhantomSource(Source):
         o = self.options
         size = int(o.get("image_size", 512))
         for data, recs in phantom.iter_studies(
-                n_patients=int(o.get("n_patients", 40)), studies_per_patient=tuple(o.get("studies_per_patient", (1, 3))),
+                n_patients=int(o.get("n_patients", 40)),
+                studies_per_patient=tuple(o.get("studies_per_patient", (1, 3))),
                 size=size, seed=int(o.get("seed", 0)), split_ratios=tuple(o.get("split_ratios", (0.7, 0.15, 0.15))),
                 vqa_per_study=int(o.get("vqa_per_study", 3)), n_studies=int(o.get("n_studies", 0))):
             ref = ImageRef(data=data, name=f"phantom study {recs[0]['study_id']}")

@@ -45,8 +45,7 @@ from typing import Any, Iterator
 
 from deepmedix.data.prompts import grounding_prompt
 from deepmedix.data.schema import Box
-from deepmedix.data.sources.base import (BadInput, ImageRef, Item, Quarantine, Root, Source, read_csv_rows,
-                                         slug)
+from deepmedix.data.sources.base import BadInput, ImageRef, Item, Quarantine, Root, Source, read_csv_rows, slug
 
 __all__ = ["VinDrCXR", "fuse_boxes", "iou", "LOCAL_LABELS", "GLOBAL_LABELS"]
 

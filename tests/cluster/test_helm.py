@@ -17,10 +17,27 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from k8s_checks import (AUTOSCALER, GPU, K8S_VERSION, MODE, S3_ANNOTATIONS, all_containers, args_of, core_validate,
-                        env_of, flag, helm_run, isvcs, main_container, objects, pods, render_errors, render_kustomize,
-                        where, workload_pods)
+from k8s_checks import (
+    AUTOSCALER,
+    GPU,
+    K8S_VERSION,
+    MODE,
+    S3_ANNOTATIONS,
+    all_containers,
+    args_of,
+    core_validate,
+    env_of,
+    flag,
+    helm_run,
+    isvcs,
+    main_container,
+    objects,
+    pods,
+    render_errors,
+    render_kustomize,
+    where,
+    workload_pods,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "deepmedix"

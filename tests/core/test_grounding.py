@@ -2,8 +2,21 @@ from __future__ import annotations
 
 import pytest
 
-from deepmedix.grounding import (INSTRUCTION, Step, build_prompt, format_output, from_frame, in_frame, iou,
-                                 last_boxed, match_boxes, mean_matched_iou, parse, split_list, to_frame)
+from deepmedix.grounding import (
+    INSTRUCTION,
+    Step,
+    build_prompt,
+    format_output,
+    from_frame,
+    in_frame,
+    iou,
+    last_boxed,
+    match_boxes,
+    mean_matched_iou,
+    parse,
+    split_list,
+    to_frame,
+)
 
 
 def test_instruction_is_verbatim_and_follows_the_task():

@@ -7,6 +7,7 @@ from conftest import weed_s3
 
 from deepmedix import stages, store
 
+
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     with weed_s3(tmp_path_factory.mktemp("weed")) as server:

@@ -24,12 +24,12 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
-    JPEG2000Lossless,
-    JPEGLSLossless,
+    UID,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
     RLELossless,
-    UID,
     generate_uid,
 )
 

@@ -384,7 +384,7 @@ def write_mimic_hostile(root: str | Path) -> tuple[list[tuple[str, str]], list[t
     meta.append([dup_ds[0], "10000055", "50000502", "CHEST", "AP", 1, 1, 1, 1, "C", "x", "E"])
     adapter.append((dup_ds[0], "duplicate dicom_id"))
     # a study split between two subjects: the second subject's row is dropped
-    two = study_files("10000066", "50000601", ["PA"], ok_report)
+    study_files("10000066", "50000601", ["PA"], ok_report)
     other = dicom_id("other-subject")
     meta.append([other, "10000077", "50000601", "CHEST", "LATERAL", 1, 1, 1, 1, "C", "x", "E"])
     split.append([other, "50000601", "10000077", "train"])

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -77,7 +76,8 @@ def test_workers_do_not_change_the_dataset(tmp_path):
     ra, rb = load_records(a), load_records(b)
     assert [(r.record_id, r.images, r.answer, r.split) for r in ra] == [(r.record_id, r.images, r.answer, r.split)
                                                                          for r in rb]
-    assert json.loads((a / "lineage.json").read_text())["sha256"] == json.loads((b / "lineage.json").read_text())["sha256"]
+    assert (json.loads((a / "lineage.json").read_text())["sha256"]
+            == json.loads((b / "lineage.json").read_text())["sha256"])
 
 
 def test_rerun_skips_a_complete_dataset_and_a_new_config_rewrites_it(tmp_path):
@@ -122,7 +122,8 @@ def test_bad_config_names_the_key(tmp_path, override, match):
 def _png(seed: int, size=(120, 100), shift: int = 0) -> bytes:
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:size[1], 0:size[0]]
-    a = 100 + 60 * np.sin((x + shift) / (5 + seed % 7)) * np.cos(y / (4 + seed % 5)) + rng.normal(0, 20, (size[1], size[0]))
+    a = (100 + 60 * np.sin((x + shift) / (5 + seed % 7)) * np.cos(y / (4 + seed % 5))
+         + rng.normal(0, 20, (size[1], size[0])))
     buf = io.BytesIO()
     Image.fromarray(a.clip(0, 255).astype(np.uint8)).save(buf, "PNG")
     return buf.getvalue()
@@ -157,7 +158,7 @@ def _item(rid, pid, sid, img, task="report_findings", answer="The lungs are clea
 
 
 def _mem_cfg(case, **kw):
-    return load_config("curate", "tiny", [f"source=memtest", f"options={{case: {case}}}",
+    return load_config("curate", "tiny", ["source=memtest", f"options={{case: {case}}}",
                                           f"shard_size={kw.pop('shard_size', 50)}", "workers=1"]
                        + [f"{k}={json.dumps(v)}" for k, v in kw.items()])
 
@@ -313,7 +314,10 @@ def test_killed_run_leaves_no_partial_shard_and_the_rerun_completes(tmp_path):
     done = subprocess.run([DEEPMEDIX, *args, "--out", str(out)], check=True, capture_output=True, text=True, cwd=REPO)
     summary = json.loads(done.stdout)
     assert summary["resumed_chunks"] >= 2
-    key = lambda rs: [(r.record_id, r.images, r.prompt, r.answer, r.split, [b.box for b in r.boxes]) for r in rs]
+
+    def key(rs):
+        return [(r.record_id, r.images, r.prompt, r.answer, r.split, [b.box for b in r.boxes]) for r in rs]
+
     assert key(load_records(out)) == key(load_records(ref))
     assert not list((out / "records").glob(".*"))
 

@@ -15,14 +15,14 @@ import sys
 import zlib
 from pathlib import Path
 
+import fx_dicom
+import fx_mimic
+import fx_public
 import numpy as np
 import pytest
 import yaml
 from PIL import Image
 
-import fx_dicom
-import fx_mimic
-import fx_public
 from deepmedix.data.schema import load_records
 from deepmedix.data.sources import Item, Root, get_source
 
@@ -72,7 +72,8 @@ def image_cases() -> tuple[list[tuple[str, bytes, str]], list[tuple[str, bytes]]
         bad.append((f"jpeg-head-random-{i}", jpg[:20] + np.random.default_rng(100 + i).bytes(800), TRUNC))
     bad += [("zero", b"", "zero-byte"), ("text", b"not an image\n", "undecodable"),
             ("html", b"<html><body>403 Forbidden</body></html>", "undecodable"),
-            ("json", b'{"error": "not found"}', "undecodable"), ("pdf", b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n", "undecodable"),
+            ("json", b'{"error": "not found"}', "undecodable"),
+            ("pdf", b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n", "undecodable"),
             ("zip", b"PK\x03\x04" + b"\x00" * 60, "undecodable"), ("gz-png", gzip.compress(png), "undecodable"),
             ("png-signature-only", png[:8], TRUNC)]
     for i, (w, h) in enumerate([(100_000, 100_000), (20_000, 20_000), (150_000, 2_000), (65_000, 65_000)]):

@@ -11,13 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+import fx_mimic
+import fx_public
 import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import weed_s3
 
-import fx_mimic
-import fx_public
 from deepmedix import store
 from deepmedix.data.schema import load_records
 

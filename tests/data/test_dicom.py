@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fx_dicom import can_encode, make_dicom, relabel_transfer_syntax
 
 from deepmedix.data.dicom import decode_dicom, dicom_size
 from deepmedix.data.sources.base import BadInput
-from fx_dicom import can_encode, make_dicom, relabel_transfer_syntax
 
 
 def ramp12(rows: int = 48, cols: int = 64) -> np.ndarray:

@@ -73,7 +73,8 @@ def test_box_sizes_follow_the_finding():
         _, _, (mass,) = _render_pair(seed, FindingSpec("mass", "severe"), size=512)
         w = mass.box[2] - mass.box[0]
         assert 55 <= w <= 95, w
-    mild = [render_study(np.random.default_rng(5), [("right pleural effusion", s)], size=SIZE)[1][0] for s in SEVERITIES]
+    mild = [render_study(np.random.default_rng(5), [("right pleural effusion", s)], size=SIZE)[1][0]
+            for s in SEVERITIES]
     heights = [b.box[3] - b.box[1] for b in mild]
     assert heights[0] < heights[1] < heights[2]
 
@@ -86,9 +87,9 @@ def test_sides_follow_radiological_convention():
             _, (bx,) = render_study(np.random.default_rng(seed), [FindingSpec(label, "moderate", side)], size=SIZE)
             cx = (bx.box[0] + bx.box[2]) / 2
             assert (cx < SIZE / 2) == (side == "right"), (label, side, bx.box)
-        _, (r,) = render_study(np.random.default_rng(seed), ["right pleural effusion"], size=SIZE)
-        _, (l,) = render_study(np.random.default_rng(seed), ["left pleural effusion"], size=SIZE)
-        assert r.box[2] <= SIZE / 2 + 5 and l.box[0] >= SIZE / 2 - 5
+        _, (right,) = render_study(np.random.default_rng(seed), ["right pleural effusion"], size=SIZE)
+        _, (left,) = render_study(np.random.default_rng(seed), ["left pleural effusion"], size=SIZE)
+        assert right.box[2] <= SIZE / 2 + 5 and left.box[0] >= SIZE / 2 - 5
 
 
 def test_cardiomegaly_enlarges_the_heart_with_severity():
@@ -186,7 +187,7 @@ def test_every_task_and_study_structure(dataset):
     for r in recs:
         by_study.setdefault(r.study_id, []).append(r)
     n_normal = 0
-    for sid, rs in by_study.items():
+    for _sid, rs in by_study.items():
         tasks = [r.task for r in rs]
         findings = rs[0].findings
         assert all(r.findings == findings for r in rs)

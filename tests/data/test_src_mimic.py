@@ -7,9 +7,22 @@ import json
 from pathlib import Path
 
 import pytest
-from fx_mimic import (IMG_H, IMG_W, MSCXR_COLS_11, MSCXR_SIZE, dicom_id, hostile_sources, jpg_rel, write_csv,
-                      write_medical_cxr_vqa, write_mimic_cxr_jpg, write_mimic_cxr_vqa, write_mimic_hostile,
-                      write_mimic_reports, write_ms_cxr)
+from fx_mimic import (
+    IMG_H,
+    IMG_W,
+    MSCXR_COLS_11,
+    MSCXR_SIZE,
+    dicom_id,
+    hostile_sources,
+    jpg_rel,
+    write_csv,
+    write_medical_cxr_vqa,
+    write_mimic_cxr_jpg,
+    write_mimic_cxr_vqa,
+    write_mimic_hostile,
+    write_mimic_reports,
+    write_ms_cxr,
+)
 from PIL import Image
 
 from deepmedix.data import prompts

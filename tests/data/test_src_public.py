@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import shutil
 
+import fx_public
 import pytest
 
-import fx_public
 from deepmedix.data.prompts import findings_prompt, grounding_prompt, impression_prompt
 from deepmedix.data.sources import Item, Quarantine, Root, get_source
 from deepmedix.data.sources.vindr import fuse_boxes, iou

@@ -26,11 +26,12 @@ def tokenizer(folder: Path, max_length: int = 128):
     return out
 
 
-def bert_config(vocab: int, layers: int = 3, hidden: int = 64):
+def bert_config(vocab: int, layers: int = 3, hidden: int = 64, heads: int | None = None):
     from transformers import BertConfig
 
     return BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
-                      num_attention_heads=hidden // 64 or 1, intermediate_size=2 * hidden, max_position_embeddings=128)
+                      num_attention_heads=heads or hidden // 64 or 1, intermediate_size=2 * hidden,
+                      max_position_embeddings=128)
 
 
 def bert_folder(folder: Path, seed: int = 0, layers: int = 3) -> Path:
@@ -45,19 +46,24 @@ def bert_folder(folder: Path, seed: int = 0, layers: int = 3) -> Path:
 
 
 def chexbert_checkpoint(path: Path, tokenizer_dir: Path, seed: int = 0, biases: dict[int, int] | None = None,
-                        layers: int = 2, write_config: bool = True) -> dict:
+                        layers: int = 2, write_config: bool = True, heads: int | None = None,
+                        init_std: float | None = None) -> dict:
     """A checkpoint in CheXbert's released format (src/run_bert.py's torch.save: epoch, model_state_dict with
     DataParallel's 'module.' prefix, optimizer_state_dict), for a tiny BERT and 14 heads (13 x 4 classes, then
     'No Finding' x 2). ``biases``: head index -> class made to win on every text (a large bias). The tokenizer
     folder gets the tokenizer and, with ``write_config``, the encoder's config.json (as bert-base-uncased's folder
-    has). Returns the state dict without the prefix."""
+    has). ``heads``: attention heads (default one per 64 hidden units, what the loader infers without a config);
+    ``init_std``: the encoder's initializer range (BERT's 0.02 leaves attention nearly uniform). Returns the state
+    dict without the prefix."""
     import torch
     from transformers import BertModel
 
     tokenizer_dir.mkdir(parents=True, exist_ok=True)
     tok = tokenizer(tokenizer_dir, max_length=512)
-    cfg = bert_config(len(tok), layers)
+    cfg = bert_config(len(tok), layers, heads=heads)
     cfg.max_position_embeddings = 512
+    if init_std is not None:
+        cfg.initializer_range = init_std
     if write_config:
         cfg.save_pretrained(tokenizer_dir)
     torch.manual_seed(seed)

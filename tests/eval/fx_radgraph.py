@@ -121,7 +121,8 @@ def model_folder(folder: Path, encoder_dir: Path, bert_name: str | None = None, 
     # encoder folder's weights, so that the fixture does not depend on what the process drew before.
     bert._matched_embedder.transformer_model.load_state_dict(BertModel.from_pretrained(encoder_dir).state_dict())
     embedder = text_field_embedders.BasicTextFieldEmbedder({"bert": bert})
-    kwargs = {k: v for k, v in cfg["model"].items() if k not in ("type", "embedder", "initializer", "module_initializer")}
+    kwargs = {k: v for k, v in cfg["model"].items()
+              if k not in ("type", "embedder", "initializer", "module_initializer")}
     torch.manual_seed(seed)
     model = dygie.DyGIE(vocab=vocab, embedder=embedder, **kwargs)
     with torch.no_grad():

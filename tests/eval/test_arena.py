@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-
 from conftest import server_process
+
 from deepmedix.config import ConfigError, load_config
 from deepmedix.eval.arena import bradley_terry, build_messages, parse_verdict, run_arena
 from deepmedix.grounding import parse

@@ -9,12 +9,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from fx_models import CORPUS, bert_folder, chexbert_checkpoint
 
 from deepmedix.config import EvalConfig
 from deepmedix.eval import model_metrics as mm
 from deepmedix.eval import suite
-
-from fx_models import bert_folder, chexbert_checkpoint
 
 PREDS = ["the heart size is normal", "small left effusion", "no pneumothorax", "",
          "mild cardiomegaly with edema and bibasilar atelectasis"]
@@ -113,36 +112,75 @@ def test_bertscore_idf_table_is_bert_scores(bert):
 def chexbert(tmp_path_factory):
     root = tmp_path_factory.mktemp("chexbert")
     # Cardiomegaly positive, Edema uncertain, Pleural Effusion negative; Consolidation, Atelectasis, Fracture and
-    # No Finding blank; the other heads vote at random (their weights)
+    # No Finding blank; the other heads vote at random (their weights). Four attention heads and weights larger than
+    # BERT's 0.02 init, so that attention is far from uniform and its heads matter to the labels.
     biases = {1: 1, 4: 3, 5: 0, 7: 0, 9: 2, 11: 0, 13: 0}
-    state = chexbert_checkpoint(root / "chexbert.pth", root / "bert-base-uncased", biases=biases)
+    state = chexbert_checkpoint(root / "chexbert.pth", root / "bert-base-uncased", biases=biases, heads=4,
+                                init_std=0.5)
     return root / "chexbert.pth", root / "bert-base-uncased", state
 
 
 def _bert_labeler(state, tok_dir, texts):
-    """CheXbert's bert_labeler forward, written out: BERT, the [CLS] vector of the last layer, 14 linear heads."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    """CheXbert's bert_labeler forward written out in torch from the checkpoint's state dict (no transformers, in
+    float64): embeddings (word + position + token type 0) and LayerNorm; per layer multi-head self-attention
+    (softmax(QK^T / sqrt(head_dim)) V, no mask: one text at a time), output dense + residual + LayerNorm,
+    intermediate dense + exact (erf) GELU, output dense + residual + LayerNorm; the last layer's [CLS] vector through
+    the 14 linear heads, argmax each. Tokens from the ``tokenizers`` library on tokenizer.json, wrapped in
+    [CLS] ... [SEP] and cut as CheXbert's tokenize does (over 512: the first 511, then [SEP])."""
+    import math
 
-    model = BertModel(BertConfig.from_pretrained(tok_dir))
-    model.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("bert.")})
-    model.eval()
-    tok = AutoTokenizer.from_pretrained(tok_dir)
+    from tokenizers import Tokenizer
+
+    cfg = json.loads((tok_dir / "config.json").read_text())
+    assert cfg["hidden_act"] == "gelu" and cfg.get("position_embedding_type", "absolute") == "absolute"
+    n_heads, eps = cfg["num_attention_heads"], cfg["layer_norm_eps"]
+    tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    tok.no_truncation()
+    tok.no_padding()
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    p = {k: v.double() for k, v in state.items()}
+    n_layers = len({k.split(".")[3] for k in p if k.startswith("bert.encoder.layer.")})
+    assert n_layers == cfg["num_hidden_layers"]
+
+    def dense(x, name):
+        return x @ p[f"{name}.weight"].T + p[f"{name}.bias"]
+
+    def layer_norm(x, name):
+        mean = x.mean(-1, keepdim=True)
+        var = ((x - mean) ** 2).mean(-1, keepdim=True)
+        return (x - mean) / torch.sqrt(var + eps) * p[f"{name}.weight"] + p[f"{name}.bias"]
+
+    emb = "bert.embeddings"
     out = []
     for t in texts:
-        ids = tok(" ".join(t.split()))["input_ids"]
-        ids = ids[:511] + [tok.sep_token_id] if len(ids) > 512 else ids
-        with torch.no_grad():
-            cls = model(torch.tensor([ids]))[0][0, 0]
-        out.append([int((cls @ state[f"linear_heads.{i}.weight"].T + state[f"linear_heads.{i}.bias"]).argmax())
-                    for i in range(14)])
+        ids = tok.encode(" ".join(t.replace("\n", " ").split()), add_special_tokens=False).ids
+        ids = [cls_id] + ids + [sep_id]
+        ids = ids[:511] + [sep_id] if len(ids) > 512 else ids
+        n = len(ids)
+        x = (p[f"{emb}.word_embeddings.weight"][ids] + p[f"{emb}.position_embeddings.weight"][:n]
+             + p[f"{emb}.token_type_embeddings.weight"][0])
+        x = layer_norm(x, f"{emb}.LayerNorm")
+        for i in range(n_layers):
+            pre = f"bert.encoder.layer.{i}"
+            q, k, v = (dense(x, f"{pre}.attention.self.{m}").view(n, n_heads, -1).transpose(0, 1)
+                       for m in ("query", "key", "value"))                            # (heads, n, head_dim)
+            att = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(q.shape[-1]), dim=-1)
+            ctx = (att @ v).transpose(0, 1).reshape(n, -1)
+            x = layer_norm(dense(ctx, f"{pre}.attention.output.dense") + x, f"{pre}.attention.output.LayerNorm")
+            h = dense(x, f"{pre}.intermediate.dense")
+            h = 0.5 * h * (1.0 + torch.erf(h / math.sqrt(2.0)))
+            x = layer_norm(dense(h, f"{pre}.output.dense") + x, f"{pre}.output.LayerNorm")
+        out.append([int(dense(x[0], f"linear_heads.{j}").argmax()) for j in range(14)])
     return np.array(out)
 
 
 def test_chexbert_labels_as_the_released_model(chexbert):
     ckpt, tok_dir, state = chexbert
-    texts = REFS + ["", "line one\nline two  with   spaces", "effusion " * 600]
+    texts = REFS + PREDS + list(CORPUS) + ["", "line one\nline two  with   spaces", "effusion " * 600]
     labeller = mm.CheXbert(str(ckpt), str(tok_dir), batch_size=3)
-    np.testing.assert_array_equal(labeller.classes(texts), _bert_labeler(state, tok_dir, texts))
+    want = _bert_labeler(state, tok_dir, texts)
+    assert len({tuple(row) for row in want}) > 1          # the random heads tell the texts apart
+    np.testing.assert_array_equal(labeller.classes(texts), want)
     assert len(labeller.encode("effusion " * 600)) == 512
     labels = labeller.label(texts)
     assert all(d["Cardiomegaly"] == 1.0 and d["Edema"] == -1.0 and d["Pleural Effusion"] == 0.0 for d in labels)
@@ -191,7 +229,8 @@ def test_bad_model_paths_fail_before_any_generation(tmp_path):
     with pytest.raises(mm.ModelMetricError, match="eval.chexbert_checkpoint"):
         mm.check(cfg)
     assert not (tmp_path / "out").exists()
-    assert mm.notes(EvalConfig(), "METEOR needs a Java runtime")[0] == "METEOR: not computed — METEOR needs a Java runtime"
+    assert (mm.notes(EvalConfig(), "METEOR needs a Java runtime")[0]
+            == "METEOR: not computed — METEOR needs a Java runtime")
 
 
 def test_suite_adds_radgraph_f1_levels(tmp_path):

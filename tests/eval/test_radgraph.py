@@ -10,12 +10,11 @@ import shutil
 import socket
 import tarfile
 
+import fx_radgraph
 import numpy as np
 import pytest
 
 from deepmedix.eval import radgraph as rg
-
-import fx_radgraph
 
 LONG = " ".join(["there is a small left pleural effusion with mild cardiomegaly and pulmonary edema ."] * 12)
 # (prediction, reference): corpus sentences, unseen words, punctuation, an identical pair, empty sides, and a text
@@ -134,7 +133,8 @@ def test_missing_path(tmp_path):
     with pytest.raises(rg.RadGraphError, match=r"eval\.radgraph_model is not set"):
         rg.radgraph_f1(["a"], ["a"], "")
     (tmp_path / "notes.txt").write_text("not a model")
-    with pytest.raises(rg.RadGraphError, match=r"eval\.radgraph_model: .*notes\.txt.* neither a folder nor a \.tar\.gz"):
+    with pytest.raises(rg.RadGraphError,
+                       match=r"eval\.radgraph_model: .*notes\.txt.* neither a folder nor a \.tar\.gz"):
         rg.radgraph_f1(["a"], ["a"], str(tmp_path / "notes.txt"))
 
 
@@ -148,7 +148,8 @@ def test_folder_without_weights(fx, tmp_path):
     cfg = json.loads((model / "config.json").read_text())
     del cfg["model"]["embedder"]["token_embedders"]["bert"]["model_name"]
     (model / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(rg.RadGraphError, match=r"config\.json has no model\.embedder\.token_embedders\.bert\.model_name"):
+    with pytest.raises(rg.RadGraphError,
+                       match=r"config\.json has no model\.embedder\.token_embedders\.bert\.model_name"):
         rg.load(str(model))
     shutil.rmtree(model / "vocabulary")
     with pytest.raises(rg.RadGraphError, match=r"no vocabulary/"):
@@ -169,7 +170,8 @@ def test_weights_that_do_not_fit(fx, tmp_path):
     cfg = json.loads((model / "config.json").read_text())
     cfg["model"]["feedforward_params"]["hidden_dims"] = 2 * fx_radgraph.HIDDEN
     (model / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(rg.RadGraphError, match=r"eval\.radgraph_model: weights\.th in .* cannot be loaded .*size mismatch"):
+    with pytest.raises(rg.RadGraphError,
+                       match=r"eval\.radgraph_model: weights\.th in .* cannot be loaded .*size mismatch"):
         rg.load(str(model))
 
 

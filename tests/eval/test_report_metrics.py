@@ -163,28 +163,24 @@ def test_fast_classes_give_the_jars_statistics(corpus, tmp_path):
     for kind in (True, False):
         lines = [line for line, plain in segments if plain is kind]
         assert len(lines) >= 60
-        out = {}
-        for fast in (False, True):
+        stats, scores = {}, {}
+        for fast in (False, True):  # one JVM each (the stock jar, then the drop-in classes): SCORE, then EVAL
             M.FAST_CLASSES = fast
             try:
                 jvm = M._Jvm(jar_dir, table, synonyms, kind)
-                jvm.send(lines, close=True).join()
-                out[fast] = jvm.read(len(lines))
-                jvm.stop()
             finally:
                 M.FAST_CLASSES = True
-        assert out[True] == out[False]
-        assert sum(float(line.split()[0]) > 0 for line in out[True]) > len(lines) // 2  # statistics, not blanks
-        scores = {}
-        for fast in (False, True):  # EVAL: each segment's score and the aggregate, from the statistics
-            M.FAST_CLASSES = fast
             try:
-                jvm = M._Jvm(jar_dir, table, synonyms, kind)
-                jvm.send(["EVAL ||| " + " ||| ".join(out[True])], close=True).join()
+                jvm.send(lines, close=False).join()
+                stats[fast] = jvm.read(len(lines))
+                # EVAL: each segment's score and the aggregate, from the stock jar's statistics
+                stats_in = stats[False]
+                jvm.send(["EVAL ||| " + " ||| ".join(stats_in)], close=True).join()
                 scores[fast] = jvm.read(len(lines) + 1)
-                jvm.stop()
             finally:
-                M.FAST_CLASSES = True
+                jvm.stop()
+        assert stats[True] == stats[False]
+        assert sum(float(line.split()[0]) > 0 for line in stats[True]) > len(lines) // 2  # statistics, not blanks
         assert scores[True] == scores[False] and 0 < float(scores[True][-1]) < 1
 
 

@@ -58,7 +58,8 @@ def test_values_equal_their_direct_computation_and_intervals_hold_them():
     assert entry["chexpert_micro_f1_5"]["value"] == pytest.approx(chex["micro_f1_5"])
     assert res["mimic_cxr/vqa"]["accuracy"]["value"] == pytest.approx(np.mean([bool(i % 3) for i in range(10)]))
     g = res["mimic_cxr/grounding"]
-    assert g["miou"]["value"] == pytest.approx((1.0 + 0.5 + 1 / 3) / 3) and g["acc@0.5"]["value"] == pytest.approx(2 / 3)
+    assert (g["miou"]["value"] == pytest.approx((1.0 + 0.5 + 1 / 3) / 3)
+            and g["acc@0.5"]["value"] == pytest.approx(2 / 3))
     assert res["mimic_cxr/grounding/effusion"]["miou"]["value"] == pytest.approx(1 / 3)
 
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -42,13 +43,50 @@ def test_tokenizer_has_qwen_special_tokens_and_template(tiny):
     assert isinstance(m.processor, ImageOnlyQwen2_5_VLProcessor)
 
 
-def test_generate_batched(tiny):
+def _queries():
+    """Queries of different lengths, image counts and image sizes (so a batch needs left padding)."""
+    rng = np.random.default_rng(0)
+
+    def img(w, h):
+        return Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8), "L")
+
+    return [([img(300, 200)], "Is there a nodule?"),
+            ([img(64, 64), img(120, 90)], "Compare the two views and describe every change since the prior study."),
+            ([img(200, 300)], "Findings?"),
+            ([img(512, 512)], "Which abnormality is seen in the left lower zone, if any, and how large is it?")]
+
+
+def test_batched_generation_equals_one_at_a_time(tiny):
+    """Greedy decoding of a left-padded batch gives each query the tokens it gets alone. Where the two differ, the
+    query's own run must have had a tie there (its top two logits within float noise); anything else is a padding
+    or image-alignment fault."""
+    import torch
+
+    from deepmedix.model.load import chat_prompts, eos_token_ids, generate_batch, open_image
+
     m = load(tiny)
-    img = Image.new("L", (300, 200), 90)
-    outs = generate(m, [[img], [img, img]], ["Is there a nodule?", "Compare the two views."], max_new_tokens=5)
-    assert len(outs) == 2 and all(isinstance(o, str) for o in outs)
-    ids = m.processor(text=["x"], images=None, return_tensors="pt")["input_ids"]
-    assert ids.shape[0] == 1
+    queries, budget = _queries(), 12
+    got = [[] for _ in queries]
+    gens = generate_batch(m, [q[0] for q in queries], [q[1] for q in queries], budget,
+                          on_token=lambda row, tok: got[row].append(tok))
+    compared = 0
+    for k, (images, question) in enumerate(queries):
+        text = chat_prompts(m.processor, [question], [len(images)])[0]
+        inputs = m.processor(text=[text], images=[open_image(i, 512) for i in images], return_tensors="pt")
+        with torch.no_grad():
+            out = m.model.generate(**inputs, max_new_tokens=budget, do_sample=False, output_scores=True,
+                                   return_dict_in_generate=True)
+        alone = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+        alone = [t for t in alone if t not in eos_token_ids(m)][:len(got[k])]
+        assert gens[k].prompt_tokens == inputs["input_ids"].shape[1]
+        for i, (a, b) in enumerate(zip(alone, got[k])):
+            if a != b:
+                top2 = torch.topk(out.scores[i][0].float(), 2).values
+                assert top2[0] - top2[1] < 1e-4, f"query {k}, token {i}: alone {a}, batched {b}, margin {top2}"
+                break
+            compared += 1
+    assert compared >= 2 * budget  # most tokens were compared, not cut short by ties
+    assert len({tuple(g) for g in got}) > 1  # the queries got different answers: a row mix-up would show
 
 
 def test_load_rejects_non_model_folders(tmp_path):

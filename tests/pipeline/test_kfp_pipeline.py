@@ -4,12 +4,20 @@ name), the checked-in IR is current, and kfp.local runs it whole."""
 from __future__ import annotations
 
 import json
+import math
 
 import yaml
 
 from pipelines.compile import DEFAULT_OUT, compile_pipeline
-from pipelines.deepmedix_pipeline import (GPU_NODE_SELECTOR, GPU_TASKS, GPU_TOLERATIONS, OPTIONAL_TASKS,
-                                          PIPELINE_ROOT, STAGE_TASKS, TRAINING_TASKS)
+from pipelines.deepmedix_pipeline import (
+    GPU_NODE_SELECTOR,
+    GPU_TASKS,
+    GPU_TOLERATIONS,
+    OPTIONAL_TASKS,
+    PIPELINE_ROOT,
+    STAGE_TASKS,
+    TRAINING_TASKS,
+)
 
 
 def _compiled(tmp_path):
@@ -129,9 +137,27 @@ def test_kfp_local_runs_the_whole_pipeline(tmp_path):
         eval_overrides=["max_records=6", "max_new_tokens=8"])
     rows = {r["task"]: r for r in stage_metrics(run)}
     assert list(rows) == list(STAGE_TASKS)
+    for task, row in rows.items():  # every number a stage logged is a real number (a NaN fails here)
+        numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        assert "wall_s" in numbers and all(math.isfinite(v) for v in numbers.values()), (task, numbers)
     assert rows["curate"]["after"] > 0
-    assert rows["sft"]["metric"] == "val_loss" and rows["sft"]["after"] < rows["sft"]["before"]
-    assert rows["grpo"]["metric"] == "val_reward_paper"
+    assert rows["base-model"]["after"] > 0  # parameters
+    for task in ("sft", "coldstart-sft"):
+        assert rows[task]["metric"] == "val_loss" and 0 < rows[task]["after"] and 0 < rows[task]["before"]
+    assert rows["sft"]["after"] < rows["sft"]["before"]
+    assert rows["coldstart-synth"]["after"] > 0  # traces kept
+    assert rows["grpo"]["metric"] == "val_reward_paper" and 0 <= rows["grpo"]["before"] <= 1
+    assert 0 <= rows["grpo"]["after"] <= 1
+    for task in ("evaluate-coldstart", "evaluate"):
+        assert rows[task]["metric"] == "format_compliance" and 0 <= rows[task]["format_compliance"] <= 1
     preds = (run / "evaluate" / "results" / "predictions.jsonl").read_text().splitlines()
     assert len(preds) == 6 and json.loads(preds[0])["record_id"]
     assert (run / "grpo" / "model" / "config.json").exists()
+    # lineage: `evaluate` scored the model GRPO wrote (by content hash), `evaluate-coldstart` the cold-start model
+    from deepmedix import store
+
+    scored = store.read_lineage(run / "evaluate" / "results")["inputs"]["model"]
+    assert scored["sha256"] == store.read_lineage(run / "grpo" / "model")["sha256"] == store.dir_hash(
+        run / "grpo" / "model")
+    cold = store.read_lineage(run / "evaluate-coldstart" / "results")["inputs"]["model"]
+    assert cold["sha256"] == store.read_lineage(run / "coldstart-sft" / "model")["sha256"] != scored["sha256"]

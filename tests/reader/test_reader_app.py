@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -23,7 +24,10 @@ from deepmedix.grounding import DEFAULT_FRAME, format_output, parse
 from deepmedix.reader import ReaderError, create_study, export, make_app
 from deepmedix.train.common import frame_boxes
 
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+# found on PATH (Debian installs them as /usr/bin/chromium and /usr/bin/chromedriver; `make test` does that)
+CHROMIUM = Path(shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome") or
+                "chromium")
+CHROMEDRIVER = Path(shutil.which("chromedriver") or "chromedriver")
 INSTALL = "apt-get install -y chromium chromium-driver && pip install selenium==4.51.0"
 MODELS = {"coldstart": format_output([("there is cardiomegaly in this region", [[184, 217, 396, 296]])],
                                      "right pleural effusion"),
@@ -75,7 +79,7 @@ def server(small_data, tmp_path_factory):
 @pytest.fixture
 def browser(tmp_path, monkeypatch):
     """A factory of headless Chromium drivers, each with a fresh profile; all quit afterwards."""
-    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.is_file()]
     if missing:
         pytest.fail(f"{', '.join(missing)} missing: the reader app's end-to-end test needs Debian's Chromium "
                     f"({INSTALL})")

@@ -32,9 +32,26 @@ def png_b64(width: int = 300, height: int = 200, seed: int = 0) -> str:
     return base64.b64encode(png_bytes(width, height, seed)).decode()
 
 
-def taught_model(out: Path, steps: int = 120) -> Path:
-    """The tiny model, trained (full fine-tuning, plain torch loop) until greedy decoding gives ``TAUGHT`` for
-    any image and question: a real model whose output the server must ground. ~20 s on 2 cores."""
+# What the serving tests ask the taught model: (width, height, seed, question, system prompt); (0, 0, 0, ...) is the
+# DICOM image of ``dicom_pixels()``. Each must be answered with ``TAUGHT``, alone and in one batch, before the
+# fixture hands the model out.
+PROBES = [(300, 200, 0, QUESTIONS[0], "You are a radiologist."), (300, 200, 3, QUESTIONS[1], None),
+          (640, 480, 5, QUESTIONS[2], None), (0, 0, 0, QUESTIONS[3], None), (100, 400, 2, QUESTIONS[1], None),
+          (100, 400, 0, QUESTIONS[1], None), (300, 200, 7, QUESTIONS[0], None), (640, 480, 11, QUESTIONS[2], None)]
+SYSTEMS = (None, "You are a radiologist.")
+
+
+class NotTaught(AssertionError):
+    """The tiny model did not learn ``TAUGHT`` within the step bound on this host."""
+
+
+def taught_model(out: Path, check_every: int = 40, max_steps: int = 800) -> Path:
+    """The tiny model, trained (full fine-tuning, plain torch loop) until greedy decoding gives ``TAUGHT`` for every
+    probe in ``PROBES``, one at a time and batched: a real model whose output the server must ground.
+
+    Floating-point results differ between CPUs, so the behaviour is established here, on this host: the loop checks
+    the probes every ``check_every`` steps and stops as soon as they all hold (about 120-200 steps), and fails with
+    what the model said if they do not hold after ``max_steps``."""
     import torch
 
     from deepmedix.model.load import chat_prompts, load, open_image
@@ -45,12 +62,13 @@ def taught_model(out: Path, steps: int = 120) -> Path:
     proc, model = loaded.processor, loaded.model
     torch.manual_seed(0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for step in range(steps):
+    wrong: list[str] = []
+    for step in range(max_steps):
+        model.train()
         k = step % len(QUESTIONS)
         img = open_image(image(64 + 40 * k, 48 + 30 * k, seed=step), 512)
         question = QUESTIONS[k] if step % 2 else f"{QUESTIONS[k]} {step} {QUESTIONS[(k + step) % len(QUESTIONS)]}"
-        prompt = chat_prompts(proc, [question], [1])[0]
+        prompt = chat_prompts(proc, [question], [1], [SYSTEMS[(step // 2) % len(SYSTEMS)]])[0]
         full = proc(text=[prompt + TAUGHT + "<|im_end|>"], images=[img], return_tensors="pt")
         n_prompt = proc(text=[prompt], images=[img], return_tensors="pt")["input_ids"].shape[1]
         labels = full["input_ids"].clone()
@@ -59,9 +77,38 @@ def taught_model(out: Path, steps: int = 120) -> Path:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model.eval()
-    model.save_pretrained(out)
-    return out
+        if (step + 1) % check_every == 0:
+            model.eval()
+            wrong = probe_failures(loaded)
+            if not wrong:
+                model.save_pretrained(out)
+                return out
+    raise NotTaught(f"the tiny model did not learn the taught answer in {max_steps} steps on this host; "
+                    f"it still said: {wrong[:3]}")
+
+
+def probe_failures(loaded) -> list[str]:
+    """What the model says, for each probe (alone, then all in one batch), that is not ``TAUGHT``."""
+    from deepmedix.model.load import generate_batch
+
+    imgs = [[image(w, h, seed) if w else dicom_image()] for w, h, seed, _, _ in PROBES]
+    questions = [q for _, _, _, q, _ in PROBES]
+    systems = [s for _, _, _, _, s in PROBES]
+    alone = [generate_batch(loaded, [i], [q], 64, systems=[s])[0].text for i, q, s in zip(imgs, questions, systems)]
+    batched = [g.text for g in generate_batch(loaded, imgs, questions, 64, systems=systems)]
+    return [t for t in alone + batched if t != TAUGHT]
+
+
+def dicom_pixels():
+    """The 320 x 240 16-bit ramp the DICOM serving tests send."""
+    return (np.add.outer(np.arange(240), np.arange(320)) * 9 % 4096).astype(np.uint16)
+
+
+def dicom_image() -> Image.Image:
+    """``dicom_pixels()`` as the server sees it: written as DICOM, decoded by the library's DICOM reader."""
+    from deepmedix.data.dicom import decode_dicom
+
+    return Image.fromarray(decode_dicom(make_dicom(dicom_pixels()), "probe.dcm"), "L").convert("RGB")
 
 
 def make_dicom(pixels):

@@ -6,13 +6,13 @@ import asyncio
 import base64
 import io
 
+import fx_serving as fx
 import numpy as np
 import pytest
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferInput, InferRequest
 from PIL import Image
 
-import fx_serving as fx
 from deepmedix.grounding import INSTRUCTION
 from serving import metrics
 from serving.inputs import Limits, UnknownModel, make_query, parse_chat, parse_v1, parse_v2

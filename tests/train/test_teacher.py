@@ -8,15 +8,22 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import server_process
 from typer.testing import CliRunner
 
-from conftest import server_process
 from deepmedix import stages, store
 from deepmedix.config import load_config
 from deepmedix.data.schema import Box, Record, load_records
 from deepmedix.train.coldstart import keep_trace
-from deepmedix.train.teacher import (OpenAITeacher, ResponseCache, build_messages, cache_dir, cache_key, clean_response,
-                                     redact_url)
+from deepmedix.train.teacher import (
+    OpenAITeacher,
+    ResponseCache,
+    build_messages,
+    cache_dir,
+    cache_key,
+    clean_response,
+    redact_url,
+)
 
 KEY_ENV = "DEEPMEDIX_TEST_TEACHER_KEY"
 SECRET = "sk-stub-secret-0123456789abcdef"

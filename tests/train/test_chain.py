@@ -1,0 +1,190 @@
+"""The trained chain: the embedded default's data and the tiny model through stages 1 and 2 (instruction SFT, cold
+start) with their tiny configs, built once for this file (about 3 minutes), and what needs it:
+
+- stages 1 and 2 learn the task, not only token statistics: greedy generations of each stage's model against the
+  model the stage started from, on held-out (validate) records. A falling validation loss can come from token
+  frequencies alone; these tests read what the models write. Each compares a trained model with its own starting
+  point on this host, so no threshold is tuned on another machine's floating point;
+- GRPO learns from the cold-start model, and a SIGKILLed GRPO run resumes to the weights of an unbroken one.
+
+`make test` keeps a file on one xdist worker (`--dist loadfile`), so the chain is built once per run."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import kill_at_first_checkpoint, nonfinite
+
+from deepmedix import stages
+from deepmedix.grounding import parse, user_message
+from deepmedix.model.load import eos_token_ids, load
+from deepmedix.train.checkpoints import committed_checkpoints
+from deepmedix.train.common import load_split, record_images
+
+BIN = Path(sys.executable).parent
+BOX = re.compile(r"\[\s*\d+\s*,\s*\d+\s*,\s*\d+\s*,\s*\d+\s*\]")
+# The learning run: grounding prompts, the paper's reward plus grounding against the reference boxes. At this
+# learning rate the per-step reward and IoU rise with a slope of about 4.7 standard errors on the development host
+# (at 2e-4, about 2.8 and 2.1: too close to the noise to assert on another host).
+LEARN = ["tasks=[grounding]", "reward=grounded_paper", "max_steps=80", "learning_rate=0.0005", "logging_steps=1",
+         "per_device_train_batch_size=16", "eval_records=8"]
+
+
+def trend(values: list[float]) -> tuple[float, float]:
+    """Least-squares slope of ``values`` over their index, and its t statistic (slope / its standard error)."""
+    import math
+
+    n = len(values)
+    mx, my = (n - 1) / 2, sum(values) / n
+    sxx = sum((i - mx) ** 2 for i in range(n))
+    slope = sum((i - mx) * (v - my) for i, v in enumerate(values)) / sxx
+    resid = sum((v - my - slope * (i - mx)) ** 2 for i, v in enumerate(values)) / (n - 2)
+    return slope, slope / math.sqrt(resid / sxx) if resid > 0 else math.inf
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """Folders ``data``, ``base``, ``sft``, ``traces``, ``coldstart`` of the chain (the demo's tiny configs)."""
+    root = tmp_path_factory.mktemp("chain")
+    c = SimpleNamespace(**{k: root / k for k in ("data", "base", "sft", "traces", "coldstart")})
+    stages.curate(str(c.data), "tiny")
+    stages.base_model(str(c.data), str(c.base), "tiny")
+    stages.sft(str(c.data), str(c.base), str(c.sft), "tiny")
+    stages.coldstart_synth(str(c.data), str(c.traces), "tiny")
+    stages.coldstart_sft(str(c.traces), str(c.sft), str(c.coldstart), "tiny")
+    return c
+
+
+@pytest.fixture(scope="module")
+def coldstart_chain(chain):
+    """(data folder, cold-start model folder): what GRPO starts from."""
+    return chain.data, chain.coldstart
+
+
+def greedy(model_dir, root, records, reasoning: bool, max_new_tokens: int) -> list[str]:
+    """Greedy outputs for ``records`` with the stage's own prompt form (the reasoning instruction or not)."""
+    loaded = load(model_dir, device="cpu")
+    proc, outs = loaded.processor, []
+    for rec in records:
+        images = record_images(root, rec, 512)
+        text = proc.apply_chat_template([user_message(rec.prompt, len(images), reasoning=reasoning)],
+                                        add_generation_prompt=True, tokenize=False)
+        inputs = proc(text=[text], images=images, return_tensors="pt")
+        with torch.no_grad():
+            seq = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        new = [t for t in seq[0, inputs["input_ids"].shape[1]:].tolist() if t not in eos_token_ids(loaded)]
+        outs.append(proc.decode(new, skip_special_tokens=True).strip())
+    return outs
+
+
+def test_instruction_sft_answers_what_the_base_model_cannot(chain):
+    """Stage 1 on VQA (the validate split's questions): the SFT model answers with an answer of the task (one that
+    the training split has) and gets some right; the base model it started from writes neither. (At the tiny size
+    stage 1 mostly learns each question's commonest answer; what each stage learns at larger sizes is measured by
+    the learning benchmark, not here.)"""
+    from deepmedix.data.schema import load_records
+
+    root, vqa = load_split(str(chain.data), "validate", ["vqa"], None, 64, 0)
+    vocab = {r.answer.strip().lower() for r in load_records(chain.data, "train") if r.task == "vqa"}
+    rates = {}
+    for name in ("base", "sft"):
+        outs = [o.strip().lower() for o in greedy(getattr(chain, name), root, vqa, False, 24)]
+        rates[name] = (sum(o in vocab for o in outs) / len(vqa),
+                       sum(o == r.answer.strip().lower() for o, r in zip(outs, vqa)) / len(vqa))
+    print(f"\nstage 1 on {len(vqa)} validate VQA questions (answers of the task, exact answers): base {rates['base']}, "
+          f"SFT {rates['sft']}")
+    assert len(vqa) >= 30
+    assert rates["sft"][0] >= 0.8 and rates["base"][0] <= 0.2, rates
+    assert rates["sft"][1] >= rates["base"][1] + 0.1, rates
+
+
+def test_cold_start_writes_the_grounded_grammar_the_sft_model_does_not(chain):
+    root, records = load_split(str(chain.data), "validate", ["report_impression", "vqa", "grounding"], None, 16, 0)
+    before = [parse(o).format_ok for o in greedy(chain.sft, root, records, True, 128)]
+    after_out = greedy(chain.coldstart, root, records, True, 128)
+    after = [parse(o).format_ok for o in after_out]
+    rate = (sum(before) / len(before), sum(after) / len(after))
+    print(f"\ncold-start format compliance on {len(records)} validate records: SFT {rate[0]:.2f}, "
+          f"cold start {rate[1]:.2f}")
+    assert rate[1] >= 0.75 and rate[1] >= rate[0] + 0.5, (rate, after_out[:3])
+    # the grounded answers carry boxes in their reasoning, as the traces taught
+    grounded = [parse(o) for o, r in zip(after_out, records) if r.task == "grounding"]
+    assert grounded and sum(bool(p.boxes) for p in grounded) >= len(grounded) / 2
+
+
+def test_grpo_learns_on_phantom_data_from_the_cold_start_model(coldstart_chain, tmp_path):
+    data, model = coldstart_chain
+    out = tmp_path / "grpo"
+    m = stages.grpo(str(data), str(model), str(out), "tiny", LEARN)
+    reward = (m["train_reward_first"], m["train_reward_last"])
+    iou = (m["train_iou_first"], m["train_iou_last"])
+    print(f"\nGRPO learning test (tiny cold-start model, {m['steps']} steps, {m['n_train']} grounding prompts): "
+          f"mean total reward {reward[0]:.3f} -> {reward[1]:.3f}, mean grounding IoU {iou[0]:.3f} -> {iou[1]:.3f} "
+          f"(first vs last quarter of the steps); held-out greedy reward {m['before']:.3f} -> {m['after']:.3f}")
+    assert not nonfinite(m), nonfinite(m)
+    assert reward[1] > reward[0] and iou[1] > iou[0]
+    hist = json.loads((out / "log_history.json").read_text())
+    # the margin: over all 80 steps the per-step reward and IoU rise by at least two standard errors of the slope
+    # (judged against this run's own step-to-step noise, so on any host); a run that does not learn has t ~ 0
+    for key in ("reward", "rewards/grounded/iou"):
+        slope, t = trend([h[key] for h in hist if key in h])
+        print(f"{key}: slope {slope:.5f} per step, t = {t:.2f}")
+        assert t >= 2.0, f"{key} does not rise clearly: slope {slope:.5f} per step, t = {t:.2f}"
+    # the held-out greedy reward is generated before and after on the validate split (8 prompts): it is computed
+    # and real, but at this size GRPO does not raise it (0.92 -> 0.89 on 24 prompts here), so no rise is asserted
+    assert m["before"] >= 0 and m["after"] >= 0 and m["n_val"] == 8
+
+    logged = {k for h in hist for k in h}
+    assert {"reward", "rewards/paper/mean", "rewards/grounded/mean", "rewards/grounded/iou", "rewards/grounded/count",
+            "rewards/paper/accuracy", "rewards/paper/format", "rewards/paper/coordinate", "kl",
+            "completions/mean_length"} <= logged
+    png = (out / "reward_curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    rows = [json.loads(x) for x in (out / "rollouts.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 * 80 and {r["step"] for r in rows} == set(range(1, 81))
+    for r in rows[:8]:
+        assert set(r["rewards"]) == {"paper", "grounded"} and r["task"] == "grounding" and r["completion"]
+        expect = r["rewards"]["paper"]["overall"] + r["rewards"]["grounded"]["overall"]
+        assert r["total"] == pytest.approx(expect)
+    assert load(out).model is not None  # a stock model folder
+
+
+def test_sigkill_then_resume_ends_with_the_weights_of_an_uninterrupted_run(coldstart_chain, tmp_path):
+    """Only the run that is killed is a process of its own (the CLI, SIGKILLed at its first committed checkpoint);
+    the uninterrupted run and the resume run in this process, through the same stage function the CLI calls."""
+    data, model = coldstart_chain
+    sets = ["max_steps=6", "save_steps=2", "save_total_limit=2", "eval_records=1", "logging_steps=2",
+            "max_completion_length=32", "per_device_train_batch_size=4"]
+    whole = tmp_path / "whole"
+    stages.grpo(str(data), str(model), str(whole), "tiny", sets)
+    assert [n for _, n in committed_checkpoints(str(tmp_path / "whole-checkpoints"))] == ["checkpoint-4",
+                                                                                        "checkpoint-6"]
+    out, ck = tmp_path / "killed", str(tmp_path / "killed-checkpoints")
+    cli = [str(BIN / "deepmedix"), "train", "grpo", "--data", str(data), "--model", str(model), "--out", str(out),
+           *[x for s in sets for x in ("--set", s)]]
+    done = kill_at_first_checkpoint(cli, ck)
+    assert done and done[-1][0] < 6 and not out.exists()
+
+    m = stages.grpo(str(data), str(model), str(out), "tiny", sets, resume=True)
+    assert m["resumed_from"].endswith(done[-1][1]) and m["steps"] == 6
+    a, b, start = load(whole).model.state_dict(), load(out).model.state_dict(), load(model).model.state_dict()
+    assert any(not torch.equal(a[k], start[k]) for k in a)  # it trained: the equality below is not vacuous
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["step"] for h in json.loads((out / "log_history.json").read_text()) if "reward" in h] == [2, 4, 6]
+    steps = [json.loads(x)["step"] for x in (out / "rollouts.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and set(steps) == set(range(1, 7))  # the kill lost none and repeated none
+    assert (whole / "rollouts.jsonl").read_text() == (out / "rollouts.jsonl").read_text()
+
+
+@pytest.mark.parametrize("stage", ["sft", "coldstart"])
+def test_each_stage_reports_finite_metrics(chain, stage):
+    """Every number a stage wrote in metrics.json is finite (a NaN loss fails here), and its loss fell."""
+    m = json.loads((getattr(chain, stage) / "metrics.json").read_text())
+    assert not nonfinite(m), nonfinite(m)
+    assert m["after"] < m["before"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shutil
@@ -15,11 +16,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The suite writes nothing outside the repository and the system temp dir, and reuses no cache from an earlier run:
 # HOME and every cache the stack knows of point into one folder made for this run (shared by the xdist workers,
 # which inherit the controller's environment, and by every process a test starts), removed at the end.
-if "DEEPMEDIX_TEST_HOME" not in os.environ:
+if "DEEPMEDIX_TEST_HOME" not in os.environ:  # the controller (or a plain run) makes it and removes it at exit
     os.environ["DEEPMEDIX_TEST_HOME"] = tempfile.mkdtemp(prefix="deepmedix-test-home-")
-    _OWN_HOME = True
-else:
-    _OWN_HOME = False
+    atexit.register(shutil.rmtree, os.environ["DEEPMEDIX_TEST_HOME"], ignore_errors=True)
 _HOME = os.environ["DEEPMEDIX_TEST_HOME"]
 os.environ.update({
     "HOME": _HOME, "XDG_CACHE_HOME": f"{_HOME}/.cache", "XDG_CONFIG_HOME": f"{_HOME}/.config",
@@ -37,11 +36,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 # Small sizes for stage tests: a handful of records, a few optimizer steps.
 SMALL_CURATE = ["n_patients=8", "image_size=128", "vqa_per_study=2"]
-
-
-def pytest_unconfigure(config):
-    if _OWN_HOME and not hasattr(config, "workerinput"):  # the controller (or a plain run) made it
-        shutil.rmtree(_HOME, ignore_errors=True)
 
 
 # The heavy files first, so that the longest chain of work starts at once on one worker while the other takes the

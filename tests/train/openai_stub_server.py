@@ -11,7 +11,8 @@
 ``err400``     400 (a bad request; must not be retried)
 ``ratelimit``  429 with Retry-After on the first call for each prompt, then answers like ``good``
 
-``GET /stats`` returns the request counts (total and per model); ``POST /reset`` zeroes them.
+``GET /stats`` returns the request counts (total and per model) and each model's request arrival times (the
+server's monotonic clock); ``POST /reset`` zeroes them.
 A request without ``Authorization: Bearer <key>`` gets 401.
 """
 
@@ -23,7 +24,7 @@ import hashlib
 import re
 import time
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -32,7 +33,7 @@ SLOW_S = 3.0
 FLAKY_FAILS = 2
 
 app = FastAPI()
-STATE: dict = {"total": 0, "by_model": Counter(), "per_prompt": Counter()}
+STATE: dict = {"total": 0, "by_model": Counter(), "per_prompt": Counter(), "arrivals": defaultdict(list)}
 
 _BOX = r"\[\s*-?\d+(?:\.\d+)?\s*,\s*-?\d+(?:\.\d+)?\s*,\s*-?\d+(?:\.\d+)?\s*,\s*-?\d+(?:\.\d+)?\s*\]"
 _REGION_RE = re.compile(rf"^- ([^:\n]+): ({_BOX})\s*$", re.M)
@@ -78,6 +79,7 @@ async def chat_completions(request: Request):
     model = str(body.get("model", ""))
     STATE["total"] += 1
     STATE["by_model"][model] += 1
+    STATE["arrivals"][model].append(time.monotonic())
     auth = request.headers.get("authorization", "")
     if not auth.startswith("Bearer ") or not auth[len("Bearer "):].strip():
         return _error(401, "missing API key", "invalid_request_error")
@@ -113,7 +115,7 @@ async def chat_completions(request: Request):
 
 @app.get("/stats")
 async def stats():
-    return {"total": STATE["total"], "by_model": dict(STATE["by_model"])}
+    return {"total": STATE["total"], "by_model": dict(STATE["by_model"]), "arrivals": dict(STATE["arrivals"])}
 
 
 @app.post("/reset")
@@ -121,6 +123,7 @@ async def reset():
     STATE["total"] = 0
     STATE["by_model"].clear()
     STATE["per_prompt"].clear()
+    STATE["arrivals"].clear()
     return {"ok": True}
 
 

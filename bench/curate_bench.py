@@ -63,11 +63,11 @@ _NOISE: np.ndarray | None = None
 
 def _init_gen(size: tuple[int, int]) -> None:
     global _NOISE
-    from deepmedix.data import phantom
+    from deepmedix.data.phantom_render import render_study
 
     for k in range(32):
-        img, _ = phantom.render_study(np.random.default_rng([7, k]), ["nodule", "cardiomegaly"][: k % 3],
-                                      size=512, view="PA")
+        img, _ = render_study(np.random.default_rng([7, k]), ["nodule", "cardiomegaly"][: k % 3], size=512,
+                              view="PA")
         _BASES.append(img)
     w, h = size
     _NOISE = np.random.default_rng(1).normal(0, 2.5, (h + 200, w + 200)).astype(np.int16)

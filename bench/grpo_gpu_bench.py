@@ -2,7 +2,7 @@
 
 What runs: TRL's ``GRPOTrainer`` with the arguments of the real stage (``deepmedix.train.grpo.trl_args`` over
 ``configs/grpo/7b.yaml``: 5 rollouts per prompt at temperature 1.0 / top_p 0.99, beta 0.01 (a KL reference model),
-epsilon 0.2 / 0.3, loss ``dapo``, the ``paper`` reward through ``RewardSpec.trl_functions``), overridden only where
+epsilon 0.2 / 0.3, loss ``dapo``, the ``paper`` reward through ``trl_reward_functions``), overridden only where
 one GPU needs it: no DeepSpeed, one prompt x 5 rollouts per step (``per_device_train_batch_size`` = 5, no gradient
 accumulation), ``max_steps`` = ``--warmup`` + ``--steps``, ``max_completion_length`` = ``--completion-len``
 (default 512; the 7B config's 2048 with ``--completion-len 2048``), gradient checkpointing on, nothing saved.
@@ -104,10 +104,10 @@ def make_rows(n: int, image_size: int, frame: int, seed: int) -> list[dict[str, 
     ``deepmedix.train.grpo.make_rows``."""
     import numpy as np
 
-    from deepmedix.data.phantom import render_study
+    from deepmedix.data.phantom_render import render_study
     from deepmedix.data.prompts import grounding_prompt
+    from deepmedix.data.records import open_image
     from deepmedix.grounding import to_frame, user_message
-    from deepmedix.model.load import open_image
 
     rows = []
     for i in range(n):
@@ -259,9 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     from datasets import Dataset
 
     from deepmedix.config import load_config
+    from deepmedix.rewards.spec import RewardSpec
     from deepmedix.train.common import freeze_vision
     from deepmedix.train.grpo import trl_args, use_vllm
-    from deepmedix.train.rewards import RewardSpec
+    from deepmedix.train.grpo_rewards import trl_reward_functions
 
     cfg = load_config("grpo", "7b", args.set)
     cfg.deepspeed = ""
@@ -310,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{grid} -> {n_img_tok} image tokens; {cfg.num_generations} rollouts x {completion_len} tokens; optimizer "
           f"{optim}; {'vLLM' if vllm else 'HF generate'}", flush=True)
 
-    funcs, weights = RewardSpec.from_config(cfg).trl_functions()
+    funcs, weights = trl_reward_functions(RewardSpec.from_config(cfg))
     targs = trl_args(cfg, out / "trainer", weights, vllm)
     from transformers.training_args import OptimizerNames
 

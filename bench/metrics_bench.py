@@ -1,11 +1,11 @@
-"""Report-metrics benchmark: :mod:`deepmedix.eval.report_metrics` against pycocoevalcap 1.2 on the same synthetic
+"""Report-metrics benchmark: :mod:`deepmedix.eval.nlg` against pycocoevalcap 1.2 on the same synthetic
 report pairs, timed in the same run.
 
 Pairs (``--pairs``, default 4,547): phantom chest X-ray reports (:mod:`deepmedix.data.phantom_text`), each a FINDINGS
 paragraph padded with common report sentences to 40-80 words and an IMPRESSION of 10-20 words. The prediction for a
 study is the report re-written: the same findings re-phrased, sometimes one missed, one added or a severity
 changed, part of the other sentences kept, a few verbatim copies. Both sides are lower-cased and space-tokenised with
-:func:`~deepmedix.eval.report_metrics.tokenize` (the bench checks that pycocoevalcap's PTBTokenizer gives the same).
+:func:`~deepmedix.eval.nlg.tokenize` (the bench checks that pycocoevalcap's PTBTokenizer gives the same).
 
 Timed each round, interleaved (coco, then ours), medians over ``--rounds``:
 
@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO))
 
 from deepmedix.data import phantom_text as pt  # noqa: E402
 from deepmedix.eval import meteor  # noqa: E402
-from deepmedix.eval import report_metrics as RM  # noqa: E402
+from deepmedix.eval import nlg as RM  # noqa: E402
 
 GOAL = 5.0
 TOL = {"bleu1": 1e-9, "bleu2": 1e-9, "bleu3": 1e-9, "bleu4": 1e-9, "meteor": 0.005, "rouge_l": 1e-9, "cider": 1e-9}

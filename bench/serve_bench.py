@@ -6,7 +6,7 @@ in the same run, at concurrency 1, 4 and 16.
 Without ``--model`` the tiny Qwen2.5-VL is built (random weights: it never stops early, so every query costs
 exactly ``--max-new-tokens`` tokens). Per concurrency level c, each round runs
 
-* in process: the same queries through :func:`deepmedix.model.load.generate_batch`, c at a time (c queries in
+* in process: the same queries through :func:`deepmedix.model.generate.generate_batch`, c at a time (c queries in
   one batch: what perfect batching would reach; c = 1 is one query per call), and
 * over HTTP: c client threads, each sending v1 requests (base64 PNG + question) back to back,
 
@@ -54,7 +54,7 @@ def in_process(loaded, images, question: str, c: int, n: int, budget: int) -> di
     """``n`` queries, ``c`` per generate call; every query in a call shares the call's latency."""
     from PIL import Image
 
-    from deepmedix.model.load import generate_batch
+    from deepmedix.model.generate import generate_batch
 
     lat = []
     t0 = time.perf_counter()
@@ -104,7 +104,7 @@ def over_http(url: str, name: str, images, question: str, c: int, n: int, budget
 
 
 def start_server(model: str, port: int, args, log_path: Path) -> subprocess.Popen:
-    from deepmedix.demo import wait_ready
+    from serving.local import wait_ready
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     log = open(log_path, "wb")
@@ -160,8 +160,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     levels = [int(c) for c in args.concurrency.split(",")]
 
-    from deepmedix.demo import free_port, stop_process
     from deepmedix.model.load import load
+    from serving.local import free_port, stop_process
 
     tmp = tempfile.TemporaryDirectory()
     model = args.model

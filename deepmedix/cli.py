@@ -11,6 +11,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from deepmedix.errors import InputError
+
 app = typer.Typer(help="DeepMedix-R1: grounded chest X-ray reasoning — curate, train, evaluate, serve.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Datasets: the phantom CXR generator and curation.", no_args_is_help=True)
@@ -37,16 +39,14 @@ RESUME = typer.Option(False, "--resume", help="continue from the newest checkpoi
 
 @contextmanager
 def cli_errors() -> Iterator[None]:
-    """Known failures become one clear line on stderr and exit code 2 (no traceback)."""
-    from deepmedix.config import ConfigError
-    from deepmedix.data.schema import RecordError
-    from deepmedix.errors import ClusterError, CurationError, DemoError, ModelLoadError
-    from deepmedix.store import StoreError
+    """The library's own errors (:class:`deepmedix.errors.DeepMedixError`: bad input, a missing file, a store, model,
+    curation or cluster failure) become one clear line on stderr and exit code 2; anything else is a bug and raises
+    with its traceback."""
+    from deepmedix.errors import DeepMedixError
 
     try:
         yield
-    except (ConfigError, RecordError, StoreError, ModelLoadError, DemoError, CurationError, ClusterError,
-            ValueError, FileNotFoundError) as exc:
+    except DeepMedixError as exc:
         err.print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False)
         raise typer.Exit(2) from None
 
@@ -171,7 +171,7 @@ def reward_score(file: str = typer.Argument(..., help="JSONL: one object a line 
     import json
     from pathlib import Path
 
-    from deepmedix.train.rewards import RewardSpec, read_score_rows, score_rows
+    from deepmedix.rewards.spec import RewardSpec, read_score_rows, score_rows
 
     with cli_errors():
         spec = RewardSpec.parse(reward)
@@ -208,9 +208,9 @@ def _model_files(items: list[str], what: str) -> dict[str, str]:
     for item in items or []:
         name, sep, path = item.partition("=")
         if not sep or not name.strip() or not path.strip():
-            raise ValueError(f"{what}: expected NAME=PATH, got {item!r}")
+            raise InputError(f"{what}: expected NAME=PATH, got {item!r}")
         if name.strip() in out:
-            raise ValueError(f"{what}: model {name.strip()!r} given twice")
+            raise InputError(f"{what}: model {name.strip()!r} given twice")
         out[name.strip()] = path.strip()
     return out
 
@@ -272,7 +272,7 @@ def eval_reports(pairs: str = typer.Argument(..., help='JSONL: {"id", "predictio
     """BLEU-1..4, METEOR, ROUGE-L and CIDEr of report pairs, as pycocoevalcap computes them (after tokenising)."""
     import json
 
-    from deepmedix.eval.report_metrics import score_pairs_file
+    from deepmedix.eval.nlg import score_pairs_file
 
     with cli_errors():
         scores = score_pairs_file(pairs, meteor=meteor)
@@ -330,7 +330,7 @@ def pipeline_run_local(root: str = typer.Option("runs/local/pipeline_root"), siz
     """Run the whole pipeline under kfp.local (subprocess runner)."""
     from pathlib import Path
 
-    from deepmedix.demo import run_pipeline_local, stage_metrics
+    from pipelines.demo import run_pipeline_local, stage_metrics
 
     with cli_errors():
         run = run_pipeline_local(Path(root).resolve(), size=size)
@@ -352,7 +352,7 @@ def stage_run(ctx: typer.Context, stage: str = typer.Argument(..., help="sft, co
 
     with cli_errors():
         if stage not in STAGES:
-            raise ValueError(f"stage: {stage!r} is not one of {sorted(STAGES)}")
+            raise InputError(f"stage: {stage!r} is not one of {sorted(STAGES)}")
         opts = _stage_options(list(ctx.args), STAGES[stage][1])
         show(run_training(stage, (opts["data"],) * 2, (opts["model"],) * 2, (opts["out"],) * 2, opts["config"],
                           opts["set"], nodes, gpus_per_node, image, namespace,
@@ -370,9 +370,9 @@ def _gpu_pool(node_selector: str, tolerations: str):
             try:
                 value = json.loads(text)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{flag}: not valid JSON ({exc})") from None
+                raise InputError(f"{flag}: not valid JSON ({exc})") from None
             if not isinstance(value, kind):
-                raise ValueError(f"{flag}: expected a JSON {kind.__name__}")
+                raise InputError(f"{flag}: expected a JSON {kind.__name__}")
             setattr(pool, attr, value)
     return pool
 
@@ -386,12 +386,12 @@ def _stage_options(args: list[str], data_opt: str) -> dict:
     while args:
         flag = args.pop(0)
         if flag not in names or not args:
-            raise ValueError(f"stage options: unexpected {flag!r} (expected {data_opt}, --model, --out, -c, --set)")
+            raise InputError(f"stage options: unexpected {flag!r} (expected {data_opt}, --model, --out, -c, --set)")
         value = args.pop(0)
         opts["set"].append(value) if names[flag] == "set" else opts.__setitem__(names[flag], value)
     missing = [n for n in ("data", "model", "out") if n not in opts]
     if missing:
-        raise ValueError(f"stage options: missing {', '.join('--' + m if m != 'data' else data_opt for m in missing)}")
+        raise InputError(f"stage options: missing {', '.join('--' + m if m != 'data' else data_opt for m in missing)}")
     return opts
 
 
@@ -419,7 +419,7 @@ def deploy_cmd(model: str = typer.Option(..., help="the model folder's s3:// URI
 @app.command("demo")
 def demo(run_dir: str = typer.Option("runs/demo")):
     """The pipeline under kfp.local, then serving and one grounded answer."""
-    from deepmedix.demo import main
+    from pipelines.demo import main
 
     with cli_errors():
         main(run_dir)

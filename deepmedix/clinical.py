@@ -25,6 +25,8 @@ import re
 from functools import lru_cache
 from typing import Mapping, Sequence
 
+from deepmedix.errors import InputError
+
 __all__ = ["OBSERVATIONS", "FIVE", "UNCERTAIN_POLICIES", "label", "positive_set", "label_f1", "corpus_f1"]
 
 OBSERVATIONS = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
@@ -231,7 +233,7 @@ def label(text: str) -> dict[str, float | None]:
 
 def _check_policy(uncertain: str) -> None:
     if uncertain not in UNCERTAIN_POLICIES:
-        raise ValueError(f"uncertain must be one of {', '.join(UNCERTAIN_POLICIES)}, got {uncertain!r}")
+        raise InputError(f"uncertain must be one of {', '.join(UNCERTAIN_POLICIES)}, got {uncertain!r}")
 
 
 def positive_set(labels: Mapping[str, float | None], uncertain: str = "positive") -> set[str]:
@@ -261,10 +263,10 @@ def corpus_f1(predictions: Sequence[str], references: Sequence[str], uncertain: 
     ``observations``, and ``micro_f1_5``/``macro_f1_5`` for the five common ones (:data:`FIVE`)."""
     _check_policy(uncertain)
     if len(predictions) != len(references):
-        raise ValueError(f"predictions and references differ in length: {len(predictions)} vs {len(references)}")
+        raise InputError(f"predictions and references differ in length: {len(predictions)} vs {len(references)}")
     unknown = [o for o in observations if o not in OBSERVATIONS]
     if unknown:
-        raise ValueError(f"unknown observations {unknown}; expected names from {OBSERVATIONS}")
+        raise InputError(f"unknown observations {unknown}; expected names from {OBSERVATIONS}")
     counts = {obs: [0, 0, 0] for obs in OBSERVATIONS}  # tp, fp, fn
     for p, r in zip(predictions, references):
         pred, ref = positive_set(label(p), uncertain), positive_set(label(r), uncertain)

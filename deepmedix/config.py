@@ -14,11 +14,13 @@ from typing import Any
 
 import yaml
 
+from deepmedix.errors import DeepMedixError
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(DeepMedixError, ValueError):
+    """A config file or override that cannot be used; the message names the key."""
 
 
 @dataclass

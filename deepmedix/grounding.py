@@ -174,3 +174,19 @@ def mean_matched_iou(pred: list[list[float]], ref: list[list[float]]) -> float:
     if not ref:
         return 0.0
     return sum(v for _, _, v in match_boxes(pred, ref)) / max(len(ref), len(pred))
+
+
+# ---------------------------------------------------------------- a raw output, read
+
+def grounding_object(raw: str, width: int, height: int, frame: int = DEFAULT_FRAME) -> dict:
+    """The grounded reading of one raw output: steps with boxes in original pixels, the answer."""
+    parsed = parse(raw)
+    steps = [{"text": s.text, "boxes": [from_frame(b, width, height, frame) for b in s.boxes]}
+             for s in parsed.steps]
+    return {
+        "answer": parsed.answer,
+        "format_ok": parsed.format_ok,
+        "steps": steps,
+        "boxes": [b for s in steps for b in s["boxes"]],
+        "image_size": [width, height],
+    }

@@ -71,7 +71,7 @@ def sft(data: str, model: str, out: str, size: str = "tiny", overrides: list[str
 
 
 def coldstart_synth(data: str, out: str, size: str = "tiny", overrides: list[str] | None = None) -> dict[str, Any]:
-    from deepmedix.train.coldstart import synthesize
+    from deepmedix.synth.synthesize import synthesize
 
     t0 = time.time()
     report = synthesize(load_config("coldstart", size, overrides), data, out)

@@ -22,12 +22,14 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from deepmedix.errors import DeepMedixError, InputError
+
 LINEAGE = "lineage.json"
 _BIG = 256 * 1024 * 1024
 
 
-class StoreError(RuntimeError):
-    pass
+class StoreError(DeepMedixError, RuntimeError):
+    """A URI that cannot be read or written (S3 unreachable, a missing object, a bad URI)."""
 
 
 def jsonl_objects(path: str | os.PathLike, label: str | os.PathLike | None = None,
@@ -39,7 +41,7 @@ def jsonl_objects(path: str | os.PathLike, label: str | os.PathLike | None = Non
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{label}: cannot read ({exc})") from None
+        raise InputError(f"{label}: cannot read ({exc})") from None
     for no, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -47,10 +49,15 @@ def jsonl_objects(path: str | os.PathLike, label: str | os.PathLike | None = Non
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{where}: not JSON ({exc.msg})") from None
+            raise InputError(f"{where}: not JSON ({exc.msg})") from None
         if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected {expected}, got {type(row).__name__}")
+            raise InputError(f"{where}: expected {expected}, got {type(row).__name__}")
         yield no, where, row
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> None:
+    """``obj`` as indented JSON with sorted keys (anything JSON cannot hold written as its ``str``)."""
+    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def is_s3(uri: str | os.PathLike) -> bool:

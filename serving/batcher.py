@@ -26,10 +26,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-from serving import metrics
+from deepmedix.errors import DeepMedixError
+from serving import prometheus
 
 
-class Overloaded(Exception):
+class Overloaded(DeepMedixError):
     """The queue is full: HTTP 429 with Retry-After."""
 
     def __init__(self, message: str, retry_after: int):
@@ -37,7 +38,7 @@ class Overloaded(Exception):
         self.retry_after = retry_after
 
 
-class Unavailable(Exception):
+class Unavailable(DeepMedixError):
     """Timed out, or not ready: HTTP 503 with Retry-After."""
 
     def __init__(self, message: str, retry_after: int):
@@ -93,7 +94,7 @@ class Batcher:
         images are decoded, and again when it is queued."""
         waiting = self.waiting()
         if waiting and waiting + n > self.max_queue:
-            metrics.REJECTED.labels(reason="queue_full").inc()
+            prometheus.REJECTED.labels(reason="queue_full").inc()
             raise Overloaded(f"server busy: {waiting} queries waiting (limit {self.max_queue}); retry later",
                              self.retry_after())
 
@@ -113,12 +114,12 @@ class Batcher:
             j.future = loop.create_future()
             j.enqueued = time.monotonic()
             self._queue.append(j)
-        metrics.QUEUE.set(self.waiting())
+        prometheus.QUEUE.set(self.waiting())
         self._wakeup.set()
         try:
             return await asyncio.wait_for(asyncio.gather(*(j.future for j in jobs)), self.timeout_s)
         except asyncio.TimeoutError:
-            metrics.REJECTED.labels(reason="timeout").inc()
+            prometheus.REJECTED.labels(reason="timeout").inc()
             raise Unavailable(f"no answer within the request timeout of {self.timeout_s:g} s; retry later",
                               self.retry_after()) from None
         finally:
@@ -128,7 +129,7 @@ class Batcher:
                 j.dead.set()
             if gone:
                 self._queue = collections.deque(j for j in self._queue if j.live)
-            metrics.QUEUE.set(self.waiting())
+            prometheus.QUEUE.set(self.waiting())
 
     # ------------------------------------------------------------------ the loop
 
@@ -178,10 +179,10 @@ class Batcher:
                 except asyncio.TimeoutError:
                     break
             batch = self._take()
-            metrics.QUEUE.set(self.waiting())
+            prometheus.QUEUE.set(self.waiting())
             if not batch:
                 continue
-            metrics.BATCH_SIZE.observe(len(batch))
+            prometheus.BATCH_SIZE.observe(len(batch))
             t0 = time.monotonic()
             try:
                 results = await loop.run_in_executor(self._executor, self.run_batch, batch)
@@ -197,7 +198,7 @@ class Batcher:
                 self._callers = len(batch) + self.waiting()
                 free_since = time.monotonic()
                 dt = free_since - t0
-                metrics.GENERATE_SECONDS.observe(dt)
+                prometheus.GENERATE_SECONDS.observe(dt)
                 self._batch_s = 0.8 * self._batch_s + 0.2 * dt
 
     def close(self) -> None:

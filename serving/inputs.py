@@ -141,8 +141,8 @@ def decode_image(data, where: str, limits: Limits) -> Image.Image:
 
 def make_query(img: Image.Image, question: str, limits: Limits, max_new_tokens: int, temperature: float = 0.0,
                top_p: float = 1.0, overlay: bool = False) -> Query:
-    """The model's view of ``img`` (:func:`deepmedix.model.load.open_image`: the frame square) and its size."""
-    from deepmedix.model.load import open_image
+    """The model's view of ``img`` (:func:`deepmedix.data.records.open_image`: the frame square) and its size."""
+    from deepmedix.data.records import open_image
 
     original = None
     if overlay:

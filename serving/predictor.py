@@ -2,7 +2,7 @@
 
 Every query of a request is checked and decoded first (:mod:`serving.inputs`; a bad one fails the whole request
 with HTTP 400 naming the field). Then the queries join the dynamic batcher (:mod:`serving.batcher`), which runs
-concurrent requests' queries through one :func:`deepmedix.model.load.generate_batch`. Each answer is the raw
+concurrent requests' queries through one :func:`deepmedix.model.generate.generate_batch`. Each answer is the raw
 text plus a ``grounding`` object whose boxes are in the ORIGINAL image's pixels
 (:func:`deepmedix.grounding.from_frame` undoes the model's ``frame x frame`` square), and on request an overlay
 PNG with the boxes drawn.
@@ -21,48 +21,21 @@ with ``overlay``, ``overlay_png`` (base64).
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import json
 import uuid
-from pathlib import Path
 
 import kserve
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from deepmedix import grounding
-from deepmedix.model import load as model_load
-from serving import metrics
+from deepmedix.grounding import grounding_object
+from deepmedix.model.generate import Generation, generate_batch
+from deepmedix.model.load import Loaded, load
+from deepmedix.viz import overlay_png
+from serving import prometheus
 from serving.batcher import Batcher, Job, Unavailable
 from serving.inputs import Limits, Query, parse_v1, parse_v2
-
-COLORS = [(255, 0, 0), (0, 200, 0), (0, 128, 255), (255, 160, 0), (200, 0, 255), (0, 220, 220)]
-
-
-def grounding_object(raw: str, width: int, height: int, frame: int = grounding.DEFAULT_FRAME) -> dict:
-    """The grounded reading of one raw output: steps with boxes in original pixels, the answer."""
-    parsed = grounding.parse(raw)
-    steps = [{"text": s.text, "boxes": [grounding.from_frame(b, width, height, frame) for b in s.boxes]}
-             for s in parsed.steps]
-    return {
-        "answer": parsed.answer,
-        "format_ok": parsed.format_ok,
-        "steps": steps,
-        "boxes": [b for s in steps for b in s["boxes"]],
-        "image_size": [width, height],
-    }
-
-
-def overlay_png(image: Image.Image, ground: dict, size: tuple[int, int] | None = None) -> str:
-    """Base64 PNG of ``image`` with the grounding's boxes drawn, labelled by step. ``size``: the size the boxes
-    refer to, when ``image`` is a reduced copy (boxes are scaled to it)."""
-    labels = [f"step {i + 1}" for i, s in enumerate(ground["steps"]) for _ in s["boxes"]]
-    sx, sy = (image.width / size[0], image.height / size[1]) if size else (1.0, 1.0)
-    boxes = [[b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy] for b in ground["boxes"]]
-    buf = io.BytesIO()
-    draw_boxes(image, boxes, labels).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 class DeepMedixModel(kserve.Model):
@@ -75,18 +48,18 @@ class DeepMedixModel(kserve.Model):
         self.frame = self.limits.frame = int(frame)
         # Our own pixel limit is checked from the header; Pillow's must not fire first with a vaguer message.
         Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, self.limits.max_pixels)
-        self.loaded: model_load.Loaded | None = None
+        self.loaded: Loaded | None = None
         self.batcher = Batcher(self._run_batch, max_batch_size=max_batch_size, max_wait_s=max_wait_ms / 1000.0,
                                max_queue=max_queue, timeout_s=request_timeout_s)
 
     def load(self) -> bool:
-        self.loaded = model_load.load(self.model_uri)
+        self.loaded = load(self.model_uri)
         self.ready = True
         return self.ready
 
     # ------------------------------------------------------------ generation (the batcher's thread)
 
-    def _run_batch(self, jobs: list[Job]) -> list[model_load.Generation]:
+    def _run_batch(self, jobs: list[Job]) -> list[Generation]:
         q0 = jobs[0].query
 
         def on_token(k: int, tok: int) -> None:
@@ -96,13 +69,13 @@ class DeepMedixModel(kserve.Model):
                 except Exception:  # noqa: BLE001 - one stream's failure (its loop closed) must not end the batch
                     jobs[k].dead.set()
 
-        gens = model_load.generate_batch(
+        gens = generate_batch(
             self.loaded, [[j.query.image] for j in jobs], [j.query.question for j in jobs],
             [j.query.max_new_tokens for j in jobs], do_sample=q0.temperature > 0, temperature=q0.temperature or 1.0,
             top_p=q0.top_p, frame=self.frame, systems=[j.query.system for j in jobs], on_token=on_token,
             on_done=lambda k, g: jobs[k].deliver(g), stop_row=lambda k: jobs[k].dead.is_set())
-        metrics.GENERATED_TOKENS.inc(sum(g.completion_tokens for g in gens))
-        metrics.PROMPT_TOKENS.inc(sum(g.prompt_tokens for g in gens))
+        prometheus.GENERATED_TOKENS.inc(sum(g.completion_tokens for g in gens))
+        prometheus.PROMPT_TOKENS.inc(sum(g.prompt_tokens for g in gens))
         return gens
 
     async def answer(self, queries: list[Query], on_token=None) -> list[dict]:
@@ -117,7 +90,7 @@ class DeepMedixModel(kserve.Model):
         self.batcher.admit(1)
         return await asyncio.to_thread(parser, payload, self.limits)
 
-    def result(self, q: Query, g: model_load.Generation) -> dict:
+    def result(self, q: Query, g: Generation) -> dict:
         ground = grounding_object(g.text, q.size[0], q.size[1], self.frame)
         out = {"text": g.text, "grounding": ground, "finish_reason": g.finish_reason,
                "usage": {"prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens,
@@ -147,32 +120,3 @@ class DeepMedixModel(kserve.Model):
 
     def stop(self):
         self.batcher.close()
-
-
-def draw_boxes(image: Image.Image, boxes: list[list[float]], labels: list[str] | None) -> Image.Image:
-    """An RGB copy of ``image`` with ``boxes`` (original pixels) drawn as coloured, labelled rectangles."""
-    img = model_load.open_image(image).copy()
-    draw = ImageDraw.Draw(img)
-    width = max(2, round(min(img.size) / 150))
-    font = ImageFont.load_default()
-    for k, box in enumerate(boxes):
-        color = COLORS[k % len(COLORS)]
-        x1, y1, x2, y2 = (float(v) for v in box)
-        x1, x2 = sorted((x1, x2))
-        y1, y2 = sorted((y1, y2))
-        draw.rectangle([x1, y1, x2, y2], outline=color, width=width)
-        label = labels[k] if labels and k < len(labels) else None
-        if label:
-            tx, ty = x1 + width, (y1 - 12 if y1 >= 12 else y1 + width)
-            left, top, right, bottom = draw.textbbox((tx, ty), label, font=font)
-            draw.rectangle([left - 1, top - 1, right + 1, bottom + 1], fill=(0, 0, 0))
-            draw.text((tx, ty), label, fill=color, font=font)
-    return img
-
-
-def draw_overlay(image: Image.Image, boxes: list[list[float]], labels: list[str] | None, path) -> Path:
-    """Write ``image`` as an RGB PNG at ``path`` with ``boxes`` (original pixels) drawn as coloured rectangles."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    draw_boxes(image, boxes, labels).save(out, format="PNG")
-    return out

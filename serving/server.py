@@ -34,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 
+from deepmedix.errors import DeepMedixError
+
 
 def _import_kserve_with_bare_argv() -> None:
     if "kserve.model_server" in sys.modules:
@@ -53,7 +55,7 @@ from fastapi.responses import JSONResponse  # noqa: E402
 from kserve import ModelServer  # noqa: E402
 from kserve.logging import logger as log  # noqa: E402
 
-from serving import metrics  # noqa: E402
+from serving import prometheus  # noqa: E402
 from serving.batcher import Overloaded, Unavailable  # noqa: E402
 from serving.inputs import Limits  # noqa: E402
 from serving.openai_api import mount_model  # noqa: E402
@@ -79,7 +81,7 @@ class HostModelServer(ModelServer):
         super().setup_event_loop()
 
 
-class _TooLarge(Exception):
+class _TooLarge(DeepMedixError):
     pass
 
 
@@ -114,7 +116,7 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         t0 = time.perf_counter()
-        route = metrics.route_of(scope["path"])
+        route = prometheus.route_of(scope["path"])
         status = [0]
 
         async def send_tracked(msg):
@@ -125,7 +127,7 @@ class Guard:
         try:
             headers = dict(scope.get("headers") or [])
             if self.token and not self._open(scope["method"], scope["path"]) and not self._authorized(headers):
-                metrics.REJECTED.labels(reason="unauthorized").inc()
+                prometheus.REJECTED.labels(reason="unauthorized").inc()
                 return await _send_json(send_tracked, 401, {"error": "missing or wrong bearer token "
                                                            "(Authorization: Bearer <token>)"},
                                         {"WWW-Authenticate": "Bearer"})
@@ -143,7 +145,7 @@ class Guard:
                 except ValueError:
                     return await _send_json(send_tracked, 400, {"error": "Content-Length: not an integer"})
                 if n > self.max_body:
-                    metrics.REJECTED.labels(reason="too_large").inc()
+                    prometheus.REJECTED.labels(reason="too_large").inc()
                     return await _send_json(send_tracked, 413, {"error": f"request body: {n} bytes, over the "
                                                                f"limit of {self.max_body}"})
             seen = [0]
@@ -159,13 +161,13 @@ class Guard:
             try:
                 await self.app(scope, receive_counted, send_tracked)
             except _TooLarge:
-                metrics.REJECTED.labels(reason="too_large").inc()
+                prometheus.REJECTED.labels(reason="too_large").inc()
                 if not status[0]:
                     await _send_json(send_tracked, 413, {"error": f"request body over the limit of "
                                                          f"{self.max_body} bytes"})
         finally:
-            metrics.REQUESTS.labels(route=route, code=str(status[0]) if status[0] else DISCONNECTED).inc()
-            metrics.LATENCY.labels(route=route).observe(time.perf_counter() - t0)
+            prometheus.REQUESTS.labels(route=route, code=str(status[0]) if status[0] else DISCONNECTED).inc()
+            prometheus.LATENCY.labels(route=route).observe(time.perf_counter() - t0)
 
 
 async def _retry_later(request: Request, exc: Overloaded | Unavailable):

@@ -35,11 +35,12 @@ from kserve.errors import InvalidInput  # noqa: E402
 from kserve.logging import logger as log  # noqa: E402
 
 from deepmedix import grounding  # noqa: E402
-from serving import metrics  # noqa: E402
+from deepmedix.grounding import grounding_object  # noqa: E402
+from deepmedix.viz import overlay_png  # noqa: E402
+from serving import prometheus  # noqa: E402
 from serving.batcher import Overloaded, Unavailable  # noqa: E402
 from serving.inputs import Limits, Query, parse_v1  # noqa: E402
 from serving.openai_api import mount_openai  # noqa: E402
-from serving.predictor import grounding_object, overlay_png  # noqa: E402
 
 
 class GroundingTransformer(kserve.Model):
@@ -86,7 +87,7 @@ class GroundingTransformer(kserve.Model):
 
     def admit(self) -> None:
         if self._waiting >= self.max_queue:
-            metrics.REJECTED.labels(reason="queue_full").inc()
+            prometheus.REJECTED.labels(reason="queue_full").inc()
             raise Overloaded(f"transformer busy: {self._waiting} requests waiting (limit {self.max_queue}); "
                              "retry later", 2)
 

@@ -43,7 +43,7 @@ SMALL_CURATE = ["n_patients=8", "image_size=128", "vqa_per_study=2"]
 # worker (its module fixtures are built once) and files are handed out in this collection order. (loadfile, not
 # loadgroup: xdist 3.8's xdist_group renames node ids through an attribute pytest 9 no longer reads.)
 HEAVY_FIRST = ("tests/train/test_chain.py", "tests/serving/test_server.py", "tests/train/test_grpo.py",
-               "tests/train/test_sft.py", "tests/pipeline/", "tests/eval/test_report_metrics.py")
+               "tests/train/test_sft.py", "tests/pipeline/", "tests/eval/test_nlg.py")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -142,8 +142,8 @@ def server_process(script, args, log_dir, ready_path="/stats"):
     import subprocess
     import sys
 
-    from deepmedix.demo import free_port, stop_process, wait_ready
     from deepmedix.errors import DemoError
+    from serving.local import free_port, stop_process, wait_ready
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"

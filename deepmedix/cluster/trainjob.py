@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from deepmedix.cluster.k8s import S3_SECRET, ClusterError, Failed, api, condition, current_namespace, s3_env, wait_for
-from deepmedix.errors import sigterm_exits
+from deepmedix.errors import InputError, sigterm_exits
 
 GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
 RUNTIME = "torch-distributed"
@@ -45,7 +45,7 @@ class GpuPool:
 def stage_args(stage: str, data: str, model: str, out: str, size: str, overrides: list[str]) -> list[str]:
     """``deepmedix`` CLI arguments for one training stage."""
     if stage not in STAGES:
-        raise ValueError(f"stage: {stage!r} is not one of {sorted(STAGES)}")
+        raise InputError(f"stage: {stage!r} is not one of {sorted(STAGES)}")
     words, data_opt = STAGES[stage]
     args = [*words, data_opt, data, "--model", model, "--out", out, "--config", size]
     for o in overrides:

@@ -24,468 +24,33 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from deepmedix import store
-from deepmedix.config import ConfigError, CurateConfig, to_dict
+from deepmedix.config import CurateConfig, to_dict
 from deepmedix.data import images as imgs
-from deepmedix.data import text as txt
-from deepmedix.data.compact import U64Map
-from deepmedix.data.schema import SPLITS, Box, Record, RecordError
+from deepmedix.data.curate_chunk import Prep, chunk_digest, finish_chunk, parquet_bytes, prepare_chunk
+from deepmedix.data.curate_state import (
+    IMAGE_RE,
+    SourceSpec,
+    State,
+    check_out,
+    chunks,
+    open_source,
+    resolve_sources,
+    sampled_stream,
+)
+from deepmedix.data.schema import RecordError
 from deepmedix.data.sink import Sink
-from deepmedix.data.sources import ImageRef, Item, Quarantine, Root, Source, get_source
 from deepmedix.data.workers import ImagePool
-from deepmedix.errors import CurationError, sigterm_exits
+from deepmedix.errors import sigterm_exits
 
 Progress = Callable[[int, int], None]
 WORK = "_work"
-_PHANTOM_KEYS = ("n_patients", "studies_per_patient", "image_size", "vqa_per_study", "split_ratios", "seed",
-                 "n_studies")
-
-
-# ------------------------------------------------------------------------------------------------ the state
-
-@dataclass
-class SourceSpec:
-    index: int
-    name: str
-    root: str
-    ratio: float = 1.0
-    limit: int = 0
-    options: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def tag(self) -> str:
-        return f"{self.index:02d}-{self.name}"
-
-
-@dataclass
-class State:
-    """What later chunks must know of earlier ones. The per-image and per-record parts are compact tables
-    (64-bit keys in numpy arrays), so a run's memory grows by a few hundred bytes an image, not kilobytes."""
-    ids: U64Map = field(default_factory=U64Map)            # 64-bit hashes of record ids
-    sha_owner: U64Map = field(default_factory=U64Map)      # image sha prefix -> index in owners
-    owners: list[tuple[str, str]] = field(default_factory=list)  # (patient, study) of stored images
-    phash: imgs.PhashIndex | None = None                   # owners are indexes in owners
-    rec_keys: U64Map = field(default_factory=U64Map)       # record dedupe key -> index in rec_ids
-    rec_ids: list[str] = field(default_factory=list)
-    patient_split: dict[str, str] = field(default_factory=dict)
-    counts: dict[str, int] = field(default_factory=dict)
-    quarantine: list[dict[str, str]] = field(default_factory=list)
-    shards: dict[str, str] = field(default_factory=dict)        # rel -> sha256
-    shard_marker: dict[str, str] = field(default_factory=dict)  # rel -> the marker that committed it
-    images: U64Map = field(default_factory=U64Map)         # sha prefixes of the stored images (image_rel)
-    reassigned: int = 0
-    per_source: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    def owner(self, owner: tuple[str, str]) -> int:
-        """The index of ``owner`` in owners (consecutive images of one study share it)."""
-        if not self.owners or self.owners[-1] != owner:
-            self.owners.append(owner)
-        return len(self.owners) - 1
-
-    def add_image(self, sha: str, owner: int, ph: int | None) -> None:
-        self.sha_owner.setdefault(_sha64(sha), owner)
-        if self.phash is not None and ph is not None:
-            self.phash.add(ph, owner)
-
-    def add_rec_key(self, key: str, rid: str) -> None:
-        if self.rec_keys.setdefault(_u64key(key), len(self.rec_ids)) == len(self.rec_ids):  # new: first rid wins
-            self.rec_ids.append(rid)
-
-    def rec_key_owner(self, key: str) -> str | None:
-        i = self.rec_keys.get(_u64key(key))
-        return None if i is None else self.rec_ids[i]
-
-    def replay(self, m: dict[str, Any], tag: str, marker: str) -> None:
-        self.ids.update(_u64(i) for i in m["ids"])
-        local: dict[tuple[str, str], int] = {}  # one owners entry per study of this chunk
-
-        def owner(o: tuple[str, str]) -> int:
-            if o not in local:
-                local[o] = self.owner(o)
-            return local[o]
-
-        for sha, o in m["shas"].items():
-            if _sha64(sha) not in self.sha_owner:  # (a chunk just finished has added its own already)
-                self.add_image(sha, owner(tuple(o)), None)
-        for h, p, s in m["phashes"] if self.phash is not None else ():
-            if int(h) not in self.phash:
-                self.phash.add(int(h), owner((p, s)))
-        for key, rid in m["rec_keys"].items():
-            self.add_rec_key(key, rid)
-        for pid, split in m["patients"].items():
-            self.patient_split.setdefault(pid, split)
-        for k, v in m["counts"].items():
-            self.counts[k] = self.counts.get(k, 0) + v
-        self.quarantine.extend(m["quarantine"])
-        self.shards.update(m["shards"])
-        self.shard_marker.update({rel: marker for rel in m["shards"]})
-        self.images.update(int(_IMAGE.match(rel)[1], 16) for rel in m["images"])
-        self.reassigned += m["reassigned"]
-        src = self.per_source.setdefault(tag, {"items": 0, "kept": 0, "quarantined": 0, "digests": []})
-        src["items"] += m["items"]
-        src["kept"] += sum(m["counts"].values())
-        src["quarantined"] += len(m["quarantine"])
-        src["digests"].append(m["digest"] + m["image_digest"])
-
-
-# ---------------------------------------------------------------------------------------- sources and config
-
-def resolve_sources(cfg: CurateConfig) -> list[SourceSpec]:
-    """The config's sources, checked (names, roots, ratios, limits; not yet opened)."""
-    if cfg.sources:
-        out = []
-        for i, s in enumerate(cfg.sources):
-            where = f"curate config: sources[{i}]"
-            if not isinstance(s, dict):
-                raise ConfigError(f"{where}: expected a mapping with name/root/ratio/limit/options")
-            unknown = sorted(set(s) - {"name", "root", "ratio", "limit", "options"})
-            if unknown:
-                raise ConfigError(f"{where}: unknown key(s) {unknown}; known: name, root, ratio, limit, options")
-            if not s.get("name"):
-                raise ConfigError(f"{where}: key 'name' is required")
-            if not isinstance(s.get("options") or {}, dict):
-                raise ConfigError(f"{where}: 'options' must be a mapping")
-            out.append(SourceSpec(i, str(s["name"]), str(s.get("root") or ""), s.get("ratio", cfg.ratio),
-                                  s.get("limit", cfg.limit), dict(s.get("options") or {})))
-    else:
-        opts = dict(cfg.options)
-        if cfg.source == "phantom":
-            opts = {**{k: getattr(cfg, k) for k in _PHANTOM_KEYS}, **opts}
-        out = [SourceSpec(0, cfg.source, cfg.root, cfg.ratio, cfg.limit, opts)]
-    for s in out:
-        where = f"curate config: source {s.name!r}"
-        if not isinstance(s.ratio, (int, float)) or isinstance(s.ratio, bool) or not 0 < float(s.ratio) <= 1:
-            raise ConfigError(f"{where}: 'ratio' must be a number in (0, 1], got {s.ratio!r}")
-        if not isinstance(s.limit, int) or isinstance(s.limit, bool) or s.limit < 0:
-            raise ConfigError(f"{where}: 'limit' must be a non-negative integer, got {s.limit!r}")
-        try:
-            cls = get_source(s.name)
-        except KeyError as exc:
-            raise ConfigError(f"{where}: {exc.args[0]}") from None
-        if cls.needs_root and not s.root:
-            raise ConfigError(f"{where}: 'root' (a folder or s3:// prefix holding the dataset) is required")
-    checks = [
-        (cfg.shard_size > 0, f"'shard_size' must be positive, got {cfg.shard_size}"),
-        (cfg.workers >= 1, f"'workers' must be at least 1, got {cfg.workers}"),
-        (-1 <= cfg.phash_distance <= 64, f"'phash_distance' must be -1 (off) or 0..64 bits of 256, got "
-                                         f"{cfg.phash_distance}"),
-        (0 <= cfg.png_compress_level <= 9, f"'png_compress_level' must be 0..9, got {cfg.png_compress_level}"),
-        (cfg.max_pixels >= 32 * 32, f"'max_pixels' must be at least 1024, got {cfg.max_pixels}"),
-        (cfg.max_image_pixels >= cfg.max_pixels, f"'max_image_pixels' must be at least max_pixels, got "
-                                                 f"{cfg.max_image_pixels}"),
-        (len(cfg.split_ratios) == len(SPLITS) and all(r >= 0 for r in cfg.split_ratios)
-         and sum(cfg.split_ratios) > 0, f"'split_ratios' must be {len(SPLITS)} non-negative numbers (train, "
-                                        f"validate, test) with a positive sum, got {cfg.split_ratios}"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            raise ConfigError(f"curate config: {msg}")
-    return out
-
-
-def _open(spec: SourceSpec) -> tuple[Root | None, Source]:
-    where = f"curate config: source {spec.name!r}"
-    try:
-        root = Root(spec.root) if spec.root else None
-        return root, get_source(spec.name)(root, **spec.options)
-    except (FileNotFoundError, TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-
-
-def _location(uri: str) -> tuple[str, str]:
-    """(namespace, path) for overlap checks: ("local", resolved path) or ("s3:bucket", key prefix)."""
-    if store.is_s3(uri):
-        bucket, key = store.parse_s3(uri)
-        return f"s3:{bucket}", "/" + key.strip("/")
-    return "local", os.path.realpath(store.local_path(uri))
-
-
-def _check_out(out_uri: str, specs: list[SourceSpec]) -> None:
-    ns, out = _location(out_uri)
-    for s in specs:
-        uris = [s.root] + [v for k, v in s.options.items() if k.endswith("_root") and isinstance(v, str)]
-        for uri in filter(None, uris):  # a source without a root (the phantom) reads nothing
-            ns2, p = _location(uri)
-            if ns2 == ns and (p == out or p.startswith(out.rstrip("/") + "/") or out.startswith(p.rstrip("/") + "/")):
-                raise CurationError(f"--out {out_uri} overlaps the input {uri} of source {s.name}: curation "
-                                    f"rewrites its output folder, so it must be separate from every dataset root")
-
-
-def _u64(*parts: str) -> int:
-    return int.from_bytes(hashlib.blake2b("\x1f".join(parts).encode(), digest_size=8).digest(), "big")
-
-
-def _sha64(sha: str) -> int:
-    """An image's key in the state tables: the first 64 bits of its sha256 (its file name, image_rel)."""
-    return int(sha[:16], 16)
-
-
-def _u64key(key: str) -> int:
-    """A record dedupe key (a hex digest) as 64 bits."""
-    return int(key[:16], 16)
-
-
-def seeded_split(patient_id: str, seed: int, ratios: list[float]) -> str:
-    total = float(sum(ratios))
-    u = _u64("split", str(seed), patient_id) / 2**64 * total
-    acc = 0.0
-    for name, r in zip(SPLITS, ratios):
-        acc += r
-        if u < acc:
-            return name
-    return SPLITS[-1]
-
-
-def _stream(spec: SourceSpec, src: Source, seed: int) -> Iterator[Item | Quarantine]:
-    kept = 0
-    for x in src.items():
-        if isinstance(x, Quarantine):
-            yield x
-            continue
-        if spec.ratio < 1 and _u64("sample", str(seed), spec.name,
-                                   str(getattr(x, "record_id", ""))) / 2**64 >= spec.ratio:
-            continue
-        if spec.limit and kept >= spec.limit:
-            return
-        kept += 1
-        yield x
-
-
-def _chunks(stream: Iterator[Item | Quarantine], size: int) -> Iterator[tuple[list[Item], list[Quarantine]]]:
-    items: list[Item] = []
-    qs: list[Quarantine] = []
-    for x in stream:
-        (qs if isinstance(x, Quarantine) else items).append(x)
-        if len(items) >= size or len(qs) >= size:
-            yield items, qs
-            items, qs = [], []
-    if items or qs:
-        yield items, qs
-
-
-# ------------------------------------------------------------------------------------------------- a chunk
-
-def _digest(spec: SourceSpec, items: list[Item], qs: list[Quarantine]) -> str:
-    """What the chunk was made from (metadata, texts, image paths or in-memory bytes, the adapter's refusals)."""
-    d = hashlib.blake2b(digest_size=16)
-    for it in items:
-        refs = [r.path or (hashlib.sha1(r.data).hexdigest() if isinstance(r.data, bytes) else repr(r))
-                for r in (it.images if isinstance(it.images, list) else [])]
-        d.update(repr((spec.name, it.record_id, it.patient_id, it.study_id, it.task, it.prompt, it.answer, refs,
-                       [(b.label, b.box) for b in it.boxes] if isinstance(it.boxes, list) else repr(it.boxes),
-                       it.box_frame, it.split, it.view, it.question_type, it.findings)).encode())
-    for q in qs:
-        d.update(repr(q.to_dict()).encode())
-    return d.hexdigest()
-
-
-def _ref_key(item_root: Root | None, ref: ImageRef) -> tuple[str, tuple]:
-    if ref.data is not None:
-        k = "mem:" + hashlib.sha1(ref.data).hexdigest()
-        return k, (k, None, "", ref.data, ref.name or "<in-memory image>")
-    root = ref.root or item_root
-    if root is None or not isinstance(ref.path, str) or not ref.path:
-        raise TypeError("an image reference has neither a path under a root nor bytes")
-    k = f"{root.uri}|{ref.path}"
-    return k, (k, root, ref.path, None, ref.path)
-
-
-def _check_item(it: Item) -> None:
-    """Types an adapter could get wrong; a TypeError here quarantines the item."""
-    for name in ("record_id", "patient_id", "study_id", "task", "prompt", "answer", "split", "view",
-                 "question_type", "trace", "file"):
-        v = getattr(it, name)
-        if v is not None and not isinstance(v, str):
-            raise TypeError(f"field '{name}' is {type(v).__name__}, expected text")
-    if not isinstance(it.images, list) or not all(isinstance(r, ImageRef) for r in it.images):
-        raise TypeError("field 'images' must be a list of ImageRef")
-    if not isinstance(it.boxes, list) or not all(isinstance(b, Box) for b in it.boxes):
-        raise TypeError("field 'boxes' must be a list of Box")
-    if not isinstance(it.findings, list) or not all(isinstance(f, str) for f in it.findings):
-        raise TypeError("field 'findings' must be a list of text")
-
-
-def _scale_boxes(item: Item, size: tuple[int, int], orig: tuple[int, int]) -> list[Box] | str:
-    try:
-        fw, fh = (float(v) for v in (item.box_frame or orig))
-        if not (fw > 0 and fh > 0):
-            return f"box frame {item.box_frame} is not a size"
-        sx, sy = size[0] / fw, size[1] / fh
-        out = []
-        for b in item.boxes:
-            if not isinstance(b.label, str) or len(b.box) != 4:
-                return f"box {b.label!r} {b.box!r} is not a label with [x1, y1, x2, y2]"
-            x1, y1, x2, y2 = (float(v) for v in b.box)
-            if not all(map(lambda v: v == v and abs(v) != float("inf"), (x1, y1, x2, y2))):
-                return f"box {b.label!r} {list(b.box)} has a coordinate that is not a finite number"
-            if not (x1 < x2 and y1 < y2):
-                return f"box {b.label!r} {list(b.box)} has no area"
-            if x2 <= 0 or y2 <= 0 or x1 >= fw or y1 >= fh:
-                return f"box {b.label!r} {list(b.box)} lies outside the {fw:g}x{fh:g} image"
-            nb = [max(0.0, x1 * sx), max(0.0, y1 * sy), min(size[0], x2 * sx), min(size[1], y2 * sy)]
-            if not (nb[0] < nb[2] and nb[1] < nb[3]):
-                return f"box {b.label!r} {list(b.box)} vanishes at {size[0]}x{size[1]}"
-            out.append(Box(b.label, [round(v, 2) for v in nb]))
-        return out
-    except (TypeError, ValueError) as exc:
-        return f"malformed box ({exc})"
-
-
-@dataclass
-class _Prep:
-    spec: SourceSpec
-    k: int
-    items: list[Item]
-    digest: str
-    marker: str
-    bad: list[dict[str, str]]
-    clean: list[tuple[Item, str, str, list[str]]]  # item, prompt, answer, image keys
-    handle: Any = None
-
-
-def _prepare(cfg: CurateConfig, spec: SourceSpec, k: int, items: list[Item], qs: list[Quarantine],
-             root: Root | None, digest: str, marker: str) -> tuple[_Prep, list[tuple]]:
-    """The chunk's state-free work: type checks, text cleaning, the image jobs."""
-    prep = _Prep(spec, k, items, digest, marker, [q.to_dict() for q in qs], [])
-    clean_t = txt.clean_report_text if cfg.scrub_phi else txt.normalize
-    jobs: dict[str, tuple] = {}
-    for it in items:
-        try:
-            _check_item(it)
-            prompt, answer = clean_t(it.prompt or ""), clean_t(it.answer or "")
-            keys = []
-            for ref in it.images:
-                key, job = _ref_key(root, ref)
-                keys.append(key)
-                jobs.setdefault(key, job)
-        except (TypeError, ValueError, AttributeError) as exc:
-            _drop(prep, it, "", f"malformed item from the adapter ({exc})")
-            continue
-        if not prompt:
-            _drop(prep, it, "", "empty prompt text")
-        elif not answer:
-            _drop(prep, it, "", "empty answer text")
-        elif not keys:
-            _drop(prep, it, "", "no image")
-        else:
-            prep.clean.append((it, prompt, answer, keys))
-    return prep, list(jobs.values())
-
-
-def _drop(prep: _Prep, it: Item, file: str, reason: str) -> None:
-    prep.bad.append({"source": prep.spec.name, "file": str(file or getattr(it, "file", "") or ""),
-                     "reason": reason, "record": f"{prep.spec.name}/{getattr(it, 'record_id', '')}"})
-
-
-def _finish(cfg: CurateConfig, prep: _Prep, results: dict[str, tuple], st: State) -> tuple[dict, dict]:
-    """The chunk's stateful work, in stream order: ids, dedupe, boxes, splits, Records. Returns (marker, shards
-    by split)."""
-    spec = prep.spec
-    ids: set[str] = set()
-    kept: list[Record] = []
-    new_sha: dict[str, tuple[str, str]] = {}
-    new_ph: list[tuple[int, str, str]] = []
-    new_keys: dict[str, str] = {}
-    new_pat: dict[str, str] = {}
-    img_digest = hashlib.blake2b(digest_size=16)
-    reassigned = 0
-    for it, prompt, answer, keys in prep.clean:
-        rid = f"{spec.name}/{it.record_id}"
-        if rid in ids or _u64(rid) in st.ids:
-            _drop(prep, it, "", f"duplicate record id {rid}")
-            continue
-        ids.add(rid)
-        res = [results[k] for k in keys]
-        img_digest.update(repr([r[1] if r[0] == "ok" else r for r in res]).encode())
-        failed = [r for r in res if r[0] == "bad"]
-        if failed:
-            _drop(prep, it, failed[0][1], failed[0][2])
-            continue
-        owner = (it.patient_id, it.study_id)
-        dup = None
-        for _, sha, _, _, ph in (res if cfg.dedupe_images else []):
-            i = st.sha_owner.get(_sha64(sha))
-            o = st.owners[i] if i is not None else None
-            if o is not None and o != owner:
-                dup = f"duplicate image: identical to an image of study {o[1]}"
-                break
-            if st.phash is not None:  # follow-up studies of one patient may look alike: only across patients
-                hit = st.phash.find(ph, skip=lambda i, pid=it.patient_id: st.owners[i][0] == pid)
-                if hit is not None:
-                    dup = (f"near-duplicate image (perceptual hash distance {(hit[0] ^ ph).bit_count()}) of an "
-                           f"image of study {st.owners[hit[1]][1]} of another patient")
-                    break
-        if dup:
-            _drop(prep, it, it.images[0].label(), dup)
-            continue
-        boxes = _scale_boxes(it, res[0][2], res[0][3]) if it.boxes else []
-        if isinstance(boxes, str):
-            _drop(prep, it, "", boxes)
-            continue
-        split = it.split or seeded_split(it.patient_id, cfg.seed, cfg.split_ratios)
-        if split not in SPLITS:
-            _drop(prep, it, "", f"split {split!r} is not one of {SPLITS}")
-            continue
-        placed = st.patient_split.get(it.patient_id) or new_pat.get(it.patient_id)
-        if placed and placed != split:
-            split = placed
-            reassigned += 1
-        rel_imgs = [imgs.image_rel(r[1]) for r in res]
-        key = "|".join([it.task, ",".join(sorted(rel_imgs)), txt.dedupe_key(prompt), txt.dedupe_key(answer),
-                        json.dumps([[b.label, [round(v, 1) for v in b.box]] for b in boxes])])
-        key = hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
-        first = (st.rec_key_owner(key) or new_keys.get(key)) if cfg.dedupe_texts else None
-        if first is not None:
-            _drop(prep, it, "", f"duplicate record: same images, prompt, answer and boxes as {first}")
-            continue
-        try:
-            rec = Record(record_id=rid, patient_id=it.patient_id, study_id=it.study_id, source=spec.name,
-                         images=rel_imgs, image_sizes=[list(r[2]) for r in res], task=it.task, prompt=prompt,
-                         answer=answer, split=split, view=it.view or "", question_type=it.question_type or "",
-                         boxes=boxes, findings=list(it.findings), trace=it.trace or "").validate()
-        except RecordError as exc:
-            _drop(prep, it, "", str(exc))
-            continue
-        kept.append(rec)
-        new_keys[key] = rid
-        new_pat.setdefault(it.patient_id, split)
-        oi = st.owner(owner) if res else -1
-        for _, sha, _, _, ph in res:
-            new_sha.setdefault(sha, owner)
-            new_ph.append((ph, *owner))
-            st.add_image(sha, oi, ph)  # later records of this chunk see it; the replay adds it again (no-op)
-    counts: dict[str, int] = {}
-    by_split: dict[str, list[Record]] = {}
-    for r in kept:
-        by_split.setdefault(r.split, []).append(r)
-        counts[f"{r.source}/{r.task}/{r.split}"] = counts.get(f"{r.source}/{r.task}/{r.split}", 0) + 1
-    marker = {"ids": sorted(ids), "shas": {k: list(v) for k, v in new_sha.items()},
-              "phashes": [[str(h), p, s] for h, p, s in new_ph], "rec_keys": new_keys, "patients": new_pat,
-              "counts": counts, "quarantine": prep.bad, "images": sorted({i for r in kept for i in r.images}),
-              "reassigned": reassigned, "items": len(prep.items), "digest": prep.digest,
-              "image_digest": img_digest.hexdigest(), "shards": {}}
-    return marker, by_split
-
-
-def _parquet_bytes(records: list[Record]) -> bytes:
-    from deepmedix.data.schema import ARROW_SCHEMA
-
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist([r.to_row() for r in records], schema=ARROW_SCHEMA), buf)
-    return buf.getvalue()
-
-
-# ------------------------------------------------------------------------------------------------- the run
-
 FORMAT = 3  # bump when stored bytes, hashes or markers change: a run of another format is never resumed
 
 
@@ -502,11 +67,10 @@ def _reason_head(reason: str) -> str:
 
 
 def _kept_image(st: State, rel: str) -> bool:
-    m = _IMAGE.match(rel)
+    m = IMAGE_RE.match(rel)
     return bool(m) and int(m[1], 16) in st.images
 
 
-_IMAGE = re.compile(r"^images/([0-9a-f]{16})\.png$")
 _OURS = re.compile(r"^(images/[0-9a-f]{16}\.png|records/(train|validate|test)-\d{2,}-[a-z0-9_]+-\d{5,}\.parquet|"
                    r"(images|records)/\.[^/]+\.tmp-\d+)$")
 
@@ -525,8 +89,8 @@ def curate(cfg: CurateConfig, out_uri: str, progress: Progress | None = None,
            log: Callable[[str], None] | None = None) -> dict[str, Any]:
     t0 = time.time()
     specs = resolve_sources(cfg)
-    _check_out(out_uri, specs)
-    opened = [(spec, *_open(spec)) for spec in specs]  # every root and adapter checked before any write
+    check_out(out_uri, specs)
+    opened = [(spec, *open_source(spec)) for spec in specs]  # every root and adapter checked before any write
     chash = _config_hash(cfg)
     sink = Sink(out_uri)
     work = f"{WORK}/{chash}"
@@ -559,14 +123,14 @@ def _run(cfg, specs, opened, sink: Sink, chash: str, work: str, progress, log, t
     pool = ImagePool(cfg.workers, sink, settings)
     seen, resumed = 0, 0
     recomputed = False
-    pending: _Prep | None = None
+    pending: Prep | None = None
 
-    def finish(prep: _Prep) -> None:
+    def finish(prep: Prep) -> None:
         nonlocal seen
-        m, by_split = _finish(cfg, prep, pool.collect(prep.handle), st)
+        m, by_split = finish_chunk(cfg, prep, pool.collect(prep.handle), st)
         for split, recs in sorted(by_split.items()):
             rel = f"records/{split}-{prep.spec.tag}-{prep.k:05d}.parquet"
-            data = _parquet_bytes(recs)
+            data = parquet_bytes(recs)
             sink.put(rel, data)
             m["shards"][rel] = hashlib.sha256(data).hexdigest()
         sink.put(prep.marker, json.dumps(m).encode())
@@ -577,9 +141,9 @@ def _run(cfg, specs, opened, sink: Sink, chash: str, work: str, progress, log, t
 
     try:
         for spec, root, src in opened:
-            for k, (items, qs) in enumerate(_chunks(_stream(spec, src, cfg.seed), cfg.shard_size)):
+            for k, (items, qs) in enumerate(chunks(sampled_stream(spec, src, cfg.seed), cfg.shard_size)):
                 marker = f"{work}/{spec.tag}-{k:05d}.json"
-                digest = _digest(spec, items, qs)
+                digest = chunk_digest(spec, items, qs)
                 m = _load_marker(sink, marker) if marker in done and not recomputed else None
                 if m and m["digest"] == digest and set(m["shards"]) <= present and set(m["images"]) <= present:
                     if pending is not None:
@@ -590,7 +154,7 @@ def _run(cfg, specs, opened, sink: Sink, chash: str, work: str, progress, log, t
                     seen += len(items)
                     continue
                 recomputed = True  # every later chunk depends on this one's state: recompute those too
-                prep, jobs = _prepare(cfg, spec, k, items, qs, root, digest, marker)
+                prep, jobs = prepare_chunk(cfg, spec, k, items, qs, root, digest, marker)
                 prep.handle = pool.submit(jobs)
                 if pending is not None:
                     finish(pending)

@@ -51,6 +51,7 @@ import warnings
 import numpy as np
 
 from deepmedix.data.sources.base import BadInput
+from deepmedix.errors import InputError
 
 MAX_PIXELS = 100_000_000
 _PIXEL_DATA_TAG = 0x7FE00010
@@ -134,15 +135,15 @@ def _window(x: np.ndarray, center: float, width: float, func: str) -> np.ndarray
     """PS3.3 C.11.2.1.2 windowing into [0, 1]."""
     if func == "SIGMOID":
         if width <= 0:
-            raise ValueError("WindowWidth must be > 0 for SIGMOID")
+            raise InputError("WindowWidth must be > 0 for SIGMOID")
         return 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
     if func == "LINEAR_EXACT":
         if width <= 0:
-            raise ValueError("WindowWidth must be > 0 for LINEAR_EXACT")
+            raise InputError("WindowWidth must be > 0 for LINEAR_EXACT")
         c, w = center, width
     else:  # LINEAR
         if width < 1:
-            raise ValueError("WindowWidth must be >= 1 for LINEAR")
+            raise InputError("WindowWidth must be >= 1 for LINEAR")
         c, w = center - 0.5, width - 1.0
     if w == 0:  # LINEAR with width 1: a threshold at c
         return (x > c).astype(np.float64)
@@ -174,10 +175,10 @@ def _voi_lut(x: np.ndarray, ds) -> np.ndarray:
     else:
         lut = _lut_values(item, ds)
     if lut.size == 0:
-        raise ValueError("VOI LUT Data is empty")
+        raise InputError("VOI LUT Data is empty")
     n = min(n_entries, lut.size)
     if bits < 1 or bits > 16:
-        raise ValueError(f"VOI LUT descriptor bit depth {bits} unsupported")
+        raise InputError(f"VOI LUT descriptor bit depth {bits} unsupported")
     top = float(2 ** bits - 1)
     if bits == 16 and int(lut.max()) < 4096:
         top = 4095.0

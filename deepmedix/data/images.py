@@ -16,6 +16,8 @@ import struct
 import warnings
 import zlib
 
+from deepmedix.errors import InputError
+
 try:  # zlib-ng: the same deflate streams, about twice as fast
     from zlib_ng import zlib_ng as _deflate
 except ImportError:  # pragma: no cover - the plain zlib works too
@@ -232,7 +234,7 @@ class PhashIndex:
 
     def __init__(self, d: int):
         if not 0 <= d <= 64:
-            raise ValueError(f"phash_distance must be 0..64 (or -1 to turn near-duplicate search off), got {d}")
+            raise InputError(f"phash_distance must be 0..64 (or -1 to turn near-duplicate search off), got {d}")
         from array import array
 
         from deepmedix.data.compact import U64MultiMap

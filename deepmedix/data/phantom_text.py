@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from deepmedix.errors import InputError
+
 FINDINGS = ("cardiomegaly", "left pleural effusion", "right pleural effusion", "nodule", "mass",
             "pneumothorax", "consolidation", "atelectasis")
 SEVERITIES = ("mild", "moderate", "severe")
@@ -50,13 +52,13 @@ class FindingSpec:
 
     def __post_init__(self) -> None:
         if self.label not in FINDINGS:
-            raise ValueError(f"unknown finding {self.label!r}; expected one of {FINDINGS}")
+            raise InputError(f"unknown finding {self.label!r}; expected one of {FINDINGS}")
         if self.severity not in SEVERITIES:
-            raise ValueError(f"unknown severity {self.severity!r}; expected one of {SEVERITIES}")
+            raise InputError(f"unknown severity {self.severity!r}; expected one of {SEVERITIES}")
         if self.side and self.side not in SIDES:
-            raise ValueError(f"unknown side {self.side!r}; expected one of {SIDES}")
+            raise InputError(f"unknown side {self.side!r}; expected one of {SIDES}")
         if self.zone and self.zone not in ZONES:
-            raise ValueError(f"unknown zone {self.zone!r}; expected one of {ZONES}")
+            raise InputError(f"unknown zone {self.zone!r}; expected one of {ZONES}")
 
 
 def complete_spec(rng: np.random.Generator, spec: FindingSpec) -> FindingSpec:

@@ -15,15 +15,17 @@ model's frame.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-TASKS = ("report_findings", "report_impression", "vqa", "grounding")
+from deepmedix.errors import DeepMedixError, MissingInputError
+
+REPORT_TASKS = ("report_findings", "report_impression")
+TASKS = (*REPORT_TASKS, "vqa", "grounding")
 SPLITS = ("train", "validate", "test")
 # Medical-CXR-VQA's six types, then MIMIC-CXR-VQA's content types that are not among them.
 QUESTION_TYPES = ("presence", "abnormality", "location", "level", "view", "type",
@@ -52,7 +54,7 @@ ARROW_SCHEMA = pa.schema(
 )
 
 
-class RecordError(ValueError):
+class RecordError(DeepMedixError, ValueError):
     """A record that breaks the schema; the message names the record and the field."""
 
 
@@ -159,7 +161,7 @@ def shard_paths(dataset_dir: str | Path, split: str | None = None) -> list[Path]
         raise RecordError(f"{dataset_dir}: curation has not finished (no lineage.json, _work/ present); "
                           f"rerun the same curate command to complete it")
     if not rec_dir.is_dir():
-        raise FileNotFoundError(f"{dataset_dir}: no records/ folder — not a DeepMedix dataset")
+        raise MissingInputError(f"{dataset_dir}: no records/ folder — not a DeepMedix dataset")
     pattern = f"{split}-*.parquet" if split else "*.parquet"
     return sorted(rec_dir.glob(pattern))
 
@@ -176,15 +178,6 @@ def load_records(dataset_dir: str | Path, split: str | None = None, tasks: Itera
     return out[:limit] if limit else out
 
 
-def iter_splits(records: Iterable[Record]) -> Iterator[tuple[str, list[Record]]]:
-    by: dict[str, list[Record]] = {}
-    for r in records:
-        by.setdefault(r.split, []).append(r)
-    for s in SPLITS:
-        if s in by:
-            yield s, by[s]
-
-
 def manifest(records: Iterable[Record]) -> dict[str, Any]:
     counts: dict[str, int] = {}
     patients: dict[str, set[str]] = {}
@@ -195,7 +188,3 @@ def manifest(records: Iterable[Record]) -> dict[str, Any]:
     return {"counts": dict(sorted(counts.items())),
             "patients_per_split": {k: len(v) for k, v in sorted(patients.items())},
             "total": sum(counts.values())}
-
-
-def dump_json(obj: Any, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

@@ -1,6 +1,6 @@
 """METEOR 1.5 as pycocoevalcap computes it: its own ``meteor-1.5.jar`` (``-stdio -l en -norm``, the same ``SCORE``
 / ``EVAL`` lines pycocoevalcap sends, so the corpus value is the jar's aggregate over all segments' statistics),
-run faster without changing a value (see :mod:`deepmedix.eval.report_metrics` for how). :class:`MeteorRun` starts
+run faster without changing a value (see :mod:`deepmedix.eval.nlg` for how). :class:`MeteorRun` starts
 the JVMs on construction; :meth:`MeteorRun.result` waits for the corpus score and the per-segment scores.
 """
 
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from deepmedix import store
-from deepmedix.eval.report_metrics import _QUOTES
+from deepmedix.eval.nlg import _QUOTES
 
 SEGMENTS_PER_JVM = 400  # a JVM start costs about as much CPU as aligning this many report-length segments
 # C1 only: these runs are too short to earn back C2 compilation (measured: about 30 % less CPU per JVM)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from deepmedix import store
+from deepmedix.errors import InputError, MissingInputError
 
 # the keys every prediction line of an evaluation has and the readers here use
 PREDICTION_KEYS = ("record_id", "task", "prompt", "raw_output", "answer", "reference")
@@ -20,7 +21,7 @@ def predictions_file(uri: str) -> Path:
     p = store.local_path(uri)
     p = p / "predictions.jsonl" if p.is_dir() else p
     if not p.is_file():
-        raise FileNotFoundError(f"{uri}: no predictions file (expected predictions.jsonl or an evaluation output)")
+        raise MissingInputError(f"{uri}: no predictions file (expected predictions.jsonl or an evaluation output)")
     return p
 
 
@@ -31,10 +32,10 @@ def read_predictions(uri: str) -> dict[str, dict[str, Any]]:
     for no, _, row in store.jsonl_objects(predictions_file(uri), uri, expected="an evaluation prediction object"):
         missing = [k for k in PREDICTION_KEYS if k not in row]
         if missing:
-            raise ValueError(f"{uri}: line {no} lacks {missing} (not an evaluation predictions file?)")
+            raise InputError(f"{uri}: line {no} lacks {missing} (not an evaluation predictions file?)")
         if not isinstance(row["record_id"], str) or not isinstance(row["raw_output"], str):
-            raise ValueError(f"{uri}: line {no}: 'record_id' and 'raw_output' must be strings")
+            raise InputError(f"{uri}: line {no}: 'record_id' and 'raw_output' must be strings")
         if row["record_id"] in rows:
-            raise ValueError(f"{uri}: line {no}: record {row['record_id']!r} appears twice")
+            raise InputError(f"{uri}: line {no}: record {row['record_id']!r} appears twice")
         rows[row["record_id"]] = row
     return rows

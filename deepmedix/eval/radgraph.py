@@ -45,7 +45,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from deepmedix.eval.model_metrics import ModelMetricError
+from deepmedix.errors import InputError
+from deepmedix.eval.model_based import ModelMetricError
 
 MODEL_SETTING = "eval.radgraph_model"
 ENCODER_SETTING = "eval.radgraph_encoder"
@@ -76,7 +77,7 @@ def radgraph_f1(predictions: list[str], references: list[str], model: str, *, en
     ``model``: the extracted RadGraph archive (folder with config.json, vocabulary/, weights.th) or the .tar.gz.
     ``encoder``: local folder of the BERT model config.json names (optional, see the module doc)."""
     if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+        raise InputError(f"{len(predictions)} predictions but {len(references)} references")
     n = len(predictions)
     out = {level: np.zeros(n, dtype=np.float64) for level in LEVELS}
     annotator = load(model, encoder=encoder, model_type=model_type)
@@ -135,7 +136,7 @@ def load(model: str, *, encoder: str = "", model_type: str = "radgraph") -> Any:
     """The package's ``radgraph.RadGraph`` for a local model (and encoder), cached in-process per (model, encoder,
     model_type). Raises :class:`RadGraphError` for a path that is missing or unusable."""
     if model_type not in MODEL_TYPES:
-        raise ValueError(f"model_type must be one of {', '.join(MODEL_TYPES)}, not {model_type!r}")
+        raise InputError(f"model_type must be one of {', '.join(MODEL_TYPES)}, not {model_type!r}")
     path = _model_path(model)
     enc = _encoder_path(encoder) if encoder else None
     key = (str(path), str(enc or ""), model_type)
@@ -147,12 +148,6 @@ def load(model: str, *, encoder: str = "", model_type: str = "radgraph") -> Any:
                 staged = _stage(root, path, enc, Path(tmp) / "cache" / model_type, model_type)
                 _MODELS[key] = _construct(staged, path, enc, model_type)
         return _MODELS[key]
-
-
-def clear_cache() -> None:
-    """Forget the loaded models (frees their memory)."""
-    with _LOCK:
-        _MODELS.clear()
 
 
 def _model_path(model: str) -> Path:

@@ -17,8 +17,11 @@ from typing import Any, Callable
 
 from deepmedix import store
 from deepmedix.config import EvalConfig
+from deepmedix.data.records import frame_boxes, load_split, record_images
+from deepmedix.errors import InputError
 from deepmedix.grounding import parse
-from deepmedix.train.common import batched, frame_boxes, load_split, record_images, write_json
+from deepmedix.model.generate import batched
+from deepmedix.store import write_json
 
 
 def resume_key(cfg: EvalConfig, data_uri: str, model_uri: str) -> dict[str, Any]:
@@ -30,11 +33,12 @@ def resume_key(cfg: EvalConfig, data_uri: str, model_uri: str) -> dict[str, Any]
 def predict(cfg: EvalConfig, data_uri: str, model_uri: str, pred_path: Path,
             progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
     """Append predictions to ``pred_path`` for records not already in it (so an interrupted run resumes)."""
-    from deepmedix.model.load import generate, load
+    from deepmedix.model.generate import generate
+    from deepmedix.model.load import load
 
     root, records = load_split(data_uri, cfg.split, cfg.tasks, None, cfg.max_records, cfg.seed)
     if not records:
-        raise ValueError(f"{data_uri}: no '{cfg.split}' records for tasks {cfg.tasks}")
+        raise InputError(f"{data_uri}: no '{cfg.split}' records for tasks {cfg.tasks}")
     key = resume_key(cfg, data_uri, model_uri)
     meta = pred_path.with_name(pred_path.name + ".meta.json")
     if pred_path.exists() and (not meta.exists() or json.loads(meta.read_text()) != key):
@@ -49,7 +53,7 @@ def predict(cfg: EvalConfig, data_uri: str, model_uri: str, pred_path: Path,
             except json.JSONDecodeError:
                 if i == len(lines) - 1:  # a line cut short by an interrupted run: generate it again
                     break
-                raise ValueError(f"{pred_path}: line {i + 1} is not JSON") from None
+                raise InputError(f"{pred_path}: line {i + 1} is not JSON") from None
             done[row["record_id"]] = row
         pred_path.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
     todo = [r for r in records if r.record_id not in done]
@@ -89,19 +93,19 @@ def partial_path(out_uri: str) -> Path:
 
 def evaluate(cfg: EvalConfig, data_uri: str, model_uri: str, out_uri: str,
              progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    from deepmedix.eval import model_metrics, suite
-    from deepmedix.eval.metrics import markdown_table, score_predictions
+    from deepmedix.eval import model_based, suite
+    from deepmedix.eval.scoring import markdown_table, score_predictions
 
     t0 = time.time()
-    model_metrics.check(cfg)  # a bad model path fails now, not after the generation
-    meteor_skipped = model_metrics.meteor_missing() if cfg.meteor else None
+    model_based.check(cfg)  # a bad model path fails now, not after the generation
+    meteor_skipped = model_based.meteor_missing() if cfg.meteor else None
     with store.atomic_dir(out_uri) as out:
         partial = partial_path(out_uri)
         rows = predict(cfg, data_uri, model_uri, partial, progress)
         scores = score_predictions(rows)
         subsets = suite.evaluate_rows(rows, cfg.bootstrap_rounds, cfg.seed, cfg.meteor and not meteor_skipped,
                                       cfg.chexpert_uncertain, models=cfg)
-        notes = model_metrics.notes(cfg, meteor_skipped)
+        notes = model_based.notes(cfg, meteor_skipped)
         with (out / "predictions.jsonl").open("w") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")

@@ -3,10 +3,10 @@
 Subsets (each named ``source/task[/kind]``, plus ``all/...`` across sources where there are several sources):
 
 * reports (``report_findings``, ``report_impression``): BLEU-1..4, METEOR, ROUGE-L and CIDEr with pycocoevalcap's
-  definitions (:mod:`deepmedix.eval.report_metrics`, on :func:`~deepmedix.eval.report_metrics.tokenize`\\ d text)
+  definitions (:mod:`deepmedix.eval.nlg`, on :func:`~deepmedix.eval.nlg.tokenize`\\ d text)
   and CheXpert F1 (micro and macro, over the 14 observations and over the 5 common ones) from the rule-based
   labeller (:mod:`deepmedix.clinical`); with the models configured, BERTScore, CheXbert F1 and RadGraph F1
-  (:mod:`deepmedix.eval.model_metrics`);
+  (:mod:`deepmedix.eval.model_based`);
 * VQA: accuracy by question type (list answers: the same set of items; others: a normalised exact match);
 * grounding: mIoU and accuracy at IoU 0.5 by finding label (the first reference box's label).
 
@@ -24,10 +24,9 @@ from typing import Any
 import numpy as np
 
 from deepmedix import clinical, grounding
-from deepmedix.eval.metrics import REPORT_TASKS, report_text, vqa_correct
-
-REPORT_KEYS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider", "chexpert_micro_f1",
-               "chexpert_macro_f1", "chexpert_micro_f1_5", "chexpert_macro_f1_5")
+from deepmedix.data.schema import REPORT_TASKS
+from deepmedix.errors import InputError
+from deepmedix.eval.scoring import report_text, vqa_correct
 
 
 def _ci(samples: np.ndarray) -> tuple[float, float]:
@@ -94,7 +93,7 @@ def _label_f1s(prefix: str, counts: np.ndarray, idx: np.ndarray) -> dict[str, An
 
 def _report_subset(rows: list[dict], idx: np.ndarray, meteor: bool, uncertain: str,
                    extra: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    from deepmedix.eval import report_metrics as rm
+    from deepmedix.eval import nlg as rm
 
     preds = [rm.tokenize(report_text(grounding.parse(r.get("raw_output") or ""))) for r in rows]
     refs = [rm.tokenize(r.get("reference") or "") for r in rows]
@@ -130,7 +129,7 @@ def _model_scores(rows: list[dict], cfg: Any, uncertain: str) -> dict[int, dict[
     """Per report row (keyed by ``id(row)``), once for all subsets: BERTScore (precision, recall, f1) and CheXbert
     per-observation counts and RadGraph rewards (simple, partial, complete), for the models ``cfg`` (an
     :class:`~deepmedix.config.EvalConfig`) names."""
-    from deepmedix.eval import model_metrics as mm
+    from deepmedix.eval import model_based as mm
 
     reports = [r for r in rows if r.get("task") in REPORT_TASKS]
     out: dict[int, dict[str, Any]] = {id(r): {} for r in reports}
@@ -186,9 +185,9 @@ def evaluate_rows(rows: list[dict], rounds: int = 1000, seed: int = 0, meteor: b
     """``{subset: {"n": N, metric: {"value", "ci_low", "ci_high"}}}`` for prediction rows (the evaluation's
     ``predictions.jsonl`` rows). ``rounds=0`` skips the intervals. ``models``: an
     :class:`~deepmedix.config.EvalConfig` whose ``bertscore_model`` / ``chexbert_checkpoint`` / ``radgraph_model``
-    add BERTScore, CheXbert F1 and RadGraph F1 to the report subsets (:mod:`deepmedix.eval.model_metrics`)."""
+    add BERTScore, CheXbert F1 and RadGraph F1 to the report subsets (:mod:`deepmedix.eval.model_based`)."""
     if rounds < 0:
-        raise ValueError(f"bootstrap rounds must be >= 0, got {rounds}")
+        raise InputError(f"bootstrap rounds must be >= 0, got {rounds}")
     extra = _model_scores(rows, models, uncertain)
     rng = np.random.default_rng(seed)
     out: dict[str, dict[str, Any]] = {}

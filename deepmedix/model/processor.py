@@ -17,6 +17,8 @@ from transformers import AutoTokenizer, Qwen2_5_VLProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.processing_utils import ProcessorMixin
 
+from deepmedix.errors import MissingInputError
+
 # A Qwen2.5-VL chat template (system default, image/video placeholders, text parts), in the same shape as the
 # template the released checkpoints carry.
 CHAT_TEMPLATE = (
@@ -62,7 +64,7 @@ def _image_processor_dict(folder: Path) -> dict:
     pre = folder / "preprocessor_config.json"
     if pre.exists():
         return json.loads(pre.read_text())
-    raise FileNotFoundError(f"{folder}: no processor_config.json or preprocessor_config.json")
+    raise MissingInputError(f"{folder}: no processor_config.json or preprocessor_config.json")
 
 
 def write_stock_processor_files(folder: Path) -> None:

@@ -27,7 +27,8 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.exceptions import HTTPException
 
-from deepmedix.reader.store import AXES, connect, token_hash
+from deepmedix.errors import DeepMedixError
+from deepmedix.reader.db import AXES, connect, token_hash
 
 HERE = Path(__file__).resolve().parent
 SESSION_COOKIE = "dmx_session"
@@ -47,7 +48,7 @@ TEMPLATES = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=
 CSS = (HERE / "static" / "reader.css").read_text()
 
 
-class PageError(Exception):
+class PageError(DeepMedixError):
     """Answered with the error page and ``status``."""
 
     def __init__(self, status: int, message: str) -> None:
@@ -55,7 +56,7 @@ class PageError(Exception):
         self.status, self.message = status, message
 
 
-class SignInRequired(Exception):
+class SignInRequired(DeepMedixError):
     """A page asked for without a valid session: answered with a redirect to the sign-in form."""
 
 

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from deepmedix.reader.store import AXES, ReaderError, connect
+from deepmedix.reader.db import AXES, ReaderError, connect
 
 PREFS = ("grounded", "overall")
 COLUMNS = ("model", "n", *AXES, *(f"{p}_{k}" for p in PREFS for k in ("wins", "ties", "share")))

@@ -16,7 +16,7 @@ from PIL import Image
 from deepmedix import store
 from deepmedix.eval.predictions import read_predictions
 from deepmedix.grounding import DEFAULT_FRAME, from_frame, parse
-from deepmedix.reader.store import ReaderError, connect, token_hash
+from deepmedix.reader.db import ReaderError, connect, token_hash
 
 MIN_SIDE = 512  # small images are enlarged to this (long side) so that box labels stay readable
 
@@ -41,7 +41,7 @@ def png_bytes(img: Image.Image) -> bytes:
 def candidate_view(raw: str, img: Image.Image, disp: Image.Image, frame: int,
                    tmp: Path) -> tuple[str | None, list[dict], bytes]:
     """(answer, steps with boxes in original pixels and their colour index, overlay PNG) for one model output."""
-    from serving.predictor import COLORS, draw_overlay
+    from deepmedix.viz import COLORS, draw_overlay
 
     parsed = parse(raw)
     steps, boxes, labels = [], [], []
@@ -68,8 +68,8 @@ def create_study(db_path: str | os.PathLike, data_uri: str, predictions: dict[st
     system's secure random source (not from ``seed``, so nobody can recompute the blinding) and stored.
     Tokens are random and stored only as hashes: the returned dict is the only copy.
     """
+    from deepmedix.data.records import record_images
     from deepmedix.data.schema import load_records
-    from deepmedix.train.common import record_images
 
     db = Path(db_path)
     if db.exists():

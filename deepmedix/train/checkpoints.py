@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from deepmedix import store
 from deepmedix.config import TrainConfig
+from deepmedix.errors import InputError
 
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -181,7 +182,7 @@ def latest_checkpoint(uri: str, run: str) -> Path | None:
     ck = f"{uri.rstrip('/')}/{found[-1][1]}"
     other = _checkpoint_run(ck)
     if other != run:
-        raise ValueError(f"--resume: {ck} was written by another run (its stage, inputs or config differ: run "
+        raise InputError(f"--resume: {ck} was written by another run (its stage, inputs or config differ: run "
                          f"{other} vs {run}); resume with the same config, or train afresh without --resume")
     return store.fetch(ck)
 
@@ -253,7 +254,7 @@ def deepspeed_config(path: str) -> str | None:
     for p in (Path(path), CONFIG_DIR.parent / path):
         if p.is_file():
             return str(p)
-    raise ValueError(f"deepspeed: {path}: no such DeepSpeed config file")
+    raise InputError(f"deepspeed: {path}: no such DeepSpeed config file")
 
 
 def _zero_stage(path: str | None) -> int:
@@ -264,22 +265,22 @@ def _zero_stage(path: str | None) -> int:
     try:
         return int(json.loads(Path(path).read_text()).get("zero_optimization", {}).get("stage", 0))
     except (OSError, ValueError, TypeError, AttributeError) as exc:
-        raise ValueError(f"deepspeed: {path}: not a readable DeepSpeed JSON config ({exc})") from None
+        raise InputError(f"deepspeed: {path}: not a readable DeepSpeed JSON config ({exc})") from None
 
 
 def check(cfg: TrainConfig) -> None:
     stage3 = _zero_stage(deepspeed_config(cfg.deepspeed)) == 3
     _, world_size = world()
     if cfg.save_steps and world_size > int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size))):
-        raise ValueError("save_steps on more than one node: each node's optimizer shards would have to be "
+        raise InputError("save_steps on more than one node: each node's optimizer shards would have to be "
                          "published too, which is not supported yet; train on one node or set save_steps: 0")
     if cfg.lora and stage3:
-        raise ValueError("lora with ZeRO-3 is not supported here (the merged save needs whole weights): use "
+        raise InputError("lora with ZeRO-3 is not supported here (the merged save needs whole weights): use "
                          "ZeRO-2 with LoRA, or full fine-tuning with ZeRO-3")
     if cfg.save_steps < 0 or cfg.save_total_limit < 0:
-        raise ValueError("save_steps and save_total_limit must be >= 0")
+        raise InputError("save_steps and save_total_limit must be >= 0")
     if cfg.lora and cfg.lora_r < 1:
-        raise ValueError(f"lora_r must be >= 1, got {cfg.lora_r}")
+        raise InputError(f"lora_r must be >= 1, got {cfg.lora_r}")
 
 
 
@@ -317,7 +318,7 @@ def publish_model(is_main: bool, log_history: list[dict], processor, work: Path,
     """Rank 0 (``is_main``) writes the output folder atomically: the trained model (``work/final``, from
     :func:`save_final`), the processor, ``extras(out)`` (curves and the like), ``metrics.json``,
     ``log_history.json`` and the lineage; then the work folder goes. Every rank waits for it."""
-    from deepmedix.train.common import write_json
+    from deepmedix.store import write_json
 
     if is_main:
         with store.atomic_dir(out_uri) as out:

@@ -1,7 +1,8 @@
-"""Stage 3: online RL with TRL's ``GRPOTrainer`` on images, rewarded by rule-based rewards (``rewards.py``).
+"""Stage 3: online RL with TRL's ``GRPOTrainer`` on images, rewarded by the rule-based rewards of
+:mod:`deepmedix.rewards` (as TRL reward functions: :mod:`deepmedix.train.grpo_rewards`).
 
 * The reward is one of ``paper``, ``paper-words``, ``grounded``, ``clinical`` or a weighted composite of them
-  (:class:`~deepmedix.train.rewards.RewardSpec`); each component is one TRL reward function, logged on its own.
+  (:class:`~deepmedix.rewards.spec.RewardSpec`); each component is one TRL reward function, logged on its own.
 * Rollouts: ``num_generations`` completions per prompt at ``temperature``/``top_p``, by vLLM in TRL's colocate
   mode where vLLM is installed and a GPU is there (``use_vllm: auto``), by ``generate`` otherwise. A prompt
   longer than ``max_prompt_length`` tokens (images included) is skipped and counted, never cut.
@@ -22,10 +23,14 @@ from typing import Any
 
 from deepmedix import store
 from deepmedix.config import GRPOConfig
+from deepmedix.data.records import frame_boxes, load_split, record_images
+from deepmedix.errors import InputError
 from deepmedix.grounding import user_message
+from deepmedix.model.generate import generate_on
+from deepmedix.rewards.spec import RewardSpec
 from deepmedix.train import checkpoints as ck
-from deepmedix.train.common import frame_boxes, freeze_vision, generate_on, image_dataset, load_split, record_images
-from deepmedix.train.rewards import RewardSpec
+from deepmedix.train.common import freeze_vision, image_dataset
+from deepmedix.train.grpo_rewards import trl_reward_functions
 
 ROLLOUTS = "rollouts.jsonl"
 
@@ -40,10 +45,10 @@ def use_vllm(cfg: GRPOConfig) -> bool:
 
     mode = str(cfg.use_vllm).lower()
     if mode not in ("auto", "true", "false"):
-        raise ValueError(f"use_vllm must be auto, true or false, got {cfg.use_vllm!r}")
+        raise InputError(f"use_vllm must be auto, true or false, got {cfg.use_vllm!r}")
     available = importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
     if mode == "true" and not available:
-        raise ValueError("use_vllm: true, but vLLM is not installed or there is no CUDA GPU; set use_vllm: auto")
+        raise InputError("use_vllm: true, but vLLM is not installed or there is no CUDA GPU; set use_vllm: auto")
     return available if mode == "auto" else mode == "true"
 
 
@@ -153,7 +158,7 @@ class RolloutLog:
 
 
 def _prompt_text(prompt: Any) -> str:
-    from deepmedix.train.rewards import completion_text
+    from deepmedix.train.grpo_rewards import completion_text
 
     if isinstance(prompt, list):
         users = [m for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
@@ -220,7 +225,7 @@ def held_out(loaded, root: Path, records: list, spec: RewardSpec, max_new_tokens
         return {"overall": float("nan")}
     loaded.model.eval()
     outs = generate_on(loaded, root, records, max_new_tokens, frame=frame)
-    scores = [spec.score(o, r.answer, frame_boxes(r, frame), r.task) for o, r in zip(outs, records)]
+    scores = [spec.score_record(o, r, frame) for o, r in zip(outs, records)]
     keys = {k for s in scores for k in s}
     means = {}
     for k in sorted(keys):
@@ -255,10 +260,10 @@ def train_grpo(cfg: GRPOConfig, data_uri: str, model_uri: str, out_uri: str, res
 
     t0 = time.time()
     if cfg.max_length:
-        raise ValueError("grpo: 'max_length' does not apply to GRPO; bound prompts with 'max_prompt_length' and "
+        raise InputError("grpo: 'max_length' does not apply to GRPO; bound prompts with 'max_prompt_length' and "
                          "rollouts with 'max_completion_length'")
     if cfg.lora:
-        raise ValueError("grpo: lora is not supported for GRPO here; train the full model (optionally with "
+        raise InputError("grpo: lora is not supported for GRPO here; train the full model (optionally with "
                          "freeze_vision / freeze_merger)")
     ck.check(cfg)
     spec = RewardSpec.from_config(cfg)
@@ -269,12 +274,12 @@ def train_grpo(cfg: GRPOConfig, data_uri: str, model_uri: str, out_uri: str, res
     root, train = load_split(data_uri, "train", cfg.tasks, cfg.task_ratios, cfg.max_records, cfg.seed)
     _, val = load_split(data_uri, "validate", cfg.tasks, None, cfg.eval_records, cfg.seed)
     if not train:
-        raise ValueError(f"{data_uri}: no train records for tasks {cfg.tasks}")
+        raise InputError(f"{data_uri}: no train records for tasks {cfg.tasks}")
     # the run id covers the resolved reward (a composite file's weights and settings), not only its name
     ckpt_uri, run, work, start = ck.start_run("grpo", cfg, data_uri, model_uri, out_uri, resume,
                                               extra={"reward": dataclasses.asdict(spec)})
     rollouts = RolloutLog(work / ROLLOUTS, cfg.rollout_samples)
-    funcs, reward_weights = spec.trl_functions(on_scores=rollouts if rank == 0 else None)
+    funcs, reward_weights = trl_reward_functions(spec, on_scores=rollouts if rank == 0 else None)
     # The held-out "before" score: rank 0 generates with the starting model loaded plainly (GPU, bf16 where there
     # is one), before the trainer's arguments exist (under ZeRO-3 every later load is partitioned), then frees it.
     before = None
@@ -299,7 +304,7 @@ def train_grpo(cfg: GRPOConfig, data_uri: str, model_uri: str, out_uri: str, res
         print(f"grpo: skipped {len(skipped)} prompt(s) longer than max_prompt_length={cfg.max_prompt_length} tokens "
               f"(e.g. {', '.join(skipped[:3])})", flush=True)
     if not rows:
-        raise ValueError(f"{data_uri}: every train prompt is longer than max_prompt_length={cfg.max_prompt_length}")
+        raise InputError(f"{data_uri}: every train prompt is longer than max_prompt_length={cfg.max_prompt_length}")
     dataset = image_dataset(rows)  # images stored encoded: the decoded list goes
     n_train = len(rows)
     del rows

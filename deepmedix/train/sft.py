@@ -27,9 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from deepmedix.config import TrainConfig
+from deepmedix.data.records import load_split, plain_target
 from deepmedix.data.schema import Record
+from deepmedix.errors import InputError
 from deepmedix.train import checkpoints as ck
-from deepmedix.train.common import freeze_vision, image_dataset, load_split, plain_target, sft_row, write_curve
+from deepmedix.train.common import freeze_vision, image_dataset, sft_row, write_curve
 
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -67,7 +69,7 @@ def make_rows(root: Path, records: list[Record], targets: list[str], reasoning: 
 
 def make_dataset(rows: list[dict[str, Any]], where: str):
     if not rows:
-        raise ValueError(f"{where}: no samples to train on (check the config's tasks, split and max_length)")
+        raise InputError(f"{where}: no samples to train on (check the config's tasks, split and max_length)")
     return image_dataset(rows)
 
 

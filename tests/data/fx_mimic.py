@@ -3,7 +3,8 @@
 Import from a test in ``tests/data`` as ``from fx_mimic import ...``. Every id is synthetic (subject ids 1000xxxx,
 study ids 5xxxxxxx, DICOM ids made from a hash) and every text is written here — no real patient data. The file
 names, column names and order and the folder layout follow the published datasets (see
-``deepmedix/data/sources/mimic.py`` for what was confirmed and what was assumed):
+the adapters in ``deepmedix/data/sources/`` ``mimic.py``, ``ms_cxr.py`` and ``mimic_vqa.py`` for what was
+confirmed and what was assumed):
 
 * :func:`write_mimic_cxr_jpg` — ``files/pNN/pSUBJECT/sSTUDY/DICOM.jpg`` and the four ``mimic-cxr-2.0.0-*.csv(.gz)``
 * :func:`write_mimic_reports` — MIMIC-CXR's ``files/pNN/pSUBJECT/sSTUDY.txt`` reports

@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from deepmedix.config import ConfigError, load_config
-from deepmedix.data.curate import curate, seeded_split
+from deepmedix.data.curate import curate
+from deepmedix.data.curate_state import seeded_split
 from deepmedix.data.schema import Box, RecordError, load_records, read_shard
 from deepmedix.data.sources import ImageRef, Item, Source
 
@@ -362,7 +363,7 @@ def test_cli_phantom_streams_n_studies(tmp_path):
 
 
 def test_shipped_public_mix_config_resolves():
-    from deepmedix.data.curate import resolve_sources
+    from deepmedix.data.curate_state import resolve_sources
 
     cfg = load_config("curate", "public")
     names = [s.name for s in resolve_sources(cfg)]
@@ -426,7 +427,7 @@ def test_out_overlapping_an_input_is_refused(tmp_path):
 
 
 def test_limit_and_ratio_apply_to_every_source_of_a_mix():
-    from deepmedix.data.curate import resolve_sources
+    from deepmedix.data.curate_state import resolve_sources
 
     cfg = _cfg(limit=5, ratio=0.5, sources=[{"name": "phantom"}, {"name": "phantom", "limit": 2}])
     assert [(s.limit, s.ratio) for s in resolve_sources(cfg)] == [(5, 0.5), (2, 0.5)]

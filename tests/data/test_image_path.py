@@ -72,11 +72,10 @@ def test_fast_jpeg_path_matches_a_full_size_bicubic_reference():
 def test_phash_keeps_copies_close_and_different_patients_apart():
     """A rescaled, re-encoded or re-windowed copy stays within the default distance (8 of 256 bits); phantom
     radiographs of different patients, which share the global chest layout, stay far apart."""
-    from deepmedix.data import phantom
+    from deepmedix.data.phantom_render import render_study
 
     def study(seed, k):
-        img, _ = phantom.render_study(np.random.default_rng([seed, k]), ["nodule"] if k % 2 else [], size=600,
-                                      view="PA")
+        img, _ = render_study(np.random.default_rng([seed, k]), ["nodule"] if k % 2 else [], size=600, view="PA")
         return img.convert("L")
 
     for k in range(4):

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deepmedix.data.phantom import FINDINGS, SEVERITIES, FindingSpec, assign_splits, generate, render_study
+from deepmedix.data.phantom import assign_splits, generate
+from deepmedix.data.phantom_render import render_study
+from deepmedix.data.phantom_text import FINDINGS, SEVERITIES, FindingSpec
 from deepmedix.data.schema import QUESTION_TYPES, SPLITS, TASKS
 
 SIZE = 256

@@ -29,7 +29,9 @@ from deepmedix.data import prompts
 from deepmedix.data.schema import QUESTION_TYPES, SPLITS
 from deepmedix.data.sources import get_source
 from deepmedix.data.sources.base import SOURCES, Item, Quarantine, Root
-from deepmedix.data.sources.mimic import MedicalCxrVqaSource, MimicCxrSource, MimicCxrVqaSource, MsCxrSource
+from deepmedix.data.sources.mimic import MimicCxrSource
+from deepmedix.data.sources.mimic_vqa import MedicalCxrVqaSource, MimicCxrVqaSource
+from deepmedix.data.sources.ms_cxr import MsCxrSource
 
 MINE = {c.name: c for c in (MimicCxrSource, MsCxrSource, MimicCxrVqaSource, MedicalCxrVqaSource)}
 

@@ -9,7 +9,8 @@ import pytest
 
 from deepmedix.data.prompts import findings_prompt, grounding_prompt, impression_prompt
 from deepmedix.data.sources import Item, Quarantine, Root, get_source
-from deepmedix.data.sources.vindr import fuse_boxes, iou
+from deepmedix.data.sources.vindr import fuse_boxes
+from deepmedix.grounding import iou
 
 
 def run(name: str, root, **options) -> tuple[list[Item], list[Quarantine]]:

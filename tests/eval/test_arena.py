@@ -16,7 +16,9 @@ import pytest
 from conftest import server_process
 
 from deepmedix.config import ConfigError, load_config
-from deepmedix.eval.arena import bradley_terry, build_messages, parse_verdict, run_arena
+from deepmedix.eval.arena import run_arena
+from deepmedix.eval.arena_judging import build_messages, parse_verdict
+from deepmedix.eval.arena_ratings import bradley_terry
 from deepmedix.grounding import parse
 
 KEY_ENV = "DEEPMEDIX_TEST_JUDGE_KEY"
@@ -268,7 +270,7 @@ def test_http_errors_are_retried_and_timeouts_recorded(stub, tmp_path):
 
 
 def test_refused_or_unreachable_judge_stops_with_a_clear_error(stub, tmp_path, monkeypatch):
-    from deepmedix.demo import free_port
+    from serving.local import free_port
 
     preds = write_predictions(tmp_path / "preds")
     monkeypatch.setenv(KEY_ENV, "sk-wrong")
@@ -405,7 +407,7 @@ def test_the_cli_runs_an_arena(stub, tmp_path):
 
 
 def test_a_report_without_a_box_is_shown_as_the_metrics_score_it():
-    from deepmedix.eval.arena import NO_ANSWER, shown_answer
+    from deepmedix.eval.arena_judging import NO_ANSWER, shown_answer
 
     row = {"task": "report_findings", "answer": None, "raw_output": "<think>look [1, 2, 3, 4]</think> Heart normal."}
     assert shown_answer(row, False) == "Heart normal."

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from deepmedix import clinical
-from deepmedix.eval import report_metrics as rm
+from deepmedix.eval import nlg as rm
 from deepmedix.eval import suite
 
 FINDINGS = ["the lungs are clear . no pleural effusion .", "small left pleural effusion with basal atelectasis .",
@@ -94,7 +94,7 @@ def test_meteor_interval_stays_within_bounds():
 
 
 def test_grounding_without_reference_boxes_is_left_out_as_in_the_flat_scores():
-    from deepmedix.eval.metrics import score_predictions
+    from deepmedix.eval.scoring import score_predictions
 
     rows = [r for r in _rows() if r["task"] == "grounding"]
     rows.append({**rows[0], "id": "nobox", "ref_boxes_frame": [], "ref_labels": []})

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deepmedix.model.load import ModelLoadError, generate, load
+from deepmedix.errors import ModelLoadError
+from deepmedix.model.generate import generate
+from deepmedix.model.load import load
 from deepmedix.model.processor import ImageOnlyQwen2_5_VLProcessor
 from deepmedix.model.tiny import SPECIAL_TOKENS, build_tiny
 
@@ -62,7 +64,8 @@ def test_batched_generation_equals_one_at_a_time(tiny):
     or image-alignment fault."""
     import torch
 
-    from deepmedix.model.load import chat_prompts, eos_token_ids, generate_batch, open_image
+    from deepmedix.data.records import open_image
+    from deepmedix.model.generate import chat_prompts, eos_token_ids, generate_batch
 
     m = load(tiny)
     queries, budget = _queries(), 12

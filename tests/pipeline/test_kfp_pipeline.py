@@ -125,7 +125,7 @@ def test_checked_in_ir_is_current(tmp_path):
 
 
 def test_kfp_local_runs_the_whole_pipeline(tmp_path):
-    from deepmedix.demo import run_pipeline_local, stage_metrics
+    from pipelines.demo import run_pipeline_local, stage_metrics
 
     fast = ["max_steps=2", "per_device_train_batch_size=4", "eval_records=2", "max_records=12"]
     run = run_pipeline_local(

@@ -18,11 +18,11 @@ import pytest
 import requests
 from PIL import Image
 
+from deepmedix.data.records import frame_boxes
 from deepmedix.data.schema import load_records
-from deepmedix.demo import free_port, stop_process, wait_ready
 from deepmedix.grounding import DEFAULT_FRAME, format_output, parse
 from deepmedix.reader import ReaderError, create_study, export, make_app
-from deepmedix.train.common import frame_boxes
+from serving.local import free_port, stop_process, wait_ready
 
 # found on PATH (Debian installs them as /usr/bin/chromium and /usr/bin/chromedriver; `make test` does that)
 CHROMIUM = Path(shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome") or
@@ -147,7 +147,7 @@ def test_browser_sign_in_rate_revisit_and_readers_apart(server, browser, tmp_pat
     d.save_screenshot(str(tmp_path / "case.png"))
     page = Image.open(tmp_path / "case.png").convert("RGB")
     assert page.size[0] >= 1000 and len(set(page.getdata())) > 200
-    for k in (1, 2):  # each candidate's first box is red (serving.predictor.COLORS[0])
+    for k in (1, 2):  # each candidate's first box is red (deepmedix.viz.COLORS[0])
         shot = Image.open(io.BytesIO(d.find_element(By.ID, f"overlay-{k}").screenshot_as_png)).convert("RGB")
         reds = sum(1 for r, g, b in shot.getdata() if r > 200 and g < 60 and b < 60)
         assert reds > 100, f"candidate {k}: no box drawn"
@@ -336,7 +336,7 @@ def test_study_creation_refuses_bad_inputs(small_data, tmp_path):
 
 
 def test_swatch_colours_are_the_overlay_colours():
-    from serving.predictor import COLORS
+    from deepmedix.viz import COLORS
 
     css = (Path(__file__).resolve().parents[2] / "deepmedix" / "reader" / "static" / "reader.css").read_text()
     assert [tuple(map(int, m)) for m in re.findall(r"\.c\d \{ border-color: rgb\((\d+), (\d+), (\d+)\)", css)] \

@@ -54,7 +54,9 @@ def taught_model(out: Path, check_every: int = 40, max_steps: int = 800) -> Path
     what the model said if they do not hold after ``max_steps``."""
     import torch
 
-    from deepmedix.model.load import chat_prompts, load, open_image
+    from deepmedix.data.records import open_image
+    from deepmedix.model.generate import chat_prompts
+    from deepmedix.model.load import load
     from deepmedix.model.tiny import build_tiny
 
     build_tiny(out, texts=[TAUGHT] * 20)
@@ -89,7 +91,7 @@ def taught_model(out: Path, check_every: int = 40, max_steps: int = 800) -> Path
 
 def probe_failures(loaded) -> list[str]:
     """What the model says, for each probe (alone, then all in one batch), that is not ``TAUGHT``."""
-    from deepmedix.model.load import generate_batch
+    from deepmedix.model.generate import generate_batch
 
     imgs = [[image(w, h, seed) if w else dicom_image()] for w, h, seed, _, _ in PROBES]
     questions = [q for _, _, _, q, _ in PROBES]

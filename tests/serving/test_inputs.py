@@ -13,10 +13,11 @@ from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferInput, InferRequest
 from PIL import Image
 
-from deepmedix.grounding import INSTRUCTION
-from serving import metrics
+from deepmedix.grounding import INSTRUCTION, grounding_object
+from deepmedix.viz import draw_overlay
+from serving import prometheus as metrics
 from serving.inputs import Limits, UnknownModel, make_query, parse_chat, parse_v1, parse_v2
-from serving.predictor import DeepMedixModel, draw_overlay, grounding_object
+from serving.predictor import DeepMedixModel
 
 
 def test_grounding_object_maps_boxes_to_original_pixels():
@@ -140,7 +141,8 @@ def _hist(h):
 def test_generate_batch_rows_end_on_their_own(tmp_path):
     """Each row stops at its own budget and is reported (on_done) as it ends, before the batch does; a row whose
     caller is gone stops at once; the streamed tokens are the row's tokens."""
-    from deepmedix.model.load import generate_batch, load
+    from deepmedix.model.generate import generate_batch
+    from deepmedix.model.load import load
     from deepmedix.model.tiny import build_tiny
 
     loaded = load(build_tiny(tmp_path / "tiny"), device="cpu")

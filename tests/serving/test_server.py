@@ -23,7 +23,7 @@ import requests
 from PIL import Image
 
 from deepmedix import grounding
-from deepmedix.demo import free_port, stop_process
+from serving.local import free_port, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 120

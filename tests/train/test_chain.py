@@ -22,10 +22,11 @@ import torch
 from conftest import kill_at_first_checkpoint, nonfinite
 
 from deepmedix import stages
+from deepmedix.data.records import load_split, record_images
 from deepmedix.grounding import parse, user_message
-from deepmedix.model.load import eos_token_ids, load
+from deepmedix.model.generate import eos_token_ids, generate_on
+from deepmedix.model.load import load
 from deepmedix.train.checkpoints import committed_checkpoints
-from deepmedix.train.common import generate_on, load_split, record_images
 
 BIN = Path(sys.executable).parent
 BOX = re.compile(r"\[\s*\d+\s*,\s*\d+\s*,\s*\d+\s*,\s*\d+\s*\]")

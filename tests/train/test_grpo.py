@@ -14,9 +14,9 @@ import torch
 from conftest import cli
 
 from deepmedix.config import load_config
+from deepmedix.data.records import load_split
 from deepmedix.model.load import load
 from deepmedix.train import grpo
-from deepmedix.train.common import load_split
 
 BIN = Path(sys.executable).parent
 

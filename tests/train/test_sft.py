@@ -15,9 +15,10 @@ from conftest import cli, kill_at_first_checkpoint
 
 from deepmedix import stages
 from deepmedix.config import load_config
+from deepmedix.data.records import load_split, plain_target
 from deepmedix.model.load import load
 from deepmedix.train.checkpoints import committed_checkpoints
-from deepmedix.train.common import load_split, plain_target, sft_row
+from deepmedix.train.common import sft_row
 from deepmedix.train.sft import sample_length
 
 FAST = ["max_steps=3", "per_device_train_batch_size=4", "eval_records=4", "max_records=24", "logging_steps=1"]
@@ -117,7 +118,7 @@ def test_deepspeed_zero_in_one_cpu_process(small_data, base_model_dir, tmp_path,
 
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
 def test_the_sft_entry_point_runs_under_a_launcher(small_data, base_model_dir, tmp_path, launcher):
-    from deepmedix.demo import free_port
+    from serving.local import free_port
 
     port = str(free_port())
     cmd = {"torchrun": [str(BIN / "torchrun"), "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
@@ -144,7 +145,7 @@ def test_bad_training_config_is_refused_before_work(small_data, base_model_dir, 
                          ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_shipped_config_loads(path):
     if path.parent.name == "rewards":
-        from deepmedix.train.rewards import RewardSpec
+        from deepmedix.rewards.spec import RewardSpec
 
         assert RewardSpec.parse(str(path)).weights
         return

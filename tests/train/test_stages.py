@@ -8,11 +8,12 @@ import pytest
 from conftest import nonfinite
 
 from deepmedix import stages, store
+from deepmedix.data.records import frame_boxes
 from deepmedix.data.schema import load_records
 from deepmedix.grounding import parse
 from deepmedix.model.load import load
-from deepmedix.train.coldstart import keep_trace, template_trace
-from deepmedix.train.common import frame_boxes
+from deepmedix.synth.filter import keep_trace
+from deepmedix.synth.template import template_trace
 
 FAST = ["max_steps=3", "per_device_train_batch_size=4", "eval_records=4", "max_records=24", "logging_steps=1"]
 
@@ -105,7 +106,7 @@ def test_evaluate_resumes_from_partial_predictions(small_data, sft_model, tmp_pa
     out = tmp_path / "eval"
     partial = tmp_path / "eval.partial.jsonl"
     from deepmedix.config import load_config
-    from deepmedix.train.common import load_split
+    from deepmedix.data.records import load_split
 
     cfg = load_config("eval", "tiny")
     first = load_split(str(small_data), "test", cfg.tasks, None, 3, cfg.seed)[1][0]

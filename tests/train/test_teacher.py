@@ -14,16 +14,9 @@ from typer.testing import CliRunner
 from deepmedix import stages, store
 from deepmedix.config import load_config
 from deepmedix.data.schema import Box, Record, load_records
-from deepmedix.train.coldstart import keep_trace
-from deepmedix.train.teacher import (
-    OpenAITeacher,
-    ResponseCache,
-    build_messages,
-    cache_dir,
-    cache_key,
-    clean_response,
-    redact_url,
-)
+from deepmedix.llm.client import ResponseCache, cache_key, redact_url
+from deepmedix.synth.filter import keep_trace
+from deepmedix.synth.teacher import OpenAITeacher, build_messages, cache_dir, clean_response
 
 KEY_ENV = "DEEPMEDIX_TEST_TEACHER_KEY"
 SECRET = "sk-stub-secret-0123456789abcdef"

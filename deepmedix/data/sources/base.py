@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Iterator
 
 from deepmedix import store
 from deepmedix.data.schema import Box
+from deepmedix.errors import DeepMedixError, InputError, MissingInputError
 
 SOURCES: dict[str, type["Source"]] = {}
 
@@ -43,7 +44,7 @@ def local_read_errors(name: str) -> Iterator[None]:
         raise BadInput(name, f"unreadable ({exc.strerror or exc})") from None
 
 
-class BadInput(Exception):
+class BadInput(DeepMedixError):
     """An input to quarantine. ``file`` names it (relative to the source root where possible)."""
 
     def __init__(self, file: str, reason: str, record: str = ""):
@@ -123,7 +124,7 @@ class Root:
         else:
             self.path = store.local_path(self.uri)
             if not self.path.is_dir():
-                raise FileNotFoundError(f"{uri}: dataset root is not a folder")
+                raise MissingInputError(f"{uri}: dataset root is not a folder")
             self.real = Path(os.path.realpath(self.path))
         self._client = None
         self._real_dirs: dict[str, str] = {}
@@ -327,7 +328,7 @@ class Source:
     def __init__(self, root: Root, **options: Any):
         unknown = sorted(set(options) - set(self.option_names))
         if unknown:
-            raise ValueError(f"source {self.name}: unknown option(s) {unknown}; known: {list(self.option_names)}")
+            raise InputError(f"source {self.name}: unknown option(s) {unknown}; known: {list(self.option_names)}")
         self.root = root
         self.options = options
 

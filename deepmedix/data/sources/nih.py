@@ -64,8 +64,6 @@ BBOX_FILE = "BBox_List_2017.csv"
 LISTS = (("train_val_list.txt", "train"), ("test_list.txt", "test"))
 
 
-_read_csv = read_csv_rows
-_slug = slug
 
 
 def _find(header: list[str], *names: str) -> int | None:
@@ -91,7 +89,7 @@ class ChestXray14(Source):
         out: dict[str, dict[str, list[tuple[int, list[float]]]]] = {}
         rel = BBOX_FILE
         try:
-            header, rows = _read_csv(self.root, rel)
+            header, rows = read_csv_rows(self.root, rel)
             cols = {"Image Index": _find(header, "Image Index"), "Finding Label": _find(header, "Finding Label"),
                     "x": _find(header, "Bbox [x", "x"), "y": _find(header, "y"), "w": _find(header, "w"),
                     "h": _find(header, "h]", "h")}
@@ -163,7 +161,7 @@ class ChestXray14(Source):
             or "Data_Entry_2017.csv"
         out: dict[str, dict[str, Any]] = {}
         try:
-            header, rows = _read_csv(self.root, rel)
+            header, rows = read_csv_rows(self.root, rel)
             cols = {k: _find(header, k) for k in ("Image Index", "Finding Labels", "Patient ID", "View Position")}
             missing = [k for k, v in cols.items() if v is None]
             if missing:
@@ -267,7 +265,7 @@ class ChestXray14(Source):
             for label in sorted(boxes[name]):
                 group = boxes[name][label]
                 yield Item(
-                    record_id=f"{stem}-grounding-{_slug(label)}", patient_id=f"nih:{entry['pid']}",
+                    record_id=f"{stem}-grounding-{slug(label)}", patient_id=f"nih:{entry['pid']}",
                     study_id=f"nih:{stem}", task="grounding", prompt=grounding_prompt(label), answer=label,
                     images=[ImageRef(path=path)], split=split, view=entry["view"],
                     boxes=[Box(label, b) for _, b in sorted(group, key=lambda rb: rb[1])], box_frame=FRAME,

@@ -46,8 +46,10 @@ from typing import Any, Iterator
 from deepmedix.data.prompts import grounding_prompt
 from deepmedix.data.schema import Box
 from deepmedix.data.sources.base import BadInput, ImageRef, Item, Quarantine, Root, Source, read_csv_rows, slug
+from deepmedix.errors import InputError
+from deepmedix.grounding import iou
 
-__all__ = ["VinDrCXR", "fuse_boxes", "iou", "LOCAL_LABELS", "GLOBAL_LABELS"]
+__all__ = ["VinDrCXR", "fuse_boxes", "LOCAL_LABELS", "GLOBAL_LABELS"]
 
 # The 22 local labels (boxed findings) and the 6 global labels of the VinDr-CXR paper / image-label columns.
 LOCAL_LABELS = (
@@ -68,16 +70,6 @@ _COORDS = ("x_min", "y_min", "x_max", "y_max")
 _NAN = {"", "nan", "na", "none", "null"}
 
 
-_read_csv = read_csv_rows
-_slug = slug
-
-
-def iou(a: list[float], b: list[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def fuse_boxes(boxes: list[tuple[str, list[float]]], iou_thr: float = 0.4, min_readers: int = 2) -> list[list[float]]:
@@ -124,16 +116,16 @@ class VinDrCXR(Source):
         super().__init__(root, **options)
         self.readers = str(options.get("readers", "both"))
         if self.readers not in ("each", "consensus", "both"):
-            raise ValueError(f"source {self.name}: option readers={self.readers!r}, expected each|consensus|both")
+            raise InputError(f"source {self.name}: option readers={self.readers!r}, expected each|consensus|both")
         try:
             self.fusion_iou = float(options.get("fusion_iou", 0.4))
             self.min_readers = int(options.get("min_readers", 2))
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"source {self.name}: bad fusion_iou/min_readers option ({exc})") from None
+            raise InputError(f"source {self.name}: bad fusion_iou/min_readers option ({exc})") from None
         if not 0.0 < self.fusion_iou <= 1.0:
-            raise ValueError(f"source {self.name}: option fusion_iou={self.fusion_iou} must be in (0, 1]")
+            raise InputError(f"source {self.name}: option fusion_iou={self.fusion_iou} must be in (0, 1]")
         if self.min_readers < 1:
-            raise ValueError(f"source {self.name}: option min_readers={self.min_readers} must be >= 1")
+            raise InputError(f"source {self.name}: option min_readers={self.min_readers} must be >= 1")
 
     # ------------------------------------------------------------------ reading
     def _annotations(self, rel: str, bad: list[Quarantine]) -> tuple[dict[str, list[_Ann]], bool]:
@@ -141,7 +133,7 @@ class VinDrCXR(Source):
         out: dict[str, list[_Ann]] = {}
         has_rad = False
         try:
-            header, rows = _read_csv(self.root, rel)
+            header, rows = read_csv_rows(self.root, rel)
             missing = [c for c in ("image_id", "class_name", *_COORDS) if c not in header]
             if missing:
                 bad.append(self.bad(rel, f"missing column(s) {missing}; header is {header}"))
@@ -236,7 +228,7 @@ class VinDrCXR(Source):
         if not self.root.exists(rel):
             return out  # optional file
         try:
-            header, rows = _read_csv(self.root, rel)
+            header, rows = read_csv_rows(self.root, rel)
             if "image_id" not in header:
                 bad.append(self.bad(rel, f"missing column(s) ['image_id']; header is {header}"))
                 return out
@@ -322,7 +314,7 @@ class VinDrCXR(Source):
                     by_cls.setdefault(a.cls, []).append(a)
             for cls in sorted(by_cls):
                 group = by_cls[cls]
-                yield self._item(f"{iid}-grounding-{_slug(cls)}", iid, folder, split, rel, cls,
+                yield self._item(f"{iid}-grounding-{slug(cls)}", iid, folder, split, rel, cls,
                                  [a.box for a in group], findings, [a.row for a in group])
             return
 
@@ -347,7 +339,7 @@ class VinDrCXR(Source):
             if self.readers in ("each", "both"):
                 for reader in sorted(per[cls]):
                     group = per[cls][reader]
-                    yield self._item(f"{iid}-grounding-{_slug(cls)}-{re.sub(r'[^A-Za-z0-9]+', '-', reader)}",
+                    yield self._item(f"{iid}-grounding-{slug(cls)}-{re.sub(r'[^A-Za-z0-9]+', '-', reader)}",
                                      iid, folder, split, rel, cls, [a.box for a in group],
                                      reader_findings[reader] | common, [a.row for a in group])
             if self.readers in ("consensus", "both"):
@@ -355,5 +347,5 @@ class VinDrCXR(Source):
                                    self.fusion_iou, self.min_readers)
                 if fused:
                     rows = [a.row for group in per[cls].values() for a in group]
-                    yield self._item(f"{iid}-grounding-{_slug(cls)}", iid, folder, split, rel, cls, fused,
+                    yield self._item(f"{iid}-grounding-{slug(cls)}", iid, folder, split, rel, cls, fused,
                                      consensus_findings | {cls}, rows)

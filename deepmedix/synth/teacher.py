@@ -1,4 +1,4 @@
-"""The cold-start teachers' shared pieces, and the ``openai`` teacher: any OpenAI-compatible chat API.
+"""The ``openai`` cold-start teacher: any OpenAI-compatible chat API, through :mod:`deepmedix.llm.client`.
 
 Following the GEMeX-ThinkVG recipe, the teacher never sees the image. It is given what a radiologist knew about
 the study — the report (or the list of findings), the labelled reference regions in the model's frame, the
@@ -15,29 +15,26 @@ is never written anywhere.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import random
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any, Callable
-from urllib.parse import urlsplit, urlunsplit
+from typing import Callable
 
 from deepmedix import store
 from deepmedix.config import ColdStartConfig
+from deepmedix.data.records import frame_boxes
 from deepmedix.data.schema import Record
+from deepmedix.errors import InputError
 from deepmedix.grounding import box_str
-from deepmedix.train.common import frame_boxes
+from deepmedix.llm.client import ChatClient, Endpoint, redact_url
+from deepmedix.synth.template import REGIONS, scaled
 
 # What a teacher returns for each record: the trace (None on failure) and the failure reason (None on success).
 Result = tuple[str | None, str | None]
 
 TEACHER_ERROR = "teacher_error"
-MAX_DELAY_S = 60.0
 
 SYSTEM_PROMPT = (
     "You are a senior radiologist who writes worked examples for teaching a vision-language model to read chest "
@@ -74,14 +71,12 @@ def report_text(rec: Record) -> str:
 
 def build_messages(rec: Record, frame: int) -> list[dict[str, str]]:
     """The system and user messages for one record (plain text: the teacher is not shown the image)."""
-    from deepmedix.train.coldstart import REGIONS, _scaled
-
     boxes = frame_boxes(rec, frame)
     if boxes:
         regions = "\n".join(f"- {b.label}: {box_str(fb)}" for b, fb in zip(rec.boxes, boxes))
     else:
         regions = ("- none. Coarse anatomical regions you may cite instead:\n"
-                   + "\n".join(f"  - {name}: {box_str(_scaled(box, frame))}" for name, box in REGIONS.items()))
+                   + "\n".join(f"  - {name}: {box_str(scaled(box, frame))}" for name, box in REGIONS.items()))
     view = f" ({rec.view} view)" if rec.view else ""
     user = (
         f"### Image\nA chest X-ray{view}, shown to the model as a {frame}x{frame} frame (boxes refer to it).\n\n"
@@ -107,71 +102,11 @@ def clean_response(text: str) -> str:
     return t
 
 
-# ---------------------------------------------------------------- the cache
+# ---------------------------------------------------------------- the openai teacher
 
 def cache_dir(cfg: ColdStartConfig) -> Path:
     """``teacher_cache``, else ``$DEEPMEDIX_CACHE/teacher`` (``~/.cache/deepmedix/teacher`` without the env var)."""
     return Path(cfg.teacher_cache).expanduser() if cfg.teacher_cache else store.cache_root() / "teacher"
-
-
-def cache_key(base_url: str, model: str, messages: list[dict], temperature: float, max_tokens: int) -> str:
-    blob = json.dumps({"base_url": base_url, "model": model, "messages": messages, "temperature": temperature,
-                       "max_tokens": max_tokens}, sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-class ResponseCache:
-    """One JSON file per response under ``root/<key[:2]>/<key>.json``, written atomically."""
-
-    def __init__(self, root: Path):
-        self.root = Path(root)
-
-    def _path(self, key: str) -> Path:
-        return self.root / key[:2] / f"{key}.json"
-
-    def get(self, key: str) -> str | None:
-        try:
-            return json.loads(self._path(key).read_text())["text"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-
-    def put(self, key: str, text: str, meta: dict[str, Any] | None = None) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        try:
-            tmp.write_text(json.dumps({"text": text, **(meta or {})}, ensure_ascii=False))
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-
-# ---------------------------------------------------------------- the openai teacher
-
-def redact_url(url: str) -> str:
-    """The URL without user:password, for reports and lineage."""
-    parts = urlsplit(url)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        netloc = host + (f":{parts.port}" if parts.port else "")
-        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-    return url
-
-
-def _retry_after(exc: Exception) -> float | None:
-    """Seconds the server asked us to wait (``retry-after-ms`` or ``retry-after``), if it said."""
-    response = getattr(exc, "response", None)
-    headers = getattr(response, "headers", None)
-    if not headers:
-        return None
-    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if value:
-            try:
-                return max(0.0, float(value) * scale)
-            except ValueError:
-                continue
-    return None
 
 
 class OpenAITeacher:
@@ -181,88 +116,50 @@ class OpenAITeacher:
         self.cfg = cfg
         self.base_url = cfg.teacher_base_url or os.environ.get("OPENAI_BASE_URL", "")
         if not self.base_url:
-            raise ValueError("cold start: teacher 'openai' needs an API base URL: set the config key "
+            raise InputError("cold start: teacher 'openai' needs an API base URL: set the config key "
                              "teacher_base_url or the env var OPENAI_BASE_URL")
         if not cfg.teacher_model:
-            raise ValueError("cold start: teacher 'openai' needs a model: set the config key teacher_model")
+            raise InputError("cold start: teacher 'openai' needs a model: set the config key teacher_model")
         if not cfg.teacher_api_key_env:
-            raise ValueError("cold start: teacher 'openai' needs the config key teacher_api_key_env (the name "
+            raise InputError("cold start: teacher 'openai' needs the config key teacher_api_key_env (the name "
                              "of the env var that holds the API key)")
-        self._api_key = os.environ.get(cfg.teacher_api_key_env, "")
-        if not self._api_key:
-            raise ValueError(f"cold start: teacher 'openai' reads its API key from the env var "
+        if not os.environ.get(cfg.teacher_api_key_env, ""):
+            raise InputError(f"cold start: teacher 'openai' reads its API key from the env var "
                              f"{cfg.teacher_api_key_env} (config key teacher_api_key_env), which is not set")
         if cfg.teacher_concurrency < 1:
-            raise ValueError(f"cold start: teacher_concurrency must be >= 1, got {cfg.teacher_concurrency}")
+            raise InputError(f"cold start: teacher_concurrency must be >= 1, got {cfg.teacher_concurrency}")
         if cfg.teacher_max_retries < 0:
-            raise ValueError(f"cold start: teacher_max_retries must be >= 0, got {cfg.teacher_max_retries}")
+            raise InputError(f"cold start: teacher_max_retries must be >= 0, got {cfg.teacher_max_retries}")
         if cfg.teacher_timeout_s <= 0:
-            raise ValueError(f"cold start: teacher_timeout_s must be > 0, got {cfg.teacher_timeout_s}")
-        try:
-            import openai
-        except ImportError as exc:
-            raise ValueError("cold start: teacher 'openai' needs the openai package (pip install openai)") from exc
-        self.openai = openai
-        self.fatal = (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError)
-        self.client = openai.OpenAI(base_url=self.base_url, api_key=self._api_key, timeout=cfg.teacher_timeout_s,
-                                    max_retries=0)
-        self.cache = ResponseCache(cache_dir(cfg))
-        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+            raise InputError(f"cold start: teacher_timeout_s must be > 0, got {cfg.teacher_timeout_s}")
+        self.chat = ChatClient(Endpoint(
+            base_url=self.base_url, model=cfg.teacher_model, api_key_env=cfg.teacher_api_key_env,
+            temperature=cfg.teacher_temperature, max_tokens=cfg.teacher_max_tokens, timeout_s=cfg.teacher_timeout_s,
+            max_retries=cfg.teacher_max_retries, backoff_s=cfg.teacher_backoff_s, cache=str(cache_dir(cfg))), log)
+        self.log = self.chat.log
         self._lock = threading.Lock()
-        self.stats = {"model": cfg.teacher_model, "base_url": redact_url(self.base_url), "requests": 0,
-                      "retries": 0, "cache_hits": 0, "errors": 0, "unique_prompts": 0}
+        self.own = {"model": cfg.teacher_model, "base_url": redact_url(self.base_url), "errors": 0, "unique_prompts": 0}
         self.error_examples: list[str] = []
+
+    @property
+    def stats(self) -> dict:
+        """Requests, retries and cache hits (the client's), errors and distinct prompts (the teacher's)."""
+        return {**self.chat.stats, **self.own}
 
     def _count(self, key: str, n: int = 1) -> None:
         with self._lock:
-            self.stats[key] += n
-
-    def _retryable(self, exc: Exception) -> bool:
-        oa = self.openai
-        if isinstance(exc, (oa.APITimeoutError, oa.APIConnectionError, oa.RateLimitError, oa.InternalServerError)):
-            return True
-        return isinstance(exc, oa.APIStatusError) and exc.status_code >= 500
-
-    def _delay(self, attempt: int, exc: Exception) -> float:
-        delay = self.cfg.teacher_backoff_s * (2 ** attempt) * random.uniform(0.5, 1.0)
-        asked = _retry_after(exc)
-        if asked is not None:
-            delay = max(delay, asked)
-        return min(delay, MAX_DELAY_S)
-
-    def request(self, messages: list[dict[str, str]]) -> str:
-        """One completion, with retries; raises the last error when every attempt failed."""
-        cfg = self.cfg
-        for attempt in range(cfg.teacher_max_retries + 1):
-            self._count("requests")
-            try:
-                resp = self.client.chat.completions.create(
-                    model=cfg.teacher_model, messages=messages, temperature=cfg.teacher_temperature,
-                    max_tokens=cfg.teacher_max_tokens)
-            except Exception as exc:  # noqa: BLE001 - classified below; anything else is not retried
-                if attempt < cfg.teacher_max_retries and self._retryable(exc):
-                    self._count("retries")
-                    time.sleep(self._delay(attempt, exc))
-                    continue
-                raise
-            if not resp.choices or not resp.choices[0].message.content:
-                raise RuntimeError("the response has no message content")
-            if resp.choices[0].finish_reason == "length":  # cut at max_tokens: not a trace, and never cached
-                raise RuntimeError(f"the response was cut at teacher_max_tokens={cfg.teacher_max_tokens}")
-            return resp.choices[0].message.content
-        raise AssertionError("unreachable")
+            self.own[key] += n
 
     def _one(self, key: str, messages: list[dict[str, str]], record_id: str) -> Result:
         """One prompt: from the cache, else from the API (then cached)."""
         cfg = self.cfg
-        cached = self.cache.get(key)
+        cached = self.chat.cached(key)
         if cached is not None:
-            self._count("cache_hits")
             return clean_response(cached), None
         try:
-            text = self.request(messages)
-        except self.fatal as exc:  # a wrong key, model or URL fails every record alike: stop the run
-            raise ValueError(f"cold start: the teacher endpoint refused the request ({type(exc).__name__}: "
+            text = self.chat.request(messages)
+        except self.chat.fatal as exc:  # a wrong key, model or URL fails every record alike: stop the run
+            raise InputError(f"cold start: the teacher endpoint refused the request ({type(exc).__name__}: "
                              f"{str(exc)[:200]}); check teacher_base_url, teacher_model and the key in "
                              f"${cfg.teacher_api_key_env}") from None
         except Exception as exc:  # noqa: BLE001 - one record's failure never ends the run
@@ -270,7 +167,7 @@ class OpenAITeacher:
             self._note(f"{record_id}: {type(exc).__name__}: {str(exc)[:200]}")
             return None, TEACHER_ERROR
         try:
-            self.cache.put(key, text, {"model": cfg.teacher_model, "record_id": record_id})
+            self.chat.cache.put(key, text, {"model": cfg.teacher_model, "record_id": record_id})
         except OSError as exc:  # a full or read-only cache costs a rerun its savings, not this response
             self._note(f"{record_id}: response not cached ({exc})")
         return clean_response(text), None
@@ -287,16 +184,16 @@ class OpenAITeacher:
         messages: dict[str, list[dict[str, str]]] = {}
         for i, rec in enumerate(records):
             msgs = build_messages(rec, cfg.frame)
-            key = cache_key(self.base_url, cfg.teacher_model, msgs, cfg.teacher_temperature, cfg.teacher_max_tokens)
+            key = self.chat.key(msgs)
             by_key.setdefault(key, []).append(i)
             messages[key] = msgs
-        self.stats["unique_prompts"] = len(by_key)
+        self.own["unique_prompts"] = len(by_key)
         total = len(records)
         out: list[Result] = [(None, TEACHER_ERROR)] * total
         every = max(1, len(by_key) // 10)
         t0 = time.time()
         self.log(f"coldstart: teacher {cfg.teacher_model} on {total} records, {len(by_key)} distinct prompts "
-                 f"({cfg.teacher_concurrency} in flight, cache {self.cache.root})")
+                 f"({cfg.teacher_concurrency} in flight, cache {self.chat.cache.root})")
         done = 0
         pool = ThreadPoolExecutor(max_workers=cfg.teacher_concurrency, thread_name_prefix="teacher")
         try:

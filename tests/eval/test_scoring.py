@@ -4,7 +4,7 @@ import pytest
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from rouge_score import rouge_scorer
 
-from deepmedix.eval import metrics as M
+from deepmedix.eval import scoring as M
 
 
 def test_vqa_correct():

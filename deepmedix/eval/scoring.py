@@ -10,9 +10,9 @@ import numbers
 from typing import Any
 
 from deepmedix import grounding
-from deepmedix.train.rewards import paper_components
+from deepmedix.data.schema import REPORT_TASKS
+from deepmedix.rewards.paper import paper_components
 
-REPORT_TASKS = ("report_findings", "report_impression")
 _TRAILING_PUNCT = ".,;:!?"
 
 
@@ -87,7 +87,7 @@ def score_predictions(rows: list[dict]) -> dict[str, float | int]:
     out["format_compliance"] = _mean(fmt)
     out["paper_reward"] = _mean(reward)
     if rep_pred:  # the headline two; every report metric, per subset and with intervals, is in suite.py
-        from deepmedix.eval.report_metrics import corpus_scores, tokenize
+        from deepmedix.eval.nlg import corpus_scores, tokenize
 
         coco = corpus_scores([tokenize(p) for p in rep_pred], [tokenize(r) for r in rep_ref], meteor=False)
         out["report_bleu4"] = coco["bleu4"]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from deepmedix.eval import meteor as M
-from deepmedix.eval import report_metrics as RM
+from deepmedix.eval import nlg as RM
 
 pytest.importorskip("pycocoevalcap")
 from pycocoevalcap.bleu.bleu import Bleu  # noqa: E402

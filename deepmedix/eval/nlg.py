@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from deepmedix import store
+from deepmedix.errors import InputError
 
 KEYS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider")
 BLEU_N = 4
@@ -95,22 +96,22 @@ def tokenize(text: str) -> str:
 
 def _as_refs(references: list[str] | list[list[str]], n: int) -> list[list[str]]:
     if len(references) != n:
-        raise ValueError(f"{n} predictions but {len(references)} references")
+        raise InputError(f"{n} predictions but {len(references)} references")
     refs = [[r] if isinstance(r, str) else list(r) for r in references]
     for i, rs in enumerate(refs):
         if not rs:
-            raise ValueError(f"pair {i}: no reference")
+            raise InputError(f"pair {i}: no reference")
         if not all(isinstance(r, str) for r in rs):
-            raise ValueError(f"pair {i}: references must be strings")
+            raise InputError(f"pair {i}: references must be strings")
     return refs
 
 
 def _check(predictions: list[str], references: list[str] | list[list[str]]) -> list[list[str]]:
     refs = _as_refs(references, len(predictions))
     if not predictions:
-        raise ValueError("no pairs to score")
+        raise InputError("no pairs to score")
     if not all(isinstance(p, str) for p in predictions):
-        raise ValueError("predictions must be strings")
+        raise InputError("predictions must be strings")
     return refs
 
 
@@ -341,25 +342,25 @@ def read_pairs(path: str | Path) -> tuple[list[str], list[str], list[list[str]]]
     for no, where, row in store.jsonl_objects(path, expected="an object with id, prediction, reference"):
         for field in ("id", "prediction", "reference"):
             if field not in row:
-                raise ValueError(f"{where}: missing field '{field}'")
+                raise InputError(f"{where}: missing field '{field}'")
         pid, pred, ref = row["id"], row["prediction"], row["reference"]
         if not isinstance(pid, (str, int)) or isinstance(pid, bool):
-            raise ValueError(f"{where}: field 'id' must be a string or an integer")
+            raise InputError(f"{where}: field 'id' must be a string or an integer")
         if not isinstance(pred, str):
-            raise ValueError(f"{where}: field 'prediction' must be a string")
+            raise InputError(f"{where}: field 'prediction' must be a string")
         if isinstance(ref, str):
             ref = [ref]
         if not isinstance(ref, list) or not ref or not all(isinstance(r, str) for r in ref):
-            raise ValueError(f"{where}: field 'reference' must be a string or a non-empty list of strings")
+            raise InputError(f"{where}: field 'reference' must be a string or a non-empty list of strings")
         key = str(pid)
         if key in seen:
-            raise ValueError(f"{where}: duplicate id {pid!r} (first on line {seen[key]})")
+            raise InputError(f"{where}: duplicate id {pid!r} (first on line {seen[key]})")
         seen[key] = no
         ids.append(key)
         preds.append(pred)
         refs.append(ref)
     if not ids:
-        raise ValueError(f"{path}: no pairs")
+        raise InputError(f"{path}: no pairs")
     return ids, preds, refs
 
 

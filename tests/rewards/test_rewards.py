@@ -2,21 +2,25 @@ import pytest
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from rouge_score import rouge_scorer
 
-from deepmedix.train import rewards as R
+from deepmedix.rewards.clinical import clinical_components, report_answer
+from deepmedix.rewards.grounded import grounded_components
+from deepmedix.rewards.paper import boxed_answer, paper_components
+from deepmedix.rewards.spec import RewardSpec
+from deepmedix.train.grpo_rewards import completion_text, trl_reward_functions
 
 
 def comps(output, truth="yes", words=False):
-    return R.paper_components(output, truth, words)
+    return paper_components(output, truth, words)
 
 
 # ---------------------------------------------------------------- completion_text
 
 def test_completion_text_string_and_conversational():
     text = "<think> a </think> \\boxed{x}"
-    assert R.completion_text(text) == text
-    assert R.completion_text([{"role": "assistant", "content": text}]) == text
-    assert R.completion_text([{"role": "user", "content": "q"}, {"role": "assistant", "content": text}]) == text
-    assert R.completion_text([{"role": "assistant", "content": [{"type": "text", "text": text}]}]) == text
+    assert completion_text(text) == text
+    assert completion_text([{"role": "assistant", "content": text}]) == text
+    assert completion_text([{"role": "user", "content": "q"}, {"role": "assistant", "content": text}]) == text
+    assert completion_text([{"role": "assistant", "content": [{"type": "text", "text": text}]}]) == text
 
 
 # ---------------------------------------------------------------- format
@@ -59,12 +63,12 @@ def test_coordinate_only_counts_first_think_block():
 # ---------------------------------------------------------------- answer extraction
 
 def test_boxed_answer():
-    assert R.boxed_answer("<think>x</think> \\boxed{a{b}c}") == "a{b}c"
-    assert R.boxed_answer("\\boxed{first} then \\boxed{ second }") == "second"
-    assert R.boxed_answer("\\boxed{abc") == "None"
-    assert R.boxed_answer("no answer") == "None"
-    assert R.boxed_answer("\\boxed{}") == " "
-    assert R.boxed_answer("\\boxed{   }") == " "
+    assert boxed_answer("<think>x</think> \\boxed{a{b}c}") == "a{b}c"
+    assert boxed_answer("\\boxed{first} then \\boxed{ second }") == "second"
+    assert boxed_answer("\\boxed{abc") == "None"
+    assert boxed_answer("no answer") == "None"
+    assert boxed_answer("\\boxed{}") == " "
+    assert boxed_answer("\\boxed{   }") == " "
 
 
 def test_nested_braces_and_unclosed_in_accuracy():
@@ -197,26 +201,26 @@ GOOD = "<think> the lesion with [10, 10, 50, 50] </think> The answer is: \\boxed
 
 
 def test_grounded_soft_and_neutral():
-    g = R.grounded_components(GOOD, [[10, 10, 50, 50]])
+    g = grounded_components(GOOD, [[10, 10, 50, 50]])
     assert g == {"iou": 1.0, "count": 1.0, "overall": 1.0}
-    assert R.grounded_components(GOOD, []) is None and R.grounded_components(GOOD, None) is None
-    half = R.grounded_components(GOOD, [[10, 10, 50, 90]])  # 1600 / 3200
+    assert grounded_components(GOOD, []) is None and grounded_components(GOOD, None) is None
+    half = grounded_components(GOOD, [[10, 10, 50, 90]])  # 1600 / 3200
     assert half["iou"] == pytest.approx(0.5) and half["overall"] == pytest.approx(0.5 * 0.5 + 0.5 * 1.0)
-    two = R.grounded_components(GOOD, [[10, 10, 50, 50], [300, 300, 400, 400]], iou_weight=1.0, count_weight=0.0)
+    two = grounded_components(GOOD, [[10, 10, 50, 50], [300, 300, 400, 400]], iou_weight=1.0, count_weight=0.0)
     assert two["iou"] == 0.5 and two["count"] == 0.5 and two["overall"] == 0.5  # the missed box counts 0
-    none = R.grounded_components("<think> no boxes </think> \\boxed{x}", [[0, 0, 5, 5]])
+    none = grounded_components("<think> no boxes </think> \\boxed{x}", [[0, 0, 5, 5]])
     assert none == {"iou": 0.0, "count": 0.0, "overall": 0.0}
 
 
 def test_grounded_spraying_boxes_does_not_pay():
-    one_good = R.grounded_components("<think> a with [10, 10, 50, 45] </think> \\boxed{x}", [[10, 10, 50, 50]])
-    spray = R.grounded_components("<think> a with [10, 10, 50, 50]; b with [0, 0, 5, 5]; c with [100, 100, 105, 105]"
+    one_good = grounded_components("<think> a with [10, 10, 50, 45] </think> \\boxed{x}", [[10, 10, 50, 50]])
+    spray = grounded_components("<think> a with [10, 10, 50, 50]; b with [0, 0, 5, 5]; c with [100, 100, 105, 105]"
                                   "; d with [200, 200, 205, 205] </think> \\boxed{x}", [[10, 10, 50, 50]])
     assert spray["iou"] == 0.25 and one_good["iou"] == pytest.approx(0.875)
     assert spray["overall"] < one_good["overall"]
-    assert R.RewardSpec.parse("grounded_paper").score(
+    assert RewardSpec.parse("grounded_paper").score(
         "<think> a with [10, 10, 50, 50]; b with [0, 0, 5, 5]; c with [100, 100, 105, 105]; d with [200, 200, 205, "
-        "205] </think> \\boxed{x}", "x", [[10, 10, 50, 50]])["overall"] < R.RewardSpec.parse("grounded_paper").score(
+        "205] </think> \\boxed{x}", "x", [[10, 10, 50, 50]])["overall"] < RewardSpec.parse("grounded_paper").score(
         "<think> a with [10, 10, 50, 45] </think> \\boxed{x}", "x", [[10, 10, 50, 50]])["overall"]
 
 
@@ -225,20 +229,20 @@ def test_grounded_uses_hungarian_matching():
     # the optimal assignment pairs p0-r1 and p1-r0
     out = "<think> a with [0, 0, 10, 10]; b with [0, 0, 20, 10] </think> \\boxed{x}"
     refs = [[0, 0, 20, 10], [0, 0, 10, 10]]
-    g = R.grounded_components(out, refs)
+    g = grounded_components(out, refs)
     assert g["iou"] == pytest.approx(1.0)
 
 
 def test_grounded_gemex_mode():
-    assert R.grounded_components(GOOD, [[10, 10, 50, 50]], mode="gemex")["overall"] == 1.0
-    assert R.grounded_components(GOOD, [[10, 10, 50, 60]], mode="gemex")["overall"] == 1.0   # IoU 0.8 > 0.75
-    assert R.grounded_components(GOOD, [[10, 10, 50, 70]], mode="gemex")["overall"] == 0.0   # IoU 0.67
-    assert R.grounded_components(GOOD, [[10, 10, 50, 50], [1, 1, 2, 2]], mode="gemex")["overall"] == 0.0  # count
+    assert grounded_components(GOOD, [[10, 10, 50, 50]], mode="gemex")["overall"] == 1.0
+    assert grounded_components(GOOD, [[10, 10, 50, 60]], mode="gemex")["overall"] == 1.0   # IoU 0.8 > 0.75
+    assert grounded_components(GOOD, [[10, 10, 50, 70]], mode="gemex")["overall"] == 0.0   # IoU 0.67
+    assert grounded_components(GOOD, [[10, 10, 50, 50], [1, 1, 2, 2]], mode="gemex")["overall"] == 0.0  # count
 
 
 def test_grounded_only_reads_the_reasoning_boxes():
     out = "<think> nothing here </think> [10, 10, 50, 50] \\boxed{x}"
-    assert R.grounded_components(out, [[10, 10, 50, 50]])["iou"] == 0.0
+    assert grounded_components(out, [[10, 10, 50, 50]])["iou"] == 0.0
 
 
 @pytest.mark.parametrize("boxes,msg", [([[1, 2, 3]], r"boxes\[0\].*4"), ([["a", 1, 2, 3]], r"boxes\[0\]"),
@@ -246,7 +250,7 @@ def test_grounded_only_reads_the_reasoning_boxes():
                                        ([[1, 2, 3, True]], r"boxes\[0\]"), (["abcd"], r"boxes\[0\]")])
 def test_grounded_bad_reference_boxes(boxes, msg):
     with pytest.raises(ValueError, match=msg):
-        R.grounded_components(GOOD, boxes)
+        grounded_components(GOOD, boxes)
 
 
 # ---------------------------------------------------------------- clinical
@@ -256,30 +260,30 @@ def test_clinical_applies_to_reports_only():
     good = "<think> fluid at the left base with [300, 300, 450, 450] </think> The answer is: \\boxed{Small left " \
            "pleural effusion. Normal heart size.}"
     wrong = "<think> x </think> \\boxed{Cardiomegaly. No pleural effusion.}"
-    assert R.clinical_components(good, ref, "report_findings")["overall"] == 1.0
-    assert R.clinical_components(wrong, ref, "report_findings")["overall"] == 0.0
-    assert R.clinical_components(good, "yes", "vqa") is None
-    assert R.clinical_components(good, ref, None)["overall"] == 1.0  # a long answer without a task: a report
-    assert R.report_answer("<think> a </think> no box here") == "no box here"
+    assert clinical_components(good, ref, "report_findings")["overall"] == 1.0
+    assert clinical_components(wrong, ref, "report_findings")["overall"] == 0.0
+    assert clinical_components(good, "yes", "vqa") is None
+    assert clinical_components(good, ref, None)["overall"] == 1.0  # a long answer without a task: a report
+    assert report_answer("<think> a </think> no box here") == "no box here"
 
 
 def test_clinical_gives_no_finding_only_to_an_answer_that_says_something():
     normal = "No acute cardiopulmonary process. Lungs are clear. No pleural effusion."
-    assert R.clinical_components("<think> x </think> \\boxed{asdf qwerty}", normal, "report_findings")["overall"] == 0.0
+    assert clinical_components("<think> x </think> \\boxed{asdf qwerty}", normal, "report_findings")["overall"] == 0.0
     said = "<think> x </think> \\boxed{The lungs are clear. No effusion.}"
-    assert R.clinical_components(said, normal, "report_findings")["overall"] == 1.0
+    assert clinical_components(said, normal, "report_findings")["overall"] == 1.0
 
 
 # ---------------------------------------------------------------- composites
 
 def test_spec_parse_names_inline_and_files(tmp_path):
-    assert R.RewardSpec.parse("paper").weights == {"paper": 1.0}
-    assert R.RewardSpec.parse("paper=1, grounded=0.5").weights == {"paper": 1.0, "grounded": 0.5}
-    shipped = R.RewardSpec.parse("grounded_paper")
+    assert RewardSpec.parse("paper").weights == {"paper": 1.0}
+    assert RewardSpec.parse("paper=1, grounded=0.5").weights == {"paper": 1.0, "grounded": 0.5}
+    shipped = RewardSpec.parse("grounded_paper")
     assert shipped.weights == {"paper": 1.0, "grounded": 1.0} and shipped.grounded_iou_weight == 0.75
     f = tmp_path / "mine.yaml"
     f.write_text("weights: {clinical: 2.0}\nclinical_uncertain: negative\n")
-    spec = R.RewardSpec.parse(str(f), clinical_uncertain="positive")  # the file's own setting wins
+    spec = RewardSpec.parse(str(f), clinical_uncertain="positive")  # the file's own setting wins
     assert spec.weights == {"clinical": 2.0} and spec.clinical_uncertain == "negative" and spec.name == "mine"
 
 
@@ -291,36 +295,36 @@ def test_spec_parse_names_inline_and_files(tmp_path):
 ])
 def test_spec_parse_errors(spec, msg):
     with pytest.raises(ValueError, match=msg):
-        R.RewardSpec.parse(spec)
+        RewardSpec.parse(spec)
 
 
 def test_spec_file_errors_name_the_file_and_key(tmp_path):
     f = tmp_path / "bad.yaml"
     f.write_text("weights: {paper: 1}\ngrounded_mod: soft\n")
     with pytest.raises(ValueError, match=r"bad.yaml.*grounded_mod"):
-        R.RewardSpec.parse(str(f))
+        RewardSpec.parse(str(f))
     f.write_text("weights: {paper: 1}\ngrounded_mode: fuzzy\n")
     with pytest.raises(ValueError, match=r"bad.yaml.*grounded_mode.*fuzzy"):
-        R.RewardSpec.parse(str(f))
+        RewardSpec.parse(str(f))
     f.write_text("weights: [paper]\n")
     with pytest.raises(ValueError, match=r"bad.yaml.*'weights' must map"):
-        R.RewardSpec.parse(str(f))
+        RewardSpec.parse(str(f))
 
 
 def test_spec_from_config():
     from deepmedix.config import load_config
 
     cfg = load_config("grpo", "tiny", ["reward=paper", "reward_weights={grounded: 2.0}", "grounded_mode=gemex"])
-    spec = R.RewardSpec.from_config(cfg)
+    spec = RewardSpec.from_config(cfg)
     assert spec.weights == {"grounded": 2.0} and spec.grounded_mode == "gemex"
-    assert R.RewardSpec.from_config(load_config("grpo", "7b")).weights == {"paper": 1.0}
+    assert RewardSpec.from_config(load_config("grpo", "7b")).weights == {"paper": 1.0}
     # a composite file's settings beat the config's defaults; what the run sets beats the file
-    file_only = R.RewardSpec.from_config(load_config("grpo", "tiny", ["reward=grounded_paper"]))
+    file_only = RewardSpec.from_config(load_config("grpo", "tiny", ["reward=grounded_paper"]))
     assert file_only.grounded_iou_weight == 0.75 and file_only.grounded_mode == "soft"
-    mine = R.RewardSpec.from_config(load_config("grpo", "tiny", ["reward=grounded_paper", "grounded_mode=gemex",
+    mine = RewardSpec.from_config(load_config("grpo", "tiny", ["reward=grounded_paper", "grounded_mode=gemex",
                                                                  "grounded_iou_weight=1.0"]))
     assert mine.grounded_mode == "gemex" and mine.grounded_iou_weight == 1.0 and mine.weights["grounded"] == 1.0
-    both = R.RewardSpec.from_config(load_config("grpo", "tiny", ["reward=grounded_paper",
+    both = RewardSpec.from_config(load_config("grpo", "tiny", ["reward=grounded_paper",
                                                                  "reward_weights={paper: 1, grounded: 2}"]))
     assert both.weights == {"paper": 1.0, "grounded": 2.0} and both.grounded_iou_weight == 0.75
 
@@ -330,32 +334,32 @@ def test_spec_from_config():
                                            ("clinical_uncertain", "maybe", "positive, negative or ignore")])
 def test_spec_settings_are_checked(key, value, msg):
     with pytest.raises(ValueError, match=msg):
-        R.RewardSpec(weights={"paper": 1.0}, **{key: value})
+        RewardSpec(weights={"paper": 1.0}, **{key: value})
 
 
 def test_spec_score_sums_the_weighted_components_that_apply():
-    spec = R.RewardSpec.parse("paper=1,grounded=2,clinical=1")
+    spec = RewardSpec.parse("paper=1,grounded=2,clinical=1")
     s = spec.score(GOOD, "nodule", [[10, 10, 50, 50]], "grounding")
-    assert s["paper"] == R.paper_components(GOOD, "nodule")["overall"]
+    assert s["paper"] == paper_components(GOOD, "nodule")["overall"]
     assert s["grounded"] == 1.0 and s["grounded/iou"] == 1.0 and s["clinical"] is None
     assert s["overall"] == s["paper"] + 2.0
     vqa = spec.score(GOOD, "nodule", None, "vqa")
     assert vqa["grounded"] is None and vqa["overall"] == vqa["paper"]
-    nothing = R.RewardSpec.parse("grounded").score(GOOD, "nodule", None, "vqa")
+    nothing = RewardSpec.parse("grounded").score(GOOD, "nodule", None, "vqa")
     assert nothing == {"grounded": None, "overall": None}  # nothing applies: no score (as in TRL), not 0
 
 
-def test_trl_functions_names_weights_parts_and_rollouts():
-    spec = R.RewardSpec.parse("paper=1,grounded=0.5")
+def test_trl_reward_functions_names_weights_parts_and_rollouts():
+    spec = RewardSpec.parse("paper=1,grounded=0.5")
     seen, metrics = [], {}
-    funcs, weights = spec.trl_functions(on_scores=seen.append)
+    funcs, weights = trl_reward_functions(spec, on_scores=seen.append)
     assert [f.__name__ for f in funcs] == ["paper", "grounded"] and weights == [1.0, 0.5]
     conv = [{"role": "assistant", "content": GOOD}]
     completions = [GOOD, conv]
     kw = dict(answer=["nodule", "mass"], ref_boxes_frame=[[[10, 10, 50, 50]], []], task=["grounding", "vqa"],
               log_metric=lambda k, v: metrics.__setitem__(k, v), prompts=["p1", "p2"])
     paper = funcs[0](completions, **kw)
-    assert paper == [R.paper_components(GOOD, "nodule")["overall"], R.paper_components(GOOD, "mass")["overall"]]
+    assert paper == [paper_components(GOOD, "nodule")["overall"], paper_components(GOOD, "mass")["overall"]]
     assert seen == []  # the batch is complete only once every component is in
     assert funcs[1](completions, **kw) == [1.0, None]  # neutral for the record without boxes
     assert metrics["rewards/paper/accuracy"] == pytest.approx((1.5 + 0.0) / 2)
@@ -422,3 +426,42 @@ def test_cli_unknown_reward(tmp_path):
     f.write_text('{"prediction": "x", "ground_truth": "y"}\n')
     r = _cli(f, "--reward", "nope")
     assert r.returncode == 2 and "unknown reward 'nope'" in r.stderr
+
+
+# ---------------------------------------------------------------- a record; the TRL functions across processes
+
+def test_score_against_a_record_maps_its_boxes_into_the_model_frame():
+    from deepmedix.data.schema import Box, Record
+    from deepmedix.rewards import score
+
+    # a 1024 x 2048 image: the reference box [20, 40, 100, 200] is [10, 10, 50, 50] in the 512 frame
+    rec = Record(record_id="r1", patient_id="p", study_id="s", source="x", images=["a.png"],
+                 image_sizes=[[1024, 2048]], task="grounding", prompt="Where?", answer="nodule", split="test",
+                 boxes=[Box("nodule", [20, 40, 100, 200])])
+    got = score("paper=1,grounded=2", GOOD, rec)
+    assert got["grounded"] == 1.0 and got["grounded/iou"] == 1.0
+    assert got == RewardSpec.parse("paper=1,grounded=2").score(GOOD, "nodule", [[10, 10, 50, 50]], "grounding")
+    assert score("grounded", GOOD, rec, frame=1024)["grounded/iou"] < 1.0  # another frame, other reference boxes
+
+
+def test_trl_reward_functions_survive_pickling_with_their_batch():
+    import pickle
+
+    seen = []
+    funcs, _ = trl_reward_functions(RewardSpec.parse("paper=1,grounded=0.5"), on_scores=_Collect(seen))
+    funcs = pickle.loads(pickle.dumps(funcs))  # as a worker process would receive them
+    assert [f.__name__ for f in funcs] == ["paper", "grounded"]
+    kw = dict(answer=["nodule"], ref_boxes_frame=[[[10, 10, 50, 50]]], task=["grounding"])
+    assert funcs[1]([GOOD], **kw) == [1.0]
+    funcs[0]([GOOD], **kw)
+    funcs[1]([GOOD], **kw)
+    (batch,) = funcs[0].batch.on_scores.seen  # the unpickled copies still share one batch
+    assert set(batch["scores"]) == {"paper", "grounded"}
+
+
+class _Collect:
+    def __init__(self, seen):
+        self.seen = seen
+
+    def __call__(self, batch):
+        self.seen.append(batch)

@@ -12,7 +12,7 @@ import torch
 from fx_models import CORPUS, bert_folder, chexbert_checkpoint
 
 from deepmedix.config import EvalConfig
-from deepmedix.eval import model_metrics as mm
+from deepmedix.eval import model_based as mm
 from deepmedix.eval import suite
 
 PREDS = ["the heart size is normal", "small left effusion", "no pneumothorax", "",

@@ -11,6 +11,8 @@ import hashlib
 import sqlite3
 from pathlib import Path
 
+from deepmedix.errors import DeepMedixError
+
 AXES = ("relevance", "correctness", "completeness")
 
 SCHEMA = """
@@ -94,7 +96,7 @@ CREATE INDEX session_reader ON session(reader_id);
 """
 
 
-class ReaderError(ValueError):
+class ReaderError(DeepMedixError, ValueError):
     """A study that cannot be created, served or exported as asked; the message says why."""
 
 

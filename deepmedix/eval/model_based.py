@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 
 from deepmedix import clinical
+from deepmedix.errors import DeepMedixError, InputError
 
 
-class ModelMetricError(ValueError):
+class ModelMetricError(DeepMedixError, ValueError):
     """A configured model path is missing or not a usable model; the message names the setting and the path."""
 
 
@@ -79,7 +80,7 @@ def bertscore(predictions: list[str], references: list[str], model: str, *, laye
               batch_size: int = 64, device: str | None = None) -> dict[str, np.ndarray]:
     """Per-pair BERTScore ``{"precision", "recall", "f1"}`` (float arrays) with the local model folder ``model``."""
     if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+        raise InputError(f"{len(predictions)} predictions but {len(references)} references")
     folder = _folder("eval.bertscore_model", model)
     layer = bertscore_layer(folder, layers)
     if not predictions:

@@ -7,7 +7,6 @@ import base64
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from rich.table import Table
 
 from deepmedix.errors import DemoError
 from pipelines.deepmedix_pipeline import STAGE_TASKS
+from serving.local import free_port, stop_process, wait_ready
 
 console = Console()
 
@@ -56,45 +56,13 @@ def stage_metrics(run: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop_process(proc: subprocess.Popen, timeout: float = 10) -> None:
-    """Terminate a server process; kill it if it has not ended after ``timeout`` seconds."""
-    proc.terminate()
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=timeout)
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> None:
-    import requests
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise DemoError(f"model server exited with code {proc.returncode}")
-        try:
-            if requests.get(url, timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise DemoError(f"model server not ready after {timeout:.0f} s ({url})")
-
-
 def serve_and_ask(model_dir: Path, data_dir: Path, out_png: Path) -> dict[str, Any]:
     """Start the KServe model server on the trained model, send one v1 request, draw the boxes it returns."""
     import requests
     from PIL import Image
 
     from deepmedix.data.schema import load_records
-    from serving.predictor import draw_overlay
+    from deepmedix.viz import draw_overlay
 
     rec = next((r for r in load_records(data_dir, "test", tasks=["grounding"])), None) \
         or load_records(data_dir, "test")[0]

@@ -1,0 +1,77 @@
+"""The record as the model sees it: which records a stage takes (tasks, ratios, a cap), its images squared to the
+model frame, its reference boxes in that frame, and the stage-1 target."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from PIL import Image
+
+from deepmedix import store
+from deepmedix.data.schema import Record, load_records
+from deepmedix.errors import InputError
+from deepmedix.grounding import DEFAULT_FRAME, box_str, to_frame
+
+
+def select(records: list[Record], tasks: list[str], ratios: dict[str, float] | None = None, max_records: int = 0,
+           seed: int = 0) -> list[Record]:
+    """Keep the configured tasks, each sampled by its ratio (deterministic), capped at ``max_records``."""
+    rng = random.Random(seed)
+    ratios = ratios or {}
+    out = []
+    for task in tasks:
+        subset = [r for r in records if r.task == task]
+        keep = ratios.get(task, 1.0)
+        if keep < 1.0:
+            subset = rng.sample(subset, int(round(len(subset) * keep)))
+        out.extend(subset)
+    rng.shuffle(out)
+    return out[:max_records] if max_records else out
+
+
+def load_split(data_uri: str, split: str, tasks: list[str], ratios=None, max_records=0,
+               seed=0) -> tuple[Path, list[Record]]:
+    root = store.fetch(data_uri)
+    return root, select(load_records(root, split), tasks, ratios, max_records, seed)
+
+
+def open_image(path_or_image, frame: int | None = None) -> Image.Image:
+    """An RGB image; with ``frame``, resized to the model's ``frame x frame`` square. Boxes in the output grammar
+    live in that square, so every image the model sees — in training, evaluation and serving — goes through
+    here, and :func:`deepmedix.grounding.from_frame` maps its boxes back to the original pixels per axis."""
+    if isinstance(path_or_image, Image.Image):
+        img = path_or_image
+    else:
+        img = Image.open(path_or_image)
+        img.load()
+    img = img.convert("RGB")
+    if frame and img.size != (frame, frame):
+        img = img.resize((frame, frame), Image.Resampling.BICUBIC)
+    return img
+
+
+def record_images(root: Path, rec: Record, frame: int | None = DEFAULT_FRAME) -> list[Image.Image]:
+    """The record's images as the model sees them (RGB, resized to the frame square; ``frame=None`` leaves the
+    size to :func:`deepmedix.model.generate.generate`, which squares them itself)."""
+    out = []
+    for uri in rec.images:
+        p = store.fetch_file(uri) if store.is_s3(uri) else (root / uri if not Path(uri).is_absolute() else Path(uri))
+        try:
+            with Image.open(p) as im:
+                out.append(open_image(im, frame))
+        except (OSError, ValueError) as exc:
+            raise InputError(f"record {rec.record_id}: image {uri} cannot be read ({exc})") from exc
+    return out
+
+
+def frame_boxes(rec: Record, frame: int) -> list[list[float]]:
+    w, h = rec.image_sizes[0]
+    return [to_frame(b.box, w, h, frame) for b in rec.boxes]
+
+
+def plain_target(rec: Record, frame: int) -> str:
+    """Stage 1 target: the reference answer; grounding answers carry their boxes in the model frame."""
+    if rec.task == "grounding":
+        return f"{rec.answer} " + ", ".join(box_str(b) for b in frame_boxes(rec, frame))
+    return rec.answer

@@ -1,0 +1,1 @@
+"""Clients of large language models behind OpenAI-compatible APIs (:mod:`.client`)."""

@@ -1,0 +1,72 @@
+"""The cold-start filter: which teacher traces become training examples (:func:`keep_trace`), with the reason
+for each one dropped."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from deepmedix.config import ColdStartConfig
+from deepmedix.data.records import frame_boxes
+from deepmedix.data.schema import Record
+from deepmedix.grounding import in_frame, iou, parse
+from deepmedix.rewards.paper import ACC_SCALE, accuracy_score, answer_kind, boxed_answer, normalise
+
+_FULL = ACC_SCALE - 1e-9  # the reward's maximum accuracy, less float noise
+_WS_RE = re.compile(r"\s+")
+
+
+def answer_ok(trace: str, truth: str, long_min: float = 0.9) -> bool:
+    """The boxed answer, read and scored as the GRPO reward does (:func:`rewards.accuracy_score`): short and list
+    answers need the full score (exact match, case-insensitive; list items as a set); long answers need at least
+    ``long_min`` of the maximum (near-verbatim reports)."""
+    score = accuracy_score(boxed_answer(normalise(trace)), truth)
+    return score >= (long_min * ACC_SCALE - 1e-9 if answer_kind(truth) == "long" else _FULL)
+
+
+def dedupe_key(trace: str, rec: Record) -> tuple:
+    """Same images, same prompt and the same trace (whitespace and case folded) is the same training example."""
+    fold = lambda t: _WS_RE.sub(" ", normalise(t)).strip().lower()  # noqa: E731
+    return tuple(rec.images), fold(rec.prompt), fold(trace)
+
+
+def keep_trace(trace: str, rec: Record, frame: int, *, iou_min: float = 0.1, answer_min: float = 0.9,
+               min_chars: int = 20, max_chars: int = 4000, seen: set | None = None) -> str | None:
+    """The filter. Returns None when the trace is kept, else the reason it is dropped, checked in this order:
+
+    ``grammar``            :func:`grounding.parse` finds no ``<think>...</think> ... \\boxed{...}``
+    ``answer``             the boxed answer fails the reward's matcher (see :func:`answer_ok`)
+    ``box_outside_frame``  a cited box is not a box inside the ``frame x frame`` square (x1 < x2, y1 < y2)
+    ``box_no_overlap``     the record has reference boxes, and the reasoning cites none, or cites one whose IoU
+                           with every reference box (model frame) is below ``iou_min``
+    ``too_short``          the trace has fewer than ``min_chars`` characters (stripped)
+    ``too_long``           the trace has more than ``max_chars`` characters
+    ``duplicate``          a kept trace already had the same images, prompt and text (:func:`dedupe_key`);
+                           only checked when ``seen`` is given, and a kept trace's key is added to it
+    """
+    parsed = parse(trace)
+    if not parsed.format_ok:
+        return "grammar"
+    if not answer_ok(trace, rec.answer, answer_min):
+        return "answer"
+    if any(not in_frame(b, frame) for b in parsed.boxes):
+        return "box_outside_frame"
+    refs = frame_boxes(rec, frame) if rec.boxes else []
+    if refs and (not parsed.boxes or any(max(iou(b, r) for r in refs) < iou_min for b in parsed.boxes)):
+        return "box_no_overlap"
+    n = len(trace.strip())
+    if n < min_chars:
+        return "too_short"
+    if n > max_chars:
+        return "too_long"
+    if seen is not None:
+        key = dedupe_key(trace, rec)
+        if key in seen:
+            return "duplicate"
+        seen.add(key)
+    return None
+
+
+def filter_kwargs(cfg: ColdStartConfig) -> dict[str, Any]:
+    return {"iou_min": cfg.filter_iou, "answer_min": cfg.filter_answer_min, "min_chars": cfg.min_trace_chars,
+            "max_chars": cfg.max_trace_chars}

@@ -19,6 +19,10 @@ class MissingInputError(DeepMedixError, FileNotFoundError):
     """A file or folder the run needs is not there."""
 
 
+class MissingToolError(DeepMedixError, RuntimeError):
+    """A program or package the run needs is not installed (Java for METEOR, the openai client, ...)."""
+
+
 class ModelLoadError(DeepMedixError, RuntimeError):
     """A model folder or URI that cannot be loaded as a Qwen2.5-VL checkpoint."""
 

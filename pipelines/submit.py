@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from deepmedix.errors import ClusterError
+from deepmedix.errors import ClusterError, InputError
 from pipelines.deepmedix_pipeline import deepmedix_pipeline
 
 _TYPES = {int: (int,), float: (int, float), str: (str,), bool: (bool,), list: (list,), dict: (dict,)}
@@ -29,14 +29,14 @@ def pipeline_parameters() -> dict[str, tuple[type, object]]:
 def check_params(params: dict, where: str = "parameters") -> dict:
     known = pipeline_parameters()
     if not isinstance(params, dict):
-        raise ValueError(f"{where}: expected a mapping of pipeline parameters, got {type(params).__name__}")
+        raise InputError(f"{where}: expected a mapping of pipeline parameters, got {type(params).__name__}")
     for key, value in params.items():
         if key not in known:
-            raise ValueError(f"{where}: {key!r} is not a pipeline parameter (known: {', '.join(sorted(known))})")
+            raise InputError(f"{where}: {key!r} is not a pipeline parameter (known: {', '.join(sorted(known))})")
         kind = known[key][0]
         ok = _TYPES.get(kind, (object,))
         if isinstance(value, bool) and kind is not bool or not isinstance(value, ok):
-            raise ValueError(f"{where}: {key}: expected {kind.__name__}, got {type(value).__name__} ({value!r})")
+            raise InputError(f"{where}: {key}: expected {kind.__name__}, got {type(value).__name__} ({value!r})")
     return params
 
 
@@ -45,9 +45,9 @@ def load_params(path: str) -> dict:
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except OSError as exc:
-        raise ValueError(f"{path}: cannot read the parameters file ({exc.strerror})") from None
+        raise InputError(f"{path}: cannot read the parameters file ({exc.strerror})") from None
     except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML ({exc})") from None
+        raise InputError(f"{path}: not valid YAML ({exc})") from None
     return check_params(data, str(path))
 
 
@@ -60,7 +60,7 @@ def submit(host: str, params: dict, experiment: str = "deepmedix", run_name: str
 
     check_params(params)
     if pipeline_root and not pipeline_root.startswith(("s3://", "minio://", "gs://")):
-        raise ValueError(f"--pipeline-root: {pipeline_root!r} is not an object-store URI (s3://bucket/prefix)")
+        raise InputError(f"--pipeline-root: {pipeline_root!r} is not an object-store URI (s3://bucket/prefix)")
     run_name = run_name or f"deepmedix-r1-{time.strftime('%Y%m%d-%H%M%S')}"
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(Path(tmp) / "deepmedix_pipeline.yaml")

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-from deepmedix.errors import DeepMedixError
+from deepmedix.errors import DeepMedixError, InputError
 from serving import prometheus
 
 
@@ -73,7 +73,7 @@ class Batcher:
     def __init__(self, run_batch: Callable[[list[Job]], list], max_batch_size: int = 8, max_wait_s: float = 0.020,
                  max_queue: int = 64, timeout_s: float = 120.0):
         if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0 or timeout_s <= 0:
-            raise ValueError("max_batch_size and max_queue must be >= 1, max_wait_s >= 0, timeout_s > 0")
+            raise InputError("max_batch_size and max_queue must be >= 1, max_wait_s >= 0, timeout_s > 0")
         self.run_batch = run_batch
         self.max_batch_size, self.max_wait_s = int(max_batch_size), float(max_wait_s)
         self.max_queue, self.timeout_s = int(max_queue), float(timeout_s)

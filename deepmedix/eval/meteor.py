@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from deepmedix import store
+from deepmedix.errors import MissingToolError
 from deepmedix.eval.nlg import _QUOTES
 
 SEGMENTS_PER_JVM = 400  # a JVM start costs about as much CPU as aligning this many report-length segments
@@ -37,9 +38,9 @@ JAVA_OPTS = ("-Xmx2G", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-Duser.la
 def _meteor_dir() -> Path:
     spec = importlib.util.find_spec("pycocoevalcap.meteor.meteor")
     if spec is None or spec.origin is None:
-        raise RuntimeError("METEOR needs pycocoevalcap (pip install pycocoevalcap==1.2) and Java")
+        raise MissingToolError("METEOR needs pycocoevalcap (pip install pycocoevalcap==1.2) and Java")
     if shutil.which("java") is None:
-        raise RuntimeError("METEOR needs a Java runtime ('java' on PATH)")
+        raise MissingToolError("METEOR needs a Java runtime ('java' on PATH)")
     return Path(spec.origin).parent
 
 

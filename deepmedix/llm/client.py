@@ -1,5 +1,5 @@
 """One client for OpenAI-compatible chat endpoints, shared by the cold-start teacher
-(:mod:`deepmedix.synth.teacher`) and the Report Arena's judges (:mod:`deepmedix.eval.arena`).
+(:mod:`deepmedix.synth.teacher`) and the Report Arena's judges (:mod:`deepmedix.eval.arena_judging`).
 
 An :class:`Endpoint` says where and how to ask (base URL, model, the NAME of the env var that holds the key,
 sampling, timeout, retries, the reply cache's folder). :class:`ChatClient` asks: each request is retried on
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit, urlunsplit
 
-from deepmedix.errors import InputError
+from deepmedix.errors import MissingToolError
 
 MAX_DELAY_S = 60.0
 
@@ -108,7 +108,8 @@ class ChatClient:
         try:
             import openai
         except ImportError as exc:
-            raise InputError("an OpenAI-compatible endpoint needs the openai package (pip install openai)") from exc
+            raise MissingToolError("an OpenAI-compatible endpoint needs the openai package (pip install openai)"
+                                   ) from exc
         self.endpoint = endpoint
         self.openai = openai
         self.fatal = (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError)

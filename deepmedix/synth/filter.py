@@ -17,9 +17,9 @@ _WS_RE = re.compile(r"\s+")
 
 
 def answer_ok(trace: str, truth: str, long_min: float = 0.9) -> bool:
-    """The boxed answer, read and scored as the GRPO reward does (:func:`rewards.accuracy_score`): short and list
-    answers need the full score (exact match, case-insensitive; list items as a set); long answers need at least
-    ``long_min`` of the maximum (near-verbatim reports)."""
+    """The boxed answer, read and scored as the GRPO reward does (:func:`deepmedix.rewards.paper.accuracy_score`):
+    short and list answers need the full score (exact match, case-insensitive; list items as a set); long answers
+    need at least ``long_min`` of the maximum (near-verbatim reports)."""
     score = accuracy_score(boxed_answer(normalise(trace)), truth)
     return score >= (long_min * ACC_SCALE - 1e-9 if answer_kind(truth) == "long" else _FULL)
 

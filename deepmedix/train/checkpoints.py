@@ -23,6 +23,16 @@ CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 # ------------------------------------------------------------------------------------------ processes
 
+
+def trainer_args(cls, **kwargs):
+    """``cls(**kwargs)`` for a trainer's arguments (TRL's ``SFTConfig``, ``GRPOConfig``). A setting they refuse is
+    bad input: their ``__post_init__`` raises ValueError (e.g. a generation batch not divisible by
+    ``num_generations``, trl/trainer/grpo_config.py), which becomes an InputError, one line in the CLI."""
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:
+        raise InputError(f"{cls.__name__}: {exc}") from exc
+
 def world() -> tuple[int, int]:
     """(rank, world size) as the launcher (torchrun, accelerate, deepspeed) set them; (0, 1) alone."""
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))

@@ -57,7 +57,8 @@ def trl_args(cfg: GRPOConfig, out: Path, weights: list[float], vllm: bool = Fals
     from trl import GRPOConfig as TRLGRPOConfig
 
     cuda = torch.cuda.is_available()
-    return TRLGRPOConfig(
+    return ck.trainer_args(
+        TRLGRPOConfig,
         output_dir=str(out), max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
         num_train_epochs=cfg.num_train_epochs, per_device_train_batch_size=cfg.per_device_train_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,

@@ -82,7 +82,8 @@ def trl_args(cfg: TrainConfig, out: Path):
     from trl import SFTConfig
 
     cuda = torch.cuda.is_available()
-    return SFTConfig(
+    return ck.trainer_args(
+        SFTConfig,
         output_dir=str(out), max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
         num_train_epochs=cfg.num_train_epochs, per_device_train_batch_size=cfg.per_device_train_batch_size,
         per_device_eval_batch_size=cfg.per_device_train_batch_size,

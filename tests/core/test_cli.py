@@ -57,3 +57,46 @@ def test_serve_with_a_missing_model_fails_clearly(tmp_path):
 def test_unparsable_override_names_the_key(tmp_path):
     r = runner.invoke(app, ["data", "phantom", "--out", str(tmp_path / "d"), "--set", "n_patients=[1"])
     assert r.exit_code == 2 and "'n_patients' is not valid YAML" in r.output
+
+
+def test_only_the_librarys_errors_become_one_line_a_bug_keeps_its_traceback():
+    import pytest
+    import typer
+
+    from deepmedix.cli import cli_errors
+    from deepmedix.errors import DeepMedixError, InputError, MissingInputError
+
+    for exc in (InputError("field 'x': bad"), MissingInputError("f.yaml: missing"), DeepMedixError("store down")):
+        with pytest.raises(typer.Exit) as e:
+            with cli_errors():
+                raise exc
+        assert e.value.exit_code == 2
+    assert issubclass(InputError, ValueError) and issubclass(MissingInputError, FileNotFoundError)
+    with pytest.raises(KeyError):  # not ours: a bug, raised as it is
+        with cli_errors():
+            raise KeyError("bug")
+    with pytest.raises(ValueError, match="bug"):  # a bare ValueError is no longer taken for bad input
+        with cli_errors():
+            raise ValueError("bug")
+
+
+def test_pipeline_parameters_file_errors_name_the_file_and_key(tmp_path):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("bogus: 1\n")
+    for path, msg in ((bad, "'bogus' is not a pipeline parameter"),
+                      (tmp_path / "nope.yaml", "cannot read the parameters file")):
+        r = runner.invoke(app, ["pipeline", "submit", "--host", "http://127.0.0.1:9", "--params", str(path)])
+        assert r.exit_code == 2, r.output
+        assert str(path) in r.output and msg in r.output
+
+
+def test_serve_refuses_bad_batching_settings_in_one_line(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).with_name("deepmedix")
+    r = subprocess.run([str(exe), "serve", "--model", str(tmp_path), "--max-batch-size", "0", "--port", "0"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "max_batch_size and max_queue must be >= 1" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -32,7 +32,7 @@ def lint(where: Path) -> subprocess.CompletedProcess:
 def test_the_tree_keeps_its_layers():
     r = lint(ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "2 kept, 0 broken" in r.stdout
+    assert "3 kept, 0 broken" in r.stdout
 
 
 def test_an_upward_import_breaks_the_contract_and_is_named(tree):
@@ -46,6 +46,13 @@ def test_an_upward_import_breaks_the_contract_and_is_named(tree):
     paper.write_text(paper.read_text().replace("from deepmedix.train import common", "from serving import prometheus"))
     r = lint(tree)
     assert r.returncode == 1 and "deepmedix.rewards.paper -> serving.prometheus" in r.stdout, r.stdout
+
+
+def test_a_new_library_module_that_imports_a_deployable_breaks_the_contract(tree):
+    # in no layer of its own: the forbidden contract over the whole package catches it
+    (tree / "deepmedix" / "helpers.py").write_text("from pipelines import demo  # noqa: F401\n")
+    r = lint(tree)
+    assert r.returncode == 1 and "deepmedix.helpers -> pipelines.demo" in r.stdout, r.stdout
 
 
 def test_torch_in_the_llm_client_breaks_the_torch_free_contract(tree):

@@ -69,6 +69,15 @@ def test_bad_grpo_settings_are_refused_before_work(small_data, base_model_dir, t
     assert r.returncode == 2 and msg in " ".join(r.stderr.split()) and not (tmp_path / "g").exists()
 
 
+def test_a_setting_trl_refuses_is_one_line_naming_it(small_data, base_model_dir, tmp_path):
+    # TRL's GRPOConfig checks that a generation batch splits into whole groups (trl/trainer/grpo_config.py
+    # __post_init__); its ValueError is the run's bad input, not a traceback
+    r = cli("train", "grpo", "--data", small_data, "--model", base_model_dir, "--out", tmp_path / "g",
+            "--set", "num_generations=3")
+    assert r.returncode == 2 and "GRPOConfig:" in r.stderr and "num_generations" in r.stderr
+    assert not (tmp_path / "g").exists()
+
+
 def test_rollout_log_restores_up_to_the_checkpoint_step(tmp_path):
     ckpt = tmp_path / "checkpoint-2"
     ckpt.mkdir()

@@ -4,7 +4,7 @@ import java.util.ArrayList;
 
 /**
  * Drop-in replacement for meteor-1.5.jar's MeteorStats, put before the jar on the class path by
- * deepmedix.eval.report_metrics. Same fields, same sums, the same text from toString; the one change is that a
+ * deepmedix.eval.nlg. Same fields, same sums, the same text from toString; the one change is that a
  * statistics line (EVAL) is read with String.split and Double.parseDouble instead of a java.util.Scanner per line,
  * whose float pattern compilation made an EVAL of a few thousand segments take most of a second.
  */

@@ -6,7 +6,7 @@ import java.util.HashSet;
 
 /**
  * Drop-in replacement for meteor-1.5.jar's SynonymMatcher, put before the jar on the class path by
- * deepmedix.eval.report_metrics. Same matches in the same order: a hypothesis word i and a reference word j
+ * deepmedix.eval.nlg. Same matches in the same order: a hypothesis word i and a reference word j
  * match (module, prob 1.0) when their synset sets (the word's and its morphological bases') intersect and their
  * stage keys differ; matches are added per reference position j in ascending i. The jar's version keeps the
  * per-word sets in Hashtable<Integer, HashSet> and looks both up for every word pair; here they are sorted int

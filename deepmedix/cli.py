@@ -116,7 +116,7 @@ def model_tiny(out: str = typer.Option(..., help="output model folder or s3:// U
                config: str = CONFIG, set_: Optional[List[str]] = SET):
     """Build the tiny Qwen2.5-VL (random init, tokenizer trained here)."""
     from deepmedix import stages, store
-    from deepmedix.config import load_config
+    from deepmedix.config import ConfigError, load_config
     from deepmedix.model.tiny import build_tiny
 
     with cli_errors():
@@ -124,6 +124,9 @@ def model_tiny(out: str = typer.Option(..., help="output model folder or s3:// U
             show(stages.base_model(data, out, config, set_))
         else:
             cfg = load_config("model", config, set_)
+            if cfg.build != "tiny":
+                raise ConfigError(f"model config {config!r}: build: {cfg.build} starts from a checkpoint you supply "
+                                  f"(the pipeline's base_model_uri); `model tiny` builds the tiny model only")
             with store.atomic_dir(out) as folder:
                 build_tiny(folder, cfg)
                 store.write_lineage(folder, "base_model", cfg)
@@ -297,11 +300,14 @@ def serve(ctx: typer.Context, model: str = typer.Option(..., help="model folder 
 
 
 @pipeline_app.command("compile")
-def pipeline_compile(out: str = typer.Option("pipelines/deepmedix_pipeline.yaml")):
+def pipeline_compile(out: str = typer.Option("pipelines/deepmedix_pipeline.yaml"),
+                     size: str = typer.Option("", help="resolve every stage's configs/<stage>/SIZE.yaml now and "
+                                                       "make SIZE the pipeline's default size (e.g. 7b)")):
     """Write the pipeline IR YAML."""
     from pipelines.compile import compile_pipeline
 
-    print(compile_pipeline(out))
+    with cli_errors():
+        print(compile_pipeline(out, size))
 
 
 @pipeline_app.command("submit")

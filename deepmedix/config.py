@@ -57,7 +57,9 @@ class CurateConfig:
 
 @dataclass
 class ModelConfig:
-    """The tiny Qwen2.5-VL built locally (same classes as the 7B, toy sizes)."""
+    """The stage-1 starting point: the tiny Qwen2.5-VL built locally (same classes as the 7B, toy sizes), or with
+    ``build: checkpoint`` a checkpoint the user supplies (the 7b recipe: Qwen2.5-VL-7B-Instruct)."""
+    build: str = "tiny"             # tiny: build the tiny model unless a checkpoint is given; checkpoint: require one
     vocab_size: int = 2048
     hidden_size: int = 128
     intermediate_size: int = 384
@@ -134,6 +136,10 @@ class ColdStartConfig(TrainConfig):
     teacher_temperature: float = 0.2
     teacher_max_tokens: int = 1024
     teacher_cache: str = ""         # response cache folder; "" = $DEEPMEDIX_CACHE/teacher (~/.cache/deepmedix/teacher)
+    # how many traces: synthesis stops once max_kept train traces passed the filter (0 = every selected record),
+    # asking the teacher synth_chunk records at a time
+    max_kept: int = 0
+    synth_chunk: int = 256
     # the trace filter
     filter_iou: float = 0.1         # with reference boxes: every cited box overlaps one of them at least this much
     filter_answer_min: float = 0.9  # long (report) answers: reward accuracy >= this fraction of its maximum
@@ -307,6 +313,22 @@ def load_config(stage: str, size_or_path: str = "tiny", overrides: list[str] | N
         raise ConfigError(f"{path}: expected a mapping at the top level")
     data.update(parse_overrides(overrides))
     return from_dict(STAGES[stage], data, str(path))
+
+
+def load_size(size: str) -> dict[str, Any]:
+    """Every stage's config for one size (``configs/<stage>/<size>.yaml``): what a pipeline run with ``size`` will
+    load, resolved now. A stage without a file, or a file that does not load, is a ConfigError naming it."""
+    if Path(size).suffix in (".yaml", ".yml"):
+        raise ConfigError(f"size {size!r}: a size names configs/<stage>/<size>.yaml for every stage, not one file")
+    out, missing = {}, []
+    for stage in STAGES:
+        if not config_path(stage, size).exists():
+            missing.append(str(config_path(stage, size).relative_to(CONFIG_DIR.parent)))
+            continue
+        out[stage] = load_config(stage, size)
+    if missing:
+        raise ConfigError(f"size {size!r}: no config for {', '.join(missing)}")
+    return out
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

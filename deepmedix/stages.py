@@ -12,7 +12,7 @@ import time
 from typing import Any, Callable
 
 from deepmedix import store
-from deepmedix.config import load_config
+from deepmedix.config import ConfigError, load_config
 
 Progress = Callable[[int, int], None]
 
@@ -35,6 +35,11 @@ def base_model(data: str, out: str, size: str = "tiny", overrides: list[str] | N
 
     t0 = time.time()
     cfg = load_config("model", size, overrides)
+    if cfg.build not in ("tiny", "checkpoint"):
+        raise ConfigError(f"model config: key 'build' must be tiny or checkpoint, got {cfg.build!r}")
+    if cfg.build == "checkpoint" and not model_uri:
+        raise ConfigError(f"model config {size!r}: build: checkpoint needs a model to start from (the pipeline's "
+                          f"base_model_uri): a Qwen2.5-VL-7B-Instruct folder or s3:// URI")
     with store.atomic_dir(out) as folder:
         if model_uri:
             src = store.fetch(model_uri)

@@ -61,10 +61,19 @@ def _plain_yaml_strings():
             c.yaml_representers[str] = rep
 
 
-def compile_pipeline(out: str | Path = DEFAULT_OUT) -> Path:
+def compile_pipeline(out: str | Path = DEFAULT_OUT, size: str = "") -> Path:
+    """Write the IR to ``out``. With ``size``, every stage's ``configs/<stage>/<size>.yaml`` is resolved first (a
+    missing or broken one fails here, not in a pod hours into the run) and becomes the pipeline's default ``size``
+    (KFP's ``pipeline_parameters`` override the function's defaults)."""
+    from deepmedix.config import load_size
+
     out = Path(out)
+    params = None
+    if size:
+        load_size(size)
+        params = {"size": size}
     with _plain_yaml_strings():
-        compiler.Compiler().compile(deepmedix_pipeline, package_path=str(out))
+        compiler.Compiler().compile(deepmedix_pipeline, package_path=str(out), pipeline_parameters=params)
     out.write_text(_stable_header(out.read_text()))
     return out
 
@@ -72,8 +81,9 @@ def compile_pipeline(out: str | Path = DEFAULT_OUT) -> Path:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=str(DEFAULT_OUT))
+    ap.add_argument("--size", default="", help="resolve every stage's configs/<stage>/SIZE.yaml; the default size")
     args = ap.parse_args(argv)
-    print(compile_pipeline(args.out))
+    print(compile_pipeline(args.out, args.size))
 
 
 if __name__ == "__main__":

@@ -37,6 +37,10 @@ def check_params(params: dict, where: str = "parameters") -> dict:
         ok = _TYPES.get(kind, (object,))
         if isinstance(value, bool) and kind is not bool or not isinstance(value, ok):
             raise InputError(f"{where}: {key}: expected {kind.__name__}, got {type(value).__name__} ({value!r})")
+    if "size" in params:  # every stage's config for that size, resolved before anything is sent
+        from deepmedix.config import load_size
+
+        load_size(params["size"])
     return params
 
 

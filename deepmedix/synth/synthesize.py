@@ -55,39 +55,71 @@ def _carry_images(root: Path, records: list[Record], out: Path) -> None:
                 shutil.copy2(root / uri, dest)
 
 
+class _Traces:
+    """The filter's running state over the teacher's answers: kept records, dropped counts by reason (with a few
+    record ids each), the duplicate keys seen, how many records the teacher was asked about."""
+
+    def __init__(self, cfg: ColdStartConfig):
+        self.cfg, self.fkw = cfg, filter_kwargs(cfg)
+        self.kept: list[Record] = []
+        self.dropped: dict[str, int] = {}
+        self.examples: dict[str, list[str]] = {}
+        self.seen: set = set()
+        self.asked = self.kept_train = 0
+
+    def ask(self, teacher: Callable[[list[Record]], list[Result]], records: list[Record], train_target: int = 0
+            ) -> bool:
+        """Ask the teacher about ``records`` and filter its traces; with ``train_target``, stop keeping once that
+        many train traces are kept and say so (True)."""
+        if not records:
+            return False
+        results = teacher(records)
+        self.asked += len(records)
+        if len(results) != len(records):
+            raise RuntimeError(f"cold start: teacher {self.cfg.teacher!r} returned {len(results)} results for "
+                               f"{len(records)} records")
+        for rec, (trace, error) in zip(records, results):
+            if train_target and self.kept_train >= train_target:
+                return True
+            reason = error or (keep_trace(trace, rec, self.cfg.frame, seen=self.seen, **self.fkw)
+                               if trace is not None else "teacher_error")
+            if reason:
+                self.dropped[reason] = self.dropped.get(reason, 0) + 1
+                if len(self.examples.setdefault(reason, [])) < 5:
+                    self.examples[reason].append(rec.record_id)
+                continue
+            rec.trace = trace
+            self.kept.append(rec)
+            self.kept_train += rec.split == "train"
+        return bool(train_target) and self.kept_train >= train_target
+
+
 def synthesize(cfg: ColdStartConfig, data_uri: str, out_uri: str) -> dict[str, Any]:
     """Write a dataset of Records whose ``trace`` holds a kept teacher trace (train and validate splits)."""
     if cfg.teacher not in TEACHERS:
         raise InputError(f"cold start: unknown teacher {cfg.teacher!r}; known: {sorted(TEACHERS)}")
     teacher = TEACHERS[cfg.teacher](cfg)  # checks the teacher's settings before any data is read
+    if cfg.max_kept < 0 or cfg.synth_chunk < 1:
+        raise InputError(f"cold start: max_kept must be >= 0 and synth_chunk >= 1, got {cfg.max_kept} and "
+                         f"{cfg.synth_chunk}")
     t0 = time.time()
     root = store.fetch(data_uri)
-    selected: list[Record] = []
-    for split in ("train", "validate"):
-        selected.extend(select(load_records(root, split), cfg.tasks, cfg.task_ratios,
-                               cfg.max_records if split == "train" else cfg.eval_records, cfg.seed))
-    results = teacher(selected)
-    if len(results) != len(selected):
-        raise RuntimeError(f"cold start: teacher {cfg.teacher!r} returned {len(results)} results for "
-                           f"{len(selected)} records")
-    kept: list[Record] = []
-    dropped: dict[str, int] = {}
-    examples: dict[str, list[str]] = {}
-    seen: set = set()
-    fkw = filter_kwargs(cfg)
-    for rec, (trace, error) in zip(selected, results):
-        reason = error or (keep_trace(trace, rec, cfg.frame, seen=seen, **fkw) if trace is not None
-                           else "teacher_error")
-        if reason:
-            dropped[reason] = dropped.get(reason, 0) + 1
-            if len(examples.setdefault(reason, [])) < 5:
-                examples[reason].append(rec.record_id)
-            continue
-        rec.trace = trace
-        kept.append(rec)
-    report: dict[str, Any] = {"teacher": cfg.teacher, "selected": len(selected), "kept": len(kept),
-                              "dropped": dict(sorted(dropped.items())),
-                              "dropped_examples": dict(sorted(examples.items())), "wall_s": time.time() - t0}
+    train, val = (select(load_records(root, split), cfg.tasks, cfg.task_ratios,
+                         cfg.max_records if split == "train" else cfg.eval_records, cfg.seed)
+                  for split in ("train", "validate"))
+    traces = _Traces(cfg)
+    if not cfg.max_kept:  # every selected record, in one call
+        traces.ask(teacher, train + val)
+    else:  # a chunk at a time, until max_kept train traces passed the filter; then the validate records
+        for i in range(0, len(train), cfg.synth_chunk):
+            if traces.ask(teacher, train[i:i + cfg.synth_chunk], cfg.max_kept):
+                break
+        traces.ask(teacher, val)
+    kept = traces.kept
+    report: dict[str, Any] = {"teacher": cfg.teacher, "selected": len(train) + len(val), "asked": traces.asked,
+                              "kept": len(kept), "target_train": cfg.max_kept or None,
+                              "dropped": dict(sorted(traces.dropped.items())),
+                              "dropped_examples": dict(sorted(traces.examples.items())), "wall_s": time.time() - t0}
     if getattr(teacher, "stats", None):
         report["teacher_stats"] = dict(teacher.stats)
     with store.atomic_dir(out_uri) as out:

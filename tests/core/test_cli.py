@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from deepmedix.cli import app
@@ -60,7 +61,6 @@ def test_unparsable_override_names_the_key(tmp_path):
 
 
 def test_only_the_librarys_errors_become_one_line_a_bug_keeps_its_traceback():
-    import pytest
     import typer
 
     from deepmedix.cli import cli_errors
@@ -100,3 +100,21 @@ def test_serve_refuses_bad_batching_settings_in_one_line(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "max_batch_size and max_queue must be >= 1" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_the_7b_base_model_is_a_checkpoint_the_user_supplies(small_data, tmp_path):
+    from deepmedix import stages
+    from deepmedix.config import ConfigError
+
+    r = runner.invoke(app, ["model", "tiny", "--out", str(tmp_path / "m"), "-c", "7b"])
+    assert r.exit_code == 2 and "base_model_uri" in r.output and not (tmp_path / "m").exists()
+    with pytest.raises(ConfigError, match="build: checkpoint needs a model to start from"):
+        stages.base_model(str(small_data), str(tmp_path / "m"), "7b")
+    assert not (tmp_path / "m").exists()
+
+
+def test_pipeline_parameters_name_a_size_every_stage_has(tmp_path):
+    p = tmp_path / "p.yaml"
+    p.write_text("size: 13b\n")
+    r = runner.invoke(app, ["pipeline", "submit", "--host", "http://127.0.0.1:9", "--params", str(p)])
+    assert r.exit_code == 2 and "size '13b': no config for configs/curate/13b.yaml" in " ".join(r.output.split())

@@ -68,3 +68,17 @@ def test_lineage_records_input_hashes(tmp_path):
     assert lin["inputs"]["src"]["sha256"] == store.read_lineage(src)["sha256"]
     with pytest.raises(store.StoreError, match="no such file"):
         store.fetch(tmp_path / "missing")
+
+
+def test_every_stage_has_a_7b_config_with_the_papers_sizes():
+    from deepmedix.config import STAGES, load_size
+
+    cfgs = load_size("7b")
+    assert set(cfgs) == set(STAGES)
+    assert cfgs["sft"].max_records == 351_500                          # the SFT mix
+    assert cfgs["coldstart"].max_kept == 3_900 and cfgs["coldstart"].teacher == "openai"
+    assert cfgs["grpo"].max_records == 6_600                           # the RL prompts
+    assert cfgs["eval"].max_new_tokens >= 1024 and cfgs["eval"].batch_size > 1 and cfgs["eval"].max_records == 0
+    assert cfgs["model"].build == "checkpoint" and cfgs["curate"].sources and cfgs["arena"].judges
+    with pytest.raises(ConfigError, match=r"size '13b': no config for configs/curate/13b.yaml, configs/model/13b"):
+        load_size("13b")

@@ -365,7 +365,7 @@ def test_cli_phantom_streams_n_studies(tmp_path):
 def test_shipped_public_mix_config_resolves():
     from deepmedix.data.curate_state import resolve_sources
 
-    cfg = load_config("curate", "public")
+    cfg = load_config("curate", "7b")
     names = [s.name for s in resolve_sources(cfg)]
     assert names == ["mimic_cxr", "iu_xray", "medical_cxr_vqa", "mimic_cxr_vqa", "ms_cxr", "vindr_cxr", "chestxray14"]
 

@@ -160,3 +160,20 @@ def test_kfp_local_runs_the_whole_pipeline(tmp_path):
         run / "grpo" / "model")
     cold = store.read_lineage(run / "evaluate-coldstart" / "results")["inputs"]["model"]
     assert cold["sha256"] == store.read_lineage(run / "coldstart-sft" / "model")["sha256"] != scored["sha256"]
+
+
+def test_compile_for_a_size_resolves_every_stage_config_and_makes_it_the_default(tmp_path):
+    from typer.testing import CliRunner
+
+    from deepmedix.cli import app
+
+    r = CliRunner().invoke(app, ["pipeline", "compile", "--out", str(tmp_path / "7b.yaml"), "--size", "7b"])
+    assert r.exit_code == 0, r.output
+    ir = next(yaml.safe_load_all((tmp_path / "7b.yaml").read_text()))
+    assert ir["root"]["inputDefinitions"]["parameters"]["size"]["defaultValue"] == "7b"
+    default = next(yaml.safe_load_all(DEFAULT_OUT.read_text()))
+    assert default["root"]["inputDefinitions"]["parameters"]["size"]["defaultValue"] == "tiny"
+    # a size some stage has no config for fails before anything is written, naming every missing file
+    r = CliRunner().invoke(app, ["pipeline", "compile", "--out", str(tmp_path / "13b.yaml"), "--size", "13b"])
+    assert r.exit_code == 2 and not (tmp_path / "13b.yaml").exists()
+    assert "configs/curate/13b.yaml" in r.output and "configs/arena/13b.yaml" in r.output

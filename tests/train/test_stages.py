@@ -71,6 +71,30 @@ def test_coldstart_synth_and_sft(small_data, sft_model, tmp_path):
     assert m["stage"] == "coldstart" and m["steps"] == 3 and m["after"] < m["before"] and not nonfinite(m)
 
 
+def test_synthesis_stops_once_max_kept_train_traces_passed_the_filter(small_data, tmp_path):
+    every = ["max_records=20", "eval_records=4"]
+    stages.coldstart_synth(str(small_data), str(tmp_path / "all"), "tiny", every)
+    r = stages.coldstart_synth(str(small_data), str(tmp_path / "cap"), "tiny", every + ["max_kept=5", "synth_chunk=3"])
+    rep = json.loads((tmp_path / "cap" / "filter_report.json").read_text())
+    assert rep["target_train"] == 5 and rep["selected"] == 24
+    assert rep["asked"] == 6 + 4  # two chunks of 3 train records (the fifth trace is kept in the second), then validate
+    every_rec, capped = load_records(tmp_path / "all"), load_records(tmp_path / "cap")
+    train = [x.record_id for x in capped if x.split == "train"]
+    assert len(train) == 5 == r["after"] - 4
+    # the first five of the seeded selection (the uncapped run keeps them all); the validate split is whole
+    from deepmedix.config import load_config
+    from deepmedix.data.records import select
+
+    cfg = load_config("coldstart", "tiny", every)
+    first = [x.record_id for x in select(load_records(small_data, "train"), cfg.tasks, None, 20, cfg.seed)][:5]
+    assert sorted(train) == sorted(first) and set(first) <= {x.record_id for x in every_rec}
+    assert {x.record_id for x in capped if x.split == "validate"} == {x.record_id for x in every_rec
+                                                                       if x.split == "validate"}
+    with pytest.raises(ValueError, match="synth_chunk >= 1"):
+        stages.coldstart_synth(str(small_data), str(tmp_path / "bad"), "tiny", every + ["max_kept=5", "synth_chunk=0"])
+    assert not (tmp_path / "bad").exists()
+
+
 def test_grpo_runs_with_images_and_the_paper_reward(small_data, sft_model, tmp_path):
     out = tmp_path / "grpo"
     m = stages.grpo(str(small_data), str(sft_model[0]), str(out), "tiny",

@@ -166,6 +166,9 @@ class GRPOConfig(TrainConfig):
     loss_type: str = "dapo"         # token-level mean over the batch (EasyR1's token-mean)
     scale_rewards: str = "group"    # GRPO advantages: (r - group mean) / group std
     num_iterations: int = 1         # policy updates per generation batch
+    steps_per_generation: int = 0   # micro-batches per generation batch (0 = gradient_accumulation_steps: one
+                                    # update per generation; k x that = k updates, EasyR1's rollout batch)
+    delta: float = 0.0              # dual-clip bound on the ratio (EasyR1 clip_ratio_dual; 0 = off)
     max_grad_norm: float = 1.0
     # the reward: a name (paper, paper-words, grounded, clinical), a composite under configs/rewards/, a YAML
     # file, or inline weights (paper=1,grounded=0.5); reward_weights, when given, wins over it

@@ -67,6 +67,7 @@ def trl_args(cfg: GRPOConfig, out: Path, weights: list[float], vllm: bool = Fals
         max_completion_length=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p,
         beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high or None, loss_type=cfg.loss_type,
         scale_rewards=cfg.scale_rewards, num_iterations=cfg.num_iterations, reward_weights=weights,
+        steps_per_generation=cfg.steps_per_generation or None, delta=cfg.delta or None,
         use_vllm=vllm, vllm_mode="colocate", vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
         logging_steps=max(1, cfg.logging_steps), report_to=[], seed=cfg.seed, data_seed=cfg.seed,
         save_strategy="steps" if cfg.save_steps > 0 else "no", save_steps=max(1, cfg.save_steps),
@@ -248,6 +249,56 @@ def _trained(loaded, final: Path, cfg: GRPOConfig):
     return load(final, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
 
 
+# ------------------------------------------------------------------------------------------ the importance ratio
+
+def ratio_logged(base: type) -> type:
+    """``base`` (TRL's GRPOTrainer) logging the importance ratio pi / pi_old of the completion tokens each update
+    sees: ``ratio/mean``, ``ratio/std``, ``ratio/min``, ``ratio/max`` (TRL logs the clipped fractions,
+    ``clip_ratio/*``, not the ratio). With one update per generation batch (``steps_per_generation`` =
+    ``gradient_accumulation_steps``, ``num_iterations`` 1) TRL computes no ``old_per_token_logps`` and the ratio
+    is 1 exactly (trl/trainer/grpo_trainer.py ``_compute_loss``), so ``epsilon`` never bites; EasyR1's structure
+    (several updates per rollout batch) moves it."""
+
+    class RatioLogged(base):
+        _ratio_inputs = None
+
+        def _compute_loss(self, model, inputs):
+            self._ratio_inputs = inputs  # the policy's log-probs are the next ones computed
+            try:
+                return super()._compute_loss(model, inputs)
+            finally:
+                self._ratio_inputs = None
+
+        def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+            out = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+            inputs, self._ratio_inputs = self._ratio_inputs, None
+            if inputs is not None:
+                self._log_ratio(out[0].detach(), inputs)
+            return out
+
+        def _log_ratio(self, logps, inputs) -> None:
+            import torch
+
+            old = inputs.get("old_per_token_logps")
+            ratio = (torch.exp(logps - old) if old is not None else torch.ones_like(logps))
+            ratio = ratio[inputs["completion_mask"].bool()].float()
+            if not ratio.numel():
+                return
+            stats = torch.stack([ratio.sum(), ratio.new_tensor(ratio.numel()), (ratio * ratio).sum(), ratio.min(),
+                                 ratio.max()])
+            s = self.accelerator.gather(stats[None]).reshape(-1, 5)
+            n = s[:, 1].sum()
+            mean = s[:, 0].sum() / n
+            m = self._metrics["train" if self.model.training else "eval"]
+            m["ratio/mean"].append(mean.item())
+            m["ratio/std"].append((s[:, 2].sum() / n - mean * mean).clamp(min=0).sqrt().item())
+            m["ratio/min"].append(s[:, 3].min().item())
+            m["ratio/max"].append(s[:, 4].max().item())
+
+    RatioLogged.__name__ = f"RatioLogged{base.__name__}"
+    return RatioLogged
+
+
 # ------------------------------------------------------------------------------------------ the run
 
 def train_grpo(cfg: GRPOConfig, data_uri: str, model_uri: str, out_uri: str, resume: bool = False) -> dict[str, Any]:
@@ -314,7 +365,7 @@ def train_grpo(cfg: GRPOConfig, data_uri: str, model_uri: str, out_uri: str, res
     loaded.model.train()
     callbacks = [rollouts.callback(), ck.publisher(ckpt_uri, cfg.save_total_limit, "grpo", run)] if cfg.save_steps \
         else None
-    trainer = ck.trainer_class(GRPOTrainer, preloaded=start is not None and init is start)(
+    trainer = ck.trainer_class(ratio_logged(GRPOTrainer), preloaded=start is not None and init is start)(
         model=loaded.model, reward_funcs=funcs, args=args, train_dataset=dataset,
         processing_class=loaded.processor, callbacks=callbacks)
     result = trainer.train(resume_from_checkpoint=str(start) if start else None)

@@ -157,6 +157,30 @@ def test_grpo_learns_on_phantom_data_from_the_cold_start_model(coldstart_chain, 
     assert load(out).model is not None  # a stock model folder
 
 
+def test_several_updates_per_generation_move_the_ratio_and_clipping_engages(coldstart_chain, tmp_path):
+    """EasyR1's update structure at toy size: one generation batch feeds two updates (steps_per_generation = 2 x
+    the accumulation steps), so the second update scores completions the policy sampled before the first update:
+    pi / pi_old departs from 1 and, with a narrow clip range, clipping engages. One update per generation (TRL's
+    default) keeps the ratio at exactly 1, whatever epsilon says. (The cold-start model: its grounded rewards
+    differ within a group, so the advantages, and the updates, are not zero.)"""
+    data, model = coldstart_chain
+    common = ["tasks=[grounding]", "reward=grounded_paper", "max_steps=4", "per_device_train_batch_size=8",
+              "num_generations=4", "eval_records=2", "max_records=16", "learning_rate=0.001", "epsilon=0.01",
+              "epsilon_high=0.01", "logging_steps=1", "save_steps=0"]
+
+    def history(name, *extra):
+        stages.grpo(str(data), str(model), str(tmp_path / name), "tiny", common + list(extra))
+        return [h for h in json.loads((tmp_path / name / "log_history.json").read_text()) if "ratio/max" in h]
+
+    on = history("on")
+    assert len(on) == 4 and all(h["ratio/min"] == h["ratio/max"] == 1.0 for h in on), on
+    assert all(h["clip_ratio/region_mean"] == 0 for h in on)
+    off = history("off", "steps_per_generation=2")
+    assert len(off) == 4
+    assert max(h["ratio/max"] - h["ratio/min"] for h in off) > 1e-3, off  # the ratio departs from 1...
+    assert max(h["clip_ratio/region_mean"] for h in off) > 0, off          # ...and the clip bites
+
+
 def test_sigkill_then_resume_ends_with_the_weights_of_an_uninterrupted_run(coldstart_chain, tmp_path):
     """Only the run that is killed is a process of its own (the CLI, SIGKILLed at its first committed checkpoint);
     the uninterrupted run and the resume run in this process, through the same stage function the CLI calls."""

@@ -51,18 +51,27 @@ def open_image(path_or_image, frame: int | None = None) -> Image.Image:
     return img
 
 
+def image_file(root: Path, uri: str) -> str:
+    """Where one of a record's images is: an ``s3://`` URI or absolute path as it is, a relative one under the
+    dataset's root."""
+    return uri if store.is_s3(uri) or Path(uri).is_absolute() else str(root / uri)
+
+
+def load_image(where: str, frame: int | None, record_id: str = "", uri: str = "") -> Image.Image:
+    """One image as the model sees it (see :func:`open_image`), from a path or an ``s3://`` URI; a file that cannot
+    be read is an InputError naming the record and the image."""
+    p = store.fetch_file(where) if store.is_s3(where) else Path(where)
+    try:
+        with Image.open(p) as im:
+            return open_image(im, frame)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"record {record_id}: image {uri or where} cannot be read ({exc})") from exc
+
+
 def record_images(root: Path, rec: Record, frame: int | None = DEFAULT_FRAME) -> list[Image.Image]:
     """The record's images as the model sees them (RGB, resized to the frame square; ``frame=None`` leaves the
     size to :func:`deepmedix.model.generate.generate`, which squares them itself)."""
-    out = []
-    for uri in rec.images:
-        p = store.fetch_file(uri) if store.is_s3(uri) else (root / uri if not Path(uri).is_absolute() else Path(uri))
-        try:
-            with Image.open(p) as im:
-                out.append(open_image(im, frame))
-        except (OSError, ValueError) as exc:
-            raise InputError(f"record {rec.record_id}: image {uri} cannot be read ({exc})") from exc
-    return out
+    return [load_image(image_file(root, uri), frame, rec.record_id, uri) for uri in rec.images]
 
 
 def frame_boxes(rec: Record, frame: int) -> list[list[float]]:

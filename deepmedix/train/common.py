@@ -1,25 +1,50 @@
-"""What the trainers share: a record -> a chat sample, the trainer's image dataset, freezing the vision tower,
-saving a model folder, the loss-curve PNG."""
+"""What the trainers share: a record -> a chat sample, the trainers' lazy image datasets, freezing the vision
+tower, saving a model folder, the loss-curve PNG."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
-from deepmedix.data.records import record_images
+from deepmedix.data.records import image_file, load_image
 from deepmedix.data.schema import Record
 from deepmedix.grounding import DEFAULT_FRAME, user_message
 
 
 def sft_row(root: Path, rec: Record, target: str, reasoning: bool, frame: int = DEFAULT_FRAME) -> dict[str, Any]:
-    images = record_images(root, rec, frame)
+    """One prompt-completion sample. Its images are named, not decoded (``image_files``): the trainer's dataset
+    decodes them when a batch is taken (:func:`lazy_image_dataset`)."""
+    files = [image_file(root, uri) for uri in rec.images]
     return {
-        "images": images,
-        "prompt": [user_message(rec.prompt, len(images), reasoning=reasoning)],
+        "image_files": files,
+        "record_id": rec.record_id,
+        "prompt": [user_message(rec.prompt, len(files), reasoning=reasoning)],
         "completion": [{"role": "assistant", "content": [{"type": "text", "text": target}]}],
     }
+
+
+class LoadImages:
+    """A lazy dataset's transform: each row's ``image_files`` become its ``images`` (RGB, the ``frame`` square,
+    :func:`deepmedix.data.records.load_image`), decoded when a batch is taken — in the DataLoader's worker
+    processes when there are some. Picklable, so the workers get it."""
+
+    def __init__(self, frame: int):
+        self.frame = frame
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        out = {k: v for k, v in batch.items() if k not in ("image_files", "record_id")}
+        out["images"] = [[load_image(f, self.frame, rid, Path(f).name) for f in files]
+                         for files, rid in zip(batch["image_files"], batch["record_id"])]
+        return out
+
+
+def lazy_image_dataset(rows: list[dict[str, Any]], frame: int):
+    """A ``datasets.Dataset`` of the rows' text and image file names only, whose ``images`` are decoded per batch
+    on access (``Dataset.with_transform``; TRL's SFTTrainer takes such a dataset for a VLM, where it skips its own
+    preparation: trl/trainer/sft_trainer.py). Memory holds no image: what a stage decodes at a time is one batch."""
+    from datasets import Dataset
+
+    return Dataset.from_list(rows).with_transform(LoadImages(frame))
 
 
 def freeze_vision(model, tower: bool = True, merger: bool = True) -> int:
@@ -59,22 +84,3 @@ def write_curve(log_history: list[dict], key: str, path: Path, title: str) -> No
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-
-
-def image_dataset(rows: list[dict[str, Any]], column: str = "images"):
-    """``datasets.Dataset.from_list(rows)``, with each row's PIL images (``rows[i][column]``) stored as PNG bytes
-    written at zlib level 1. ``datasets`` would encode them itself at PNG's default level 6, about four times slower
-    (about 0.1 s for a 512 x 512 RGB frame, most of a tiny run's set-up); PNG is lossless at any level, so the
-    trainer decodes exactly the same pixels and the column has the same ``Image`` feature."""
-    import io
-
-    from datasets import Dataset
-    from datasets import Image as ImageFeature
-
-    def png(im: Image.Image) -> dict[str, Any]:
-        buf = io.BytesIO()
-        im.save(buf, format="PNG", compress_level=1)
-        return {"bytes": buf.getvalue(), "path": None}
-
-    ds = Dataset.from_list([{**row, column: [png(im) for im in row[column]]} for row in rows])
-    return ds.cast_column(column, [ImageFeature()])

@@ -23,13 +23,13 @@ from typing import Any
 
 from deepmedix import store
 from deepmedix.config import GRPOConfig
-from deepmedix.data.records import frame_boxes, load_split, record_images
+from deepmedix.data.records import frame_boxes, image_file, load_split
 from deepmedix.errors import InputError
 from deepmedix.grounding import user_message
 from deepmedix.model.generate import generate_on
 from deepmedix.rewards.spec import RewardSpec
 from deepmedix.train import checkpoints as ck
-from deepmedix.train.common import freeze_vision, image_dataset
+from deepmedix.train.common import freeze_vision, lazy_image_dataset
 from deepmedix.train.grpo_rewards import trl_reward_functions
 
 ROLLOUTS = "rollouts.jsonl"
@@ -82,25 +82,26 @@ def trl_args(cfg: GRPOConfig, out: Path, weights: list[float], vllm: bool = Fals
 
 # ------------------------------------------------------------------------------------------ prompts
 
-def prompt_length(processor, row: dict[str, Any]) -> int:
-    """Tokens of one prompt as the trainer feeds it (chat template with the generation prompt, image expanded)."""
+def prompt_length(processor, row: dict[str, Any], frame: int) -> int:
+    """Tokens of one prompt as the trainer feeds it (chat template with the generation prompt, images expanded:
+    every image is resized to the ``frame`` square), without decoding an image."""
     from deepmedix.train.sft import image_tokens
 
     text = processor.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
     n_text = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
-    per_image = [image_tokens(processor.image_processor, im.width, im.height) for im in row["images"]]
-    return n_text - len(per_image) + sum(per_image)  # each image is one placeholder token in the template
+    n_images = len(row["image_files"])
+    return n_text - n_images + n_images * image_tokens(processor.image_processor, frame, frame)
 
 
 def make_rows(root: Path, records: list, cfg: GRPOConfig, processor) -> tuple[list[dict[str, Any]], list[str]]:
-    """The prompts (the record's images, its answer, reference boxes and task for the rewards), and the
-    ids of those skipped for being longer than ``max_prompt_length``."""
+    """The prompts (the record's images — named, decoded per batch by the dataset —, its answer, reference boxes
+    and task for the rewards), and the ids of those skipped for being longer than ``max_prompt_length``."""
     rows, skipped = [], []
     for r in records:
-        images = record_images(root, r, cfg.frame)  # every view, as evaluation and serving see the record
-        row = {"prompt": [user_message(r.prompt, len(images))], "images": images, "answer": r.answer,
-               "ref_boxes_frame": frame_boxes(r, cfg.frame), "task": r.task}
-        if cfg.max_prompt_length and prompt_length(processor, row) > cfg.max_prompt_length:
+        files = [image_file(root, uri) for uri in r.images]  # every view, as evaluation and serving see the record
+        row = {"prompt": [user_message(r.prompt, len(files))], "image_files": files, "record_id": r.record_id,
+               "answer": r.answer, "ref_boxes_frame": frame_boxes(r, cfg.frame), "task": r.task}
+        if cfg.max_prompt_length and prompt_length(processor, row, cfg.frame) > cfg.max_prompt_length:
             skipped.append(r.record_id)
             continue
         rows.append(row)
@@ -357,7 +358,7 @@ def train_grpo(cfg: GRPOConfig, data_uri: str, model_uri: str, out_uri: str, res
               f"(e.g. {', '.join(skipped[:3])})", flush=True)
     if not rows:
         raise InputError(f"{data_uri}: every train prompt is longer than max_prompt_length={cfg.max_prompt_length}")
-    dataset = image_dataset(rows)  # images stored encoded: the decoded list goes
+    dataset = lazy_image_dataset(rows, cfg.frame)  # images decoded per batch, never all at once
     n_train = len(rows)
     del rows
     frozen = freeze_vision(loaded.model, cfg.freeze_vision, cfg.freeze_merger) \

@@ -31,7 +31,7 @@ from deepmedix.data.records import load_split, plain_target
 from deepmedix.data.schema import Record
 from deepmedix.errors import InputError
 from deepmedix.train import checkpoints as ck
-from deepmedix.train.common import freeze_vision, image_dataset, sft_row, write_curve
+from deepmedix.train.common import freeze_vision, lazy_image_dataset, sft_row, write_curve
 
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -45,32 +45,33 @@ def image_tokens(image_processor, width: int, height: int) -> int:
     return image_processor.get_number_of_image_patches(height, width) // (merge * merge)
 
 
-def sample_length(processor, row: dict[str, Any]) -> int:
+def sample_length(processor, row: dict[str, Any], frame: int) -> int:
     """Tokens of one prompt-completion sample as the trainer will see them, images expanded — from the chat
-    template and the image sizes, without running the image processor."""
+    template and the frame (every image is resized to the ``frame`` square), without decoding an image."""
     text = processor.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
     n_text = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
-    per_image = [image_tokens(processor.image_processor, im.width, im.height) for im in row["images"]]
-    return n_text - len(per_image) + sum(per_image)  # each image is one placeholder token in the template
+    n_images = len(row["image_files"])
+    return n_text - n_images + n_images * image_tokens(processor.image_processor, frame, frame)  # one placeholder each
 
 
 def make_rows(root: Path, records: list[Record], targets: list[str], reasoning: bool, frame: int, processor,
               max_length: int) -> tuple[list[dict[str, Any]], list[str]]:
-    """The samples, and the ids of the records skipped for being longer than ``max_length`` tokens."""
+    """The samples (images named, not decoded), and the ids of the records skipped for being longer than
+    ``max_length`` tokens."""
     rows, skipped = [], []
     for r, t in zip(records, targets):
         row = sft_row(root, r, t, reasoning, frame)
-        if max_length and sample_length(processor, row) > max_length:
+        if max_length and sample_length(processor, row, frame) > max_length:
             skipped.append(r.record_id)
             continue
         rows.append(row)
     return rows, skipped
 
 
-def make_dataset(rows: list[dict[str, Any]], where: str):
+def make_dataset(rows: list[dict[str, Any]], where: str, frame: int):
     if not rows:
         raise InputError(f"{where}: no samples to train on (check the config's tasks, split and max_length)")
-    return image_dataset(rows)
+    return lazy_image_dataset(rows, frame)
 
 
 # ------------------------------------------------------------------------------------------ distribution
@@ -140,10 +141,10 @@ def train_sft(stage: str, cfg: TrainConfig, data_uri: str, model_uri: str, out_u
     model.train()
     rows, skipped = make_rows(root, train, [targets_for(r) for r in train], reasoning, cfg.frame, loaded.processor,
                               cfg.max_length)
-    train_ds = make_dataset(rows, f"{data_uri} (train)")
+    train_ds = make_dataset(rows, f"{data_uri} (train)", cfg.frame)
     vrows, vskipped = make_rows(root, val, [targets_for(r) for r in val], reasoning, cfg.frame, loaded.processor,
                                 cfg.max_length)
-    val_ds = make_dataset(vrows, f"{data_uri} (validate)") if vrows else None
+    val_ds = make_dataset(vrows, f"{data_uri} (validate)", cfg.frame) if vrows else None
     if skipped and rank == 0:
         print(f"{stage}: skipped {len(skipped)} training sample(s) longer than max_length={cfg.max_length} "
               f"tokens (e.g. {', '.join(skipped[:3])})", flush=True)

@@ -17,6 +17,7 @@ from deepmedix.config import load_config
 from deepmedix.data.records import load_split
 from deepmedix.model.load import load
 from deepmedix.train import grpo
+from deepmedix.train.common import LoadImages
 
 BIN = Path(sys.executable).parent
 
@@ -31,23 +32,25 @@ def test_prompt_length_is_what_the_processor_makes(small_data, base_model_dir):
     loaded = load(base_model_dir)
     rows, skipped = grpo.make_rows(root, recs, cfg, loaded.processor)
     assert not skipped
+    images = LoadImages(cfg.frame)
     for row in rows:
+        decoded = images({k: [v] for k, v in row.items()})["images"][0]  # as the trainer's dataset decodes them
         text = loaded.processor.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
-        real = loaded.processor(text=[text], images=row["images"], return_tensors="pt")["input_ids"].shape[1]
-        assert grpo.prompt_length(loaded.processor, row) == real
+        real = loaded.processor(text=[text], images=decoded, return_tensors="pt")["input_ids"].shape[1]
+        assert grpo.prompt_length(loaded.processor, row, cfg.frame) == real
 
 
 def test_long_prompts_are_skipped_and_counted_never_cut(small_data, base_model_dir, tmp_path):
     cfg = load_config("grpo", "tiny")
     root, recs = load_split(str(small_data), "train", cfg.tasks, None, 0, 0)
     loaded = load(base_model_dir)
-    lengths = sorted(grpo.prompt_length(loaded.processor, r) for r in grpo.make_rows(root, recs, cfg,
+    lengths = sorted(grpo.prompt_length(loaded.processor, r, cfg.frame) for r in grpo.make_rows(root, recs, cfg,
                                                                                          loaded.processor)[0])
     limit = lengths[len(lengths) // 2]
     cfg.max_prompt_length = limit
     rows, skipped = grpo.make_rows(root, recs, cfg, loaded.processor)
     assert rows and skipped and len(rows) + len(skipped) == len(recs)
-    assert all(grpo.prompt_length(loaded.processor, r) <= limit for r in rows)
+    assert all(grpo.prompt_length(loaded.processor, r, cfg.frame) <= limit for r in rows)
     r = cli("train", "grpo", "--data", small_data, "--model", base_model_dir, "--out", tmp_path / "g",
             "--set", "max_prompt_length=5")
     assert r.returncode == 2 and "max_prompt_length=5" in r.stderr and not (tmp_path / "g").exists()

@@ -18,7 +18,7 @@ from deepmedix.config import load_config
 from deepmedix.data.records import load_split, plain_target
 from deepmedix.model.load import load
 from deepmedix.train.checkpoints import committed_checkpoints
-from deepmedix.train.common import sft_row
+from deepmedix.train.common import LoadImages, sft_row
 from deepmedix.train.sft import sample_length
 
 FAST = ["max_steps=3", "per_device_train_batch_size=4", "eval_records=4", "max_records=24", "logging_steps=1"]
@@ -55,9 +55,10 @@ def test_sample_length_is_what_the_processor_makes(small_data, base_model_dir):
     root, recs = load_split(str(small_data), "train", ["report_findings", "vqa", "grounding"], max_records=6)
     for rec in recs:
         row = sft_row(root, rec, plain_target(rec, 512), reasoning=True)
+        decoded = LoadImages(512)({k: [v] for k, v in row.items()})["images"][0]  # as the trainer's dataset does
         text = loaded.processor.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
-        real = loaded.processor(text=[text], images=row["images"], return_tensors="pt")["input_ids"].shape[1]
-        assert sample_length(loaded.processor, row) == real
+        real = loaded.processor(text=[text], images=decoded, return_tensors="pt")["input_ids"].shape[1]
+        assert sample_length(loaded.processor, row, 512) == real
 
 
 def test_max_length_skips_and_counts_long_samples_never_cuts_them(small_data, base_model_dir, tmp_path):
@@ -65,8 +66,8 @@ def test_max_length_skips_and_counts_long_samples_never_cuts_them(small_data, ba
     loaded = load(base_model_dir)
     root, recs = load_split(str(small_data), "train", cfg.tasks, cfg.task_ratios, cfg.max_records, cfg.seed)
     _, val = load_split(str(small_data), "validate", cfg.tasks, None, cfg.eval_records, cfg.seed)
-    lengths = sorted(sample_length(loaded.processor, sft_row(root, r, plain_target(r, 512), False)) for r in recs)
-    vlengths = [sample_length(loaded.processor, sft_row(root, r, plain_target(r, 512), False)) for r in val]
+    lengths = sorted(sample_length(loaded.processor, sft_row(root, r, plain_target(r, 512), False), 512) for r in recs)
+    vlengths = [sample_length(loaded.processor, sft_row(root, r, plain_target(r, 512), False), 512) for r in val]
     limit = lengths[len(lengths) // 2]
     m = stages.sft(str(small_data), str(base_model_dir), str(tmp_path / "ml"), "tiny", FAST + [f"max_length={limit}"])
     assert m["skipped_too_long"] == sum(n > limit for n in lengths + vlengths) > 0

@@ -186,23 +186,34 @@ def test_freeze_vision_and_merger_keep_them_fixed(small_data, base_model_dir, tm
         assert all(part) if frozen else not all(part)
 
 
-def test_image_dataset_stores_the_same_pixels_as_datasets_would():
-    """The trainers' datasets store images as fast PNG (zlib level 1): the same feature, the same decoded pixels as
-    datasets' own encoding, so training is unchanged (the chain's SFT val loss is bit-identical either way)."""
+def test_the_trainers_dataset_decodes_images_per_batch_the_same_pixels_as_the_record(small_data):
+    """The trainers' datasets hold the images' file names only; a batch taken from one decodes exactly the pixels
+    the record's images have in the model frame (what evaluation and serving see)."""
     import numpy as np
-    from datasets import Dataset
-    from PIL import Image
 
-    from deepmedix.train.common import image_dataset
+    from deepmedix.data.records import record_images
+    from deepmedix.train.common import lazy_image_dataset, sft_row
 
-    rng = np.random.default_rng(0)
-    rows = [{"images": [Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)),
-                        Image.fromarray(rng.integers(0, 256, (20, 50), dtype=np.uint8))], "answer": str(i)}
-            for i in range(3)]
-    ours, theirs = image_dataset(rows), Dataset.from_list(rows)
-    assert ours.features == theirs.features
-    for a, b, row in zip(ours, theirs, rows):
-        assert a["answer"] == b["answer"] == row["answer"]
-        for x, y, z in zip(a["images"], b["images"], row["images"]):
-            assert x.mode == y.mode == z.mode and np.array_equal(np.asarray(x), np.asarray(z))
-            assert np.array_equal(np.asarray(y), np.asarray(z))
+    root = small_data
+    recs = load_records(root, "train")[:5]
+    ds = lazy_image_dataset([sft_row(root, r, r.answer, False, 512) for r in recs], 512)
+    assert {f: str(t) for f, t in ds.features.items()}["image_files"].startswith("List(Value('string')")
+    for row, rec in zip(ds, recs):
+        assert "image_files" not in row and "record_id" not in row
+        for got, want in zip(row["images"], record_images(root, rec, 512)):
+            assert got.size == (512, 512) and np.array_equal(np.asarray(got), np.asarray(want))
+    assert [len(b["images"]) for b in ds.iter(batch_size=2)] == [2, 2, 1]
+
+
+def test_a_missing_image_fails_when_its_batch_is_taken_naming_the_record(small_data, tmp_path):
+    import shutil
+
+    from deepmedix.train.common import lazy_image_dataset, sft_row
+
+    shutil.copytree(small_data, tmp_path / "d")
+    rec = load_records(tmp_path / "d", "train")[0]
+    ds = lazy_image_dataset([sft_row(tmp_path / "d", rec, rec.answer, False, 512)], 512)
+    (tmp_path / "d" / rec.images[0]).unlink()
+    with pytest.raises(ValueError, match=f"record {rec.record_id}: image"):
+        ds[0]
+

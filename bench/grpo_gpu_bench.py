@@ -269,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg.per_device_train_batch_size = cfg.num_generations  # one prompt x num_generations rollouts per step
     cfg.gradient_accumulation_steps = 1
     cfg.steps_per_generation = 0  # one update per generation: the step timed is one rollout + one update
+    cfg.dataloader_workers = 0  # the bench's prompts are in memory already
     cfg.max_steps = args.warmup + args.steps
     cfg.max_completion_length = completion_len
     cfg.gradient_checkpointing = True

@@ -94,6 +94,7 @@ class TrainConfig:
     min_pixels: int = 0  # 0 = the model folder's own pixel budget
     max_pixels: int = 0
     frame: int = 512
+    dataloader_workers: int = 0  # processes decoding the images of the next batches (0 = the training process)
     bf16: bool = True       # bf16 on a CUDA GPU; on CPU training is always fp32
     gradient_checkpointing: bool = False
     freeze_vision: bool = False  # the vision tower (patch embedding and blocks) stays fixed

@@ -73,7 +73,8 @@ def trl_args(cfg: GRPOConfig, out: Path, weights: list[float], vllm: bool = Fals
         save_strategy="steps" if cfg.save_steps > 0 else "no", save_steps=max(1, cfg.save_steps),
         save_total_limit=None, bf16=cfg.bf16 and cuda, gradient_checkpointing=cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
-        use_cpu=not cuda, remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=False,
+        use_cpu=not cuda, remove_unused_columns=False, dataloader_num_workers=cfg.dataloader_workers,
+        disable_tqdm=False,
         deepspeed=ck.deepspeed_config(cfg.deepspeed), ddp_timeout=cfg.ddp_timeout_s,
         # the KL reference (built by TRL from the starting model's folder) in bf16 on a GPU: it is never trained
         model_init_kwargs={"dtype": "bfloat16"} if cfg.bf16 and cuda else None,

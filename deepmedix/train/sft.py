@@ -95,7 +95,8 @@ def trl_args(cfg: TrainConfig, out: Path):
         save_total_limit=None, bf16=cfg.bf16 and cuda, gradient_checkpointing=cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         max_length=None,  # lengths are checked up front: a vision sample is never cut (see make_rows)
-        completion_only_loss=True, dataloader_num_workers=0, use_cpu=not cuda, disable_tqdm=False,
+        completion_only_loss=True, dataloader_num_workers=cfg.dataloader_workers, use_cpu=not cuda,
+        disable_tqdm=False,
         remove_unused_columns=False, deepspeed=ck.deepspeed_config(cfg.deepspeed),
         ddp_timeout=cfg.ddp_timeout_s,  # rank 0 uploads checkpoints while the others wait at a barrier
     )

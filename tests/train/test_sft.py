@@ -61,6 +61,16 @@ def test_sample_length_is_what_the_processor_makes(small_data, base_model_dir):
         assert sample_length(loaded.processor, row, 512) == real
 
 
+def test_dataloader_workers_decode_the_images(small_data, base_model_dir, tmp_path):
+    # the lazy dataset's transform goes to DataLoader worker processes (it pickles); training is the same
+    one = stages.sft(str(small_data), str(base_model_dir), str(tmp_path / "w0"), "tiny", FAST)
+    two = stages.sft(str(small_data), str(base_model_dir), str(tmp_path / "w2"), "tiny",
+                     FAST + ["dataloader_workers=2"])
+    assert two["steps"] == one["steps"] == 3 and two["n_train"] == one["n_train"]
+    assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
+    assert two["after"] == pytest.approx(one["after"], rel=1e-5)
+
+
 def test_max_length_skips_and_counts_long_samples_never_cuts_them(small_data, base_model_dir, tmp_path):
     cfg = load_config("sft", "tiny", FAST)
     loaded = load(base_model_dir)

@@ -7,7 +7,7 @@ RUN_DIR ?= runs/demo
 REGISTRY ?= ghcr.io/deepmedix
 VERSION ?= $(shell sed -n 's/^version *= *"\(.*\)"/\1/p' pyproject.toml)
 
-.PHONY: install tools demo test compile bench bench-curate bench-metrics bench-serve bench-sft-gpu bench-grpo-gpu images clean
+.PHONY: install tools demo test rehearse compile bench bench-curate bench-metrics bench-serve bench-sft-gpu bench-grpo-gpu images clean
 
 install: $(STAMP)
 
@@ -43,6 +43,11 @@ test: $(STAMP) $(TOOLS_STAMP) /usr/bin/chromium /usr/bin/chromedriver /usr/bin/j
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --no-loadscope-reorder --durations=25 tests
+
+# Before any GPU: every stage's 7b config loads, and each training stage's memory per GPU (planned from Qwen2.5-VL-7B
+# built on the meta device) fits 80 GB; exit 1 when one does not (deepmedix rehearse --size 7b [--gpus N] [--json]).
+rehearse: $(STAMP)
+	$(BIN)/deepmedix rehearse --size 7b
 
 # The KFP IR and the same DAG as an Argo WorkflowTemplate (both checked in; tests fail when they are stale).
 # The steps' images come from REGISTRY and VERSION (the same variables as `make images`).

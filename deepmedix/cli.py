@@ -422,6 +422,38 @@ def deploy_cmd(model: str = typer.Option(..., help="the model folder's s3:// URI
                                                           deployment_mode=mode, **placement), timeout_s=timeout))
 
 
+@app.command("rehearse")
+def rehearse(size: str = typer.Option("7b", help="the configs: configs/<stage>/SIZE.yaml for every stage"),
+             gpus: int = typer.Option(8, help="GPUs each training stage runs on (nodes x GPUs per node)"),
+             as_json: bool = typer.Option(False, "--json", help="one JSON object instead of the table")):
+    """Before any GPU: load every stage's config for SIZE, build Qwen2.5-VL-7B on the meta device, and plan each
+    training stage's memory per GPU; exit 1 when one does not fit 80 GB."""
+    from rich.table import Table
+
+    from deepmedix.config import load_size
+    from deepmedix.model.shapes import QWEN25_VL_7B, meta_model
+    from deepmedix.train.plan import GPU_GB, Shape, plan
+
+    with cli_errors():
+        configs = load_size(size)
+        shape = Shape.of(meta_model(QWEN25_VL_7B))
+        memory = plan(configs, shape, {stage: gpus for stage in ("sft", "coldstart", "grpo")})
+    if as_json:
+        print(json.dumps({"size": size, "configs_ok": True, "model_params": shape.params, "gpu_gb": GPU_GB,
+                          "memory_plan": memory}, indent=2))
+    else:
+        terms = ["weights", "gradients", "optimizer", "activations", "reference", "rollouts", "runtime", "total"]
+        table = Table(title=f"size {size}: every stage's config loads; Qwen2.5-VL-7B ({shape.params / 1e9:.2f}B "
+                            f"parameters), GB per GPU of {GPU_GB:g}")
+        for col in ["stage", "GPUs", "ZeRO", "batch x tokens", *terms, "fits"]:
+            table.add_column(col, no_wrap=True)
+        for stage, m in memory.items():
+            table.add_row(stage, str(m["gpus"]), str(m["zero"]), f"{m['micro_batch']} x {m['seq_len']}",
+                          *[f"{m[t]:.1f}" if t in m else "—" for t in terms], "yes" if m["fits"] else "NO")
+        Console(width=160).print(table)
+    raise typer.Exit(0 if all(m["fits"] for m in memory.values()) else 1)
+
+
 @app.command("demo")
 def demo(run_dir: str = typer.Option("runs/demo")):
     """The pipeline under kfp.local, then serving and one grounded answer."""

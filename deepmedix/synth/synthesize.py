@@ -22,9 +22,10 @@ from typing import Any, Callable
 
 from deepmedix import store
 from deepmedix.config import ColdStartConfig
-from deepmedix.data.records import select
+from deepmedix.data.records import frame_boxes, select
 from deepmedix.data.schema import Record, load_records, manifest, write_shard
 from deepmedix.errors import InputError
+from deepmedix.grounding import iou, parse
 from deepmedix.llm.client import redact_url
 from deepmedix.store import write_json
 from deepmedix.synth.filter import filter_kwargs, keep_trace
@@ -66,6 +67,8 @@ class _Traces:
         self.examples: dict[str, list[str]] = {}
         self.seen: set = set()
         self.asked = self.kept_train = 0
+        self.citing = self.with_refs = 0  # kept traces that cite a box; kept traces on records with reference boxes
+        self.overlaps: list[float] = []   # of the latter, those citing boxes: their boxes' mean best IoU
 
     def ask(self, teacher: Callable[[list[Record]], list[Result]], records: list[Record], train_target: int = 0
             ) -> bool:
@@ -91,7 +94,23 @@ class _Traces:
             rec.trace = trace
             self.kept.append(rec)
             self.kept_train += rec.split == "train"
+            self._grounding(trace, rec)
         return bool(train_target) and self.kept_train >= train_target
+
+
+    def _grounding(self, trace: str, rec: Record) -> None:
+        boxes = parse(trace).boxes
+        self.citing += bool(boxes)
+        refs = frame_boxes(rec, self.cfg.frame) if rec.boxes else []
+        self.with_refs += bool(refs)
+        if boxes and refs:
+            self.overlaps.append(sum(max(iou(b, r) for r in refs) for b in boxes) / len(boxes))
+
+    def grounding_report(self) -> dict[str, Any]:
+        """How the kept traces are grounded: how many cite boxes, and how well those on records with reference
+        boxes overlap them (each cited box's best IoU with a reference box, averaged per trace, then over traces)."""
+        return {"kept_citing_boxes": self.citing, "kept_on_records_with_boxes": self.with_refs,
+                "cited_box_iou_mean": round(sum(self.overlaps) / len(self.overlaps), 4) if self.overlaps else None}
 
 
 def synthesize(cfg: ColdStartConfig, data_uri: str, out_uri: str) -> dict[str, Any]:
@@ -117,7 +136,7 @@ def synthesize(cfg: ColdStartConfig, data_uri: str, out_uri: str) -> dict[str, A
         traces.ask(teacher, val)
     kept = traces.kept
     report: dict[str, Any] = {"teacher": cfg.teacher, "selected": len(train) + len(val), "asked": traces.asked,
-                              "kept": len(kept), "target_train": cfg.max_kept or None,
+                              "kept": len(kept), "target_train": cfg.max_kept or None, **traces.grounding_report(),
                               "dropped": dict(sorted(traces.dropped.items())),
                               "dropped_examples": dict(sorted(traces.examples.items())), "wall_s": time.time() - t0}
     if getattr(teacher, "stats", None):

@@ -62,6 +62,10 @@ def test_coldstart_synth_and_sft(small_data, sft_model, tmp_path):
     traces = tmp_path / "traces"
     r = stages.coldstart_synth(str(small_data), str(traces), "tiny", ["max_records=20", "eval_records=4"])
     assert r["after"] == 24 and r["dropped"] == {}
+    rep = json.loads((traces / "filter_report.json").read_text())
+    # the template teacher cites every reference box as it is (IoU 1), and coarse regions where a record has none
+    assert rep["kept_citing_boxes"] == 24 and 0 < rep["kept_on_records_with_boxes"] < 24
+    assert rep["cited_box_iou_mean"] == 1.0
     recs = load_records(traces)
     assert all(parse(x.trace).format_ok for x in recs)
     # the traces artifact carries its own images, by relative URI, so a pod given only the traces can train

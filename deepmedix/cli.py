@@ -425,22 +425,30 @@ def deploy_cmd(model: str = typer.Option(..., help="the model folder's s3:// URI
 @app.command("rehearse")
 def rehearse(size: str = typer.Option("7b", help="the configs: configs/<stage>/SIZE.yaml for every stage"),
              gpus: int = typer.Option(8, help="GPUs each training stage runs on (nodes x GPUs per node)"),
-             as_json: bool = typer.Option(False, "--json", help="one JSON object instead of the table")):
-    """Before any GPU: load every stage's config for SIZE, build Qwen2.5-VL-7B on the meta device, and plan each
-    training stage's memory per GPU; exit 1 when one does not fit 80 GB."""
+             records: int = typer.Option(100_000, help="records of the large synthetic dataset"),
+             small: int = typer.Option(10_000, help="records of the small synthetic dataset"),
+             as_json: bool = typer.Option(False, "--json", help="one JSON object instead of the tables")):
+    """Before any GPU: load every stage's config for SIZE, build Qwen2.5-VL-7B on the meta device and plan each
+    training stage's memory per GPU, and run the training data path over SMALL and RECORDS synthetic records;
+    exit 1 when a stage does not fit 80 GB or the data path's peak memory grows more than 15 %."""
+    import contextlib
+
     from rich.table import Table
 
     from deepmedix.config import load_size
     from deepmedix.model.shapes import QWEN25_VL_7B, meta_model
-    from deepmedix.train.plan import GPU_GB, Shape, plan
+    from deepmedix.train.plan import GPU_GB, RSS_RATIO_MAX, Shape, plan
+    from deepmedix.train.rehearse_data import rss
 
-    with cli_errors():
+    with cli_errors(), contextlib.redirect_stdout(sys.stderr):  # stdout: the result only (libraries log there)
         configs = load_size(size)
         shape = Shape.of(meta_model(QWEN25_VL_7B))
         memory = plan(configs, shape, {stage: gpus for stage in ("sft", "coldstart", "grpo")})
+        data = rss(small, records)
+    ok = all(m["fits"] for m in memory.values()) and data["rss_ratio"] <= RSS_RATIO_MAX
     if as_json:
         print(json.dumps({"size": size, "configs_ok": True, "model_params": shape.params, "gpu_gb": GPU_GB,
-                          "memory_plan": memory}, indent=2))
+                          "memory_plan": memory, **data, "ok": ok}, indent=2))
     else:
         terms = ["weights", "gradients", "optimizer", "activations", "reference", "rollouts", "runtime", "total"]
         table = Table(title=f"size {size}: every stage's config loads; Qwen2.5-VL-7B ({shape.params / 1e9:.2f}B "
@@ -450,8 +458,12 @@ def rehearse(size: str = typer.Option("7b", help="the configs: configs/<stage>/S
         for stage, m in memory.items():
             table.add_row(stage, str(m["gpus"]), str(m["zero"]), f"{m['micro_batch']} x {m['seq_len']}",
                           *[f"{m[t]:.1f}" if t in m else "—" for t in terms], "yes" if m["fits"] else "NO")
-        Console(width=160).print(table)
-    raise typer.Exit(0 if all(m["fits"] for m in memory.values()) else 1)
+        console = Console(width=160)
+        console.print(table)
+        console.print(f"data path (SFT's, synthetic records): peak RSS {data['rss_mb_small']:.0f} MB over "
+                      f"{data['records_small']} records, {data['rss_mb_large']:.0f} MB over {data['records_large']}: "
+                      f"ratio {data['rss_ratio']:.3f} (at most {RSS_RATIO_MAX})")
+    raise typer.Exit(0 if ok else 1)
 
 
 @app.command("demo")

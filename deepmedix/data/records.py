@@ -4,12 +4,15 @@ model frame, its reference boxes in that frame, and the stage-1 target."""
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
+import pyarrow.parquet as pq
 from PIL import Image
 
 from deepmedix import store
-from deepmedix.data.schema import Record, load_records
+from deepmedix.data.schema import Record, RecordError, load_records, read_shard, shard_paths
 from deepmedix.errors import InputError
 from deepmedix.grounding import DEFAULT_FRAME, box_str, to_frame
 
@@ -34,6 +37,33 @@ def load_split(data_uri: str, split: str, tasks: list[str], ratios=None, max_rec
                seed=0) -> tuple[Path, list[Record]]:
     root = store.fetch(data_uri)
     return root, select(load_records(root, split), tasks, ratios, max_records, seed)
+
+
+@dataclass(frozen=True)
+class _Ref:
+    record_id: str
+    task: str
+
+
+def select_ids(root: Path, split: str, tasks: list[str], ratios=None, max_records=0, seed=0) -> list[str]:
+    """The ids :func:`select` picks from the split, in its order — from the shards' ``record_id`` and ``task``
+    columns only, so choosing costs a few bytes per record, not a Record."""
+    refs = []
+    for path in shard_paths(root, split):
+        try:
+            table = pq.read_table(str(path), columns=["record_id", "task"])
+        except Exception as exc:  # pyarrow raises several types for corrupt files
+            raise RecordError(f"{path}: not a readable Parquet shard ({exc})") from exc
+        refs.extend(map(_Ref, table.column("record_id").to_pylist(), table.column("task").to_pylist()))
+    refs.sort(key=lambda r: r.record_id)  # load_records' order: the same sample for the same seed
+    return [r.record_id for r in select(refs, tasks, ratios, max_records, seed)]
+
+
+def iter_records(root: Path, split: str, ids: Iterable[str]) -> Iterator[Record]:
+    """The records of ``ids``, a shard at a time (in the shards' order, not the ids')."""
+    want = set(ids)
+    for path in shard_paths(root, split):
+        yield from (r for r in read_shard(path) if r.record_id in want)
 
 
 def open_image(path_or_image, frame: int | None = None) -> Image.Image:

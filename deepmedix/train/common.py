@@ -4,7 +4,7 @@ tower, saving a model folder, the loss-curve PNG."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from deepmedix.data.records import image_file, load_image
 from deepmedix.data.schema import Record
@@ -38,13 +38,36 @@ class LoadImages:
         return out
 
 
-def lazy_image_dataset(rows: list[dict[str, Any]], frame: int):
+def lazy_image_dataset(rows: Iterable[dict[str, Any]], frame: int, path: Path | None = None,
+                       order: list[str] | None = None):
     """A ``datasets.Dataset`` of the rows' text and image file names only, whose ``images`` are decoded per batch
     on access (``Dataset.with_transform``; TRL's SFTTrainer takes such a dataset for a VLM, where it skips its own
-    preparation: trl/trainer/sft_trainer.py). Memory holds no image: what a stage decodes at a time is one batch."""
+    preparation: trl/trainer/sft_trainer.py). With ``path``, the rows are written there as they come (an Arrow
+    file, memory-mapped when read), so memory does not grow with their number either, and then put in ``order``
+    (record ids; the rows may come in another). What a stage decodes at a time is one batch."""
     from datasets import Dataset
 
-    return Dataset.from_list(rows).with_transform(LoadImages(frame))
+    if path is None:
+        return Dataset.from_list(list(rows)).with_transform(LoadImages(frame))
+    from datasets.arrow_writer import ArrowWriter
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer, n = ArrowWriter(path=str(path)), 0
+    try:
+        for row in rows:
+            writer.write(row)
+            n += 1
+        if n:
+            writer.finalize()
+    finally:
+        writer.close()
+    if not n:
+        return Dataset.from_list([]).with_transform(LoadImages(frame))
+    ds = Dataset.from_file(str(path))
+    if order is not None:
+        at = {rid: i for i, rid in enumerate(ds["record_id"])}
+        ds = ds.select([at[rid] for rid in order if rid in at])
+    return ds.with_transform(LoadImages(frame))
 
 
 def freeze_vision(model, tower: bool = True, merger: bool = True) -> int:

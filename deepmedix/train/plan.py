@@ -33,6 +33,7 @@ from deepmedix.config import CONFIG_DIR, GRPOConfig, TrainConfig
 GB = 1024 ** 3
 GPU_GB = 80.0        # an H100 / A100 80GB
 RUNTIME_GB = 4.0     # CUDA context, NCCL buffers, allocator fragmentation
+RSS_RATIO_MAX = 1.15  # the data path's peak memory over 10x the records, at most this much more
 
 
 @dataclass(frozen=True)

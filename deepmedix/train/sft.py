@@ -24,10 +24,11 @@ import math
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator
 
+from deepmedix import store
 from deepmedix.config import TrainConfig
-from deepmedix.data.records import load_split, plain_target
+from deepmedix.data.records import iter_records, load_split, plain_target, select_ids
 from deepmedix.data.schema import Record
 from deepmedix.errors import InputError
 from deepmedix.train import checkpoints as ck
@@ -54,24 +55,34 @@ def sample_length(processor, row: dict[str, Any], frame: int) -> int:
     return n_text - n_images + n_images * image_tokens(processor.image_processor, frame, frame)  # one placeholder each
 
 
-def make_rows(root: Path, records: list[Record], targets: list[str], reasoning: bool, frame: int, processor,
-              max_length: int) -> tuple[list[dict[str, Any]], list[str]]:
-    """The samples (images named, not decoded), and the ids of the records skipped for being longer than
-    ``max_length`` tokens."""
-    rows, skipped = [], []
-    for r, t in zip(records, targets):
-        row = sft_row(root, r, t, reasoning, frame)
+def iter_rows(root: Path, records: Iterable[Record], target_for: Callable[[Record], str], reasoning: bool,
+              frame: int, processor, max_length: int, skipped: list[str]) -> Iterator[dict[str, Any]]:
+    """The samples (images named, not decoded), one at a time; the ids of the records longer than ``max_length``
+    tokens go to ``skipped``."""
+    for r in records:
+        row = sft_row(root, r, target_for(r), reasoning, frame)
         if max_length and sample_length(processor, row, frame) > max_length:
             skipped.append(r.record_id)
             continue
-        rows.append(row)
+        yield row
+
+
+def make_rows(root: Path, records: list[Record], targets: list[str], reasoning: bool, frame: int, processor,
+              max_length: int) -> tuple[list[dict[str, Any]], list[str]]:
+    """The samples as a list, and the ids of the records skipped for being longer than ``max_length`` tokens."""
+    skipped: list[str] = []
+    target = dict(zip((r.record_id for r in records), targets))
+    rows = list(iter_rows(root, records, lambda r: target[r.record_id], reasoning, frame, processor, max_length,
+                          skipped))
     return rows, skipped
 
 
-def make_dataset(rows: list[dict[str, Any]], where: str, frame: int):
-    if not rows:
+def make_dataset(rows: Iterable[dict[str, Any]], where: str, frame: int, path: Path | None = None,
+                 order: list[str] | None = None):
+    ds = lazy_image_dataset(rows, frame, path, order)
+    if not len(ds):
         raise InputError(f"{where}: no samples to train on (check the config's tasks, split and max_length)")
-    return lazy_image_dataset(rows, frame)
+    return ds
 
 
 # ------------------------------------------------------------------------------------------ distribution
@@ -128,7 +139,9 @@ def train_sft(stage: str, cfg: TrainConfig, data_uri: str, model_uri: str, out_u
     t0 = time.time()
     rank, _ = ck.world()
     targets_for = targets_for or (lambda r: plain_target(r, cfg.frame))
-    root, train = load_split(data_uri, "train", cfg.tasks, cfg.task_ratios, cfg.max_records, cfg.seed)
+    root = store.fetch(data_uri)
+    # the train split is streamed: chosen by id, read a shard at a time, its samples written to the work folder
+    train_ids = select_ids(root, "train", cfg.tasks, cfg.task_ratios, cfg.max_records, cfg.seed)
     _, val = load_split(data_uri, "validate", cfg.tasks, None, cfg.eval_records, cfg.seed)
     args = trl_args(cfg, ck.work_dir(out_uri) / "trainer")  # first: under ZeRO-3 the model is partitioned as it loads
     ckpt_uri, run, work, start = ck.start_run(stage, cfg, data_uri, model_uri, out_uri, resume)
@@ -140,9 +153,10 @@ def train_sft(stage: str, cfg: TrainConfig, data_uri: str, model_uri: str, out_u
     model = loaded.model  # the trainer moves it to the device (and casts it under bf16)
     frozen = freeze_vision(model, cfg.freeze_vision, cfg.freeze_merger) if cfg.freeze_vision or cfg.freeze_merger else 0
     model.train()
-    rows, skipped = make_rows(root, train, [targets_for(r) for r in train], reasoning, cfg.frame, loaded.processor,
-                              cfg.max_length)
-    train_ds = make_dataset(rows, f"{data_uri} (train)", cfg.frame)
+    skipped: list[str] = []
+    train_ds = make_dataset(iter_rows(root, iter_records(root, "train", train_ids), targets_for, reasoning, cfg.frame,
+                                      loaded.processor, cfg.max_length, skipped),
+                            f"{data_uri} (train)", cfg.frame, work / f"samples-rank{rank}.arrow", train_ids)
     vrows, vskipped = make_rows(root, val, [targets_for(r) for r in val], reasoning, cfg.frame, loaded.processor,
                                 cfg.max_length)
     val_ds = make_dataset(vrows, f"{data_uri} (validate)", cfg.frame) if vrows else None

@@ -27,17 +27,22 @@ def test_the_7b_model_is_the_released_one(shape):
                                                                                           152064)
 
 
-def test_rehearse_7b_every_config_loads_and_every_stage_fits():
-    r = CliRunner().invoke(app, ["rehearse", "--size", "7b", "--json"])
+def test_rehearse_7b_every_config_loads_every_stage_fits_and_the_data_path_streams():
+    # the data path at a small scale here (the command's default is 10K against 100K records)
+    r = CliRunner().invoke(app, ["rehearse", "--size", "7b", "--json", "--small", "500", "--records", "5000"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
-    assert out["configs_ok"] and out["model_params"] == 8_292_166_656
+    assert out["configs_ok"] and out["ok"] and out["model_params"] == 8_292_166_656
     plan = out["memory_plan"]
     assert set(plan) == {"sft", "coldstart", "grpo"}
     for stage, m in plan.items():
         assert m["fits"] and m["total"] <= GPU_GB and m["zero"] == 3 and m["gpus"] == 8, (stage, m)
         assert m["total"] == pytest.approx(sum(v for k, v in m.items() if k in (
             "weights", "gradients", "optimizer", "activations", "reference", "rollouts", "runtime")), abs=0.05)
+    # ten times the records, and the peak memory of the data path (records chosen by id, read a shard at a time,
+    # samples written to disk, images decoded per batch) barely moves
+    assert (out["records_small"], out["records_large"]) == (500, 5000)
+    assert out["rss_ratio"] <= 1.15 and out["rss_mb_large"] - out["rss_mb_small"] < 50, out
 
 
 def test_the_terms_follow_zero_and_what_is_frozen(shape):

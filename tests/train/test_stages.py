@@ -221,3 +221,21 @@ def test_a_missing_image_fails_when_its_batch_is_taken_naming_the_record(small_d
     with pytest.raises(ValueError, match=f"record {rec.record_id}: image"):
         ds[0]
 
+
+
+def test_the_streamed_train_split_is_the_selection_in_its_order(small_data, tmp_path):
+    """SFT streams its train split: ids chosen from two columns, records read a shard at a time, samples written
+    to disk in shard order, then put back in the selection's order — the same samples, in the same order, as
+    selecting from every loaded record."""
+    from deepmedix.data.records import iter_records, load_split, select_ids
+    from deepmedix.train.common import lazy_image_dataset, sft_row
+
+    tasks, ratios = ["vqa", "grounding", "report_findings"], {"vqa": 0.5}
+    root, chosen = load_split(str(small_data), "train", tasks, ratios, 20, 7)
+    ids = select_ids(root, "train", tasks, ratios, 20, 7)
+    assert ids == [r.record_id for r in chosen]
+    rows = (sft_row(root, r, r.answer, False, 512) for r in iter_records(root, "train", ids))
+    ds = lazy_image_dataset(rows, 512, tmp_path / "samples.arrow", ids)
+    assert (tmp_path / "samples.arrow").is_file() and len(ds) == 20
+    got = [(row["prompt"][0]["content"][-1]["text"], row["completion"][0]["content"][0]["text"]) for row in ds]
+    assert got == [(r.prompt.strip(), r.answer) for r in chosen]

@@ -284,12 +284,14 @@ def ratio_logged(base: type) -> type:
             old = inputs.get("old_per_token_logps")
             ratio = (torch.exp(logps - old) if old is not None else torch.ones_like(logps))
             ratio = ratio[inputs["completion_mask"].bool()].float()
-            if not ratio.numel():
-                return
-            stats = torch.stack([ratio.sum(), ratio.new_tensor(ratio.numel()), (ratio * ratio).sum(), ratio.min(),
-                                 ratio.max()])
+            # every rank gathers, each step (a collective): a rank with no completion token sends a neutral row
+            stats = (torch.stack([ratio.sum(), ratio.new_tensor(ratio.numel()), (ratio * ratio).sum(), ratio.min(),
+                                  ratio.max()]) if ratio.numel()
+                     else ratio.new_tensor([0.0, 0.0, 0.0, float("inf"), float("-inf")]))
             s = self.accelerator.gather(stats[None]).reshape(-1, 5)
             n = s[:, 1].sum()
+            if not n:
+                return
             mean = s[:, 0].sum() / n
             m = self._metrics["train" if self.model.training else "eval"]
             m["ratio/mean"].append(mean.item())

@@ -51,15 +51,13 @@ def synthetic_dataset(out: Path, n: int) -> Path:
 def measure(data: Path, model: Path, batches: int, batch_size: int = 8) -> dict[str, Any]:
     """SFT's data path over ``data`` for ``batches`` batches; this process's peak RSS."""
     from deepmedix.model.processor import load_processor
-    from deepmedix.train.sft import iter_rows, make_dataset
+    from deepmedix.train.sft import sample_dataset
 
     processor = load_processor(model)
     ids = select_ids(data, "train", list(TASKS))
-    skipped: list[str] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        rows = iter_rows(data, iter_records(data, "train", ids), lambda r: plain_target(r, FRAME), False, FRAME,
-                         processor, 0, skipped)
-        ds = make_dataset(rows, str(data), FRAME, Path(tmp) / "samples.arrow", ids)
+    with tempfile.TemporaryDirectory() as tmp:  # what train_sft does with its train split
+        ds, _ = sample_dataset(data, iter_records(data, "train", ids), lambda r: plain_target(r, FRAME), False, FRAME,
+                               processor, 0, Path(tmp) / "samples.arrow", ids)
         n = len(ds)
         for _, batch in zip(range(batches), ds.iter(batch_size=batch_size)):
             texts = [processor.apply_chat_template(p + c, tokenize=False)

@@ -67,22 +67,14 @@ def iter_rows(root: Path, records: Iterable[Record], target_for: Callable[[Recor
         yield row
 
 
-def make_rows(root: Path, records: list[Record], targets: list[str], reasoning: bool, frame: int, processor,
-              max_length: int) -> tuple[list[dict[str, Any]], list[str]]:
-    """The samples as a list, and the ids of the records skipped for being longer than ``max_length`` tokens."""
+def sample_dataset(root: Path, records: Iterable[Record], target_for: Callable[[Record], str], reasoning: bool,
+                   frame: int, processor, max_length: int, path: Path | None = None, order: list[str] | None = None):
+    """The trainer's dataset of ``records``' samples (images decoded per batch; with ``path``, the samples written
+    there as they come and put in ``order``: see :func:`deepmedix.train.common.lazy_image_dataset`), and the ids of
+    the records skipped for being longer than ``max_length`` tokens."""
     skipped: list[str] = []
-    target = dict(zip((r.record_id for r in records), targets))
-    rows = list(iter_rows(root, records, lambda r: target[r.record_id], reasoning, frame, processor, max_length,
-                          skipped))
-    return rows, skipped
-
-
-def make_dataset(rows: Iterable[dict[str, Any]], where: str, frame: int, path: Path | None = None,
-                 order: list[str] | None = None):
-    ds = lazy_image_dataset(rows, frame, path, order)
-    if not len(ds):
-        raise InputError(f"{where}: no samples to train on (check the config's tasks, split and max_length)")
-    return ds
+    rows = iter_rows(root, records, target_for, reasoning, frame, processor, max_length, skipped)
+    return lazy_image_dataset(rows, frame, path, order), skipped
 
 
 # ------------------------------------------------------------------------------------------ distribution
@@ -105,7 +97,7 @@ def trl_args(cfg: TrainConfig, out: Path):
         save_strategy="steps" if cfg.save_steps > 0 else "no", save_steps=max(1, cfg.save_steps),
         save_total_limit=None, bf16=cfg.bf16 and cuda, gradient_checkpointing=cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
-        max_length=None,  # lengths are checked up front: a vision sample is never cut (see make_rows)
+        max_length=None,  # lengths are checked up front: a vision sample is never cut (see iter_rows)
         completion_only_loss=True, dataloader_num_workers=cfg.dataloader_workers, use_cpu=not cuda,
         disable_tqdm=False,
         remove_unused_columns=False, deepspeed=ck.deepspeed_config(cfg.deepspeed),
@@ -153,13 +145,14 @@ def train_sft(stage: str, cfg: TrainConfig, data_uri: str, model_uri: str, out_u
     model = loaded.model  # the trainer moves it to the device (and casts it under bf16)
     frozen = freeze_vision(model, cfg.freeze_vision, cfg.freeze_merger) if cfg.freeze_vision or cfg.freeze_merger else 0
     model.train()
-    skipped: list[str] = []
-    train_ds = make_dataset(iter_rows(root, iter_records(root, "train", train_ids), targets_for, reasoning, cfg.frame,
-                                      loaded.processor, cfg.max_length, skipped),
-                            f"{data_uri} (train)", cfg.frame, work / f"samples-rank{rank}.arrow", train_ids)
-    vrows, vskipped = make_rows(root, val, [targets_for(r) for r in val], reasoning, cfg.frame, loaded.processor,
-                                cfg.max_length)
-    val_ds = make_dataset(vrows, f"{data_uri} (validate)", cfg.frame) if vrows else None
+    train_ds, skipped = sample_dataset(root, iter_records(root, "train", train_ids), targets_for, reasoning,
+                                       cfg.frame, loaded.processor, cfg.max_length,
+                                       work / f"samples-rank{rank}.arrow", train_ids)
+    if not len(train_ds):
+        raise InputError(f"{data_uri} (train): no samples to train on (check the config's tasks, split and "
+                         f"max_length)")
+    val_ds, vskipped = sample_dataset(root, val, targets_for, reasoning, cfg.frame, loaded.processor, cfg.max_length)
+    val_ds = val_ds if len(val_ds) else None
     if skipped and rank == 0:
         print(f"{stage}: skipped {len(skipped)} training sample(s) longer than max_length={cfg.max_length} "
               f"tokens (e.g. {', '.join(skipped[:3])})", flush=True)

@@ -36,8 +36,12 @@ STRICT_RE = re.compile(r"^\s*<think>.*</think>.*\\boxed\{.*\}.*$", re.S)
 
 
 def build_prompt(task_text: str) -> str:
-    """The user text for one query: the task, then the grounded-reasoning instruction (as the release does)."""
-    return f"{task_text.strip()}\n{INSTRUCTION}\n"
+    """The user text for one query, byte for byte as the release's training rendered it: its format template
+    (DeepReasoning/DeepMedix-R1 ``src/xray_format.jinja``: ``{{ content | trim }}``, a blank line, the
+    instruction) is loaded by EasyR1 as ``Template(format_prompt.strip())`` (``verl/utils/dataset.py``
+    ``_build_messages``), so the file's final newline is stripped: the task trimmed, two newlines, the
+    instruction, nothing after it."""
+    return f"{task_text.strip()}\n\n{INSTRUCTION}"
 
 
 def user_message(task_text: str, n_images: int = 1, reasoning: bool = True) -> dict:

@@ -22,7 +22,20 @@ from deepmedix.grounding import (
 def test_instruction_is_verbatim_and_follows_the_task():
     assert INSTRUCTION.startswith("You FIRST think about the reasoning process as an internal monologue")
     assert INSTRUCTION.endswith("</think>. The answer is: \\boxed{answer}.")
-    assert build_prompt("Is there a nodule? ") == "Is there a nodule?\n" + INSTRUCTION + "\n"
+    assert build_prompt("Is there a nodule? ") == "Is there a nodule?\n\n" + INSTRUCTION
+
+
+def test_prompt_is_easyr1s_rendering_of_the_release_format_template():
+    """The release's format file (DeepReasoning/DeepMedix-R1 src/xray_format.jinja) is ``{{ content | trim }}``, a
+    blank line, the instruction and a final newline; EasyR1 renders it as ``Template(text.strip())
+    .render(content=prompt)`` (verl/utils/dataset.py). Rendered here with jinja2 exactly so."""
+    from jinja2 import Template
+
+    release_file = "{{ content | trim }}\n\n" + INSTRUCTION + "\n"
+    for task in ["Is there a nodule? ", "\n  Describe the findings of this chest X-ray.\n", "What is at [1, 2, 3, 4]?"]:
+        rendered = Template(release_file.strip()).render(content=task)
+        assert build_prompt(task) == rendered
+        assert not rendered.endswith("\n") and "\n\nYou FIRST think" in rendered
 
 
 def test_round_trip_steps_boxes_answer():

@@ -99,7 +99,7 @@ def shape_for(shape: dict, tokenizer) -> dict:
     return {"text": text, "vision": shape["vision"], "ids": ids}
 
 
-def make_rows(n: int, image_size: int, frame: int, seed: int) -> list[dict[str, Any]]:
+def make_rows(n: int, image_size: int, frame, seed: int) -> list[dict[str, Any]]:
     """``n`` grounding prompts for ``FINDING``, one phantom radiograph each, in the shape of
     ``deepmedix.train.grpo.make_rows``."""
     import numpy as np
@@ -107,13 +107,13 @@ def make_rows(n: int, image_size: int, frame: int, seed: int) -> list[dict[str, 
     from deepmedix.data.phantom_render import render_study
     from deepmedix.data.prompts import grounding_prompt
     from deepmedix.data.records import open_image
-    from deepmedix.grounding import to_frame, user_message
+    from deepmedix.grounding import user_message
 
     rows = []
     for i in range(n):
         img, boxes = render_study(np.random.default_rng(seed + i), [FINDING], size=image_size)
-        rows.append({"prompt": [user_message(grounding_prompt(FINDING), 1)], "image": open_image(img),
-                     "answer": FINDING, "ref_boxes_frame": [to_frame(b.box, image_size, image_size, frame)
+        rows.append({"prompt": [user_message(grounding_prompt(FINDING), 1)], "image": open_image(img, frame),
+                     "answer": FINDING, "ref_boxes_frame": [frame.to_frame(b.box, image_size, image_size)
                                                            for b in boxes], "task": "grounding"})
     return rows
 
@@ -287,7 +287,10 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = make_rows(max(4, cfg.max_steps), image_size, cfg.frame, args.seed)
+    from deepmedix.grounding import Frame
+
+    # the bench's processor is built with factor 28 and this pixel budget (build_processor below)
+    rows = make_rows(max(4, cfg.max_steps), image_size, Frame.parse(cfg.frame, 28, pixels, pixels), args.seed)
     processor = build_processor([r["prompt"][0]["content"][-1]["text"] for r in rows] + [r["answer"] for r in rows],
                                 pixels)
     shape = shape_for(sft.TINY if args.tiny else sft.QWEN25_VL_7B, processor.tokenizer)

@@ -67,6 +67,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from deepmedix import grounding  # noqa: E402
 from deepmedix.model.shapes import QWEN25_VL_7B  # noqa: E402
 from deepmedix.model.shapes import qwen_config as build_config  # noqa: E402
 
@@ -99,23 +100,9 @@ PEAK_TFLOPS = [  # (substring of torch.cuda.get_device_name(), dense bf16 TFLOP/
 
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = STOCK_MIN_PIXELS,
                  max_pixels: int = STOCK_MAX_PIXELS) -> tuple[int, int]:
-    """The Qwen2-VL image processor's resize rule (transformers ``qwen2_vl`` ``smart_resize``), re-stated here so
-    that no processor (and no torchvision) is needed: both sides multiples of ``factor``, pixels within
-    [min_pixels, max_pixels], aspect ratio kept as far as possible."""
-    if max(height, width) / min(height, width) > 200:
-        raise ValueError("absolute aspect ratio must be smaller than 200, "
-                         f"got {max(height, width) / min(height, width)}")
-    h_bar = round(height / factor) * factor
-    w_bar = round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
+    """The Qwen2-VL image processor's resize rule (:func:`deepmedix.grounding.smart_resize`, no processor or
+    torchvision needed) with the stock 7B pixel budget by default."""
+    return grounding.smart_resize(height, width, factor, min_pixels, max_pixels)
 
 
 def image_grid(height: int, width: int, patch: int = 14, merge: int = 2, min_pixels: int = STOCK_MIN_PIXELS,

@@ -205,6 +205,25 @@ def eval_run(model: str = typer.Option(...), data: str = typer.Option(...), out:
         show(stages.evaluate(data, model, out, config, overrides, progress=prog))
 
 
+@eval_app.command("frame-calibrate")
+def eval_frame_calibrate(model: str = typer.Option(..., help="model folder or s3:// URI (e.g. the released one)"),
+                         data: str = typer.Option(..., help="a curated dataset with labelled boxes"),
+                         split: str = typer.Option("test"),
+                         max_records: int = typer.Option(64, help="records with boxes to score (0: all)"),
+                         frames: str = typer.Option("native,square512", help="the conventions to compare"),
+                         max_new_tokens: int = typer.Option(1024), batch_size: int = typer.Option(8),
+                         out: str = typer.Option("", help="also write the report to this JSON file")):
+    """Which box frame a checkpoint writes in: its boxes on labelled records, read under each convention."""
+    from deepmedix.eval.calibrate import frame_calibrate
+
+    with cli_errors(), progress_bar("generating") as prog:
+        rep = frame_calibrate(model, data, out, split, max_records, batch_size, max_new_tokens,
+                              tuple(f.strip() for f in frames.split(",") if f.strip()), progress=prog)
+        show(rep)
+        typer.echo(f"best fit: frame {rep['best']} (mIoU lead {rep['lead_miou']:+.3f} over {rep['records']} "
+                   f"records); use it as the eval config's frame and the server's --frame", err=True)
+
+
 def _model_files(items: list[str], what: str) -> dict[str, str]:
     """NAME=PATH pairs (repeatable options) as a dict; a bad item is a clear error."""
     out: dict[str, str] = {}

@@ -7,6 +7,7 @@ Unknown keys and values of the wrong type are errors that name the file and the 
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,7 +94,8 @@ class TrainConfig:
     max_length: int = 0  # tokens; longer samples are skipped and counted, never truncated (0 = no limit)
     min_pixels: int = 0  # 0 = the model folder's own pixel budget
     max_pixels: int = 0
-    frame: int = 512
+    frame: str = "auto"  # box frame: native (each image's processor grid, Qwen2.5-VL's own) | squareN | auto (the
+    #                      starting model's, as its lineage records it; native for a checkpoint that records none)
     dataloader_workers: int = 0  # processes decoding the images of the next batches (0 = the training process)
     bf16: bool = True       # bf16 on a CUDA GPU; on CPU training is always fp32
     gradient_checkpointing: bool = False
@@ -193,7 +195,8 @@ class EvalConfig:
     max_new_tokens: int = 160
     min_pixels: int = 0
     max_pixels: int = 0
-    frame: int = 512
+    frame: str = "auto"  # as the model was trained: auto (its lineage's, else native) | native | squareN
+    #                      (deepmedix eval frame-calibrate tells for a checkpoint that records none)
     bootstrap_rounds: int = 1000    # resamples for the 95 % intervals (0 = none)
     meteor: bool = True             # METEOR 1.5 (pycocoevalcap's jar; needs Java)
     chexpert_uncertain: str = "positive"  # uncertain CheXpert mentions: positive, negative or ignore
@@ -273,13 +276,21 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+FRAME_RE = re.compile(r"auto|native|square[1-9][0-9]*")
+
+
 def from_dict(cls: type, data: dict[str, Any], source: str = "<dict>") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {unknown} for {cls.__name__}; known: {sorted(names)}")
+    if isinstance(data.get("frame"), int) and not isinstance(data["frame"], bool):
+        data = {**data, "frame": f"square{data['frame']}"}  # the old setting: the side of the square
     kwargs = {k: _check_type(v, hints[k], f"{source}: key '{k}'") for k, v in data.items()}
+    if "frame" in kwargs and not FRAME_RE.fullmatch(kwargs["frame"].strip().lower()):
+        raise ConfigError(f"{source}: key 'frame': expected 'auto', 'native' or 'squareN' (e.g. square512), got "
+                          f"{kwargs['frame']!r}")
     return cls(**kwargs)
 
 

@@ -4,13 +4,13 @@ Grammar (the paper's)::
 
     <think> step 1 with [x1, y1, x2, y2]; step 2 ... </think> The answer is: \\boxed{answer}
 
-Boxes inside the reasoning live in the model's frame: a ``frame x frame`` square (512 for the paper's
-``min_pixels = max_pixels = 262144``). Records keep boxes in original pixels; :func:`to_frame` and
-:func:`from_frame` convert between the two.
+Boxes inside the reasoning live in the model's frame, one per image (:class:`Frame`). Records keep boxes in the
+stored image's pixels; a frame converts per axis between the two.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -26,7 +26,6 @@ INSTRUCTION = (
     "</think>. The answer is: \\boxed{answer}."
 )
 
-DEFAULT_FRAME = 512
 LIST_SEP = " | "
 
 _NUM = r"[-+]?\d+(?:\.\d+)?"
@@ -132,23 +131,113 @@ def join_list(items: list[str]) -> str:
 
 # ---------------------------------------------------------------- frames
 
-def to_frame(box: list[float], width: int, height: int, frame: int = DEFAULT_FRAME) -> list[float]:
-    """Original pixels -> model frame (``frame x frame``)."""
-    sx, sy = frame / width, frame / height
-    return [box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy]
+PAPER_PIXELS = 512 * 512  # the paper's min_pixels = max_pixels
 
 
-def from_frame(box: list[float], width: int, height: int, frame: int = DEFAULT_FRAME) -> list[float]:
-    """Model frame -> original pixels, clipped to the image."""
-    sx, sy = width / frame, height / frame
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """(height, width) of the grid Qwen2-VL's image processor resizes an image to: each side a multiple of
+    ``factor`` (patch x merge), the area brought into [min_pixels, max_pixels]. The same arithmetic as
+    ``transformers.models.qwen2_vl.image_processing_qwen2_vl.smart_resize`` (which vLLM also calls); a test holds
+    the two equal over many sizes, and against the grid the processor really produces."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"absolute aspect ratio must be smaller than 200, got "
+                         f"{max(height, width) / min(height, width)}")
+    h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar, w_bar = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def budget_size(width: int, height: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """The size EasyR1 hands the processor (``verl/utils/dataset.py`` ``process_image``): the image scaled,
+    aspect kept, down to ``max_pixels`` or up to ``min_pixels``, each side truncated to an integer."""
+    for bound, needs in ((max_pixels, width * height > max_pixels), (min_pixels, width * height < min_pixels)):
+        if needs:
+            s = math.sqrt(bound / (width * height))
+            width, height = int(width * s), int(height * s)
+    return max(width, 1), max(height, 1)
+
+
+def rescale(box: list[float], src: tuple[int, int], dst: tuple[int, int], clip: bool = True) -> list[float]:
+    """A box in pixels of a ``src`` (width, height) image -> pixels of ``dst``, per axis; ``clip`` keeps it inside."""
+    sx, sy = dst[0] / src[0], dst[1] / src[1]
     out = [box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy]
-    return [min(max(out[0], 0.0), width), min(max(out[1], 0.0), height),
-            min(max(out[2], 0.0), width), min(max(out[3], 0.0), height)]
+    if not clip:
+        return out
+    return [min(max(out[0], 0.0), dst[0]), min(max(out[1], 0.0), dst[1]),
+            min(max(out[2], 0.0), dst[0]), min(max(out[3], 0.0), dst[1])]
 
 
-def in_frame(box: list[float], frame: int = DEFAULT_FRAME) -> bool:
-    x1, y1, x2, y2 = box
-    return 0 <= x1 < x2 <= frame and 0 <= y1 < y2 <= frame
+@dataclass(frozen=True)
+class Frame:
+    """How an image becomes the model's input and in which pixels its boxes are written.
+
+    ``native`` (Qwen2.5-VL's own convention, the default): the image is scaled keeping its aspect ratio to the
+    pixel budget (as EasyR1 and LLaMA-Factory do), the processor rounds that to whole ``factor`` cells, and boxes
+    are absolute pixels of that grid — a different (width, height) per image. ``square``: the image is squashed
+    to ``side x side`` and boxes are pixels of that square whatever the processor makes of it (``square512``, the
+    convention this project used before; kept for checkpoints trained that way). Conversions are per axis."""
+
+    kind: str = "native"
+    side: int = 512
+    factor: int = 28
+    min_pixels: int = PAPER_PIXELS
+    max_pixels: int = PAPER_PIXELS
+
+    @classmethod
+    def parse(cls, spec, factor: int = 28, min_pixels: int = PAPER_PIXELS,
+              max_pixels: int = PAPER_PIXELS) -> "Frame":
+        """``native``, ``squareN`` (or a bare integer N, the old setting) for a processor of this patch x merge
+        ``factor`` and pixel budget."""
+        if isinstance(spec, Frame):
+            return cls(spec.kind, spec.side, factor, min_pixels, max_pixels)
+        text = str(spec).strip().lower()
+        if text == "native":
+            return cls("native", 512, factor, min_pixels, max_pixels)
+        digits = text[len("square"):] if text.startswith("square") else text
+        if digits.isdigit() and int(digits) > 0:
+            return cls("square", int(digits), factor, min_pixels, max_pixels)
+        raise ValueError(f"frame {spec!r}: expected 'native' or 'squareN' (e.g. 'square512')")
+
+    @property
+    def spec(self) -> str:
+        return "native" if self.kind == "native" else f"square{self.side}"
+
+    def input_size(self, width: int, height: int) -> tuple[int, int]:
+        """The (width, height) the image is resized to before the processor sees it."""
+        if self.kind == "square":
+            return self.side, self.side
+        return budget_size(width, height, self.min_pixels, self.max_pixels)
+
+    def size(self, width: int, height: int) -> tuple[int, int]:
+        """The (width, height) boxes are written in, for an image stored at ``width x height``."""
+        if self.kind == "square":
+            return self.side, self.side
+        w, h = self.input_size(width, height)
+        fh, fw = smart_resize(h, w, self.factor, self.min_pixels, self.max_pixels)
+        return fw, fh
+
+    def to_frame(self, box: list[float], width: int, height: int) -> list[float]:
+        """Stored-image pixels -> model frame."""
+        return rescale(box, (width, height), self.size(width, height), clip=False)
+
+    def from_frame(self, box: list[float], width: int, height: int) -> list[float]:
+        """Model frame -> stored-image pixels, clipped to the image."""
+        return rescale(box, self.size(width, height), (width, height))
+
+    def contains(self, box: list[float], width: int, height: int) -> bool:
+        """``box`` is a proper box (x1 < x2, y1 < y2) inside this image's frame."""
+        fw, fh = self.size(width, height)
+        x1, y1, x2, y2 = box
+        return 0 <= x1 < x2 <= fw and 0 <= y1 < y2 <= fh
+
+
+DEFAULT_FRAME = Frame()
 
 
 # ---------------------------------------------------------------- IoU and matching
@@ -182,10 +271,10 @@ def mean_matched_iou(pred: list[list[float]], ref: list[list[float]]) -> float:
 
 # ---------------------------------------------------------------- a raw output, read
 
-def grounding_object(raw: str, width: int, height: int, frame: int = DEFAULT_FRAME) -> dict:
+def grounding_object(raw: str, width: int, height: int, frame: Frame = DEFAULT_FRAME) -> dict:
     """The grounded reading of one raw output: steps with boxes in original pixels, the answer."""
     parsed = parse(raw)
-    steps = [{"text": s.text, "boxes": [from_frame(b, width, height, frame) for b in s.boxes]}
+    steps = [{"text": s.text, "boxes": [frame.from_frame(b, width, height) for b in s.boxes]}
              for s in parsed.steps]
     return {
         "answer": parsed.answer,

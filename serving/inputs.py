@@ -18,7 +18,7 @@ import numpy as np
 from kserve.errors import InvalidInput
 from PIL import Image, ImageOps
 
-from deepmedix.grounding import DEFAULT_FRAME, INSTRUCTION
+from deepmedix.grounding import DEFAULT_FRAME, INSTRUCTION, Frame
 
 PIL_FORMATS = ("PNG", "JPEG")
 _HIGH_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
@@ -33,7 +33,7 @@ class Limits:
     max_new_tokens_limit: int = 2048  # the most a request may ask for
     max_instances: int = 16  # queries in one v1/v2 request
     max_text_chars: int = 20_000
-    frame: int = DEFAULT_FRAME  # the model's input square; images are reduced to it when a request is parsed
+    frame: Frame = DEFAULT_FRAME  # the model's box frame; images are resized by it when a request is parsed
 
 
 OVERLAY_MAX_SIDE = 2048  # overlays are drawn on the image scaled to at most this long side
@@ -42,9 +42,10 @@ OVERLAY_MAX_SIDE = 2048  # overlays are drawn on the image scaled to at most thi
 @dataclass
 class Query:
     """One question about one image, checked and decoded; what the batcher turns into one generate row.
-    Only the model's view of the image is kept (the ``frame x frame`` square, under 1 MB) plus the original size;
+    Only the model's view of the image is kept (sized by the frame: the pixel budget, under 1 MB) plus the original
+    size;
     the original pixels are kept (scaled to at most ``OVERLAY_MAX_SIDE``) only when an overlay is asked for."""
-    image: Image.Image  # RGB, the model's frame x frame input
+    image: Image.Image  # RGB, the model's input (Frame.input_size)
     size: tuple[int, int]  # the original image's (width, height): grounding boxes are mapped back to it
     question: str
     max_new_tokens: int
@@ -141,7 +142,7 @@ def decode_image(data, where: str, limits: Limits) -> Image.Image:
 
 def make_query(img: Image.Image, question: str, limits: Limits, max_new_tokens: int, temperature: float = 0.0,
                top_p: float = 1.0, overlay: bool = False) -> Query:
-    """The model's view of ``img`` (:func:`deepmedix.data.records.open_image`: the frame square) and its size."""
+    """The model's view of ``img`` (:func:`deepmedix.data.records.open_image`, sized by the frame) and its size."""
     from deepmedix.data.records import open_image
 
     original = None

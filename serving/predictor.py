@@ -4,8 +4,9 @@ Every query of a request is checked and decoded first (:mod:`serving.inputs`; a 
 with HTTP 400 naming the field). Then the queries join the dynamic batcher (:mod:`serving.batcher`), which runs
 concurrent requests' queries through one :func:`deepmedix.model.generate.generate_batch`. Each answer is the raw
 text plus a ``grounding`` object whose boxes are in the ORIGINAL image's pixels
-(:func:`deepmedix.grounding.from_frame` undoes the model's ``frame x frame`` square), and on request an overlay
-PNG with the boxes drawn.
+(:meth:`deepmedix.grounding.Frame.from_frame` undoes the model's frame: ``--frame auto``, the one the model folder
+was trained in; ``native``, the processor's grid of each image; or ``squareN``), and on request an overlay PNG with
+the boxes drawn.
 
 v1 ``POST /v1/models/<name>:predict``::
 
@@ -39,13 +40,17 @@ from serving.inputs import Limits, Query, parse_v1, parse_v2
 
 
 class DeepMedixModel(kserve.Model):
-    def __init__(self, name: str, model_uri: str, limits: Limits | None = None, frame: int = grounding.DEFAULT_FRAME,
+    def __init__(self, name: str, model_uri: str, limits: Limits | None = None, frame: str = "auto",
                  max_batch_size: int = 8, max_wait_ms: float = 20.0, max_queue: int = 64,
                  request_timeout_s: float = 120.0):
         super().__init__(name)
         self.model_uri = str(model_uri)
-        self.limits = limits or Limits(frame=frame)
-        self.frame = self.limits.frame = int(frame)
+        self.limits = limits or Limits()
+        # the spec until the model is loaded; then the Frame of its processor (load). ``auto``: the frame the model
+        # folder was trained in (its lineage.json), native for a folder that records none
+        auto = str(frame).strip().lower() == "auto"
+        self.frame_spec = "auto" if auto else grounding.Frame.parse(frame).spec
+        self.frame = self.limits.frame = grounding.Frame.parse("native" if auto else frame)
         # Our own pixel limit is checked from the header; Pillow's must not fire first with a vaguer message.
         Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, self.limits.max_pixels)
         self.loaded: Loaded | None = None
@@ -54,6 +59,7 @@ class DeepMedixModel(kserve.Model):
 
     def load(self) -> bool:
         self.loaded = load(self.model_uri)
+        self.frame = self.limits.frame = self.loaded.frame(self.frame_spec)  # requests are sized by it from now on
         self.ready = True
         return self.ready
 
@@ -72,7 +78,7 @@ class DeepMedixModel(kserve.Model):
         gens = generate_batch(
             self.loaded, [[j.query.image] for j in jobs], [j.query.question for j in jobs],
             [j.query.max_new_tokens for j in jobs], do_sample=q0.temperature > 0, temperature=q0.temperature or 1.0,
-            top_p=q0.top_p, frame=self.frame, systems=[j.query.system for j in jobs], on_token=on_token,
+            top_p=q0.top_p, frame=None, systems=[j.query.system for j in jobs], on_token=on_token,
             on_done=lambda k, g: jobs[k].deliver(g), stop_row=lambda k: jobs[k].dead.is_set())
         prometheus.GENERATED_TOKENS.inc(sum(g.completion_tokens for g in gens))
         prometheus.PROMPT_TOKENS.inc(sum(g.prompt_tokens for g in gens))

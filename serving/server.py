@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 from deepmedix.errors import DeepMedixError
+from deepmedix.grounding import PAPER_PIXELS, Frame
 
 
 def _import_kserve_with_bare_argv() -> None:
@@ -208,7 +209,7 @@ def install(mount, name: str, limits: Limits, token: str | None, max_body_bytes:
 
 
 def serve(model_uri: str, name: str = "deepmedix", host: str = "127.0.0.1", port: int = 8080,
-          grpc_port: int = 0, frame: int = 512, limits: Limits | None = None, max_batch_size: int = 8,
+          grpc_port: int = 0, frame: str = "auto", limits: Limits | None = None, max_batch_size: int = 8,
           max_wait_ms: float = 20.0, max_queue: int = 64, request_timeout_s: float = 120.0,
           token: str | None = None, max_body_bytes: int = 64 << 20) -> None:
     """Load the model and serve it until SIGINT/SIGTERM. ``grpc_port=0`` disables gRPC."""
@@ -229,7 +230,11 @@ def serve(model_uri: str, name: str = "deepmedix", host: str = "127.0.0.1", port
 def add_limit_args(p: argparse.ArgumentParser) -> None:
     """The request limits and access options the predictor and the transformer share."""
     d = Limits()
-    p.add_argument("--frame", type=int, default=d.frame, help="the model's box frame (frame x frame square)")
+    p.add_argument("--frame", default="auto",
+                   help="the box frame: auto (the one the model folder was trained in, as its lineage.json says; "
+                        "native if it says none, and always native in the transformer), native (Qwen2.5-VL's: "
+                        "pixels of the processor's grid for each image) or squareN, e.g. square512 (the image "
+                        "squashed to N x N and boxes in that square)")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="default budget per query")
     p.add_argument("--max-new-tokens-limit", type=int, default=d.max_new_tokens_limit, help="most a query may ask")
     p.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes)
@@ -240,10 +245,21 @@ def add_limit_args(p: argparse.ArgumentParser) -> None:
                    help="require 'Authorization: Bearer <token>' (token read from this file; or DEEPMEDIX_API_TOKEN)")
 
 
+def frame_from_args(a: argparse.Namespace) -> Frame:
+    """``--frame`` for a processor of ``--frame-factor`` and ``--frame-min-pixels``/``--frame-max-pixels`` (the
+    transformer's: the predictor's processor is not here to ask; the predictor binds it to its own on load)."""
+    spec = "native" if str(a.frame).strip().lower() == "auto" else a.frame
+    try:
+        return Frame.parse(spec, getattr(a, "frame_factor", 28), getattr(a, "frame_min_pixels", PAPER_PIXELS),
+                           getattr(a, "frame_max_pixels", PAPER_PIXELS))
+    except ValueError as exc:
+        raise SystemExit(f"--frame: {exc}") from None
+
+
 def limits_from_args(a: argparse.Namespace) -> Limits:
     return Limits(max_image_bytes=a.max_image_bytes, max_pixels=a.max_pixels, max_new_tokens=a.max_new_tokens,
                   max_new_tokens_limit=max(a.max_new_tokens_limit, a.max_new_tokens), max_instances=a.max_instances,
-                  frame=a.frame)
+                  frame=frame_from_args(a))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -260,6 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--request-timeout-s", type=float, default=120.0, help="past it: 503 + Retry-After")
     add_limit_args(p)
     a = p.parse_args(argv)
+    frame_from_args(a)  # a bad --frame stops here
     serve(a.model, name=a.name, host=a.host, port=a.port, grpc_port=a.grpc_port, frame=a.frame,
           limits=limits_from_args(a), max_batch_size=a.max_batch_size, max_wait_ms=a.max_wait_ms,
           max_queue=a.max_queue, request_timeout_s=a.request_timeout_s, token=read_token(a.api_token_file),

@@ -7,9 +7,10 @@ KServe starts a transformer container with ``--model_name``, ``--predictor_host`
 those (and other KServe transformer flags) are accepted. For each query it
 
 1. checks the request as the predictor does (:mod:`serving.inputs`: limits, PNG/JPEG/DICOM, clear 400s);
-2. squares the image to the model's ``frame x frame`` input (as training did: :func:`deepmedix.model.load.
-   open_image`) and re-encodes it as PNG, and puts the grounded-reasoning instruction after the question — the
-   same prompt the HF backend builds, so the model's boxes are in the frame;
+2. resizes the image as training did (:func:`deepmedix.data.records.open_image` with the ``--frame``: for
+   ``native``, aspect kept to the predictor's pixel budget, ``--frame-min-pixels``/``--frame-max-pixels``) and
+   re-encodes it as PNG, and puts the grounded-reasoning instruction after the question — the same prompt the HF
+   backend builds, so the model's boxes are in the frame;
 3. calls the predictor's ``/openai/v1/chat/completions`` and maps the boxes of its answer back to the ORIGINAL
    image's pixels, adding the ``grounding`` object (and on request an overlay PNG).
 
@@ -35,7 +36,7 @@ from kserve.errors import InvalidInput  # noqa: E402
 from kserve.logging import logger as log  # noqa: E402
 
 from deepmedix import grounding  # noqa: E402
-from deepmedix.grounding import grounding_object  # noqa: E402
+from deepmedix.grounding import PAPER_PIXELS, grounding_object  # noqa: E402
 from deepmedix.viz import overlay_png  # noqa: E402
 from serving import prometheus  # noqa: E402
 from serving.batcher import Overloaded, Unavailable  # noqa: E402
@@ -45,7 +46,8 @@ from serving.openai_api import mount_openai  # noqa: E402
 
 class GroundingTransformer(kserve.Model):
     def __init__(self, name: str, predictor_host: str, limits: Limits | None = None,
-                 frame: int = grounding.DEFAULT_FRAME, predictor_model: str | None = None, use_ssl: bool = False,
+                 frame: grounding.Frame = grounding.DEFAULT_FRAME, predictor_model: str | None = None,
+                 use_ssl: bool = False,
                  timeout_s: float = 300.0, max_concurrency: int = 64, max_queue: int = 256,
                  predictor_token: str | None = None):
         super().__init__(name)
@@ -54,7 +56,7 @@ class GroundingTransformer(kserve.Model):
             host = f"{'https' if use_ssl else 'http'}://{host}"
         self.base = f"{host}/openai/v1"
         self.limits = limits or Limits(frame=frame)
-        self.frame = self.limits.frame = int(frame)
+        self.frame = self.limits.frame = frame
         self.predictor_model = predictor_model or name
         self.timeout_s = float(timeout_s)
         self._client: httpx.AsyncClient | None = None
@@ -74,9 +76,9 @@ class GroundingTransformer(kserve.Model):
         return self._client
 
     def upstream_request(self, q: Query) -> dict:
-        """The chat request the predictor sees: the image squared to the frame, the instruction added."""
+        """The chat request the predictor sees: the image sized by the frame, the instruction added."""
         buf = io.BytesIO()
-        q.image.save(buf, format="PNG")  # already the frame square (serving.inputs.make_query)
+        q.image.save(buf, format="PNG")  # already sized by the frame (serving.inputs.make_query)
         url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
         body = {"model": self.predictor_model, "max_tokens": q.max_new_tokens, "temperature": q.temperature,
                 "top_p": q.top_p, "stream": False,
@@ -164,11 +166,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-concurrency", type=int, default=64, help="calls in flight to the predictor")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a call; past it: 429")
     _server.add_limit_args(p)
+    p.add_argument("--frame-min-pixels", type=int, default=PAPER_PIXELS,
+                   help="the predictor's processor pixel budget (min_pixels of its preprocessor_config.json)")
+    p.add_argument("--frame-max-pixels", type=int, default=PAPER_PIXELS, help="... and its max_pixels")
+    p.add_argument("--frame-factor", type=int, default=28, help="the predictor's patch size x merge size")
     a, unknown = p.parse_known_args(argv)
     if unknown:
         log.info("deepmedix transformer: ignoring KServe flags %s", unknown)
     limits = _server.limits_from_args(a)
-    model = GroundingTransformer(a.name, a.predictor_host, limits, a.frame, a.predictor_model,
+    model = GroundingTransformer(a.name, a.predictor_host, limits, limits.frame, a.predictor_model,
                                  use_ssl=str(a.use_ssl).lower() in ("1", "true", "yes"), timeout_s=a.request_timeout_s,
                                  max_concurrency=a.max_concurrency, max_queue=a.max_queue,
                                  predictor_token=_server.read_token_file(a.predictor_token_file))

@@ -1,5 +1,5 @@
-"""The record as the model sees it: which records a stage takes (tasks, ratios, a cap), its images squared to the
-model frame, its reference boxes in that frame, and the stage-1 target."""
+"""The record as the model sees it: which records a stage takes (tasks, ratios, a cap), its images sized for the
+model (:class:`~deepmedix.grounding.Frame`), its reference boxes in that frame, and the stage-1 target."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from PIL import Image
 from deepmedix import store
 from deepmedix.data.schema import Record, RecordError, load_records, read_shard, shard_paths
 from deepmedix.errors import InputError
-from deepmedix.grounding import DEFAULT_FRAME, box_str, to_frame
+from deepmedix.grounding import BOX_RE, Frame, box_str
 
 
 def select(records: list[Record], tasks: list[str], ratios: dict[str, float] | None = None, max_records: int = 0,
@@ -66,18 +66,21 @@ def iter_records(root: Path, split: str, ids: Iterable[str]) -> Iterator[Record]
         yield from (r for r in read_shard(path) if r.record_id in want)
 
 
-def open_image(path_or_image, frame: int | None = None) -> Image.Image:
-    """An RGB image; with ``frame``, resized to the model's ``frame x frame`` square. Boxes in the output grammar
-    live in that square, so every image the model sees — in training, evaluation and serving — goes through
-    here, and :func:`deepmedix.grounding.from_frame` maps its boxes back to the original pixels per axis."""
+def open_image(path_or_image, frame: Frame | None = None) -> Image.Image:
+    """An RGB image; with ``frame``, resized to the size the frame hands the processor (:meth:`Frame.input_size`:
+    the pixel budget with the aspect ratio kept, or the square). Every image the model sees — in training,
+    evaluation and serving — goes through here, so its boxes are in ``frame`` and :meth:`Frame.from_frame` maps
+    them back to the original pixels per axis."""
     if isinstance(path_or_image, Image.Image):
         img = path_or_image
     else:
         img = Image.open(path_or_image)
         img.load()
     img = img.convert("RGB")
-    if frame and img.size != (frame, frame):
-        img = img.resize((frame, frame), Image.Resampling.BICUBIC)
+    if frame is not None:
+        size = frame.input_size(*img.size)
+        if img.size != size:
+            img = img.resize(size, Image.Resampling.BICUBIC)
     return img
 
 
@@ -87,7 +90,7 @@ def image_file(root: Path, uri: str) -> str:
     return uri if store.is_s3(uri) or Path(uri).is_absolute() else str(root / uri)
 
 
-def load_image(where: str, frame: int | None, record_id: str = "", uri: str = "") -> Image.Image:
+def load_image(where: str, frame: Frame | None, record_id: str = "", uri: str = "") -> Image.Image:
     """One image as the model sees it (see :func:`open_image`), from a path or an ``s3://`` URI; a file that cannot
     be read is an InputError naming the record and the image."""
     p = store.fetch_file(where) if store.is_s3(where) else Path(where)
@@ -98,18 +101,31 @@ def load_image(where: str, frame: int | None, record_id: str = "", uri: str = ""
         raise InputError(f"record {record_id}: image {uri or where} cannot be read ({exc})") from exc
 
 
-def record_images(root: Path, rec: Record, frame: int | None = DEFAULT_FRAME) -> list[Image.Image]:
-    """The record's images as the model sees them (RGB, resized to the frame square; ``frame=None`` leaves the
-    size to :func:`deepmedix.model.generate.generate`, which squares them itself)."""
+def record_images(root: Path, rec: Record, frame: Frame | None = None) -> list[Image.Image]:
+    """The record's images as the model sees them (RGB, sized by ``frame``; ``frame=None`` leaves the size to
+    :func:`deepmedix.model.generate.generate`, which sizes them itself)."""
     return [load_image(image_file(root, uri), frame, rec.record_id, uri) for uri in rec.images]
 
 
-def frame_boxes(rec: Record, frame: int) -> list[list[float]]:
+def frame_boxes(rec: Record, frame: Frame) -> list[list[float]]:
+    """The record's reference boxes (on its first image) in that image's model frame."""
     w, h = rec.image_sizes[0]
-    return [to_frame(b.box, w, h, frame) for b in rec.boxes]
+    return [frame.to_frame(b.box, w, h) for b in rec.boxes]
 
 
-def plain_target(rec: Record, frame: int) -> str:
+def frame_size(rec: Record, frame: Frame) -> tuple[int, int]:
+    """(width, height) of the model frame of the record's first image, the image its boxes are on."""
+    return frame.size(*rec.image_sizes[0])
+
+
+def trace_in_frame(trace: str, rec: Record, frame: Frame) -> str:
+    """A cold-start trace (boxes in the pixels of the record's first image) with every box moved to that image's
+    model frame, per axis; the rest of the text is left as it is."""
+    w, h = rec.image_sizes[0]
+    return BOX_RE.sub(lambda m: box_str(frame.to_frame([float(v) for v in m.groups()], w, h)), trace)
+
+
+def plain_target(rec: Record, frame: Frame) -> str:
     """Stage 1 target: the reference answer; grounding answers carry their boxes in the model frame."""
     if rec.task == "grounding":
         return f"{rec.answer} " + ", ".join(box_str(b) for b in frame_boxes(rec, frame))

@@ -1,7 +1,9 @@
 """Evaluation: generate on a split (batched, resumable, with progress), write the prediction file, then score it.
 
 Prediction file (JSONL, one line per record): record_id, task, question_type, source, prompt, raw_output,
-answer (parsed), boxes (parsed, model frame), format_ok, reference, ref_boxes_frame, ref_labels.
+answer (parsed), boxes (parsed, model frame), format_ok, reference, ref_boxes_frame, ref_labels, and the frame:
+frame (``native`` | ``squareN``), frame_size (the model frame's [width, height] of the record's first image) and
+image_size (that image's stored [width, height]); boxes map back to the image per axis by their ratio.
 
 Outputs: ``predictions.jsonl``; ``metrics.json`` with the flat headline scores and, under ``subsets``, every metric
 per subset (task x source, VQA by question type, grounding by label) with bootstrap 95 % intervals
@@ -17,7 +19,7 @@ from typing import Any, Callable
 
 from deepmedix import store
 from deepmedix.config import EvalConfig
-from deepmedix.data.records import frame_boxes, load_split, record_images
+from deepmedix.data.records import frame_boxes, frame_size, load_split, record_images
 from deepmedix.errors import InputError
 from deepmedix.grounding import parse
 from deepmedix.model.generate import batched
@@ -59,16 +61,19 @@ def predict(cfg: EvalConfig, data_uri: str, model_uri: str, pred_path: Path,
     todo = [r for r in records if r.record_id not in done]
     if todo:
         loaded = load(model_uri, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+        frame = loaded.frame(cfg.frame)
         with pred_path.open("a") as f:
             for chunk in batched(todo, cfg.batch_size):
                 outs = generate(loaded, [record_images(root, r, None) for r in chunk], [r.prompt for r in chunk],
-                                max_new_tokens=cfg.max_new_tokens, frame=cfg.frame)
+                                max_new_tokens=cfg.max_new_tokens, frame=frame)
                 for rec, raw in zip(chunk, outs):
                     p = parse(raw)
                     row = {"record_id": rec.record_id, "task": rec.task, "question_type": rec.question_type,
                            "source": rec.source, "prompt": rec.prompt, "raw_output": raw, "answer": p.answer,
                            "boxes": p.boxes, "format_ok": p.format_ok, "reference": rec.answer,
-                           "ref_boxes_frame": frame_boxes(rec, cfg.frame), "ref_labels": [b.label for b in rec.boxes]}
+                           "ref_boxes_frame": frame_boxes(rec, frame), "ref_labels": [b.label for b in rec.boxes],
+                           "frame": frame.spec, "frame_size": list(frame_size(rec, frame)),
+                           "image_size": list(rec.image_sizes[0])}
                     f.write(json.dumps(row) + "\n")
                     done[rec.record_id] = row
                 f.flush()

@@ -13,7 +13,7 @@ from PIL import Image
 
 from deepmedix.data.records import open_image, record_images
 from deepmedix.data.schema import Record
-from deepmedix.grounding import DEFAULT_FRAME, user_message
+from deepmedix.grounding import Frame, user_message
 from deepmedix.model.load import Loaded
 
 
@@ -101,7 +101,7 @@ class _Rows:
 @torch.no_grad()
 def generate_batch(loaded: Loaded, images: list[list[Image.Image]], questions: list[str],
                    max_new_tokens: int | list[int] = 256, do_sample: bool = False, temperature: float = 1.0,
-                   top_p: float = 1.0, frame: int = DEFAULT_FRAME, systems: list[str | None] | None = None,
+                   top_p: float = 1.0, frame: Frame | str | None = "native", systems: list[str | None] | None = None,
                    on_token=None, on_done=None, stop_row=None) -> list[Generation]:
     """One batched ``generate`` over several queries (each one or more images and a task text; the instruction
     is added). ``max_new_tokens`` may be one budget per query: each row stops at its own budget (the batch runs
@@ -114,7 +114,10 @@ def generate_batch(loaded: Loaded, images: list[list[Image.Image]], questions: l
     budgets = [int(max_new_tokens)] * len(questions) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     proc = loaded.processor
     texts = chat_prompts(proc, questions, [len(i) for i in images], systems)
-    flat = [open_image(im, frame) for ims in images for im in ims]
+    # bound to this processor's patch size and pixel budget; None: the images are sized already (serving sizes a
+    # request's image once, when it is parsed — EasyR1's resize is not idempotent, so it must run exactly once)
+    fr = loaded.frame(frame) if frame is not None else None
+    flat = [open_image(im, fr) for ims in images for im in ims]
     inputs = proc(text=texts, images=flat or None, padding=True, padding_side="left", return_tensors="pt")
     inputs = inputs.to(loaded.device)
     kwargs = {"do_sample": do_sample}
@@ -130,7 +133,7 @@ def generate_batch(loaded: Loaded, images: list[list[Image.Image]], questions: l
 
 
 def generate(loaded: Loaded, images: list[list[Image.Image]], questions: list[str], max_new_tokens: int = 256,
-             do_sample: bool = False, temperature: float = 1.0, frame: int = DEFAULT_FRAME) -> list[str]:
+             do_sample: bool = False, temperature: float = 1.0, frame: Frame | str = "native") -> list[str]:
     """One batched ``generate``: each query is one or more images and a task text (the instruction is added)."""
     return [g.text for g in generate_batch(loaded, images, questions, max_new_tokens, do_sample=do_sample,
                                            temperature=temperature, frame=frame)]
@@ -142,7 +145,7 @@ def batched(items: list, n: int):
 
 
 def generate_on(loaded, root: Path, records: list[Record], max_new_tokens: int, batch_size: int = 8,
-                progress: Callable[[int, int], None] | None = None, frame: int = DEFAULT_FRAME) -> list[str]:
+                progress: Callable[[int, int], None] | None = None, frame: Frame | str = "native") -> list[str]:
     """Greedy generation with the reasoning prompt for each record; returns raw outputs in order."""
     outs: list[str] = []
     for chunk in batched(records, batch_size):

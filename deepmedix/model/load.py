@@ -11,7 +11,7 @@ import torch
 
 from deepmedix import store
 from deepmedix.errors import ModelLoadError
-from deepmedix.model.processor import load_processor
+from deepmedix.model.processor import load_processor, processor_frame
 
 
 @dataclass
@@ -23,6 +23,11 @@ class Loaded:
     @property
     def device(self):
         return next(self.model.parameters()).device
+
+    def frame(self, spec="auto"):
+        """The box frame ``spec`` (``native`` | ``squareN`` | ``auto``: the one this folder was trained in, else
+        native) means for this model's processor."""
+        return processor_frame(self.processor.image_processor, spec, self.path)
 
 
 def check_model_folder(path: Path) -> None:

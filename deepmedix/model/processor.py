@@ -18,6 +18,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from transformers.processing_utils import ProcessorMixin
 
 from deepmedix.errors import MissingInputError
+from deepmedix.grounding import PAPER_PIXELS, Frame
 
 # A Qwen2.5-VL chat template (system default, image/video placeholders, text parts), in the same shape as the
 # template the released checkpoints carry.
@@ -139,3 +140,53 @@ def load_processor(folder: str | Path, min_pixels: int | None = None, max_pixels
     return ImageOnlyQwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                         chat_template=template or getattr(tokenizer, "chat_template", None)
                                         or CHAT_TEMPLATE)
+
+
+def _budget(size, fallback: dict) -> tuple[int, int]:
+    get = (lambda k: size.get(k)) if isinstance(size, dict) else (lambda k: getattr(size, k, None))
+    lo = get("shortest_edge") or get("min_pixels") or fallback.get("min_pixels") or PAPER_PIXELS
+    hi = get("longest_edge") or get("max_pixels") or fallback.get("max_pixels") or PAPER_PIXELS
+    return int(lo), int(hi)
+
+
+def recorded_frame(folder: str | Path | None) -> str:
+    """The frame a model folder was trained in, as its ``lineage.json`` records it (the training config's
+    ``frame``; an old integer N is ``squareN``); ``native`` for a folder that records none (a released checkpoint,
+    a freshly built model)."""
+    lineage = Path(folder) / "lineage.json" if folder else None
+    try:
+        spec = json.loads(lineage.read_text()).get("config", {}).get("frame") if lineage else None
+    except (OSError, ValueError, AttributeError):
+        spec = None
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        spec = f"square{spec}"
+    try:
+        return Frame.parse(spec).spec if spec and spec != "auto" else "native"
+    except ValueError:
+        return "native"
+
+
+def resolve_frame(spec, folder: str | Path | None) -> str:
+    """``spec`` with ``auto`` replaced by the frame ``folder`` records; a bad spec is a ValueError."""
+    if isinstance(spec, Frame):
+        return spec.spec
+    return recorded_frame(folder) if str(spec).strip().lower() == "auto" else Frame.parse(spec).spec
+
+
+def processor_frame(image_processor, spec="native", folder: str | Path | None = None) -> Frame:
+    """The :class:`~deepmedix.grounding.Frame` of ``spec`` for this image processor: its patch x merge factor and
+    its pixel budget (``size.shortest_edge`` / ``longest_edge``, the 5.x spelling of min/max pixels). ``auto`` is
+    the frame ``folder`` records (:func:`recorded_frame`)."""
+    spec = spec if isinstance(spec, Frame) else resolve_frame(spec, folder)
+    lo, hi = _budget(image_processor.size, vars(image_processor))
+    return Frame.parse(spec, int(image_processor.patch_size) * int(image_processor.merge_size), lo, hi)
+
+
+def folder_frame(folder: str | Path, spec="native", min_pixels: int = 0, max_pixels: int = 0) -> Frame:
+    """The frame a model folder's processor gives ``spec``, read from its processor files without loading it
+    (``min_pixels``/``max_pixels`` override the folder's budget as in :func:`load_processor`)."""
+    cfg = _image_processor_dict(Path(folder))
+    spec = spec if isinstance(spec, Frame) else resolve_frame(spec, folder)
+    lo, hi = _budget(cfg.get("size") or {}, cfg)
+    lo, hi = int(min_pixels or max_pixels or lo), int(max_pixels or min_pixels or hi)
+    return Frame.parse(spec, int(cfg.get("patch_size", 14)) * int(cfg.get("merge_size", 2)), lo, hi)

@@ -15,7 +15,7 @@ from PIL import Image
 
 from deepmedix import store
 from deepmedix.eval.predictions import read_predictions
-from deepmedix.grounding import DEFAULT_FRAME, from_frame, parse
+from deepmedix.grounding import parse, rescale
 from deepmedix.reader.db import ReaderError, connect, token_hash
 
 MIN_SIDE = 512  # small images are enlarged to this (long side) so that box labels stay readable
@@ -38,9 +38,19 @@ def png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def candidate_view(raw: str, img: Image.Image, disp: Image.Image, frame: int,
+def frame_of(row: dict, fallback: int) -> tuple[int, int]:
+    """The model frame's (width, height) a prediction's boxes are in: the row's ``frame_size`` (written by
+    evaluation), else the study's square ``fallback`` (prediction files from before per-image frames)."""
+    size = row.get("frame_size")
+    if isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size):
+        return size[0], size[1]
+    return fallback, fallback
+
+
+def candidate_view(raw: str, img: Image.Image, disp: Image.Image, frame_size: tuple[int, int],
                    tmp: Path) -> tuple[str | None, list[dict], bytes]:
-    """(answer, steps with boxes in original pixels and their colour index, overlay PNG) for one model output."""
+    """(answer, steps with boxes in original pixels and their colour index, overlay PNG) for one model output
+    whose boxes are in the model frame ``frame_size`` of ``img``."""
     from deepmedix.viz import COLORS, draw_overlay
 
     parsed = parse(raw)
@@ -48,9 +58,9 @@ def candidate_view(raw: str, img: Image.Image, disp: Image.Image, frame: int,
     for i, step in enumerate(parsed.steps, 1):
         shown = []
         for b in step.boxes:
-            shown.append({"box": [round(v) for v in from_frame(b, *img.size, frame)],
+            shown.append({"box": [round(v) for v in rescale(b, frame_size, img.size)],
                           "color": len(boxes) % len(COLORS)})
-            boxes.append(from_frame(b, *disp.size, frame))
+            boxes.append(rescale(b, frame_size, disp.size))
             labels.append(f"step {i}")
         steps.append({"text": step.text, "boxes": shown})
     out = draw_overlay(disp, boxes, labels, tmp / "overlay.png")
@@ -58,12 +68,14 @@ def candidate_view(raw: str, img: Image.Image, disp: Image.Image, frame: int,
 
 
 def create_study(db_path: str | os.PathLike, data_uri: str, predictions: dict[str, str], readers: list[str],
-                 n_cases: int, seed: int, *, frame: int = DEFAULT_FRAME, max_side: int = 1024) -> dict[str, str]:
+                 n_cases: int, seed: int, *, frame: int = 512, max_side: int = 1024) -> dict[str, str]:
     """Create the study file ``db_path`` (which must not exist yet) and return each reader's personal token.
 
     ``predictions`` maps a model name to its evaluation ``predictions.jsonl``; the cases are ``n_cases`` records
     (drawn with ``seed``) present in every model's file, shown with the first image of the record in ``data_uri``.
-    ``frame`` is the models' box frame; display images are scaled so their long side lies in [512, ``max_side``].
+    Each prediction's boxes are read in its own ``frame_size`` (evaluation writes it per record); ``frame`` is the
+    square side assumed for prediction files without one (older files: the 512 square); display images are scaled
+    so their long side lies in [512, ``max_side``].
     Each reader gets the cases, and the candidates within each case, in an order of their own, drawn from the
     system's secure random source (not from ``seed``, so nobody can recompute the blinding) and stored.
     Tokens are random and stored only as hashes: the returned dict is the only copy.
@@ -117,7 +129,8 @@ def create_study(db_path: str | os.PathLike, data_uri: str, predictions: dict[st
                     "INSERT INTO study_case (record_id, question, width, height, image) VALUES (?, ?, ?, ?, ?)",
                     (rid, rec.prompt, *img.size, png_bytes(disp))).lastrowid)
                 for m, rows in preds.items():
-                    answer, steps, overlay = candidate_view(rows[rid]["raw_output"], img, disp, frame, Path(tmp))
+                    answer, steps, overlay = candidate_view(rows[rid]["raw_output"], img, disp,
+                                                            frame_of(rows[rid], frame), Path(tmp))
                     conn.execute("INSERT INTO candidate VALUES (?, ?, ?, ?, ?)",
                                  (case_ids[-1], model_ids[m], answer, json.dumps(steps), overlay))
             rng = secrets.SystemRandom()  # the blinding: not derivable from the seed, the names or the code

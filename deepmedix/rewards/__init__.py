@@ -14,11 +14,11 @@ they are.
 from __future__ import annotations
 
 from deepmedix.data.schema import Record
-from deepmedix.grounding import DEFAULT_FRAME
+from deepmedix.grounding import DEFAULT_FRAME, Frame
 from deepmedix.rewards.spec import RewardSpec
 
 
-def score(name: str | RewardSpec, output: str, record: Record, frame: int = DEFAULT_FRAME) -> dict[str, float | None]:
+def score(name: str | RewardSpec, output: str, record: Record, frame: Frame = DEFAULT_FRAME) -> dict[str, float | None]:
     """Score ``output`` against ``record`` with the reward ``name`` (a component, a composite under
     ``configs/rewards/``, a YAML file or inline weights — see :meth:`RewardSpec.parse`) or a spec: every component
     and ``overall``."""

@@ -16,7 +16,7 @@ from deepmedix import store
 from deepmedix.data.records import frame_boxes
 from deepmedix.data.schema import Record
 from deepmedix.errors import InputError
-from deepmedix.grounding import DEFAULT_FRAME
+from deepmedix.grounding import DEFAULT_FRAME, Frame
 from deepmedix.rewards.clinical import clinical_components
 from deepmedix.rewards.grounded import grounded_components, ref_boxes
 from deepmedix.rewards.paper import paper_components
@@ -149,8 +149,9 @@ class RewardSpec:
         out["overall"] = total
         return out
 
-    def score_record(self, output: str, record: Record, frame: int = DEFAULT_FRAME) -> dict[str, float | None]:
-        """:meth:`score` against a curated record: its answer, its boxes in the model frame, its task."""
+    def score_record(self, output: str, record: Record, frame: Frame = DEFAULT_FRAME) -> dict[str, float | None]:
+        """:meth:`score` against a curated record: its answer, its boxes in ``frame`` (the frame the output's boxes
+        are in: the model's processor's, e.g. :meth:`deepmedix.model.load.Loaded.frame`), its task."""
         return self.score(output, record.answer, frame_boxes(record, frame), record.task)
 
 

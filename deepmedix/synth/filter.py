@@ -7,9 +7,8 @@ import re
 from typing import Any
 
 from deepmedix.config import ColdStartConfig
-from deepmedix.data.records import frame_boxes
 from deepmedix.data.schema import Record
-from deepmedix.grounding import in_frame, iou, parse
+from deepmedix.grounding import iou, parse
 from deepmedix.rewards.paper import ACC_SCALE, accuracy_score, answer_kind, boxed_answer, normalise
 
 _FULL = ACC_SCALE - 1e-9  # the reward's maximum accuracy, less float noise
@@ -30,15 +29,26 @@ def dedupe_key(trace: str, rec: Record) -> tuple:
     return tuple(rec.images), fold(rec.prompt), fold(trace)
 
 
-def keep_trace(trace: str, rec: Record, frame: int, *, iou_min: float = 0.1, answer_min: float = 0.9,
+def image_boxes(rec: Record) -> list[list[float]]:
+    """The record's reference boxes in the pixels of its first image: the frame cold-start traces are written in."""
+    return [list(b.box) for b in rec.boxes]
+
+
+def inside_image(box: list[float], rec: Record) -> bool:
+    w, h = rec.image_sizes[0]
+    x1, y1, x2, y2 = box
+    return 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h
+
+
+def keep_trace(trace: str, rec: Record, *, iou_min: float = 0.1, answer_min: float = 0.9,
                min_chars: int = 20, max_chars: int = 4000, seen: set | None = None) -> str | None:
     """The filter. Returns None when the trace is kept, else the reason it is dropped, checked in this order:
 
     ``grammar``            :func:`grounding.parse` finds no ``<think>...</think> ... \\boxed{...}``
     ``answer``             the boxed answer fails the reward's matcher (see :func:`answer_ok`)
-    ``box_outside_frame``  a cited box is not a box inside the ``frame x frame`` square (x1 < x2, y1 < y2)
+    ``box_outside_image``  a cited box is not a box inside the record's first image (its pixels, x1 < x2, y1 < y2)
     ``box_no_overlap``     the record has reference boxes, and the reasoning cites none, or cites one whose IoU
-                           with every reference box (model frame) is below ``iou_min``
+                           with every reference box is below ``iou_min``
     ``too_short``          the trace has fewer than ``min_chars`` characters (stripped)
     ``too_long``           the trace has more than ``max_chars`` characters
     ``duplicate``          a kept trace already had the same images, prompt and text (:func:`dedupe_key`);
@@ -49,9 +59,9 @@ def keep_trace(trace: str, rec: Record, frame: int, *, iou_min: float = 0.1, ans
         return "grammar"
     if not answer_ok(trace, rec.answer, answer_min):
         return "answer"
-    if any(not in_frame(b, frame) for b in parsed.boxes):
-        return "box_outside_frame"
-    refs = frame_boxes(rec, frame) if rec.boxes else []
+    if any(not inside_image(b, rec) for b in parsed.boxes):
+        return "box_outside_image"
+    refs = image_boxes(rec)
     if refs and (not parsed.boxes or any(max(iou(b, r) for r in refs) < iou_min for b in parsed.boxes)):
         return "box_no_overlap"
     n = len(trace.strip())

@@ -1,10 +1,11 @@
-"""The cold start's data: a teacher writes a grounded reasoning trace for each selected record (boxes in the model
-frame, ending in the reference answer); the kept traces are a dataset that SFT then trains on
-(:func:`deepmedix.train.coldstart.train_coldstart`).
+"""The cold start's data: a teacher writes a grounded reasoning trace for each selected record (boxes in the pixels
+of the record's first image, ending in the reference answer; cold-start SFT moves them to the model's frame); the
+kept traces are a dataset that SFT then trains on (:func:`deepmedix.train.coldstart.train_coldstart`).
 
 Teachers (``TEACHERS``, picked by ``teacher``): the offline ``template`` teacher builds the trace from the record's
 findings and reference boxes; the ``openai`` teacher asks an OpenAI-compatible chat API
-(:mod:`deepmedix.synth.teacher`). A teacher takes a list of records and returns, in order, one
+(:mod:`deepmedix.synth.teacher`), which is shown the image. A teacher takes a list of records and the dataset's
+root (where their images are) and returns, in order, one
 ``(trace or None, failure reason or None)`` per record.
 
 Every trace then goes through :func:`deepmedix.synth.filter.keep_trace`; the kept/dropped counts by reason (with a
@@ -22,19 +23,19 @@ from typing import Any, Callable
 
 from deepmedix import store
 from deepmedix.config import ColdStartConfig
-from deepmedix.data.records import frame_boxes, select
+from deepmedix.data.records import select
 from deepmedix.data.schema import Record, load_records, manifest, write_shard
 from deepmedix.errors import InputError
 from deepmedix.grounding import iou, parse
 from deepmedix.llm.client import redact_url
 from deepmedix.store import write_json
-from deepmedix.synth.filter import filter_kwargs, keep_trace
+from deepmedix.synth.filter import filter_kwargs, image_boxes, keep_trace
 from deepmedix.synth.teacher import OpenAITeacher
 from deepmedix.synth.template import Result, template_teacher
 
-# name -> factory(cfg) -> teacher(records) -> [(trace | None, reason | None)]. A factory raises InputError for a
+# name -> factory(cfg) -> teacher(records, root) -> [(trace | None, reason | None)]. A factory raises InputError for a
 # config it cannot run with (before any data is read).
-TEACHERS: dict[str, Callable[[ColdStartConfig], Callable[[list[Record]], list[Result]]]] = {
+TEACHERS: dict[str, Callable[[ColdStartConfig], Callable[[list[Record], Path], list[Result]]]] = {
     "template": template_teacher,
     "openai": OpenAITeacher,
 }
@@ -60,8 +61,8 @@ class _Traces:
     """The filter's running state over the teacher's answers: kept records, dropped counts by reason (with a few
     record ids each), the duplicate keys seen, how many records the teacher was asked about."""
 
-    def __init__(self, cfg: ColdStartConfig):
-        self.cfg, self.fkw = cfg, filter_kwargs(cfg)
+    def __init__(self, cfg: ColdStartConfig, root: Path):
+        self.cfg, self.fkw, self.root = cfg, filter_kwargs(cfg), root
         self.kept: list[Record] = []
         self.dropped: dict[str, int] = {}
         self.examples: dict[str, list[str]] = {}
@@ -70,13 +71,13 @@ class _Traces:
         self.citing = self.with_refs = 0  # kept traces that cite a box; kept traces on records with reference boxes
         self.overlaps: list[float] = []   # of the latter, those citing boxes: their boxes' mean best IoU
 
-    def ask(self, teacher: Callable[[list[Record]], list[Result]], records: list[Record], train_target: int = 0
+    def ask(self, teacher: Callable[[list[Record], Path], list[Result]], records: list[Record], train_target: int = 0
             ) -> bool:
         """Ask the teacher about ``records`` and filter its traces; with ``train_target``, stop keeping once that
         many train traces are kept and say so (True)."""
         if not records:
             return False
-        results = teacher(records)
+        results = teacher(records, self.root)
         self.asked += len(records)
         if len(results) != len(records):
             raise RuntimeError(f"cold start: teacher {self.cfg.teacher!r} returned {len(results)} results for "
@@ -84,7 +85,7 @@ class _Traces:
         for rec, (trace, error) in zip(records, results):
             if train_target and self.kept_train >= train_target:
                 return True
-            reason = error or (keep_trace(trace, rec, self.cfg.frame, seen=self.seen, **self.fkw)
+            reason = error or (keep_trace(trace, rec, seen=self.seen, **self.fkw)
                                if trace is not None else "teacher_error")
             if reason:
                 self.dropped[reason] = self.dropped.get(reason, 0) + 1
@@ -101,7 +102,7 @@ class _Traces:
     def _grounding(self, trace: str, rec: Record) -> None:
         boxes = parse(trace).boxes
         self.citing += bool(boxes)
-        refs = frame_boxes(rec, self.cfg.frame) if rec.boxes else []
+        refs = image_boxes(rec)
         self.with_refs += bool(refs)
         if boxes and refs:
             self.overlaps.append(sum(max(iou(b, r) for r in refs) for b in boxes) / len(boxes))
@@ -126,7 +127,7 @@ def synthesize(cfg: ColdStartConfig, data_uri: str, out_uri: str) -> dict[str, A
     train, val = (select(load_records(root, split), cfg.tasks, cfg.task_ratios,
                          cfg.max_records if split == "train" else cfg.eval_records, cfg.seed)
                   for split in ("train", "validate"))
-    traces = _Traces(cfg)
+    traces = _Traces(cfg, root)
     if not cfg.max_kept:  # every selected record, in one call
         traces.ask(teacher, train + val)
     else:  # a chunk at a time, until max_kept train traces passed the filter; then the validate records

@@ -1,9 +1,11 @@
 """The ``openai`` cold-start teacher: any OpenAI-compatible chat API, through :mod:`deepmedix.llm.client`.
 
-Following the GEMeX-ThinkVG recipe, the teacher never sees the image. It is given what a radiologist knew about
-the study — the report (or the list of findings), the labelled reference regions in the model's frame, the
-question and its reference answer — and writes the reasoning as if it were reading the film, citing regions as
-``[x1, y1, x2, y2]`` and ending in the reference answer, in the output grammar of :mod:`deepmedix.grounding`.
+The teacher is shown the study's images (as data URLs, the first one the image its boxes are on) together with
+what a radiologist knew about the study — the report (or the list of findings), the labelled reference regions in
+the first image's pixels, the question and its reference answer — and writes the reasoning while reading the film,
+citing regions as ``[x1, y1, x2, y2]`` in that image's pixels and ending in the reference answer, in the output
+grammar of :mod:`deepmedix.grounding`. A record without reference regions gets boxes only from the teacher's own
+reading of the image (the filter keeps them when they lie inside the image), never from a fixed template.
 
 Requests run on a thread pool (``teacher_concurrency``); each is retried on timeouts, connection errors, 429 and
 5xx with exponential backoff and jitter (``teacher_max_retries``); a record whose requests all fail comes back as
@@ -15,6 +17,7 @@ is never written anywhere.
 
 from __future__ import annotations
 
+import base64
 import os
 import threading
 import time
@@ -24,12 +27,11 @@ from typing import Callable
 
 from deepmedix import store
 from deepmedix.config import ColdStartConfig
-from deepmedix.data.records import frame_boxes
+from deepmedix.data.records import image_file
 from deepmedix.data.schema import Record
 from deepmedix.errors import InputError
 from deepmedix.grounding import box_str
 from deepmedix.llm.client import ChatClient, Endpoint, redact_url
-from deepmedix.synth.template import REGIONS, scaled
 
 # What a teacher returns for each record: the trace (None on failure) and the failure reason (None on success).
 Result = tuple[str | None, str | None]
@@ -40,15 +42,16 @@ SYSTEM_PROMPT = (
     "You are a senior radiologist who writes worked examples for teaching a vision-language model to read chest "
     "X-rays with grounded reasoning. For each case you receive what is known about one study: its report or list "
     "of findings, the labelled reference regions of the findings on the image, a question about the image and "
-    "the reference answer to it. You cannot see the image itself; write as if you were looking at it.\n"
+    "the reference answer to it, and the image itself (several views of the study in order; the first is the one "
+    "you point at).\n"
     "Rules:\n"
     "1. Reason step by step about the image, the way a radiologist scans a film, and arrive at the reference "
     "answer. Never mention the report, the reference regions, the reference answer or these instructions.\n"
-    "2. Point at image regions with boxes written as [x1, y1, x2, y2]: integer pixel coordinates in the "
-    "square frame given in the case, origin at the top-left corner, x to the right, y downwards, x1 < x2, "
-    "y1 < y2. When the case lists reference regions, cite each of them with its coordinates as given and cite no "
-    "region that does not overlap one of them. When it lists none, you may cite the coarse anatomical regions "
-    "offered in the case.\n"
+    "2. Point at regions of the first image with boxes written as [x1, y1, x2, y2]: integer pixel coordinates "
+    "of that image at the size given in the case, origin at the top-left corner, x to the right, y downwards, "
+    "x1 < x2, y1 < y2. When the case lists reference regions, cite each of them with its coordinates as given "
+    "and cite no region that does not overlap one of them. When it lists none, cite only what you can see and "
+    "locate on the image yourself, or no box at all.\n"
     "3. Separate the steps with semicolons; keep each step to one short sentence.\n"
     "4. Reply with exactly one line in this form and nothing else (no preamble, no markdown, no code fences):\n"
     "<think> step 1 with [x1, y1, x2, y2]; step 2 with [x1, y1, x2, y2]; ... </think> The answer is: "
@@ -69,25 +72,45 @@ def report_text(rec: Record) -> str:
     return "No abnormal findings."
 
 
-def build_messages(rec: Record, frame: int) -> list[dict[str, str]]:
-    """The system and user messages for one record (plain text: the teacher is not shown the image)."""
-    boxes = frame_boxes(rec, frame)
-    if boxes:
-        regions = "\n".join(f"- {b.label}: {box_str(fb)}" for b, fb in zip(rec.boxes, boxes))
+MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
+
+
+def image_url(root: Path, rec: Record, uri: str) -> str:
+    """One of the record's images as a ``data:`` URL (its stored bytes, PNG or JPEG), for a vision chat model."""
+    where = image_file(root, uri)
+    path = store.fetch_file(where) if store.is_s3(where) else Path(where)
+    suffix = Path(uri).suffix.lower()
+    if suffix not in MIME:
+        raise InputError(f"record {rec.record_id}: image {uri} is not PNG or JPEG; the teacher is sent PNG/JPEG")
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise InputError(f"record {rec.record_id}: image {uri} cannot be read ({exc})") from exc
+    return f"data:{MIME[suffix]};base64," + base64.b64encode(data).decode()
+
+
+def build_messages(rec: Record, root: Path) -> list[dict]:
+    """The system and user messages for one record: the case as text, then its images (data URLs)."""
+    w, h = rec.image_sizes[0]
+    if rec.boxes:
+        regions = "\n".join(f"- {b.label}: {box_str(b.box)}" for b in rec.boxes)
     else:
-        regions = ("- none. Coarse anatomical regions you may cite instead:\n"
-                   + "\n".join(f"  - {name}: {box_str(scaled(box, frame))}" for name, box in REGIONS.items()))
+        regions = "- none: cite only what you locate on the first image yourself, or no box"
     view = f" ({rec.view} view)" if rec.view else ""
-    user = (
-        f"### Image\nA chest X-ray{view}, shown to the model as a {frame}x{frame} frame (boxes refer to it).\n\n"
+    more = f" The study has {len(rec.images)} images, attached in order." if len(rec.images) > 1 else ""
+    text = (
+        f"### Image\nA chest X-ray{view}, attached below: {w}x{h} pixels (boxes refer to the first image at "
+        f"this size).{more}\n\n"
         f"### Report\n{report_text(rec)}\n\n"
-        f"### Reference regions (label: [x1, y1, x2, y2] in the {frame}x{frame} frame)\n{regions}\n\n"
+        f"### Reference regions (label: [x1, y1, x2, y2] in pixels of the first image)\n{regions}\n\n"
         f"### Question\n{rec.prompt.strip()}\n\n"
         f"### Reference answer\n{rec.answer.strip()}\n\n"
         "### Task\nWrite the grounded reasoning that leads from the image to the reference answer, in exactly "
         "the form <think> ... </think> The answer is: \\boxed{reference answer}"
     )
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+    content = [{"type": "text", "text": text}]
+    content += [{"type": "image_url", "image_url": {"url": image_url(root, rec, uri)}} for uri in rec.images]
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}]
 
 
 def clean_response(text: str) -> str:
@@ -150,7 +173,7 @@ class OpenAITeacher:
         with self._lock:
             self.own[key] += n
 
-    def _one(self, key: str, messages: list[dict[str, str]], record_id: str) -> Result:
+    def _one(self, key: str, messages: list[dict], record_id: str) -> Result:
         """One prompt: from the cache, else from the API (then cached)."""
         cfg = self.cfg
         cached = self.chat.cached(key)
@@ -177,13 +200,13 @@ class OpenAITeacher:
             if len(self.error_examples) < 5:
                 self.error_examples.append(line)
 
-    def __call__(self, records: list[Record]) -> list[Result]:
+    def __call__(self, records: list[Record], root: Path) -> list[Result]:
         """Records whose messages are identical share one request (and one cache entry)."""
         cfg = self.cfg
         by_key: dict[str, list[int]] = {}
-        messages: dict[str, list[dict[str, str]]] = {}
+        messages: dict[str, list[dict]] = {}
         for i, rec in enumerate(records):
-            msgs = build_messages(rec, cfg.frame)
+            msgs = build_messages(rec, root)
             key = self.chat.key(msgs)
             by_key.setdefault(key, []).append(i)
             messages[key] = msgs

@@ -8,15 +8,16 @@ from typing import Any, Iterable
 
 from deepmedix.data.records import image_file, load_image
 from deepmedix.data.schema import Record
-from deepmedix.grounding import DEFAULT_FRAME, user_message
+from deepmedix.grounding import Frame, user_message
 
 
-def sft_row(root: Path, rec: Record, target: str, reasoning: bool, frame: int = DEFAULT_FRAME) -> dict[str, Any]:
-    """One prompt-completion sample. Its images are named, not decoded (``image_files``): the trainer's dataset
-    decodes them when a batch is taken (:func:`lazy_image_dataset`)."""
+def sft_row(root: Path, rec: Record, target: str, reasoning: bool) -> dict[str, Any]:
+    """One prompt-completion sample. Its images are named, not decoded (``image_files``, with their stored
+    ``image_sizes``): the trainer's dataset decodes them when a batch is taken (:func:`lazy_image_dataset`)."""
     files = [image_file(root, uri) for uri in rec.images]
     return {
         "image_files": files,
+        "image_sizes": [list(s) for s in rec.image_sizes],
         "record_id": rec.record_id,
         "prompt": [user_message(rec.prompt, len(files), reasoning=reasoning)],
         "completion": [{"role": "assistant", "content": [{"type": "text", "text": target}]}],
@@ -24,21 +25,21 @@ def sft_row(root: Path, rec: Record, target: str, reasoning: bool, frame: int = 
 
 
 class LoadImages:
-    """A lazy dataset's transform: each row's ``image_files`` become its ``images`` (RGB, the ``frame`` square,
+    """A lazy dataset's transform: each row's ``image_files`` become its ``images`` (RGB, sized by ``frame``:
     :func:`deepmedix.data.records.load_image`), decoded when a batch is taken — in the DataLoader's worker
     processes when there are some. Picklable, so the workers get it."""
 
-    def __init__(self, frame: int):
+    def __init__(self, frame: Frame):
         self.frame = frame
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        out = {k: v for k, v in batch.items() if k not in ("image_files", "record_id")}
+        out = {k: v for k, v in batch.items() if k not in ("image_files", "image_sizes", "record_id")}
         out["images"] = [[load_image(f, self.frame, rid, Path(f).name) for f in files]
                          for files, rid in zip(batch["image_files"], batch["record_id"])]
         return out
 
 
-def lazy_image_dataset(rows: Iterable[dict[str, Any]], frame: int, path: Path | None = None,
+def lazy_image_dataset(rows: Iterable[dict[str, Any]], frame: Frame, path: Path | None = None,
                        order: list[str] | None = None):
     """A ``datasets.Dataset`` of the rows' text and image file names only, whose ``images`` are decoded per batch
     on access (``Dataset.with_transform``; TRL's SFTTrainer takes such a dataset for a VLM, where it skips its own

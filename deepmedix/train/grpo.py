@@ -25,8 +25,9 @@ from deepmedix import store
 from deepmedix.config import GRPOConfig
 from deepmedix.data.records import frame_boxes, image_file, load_split
 from deepmedix.errors import InputError
-from deepmedix.grounding import user_message
+from deepmedix.grounding import Frame, user_message
 from deepmedix.model.generate import generate_on
+from deepmedix.model.processor import resolve_frame
 from deepmedix.rewards.spec import RewardSpec
 from deepmedix.train import checkpoints as ck
 from deepmedix.train.common import freeze_vision, lazy_image_dataset
@@ -83,26 +84,29 @@ def trl_args(cfg: GRPOConfig, out: Path, weights: list[float], vllm: bool = Fals
 
 # ------------------------------------------------------------------------------------------ prompts
 
-def prompt_length(processor, row: dict[str, Any], frame: int) -> int:
+def prompt_length(processor, row: dict[str, Any], frame: Frame) -> int:
     """Tokens of one prompt as the trainer feeds it (chat template with the generation prompt, images expanded:
-    every image is resized to the ``frame`` square), without decoding an image."""
+    each image at its stored size as ``frame`` resizes it), without decoding an image."""
     from deepmedix.train.sft import image_tokens
 
     text = processor.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
     n_text = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
-    n_images = len(row["image_files"])
-    return n_text - n_images + n_images * image_tokens(processor.image_processor, frame, frame)
+    sizes = row["image_sizes"]
+    return n_text - len(sizes) + sum(image_tokens(processor.image_processor, *frame.input_size(w, h))
+                                     for w, h in sizes)
 
 
-def make_rows(root: Path, records: list, cfg: GRPOConfig, processor) -> tuple[list[dict[str, Any]], list[str]]:
+def make_rows(root: Path, records: list, cfg: GRPOConfig, processor, frame: Frame
+              ) -> tuple[list[dict[str, Any]], list[str]]:
     """The prompts (the record's images — named, decoded per batch by the dataset —, its answer, reference boxes
     and task for the rewards), and the ids of those skipped for being longer than ``max_prompt_length``."""
     rows, skipped = [], []
     for r in records:
         files = [image_file(root, uri) for uri in r.images]  # every view, as evaluation and serving see the record
-        row = {"prompt": [user_message(r.prompt, len(files))], "image_files": files, "record_id": r.record_id,
-               "answer": r.answer, "ref_boxes_frame": frame_boxes(r, cfg.frame), "task": r.task}
-        if cfg.max_prompt_length and prompt_length(processor, row, cfg.frame) > cfg.max_prompt_length:
+        row = {"prompt": [user_message(r.prompt, len(files))], "image_files": files,
+               "image_sizes": [list(s) for s in r.image_sizes], "record_id": r.record_id,
+               "answer": r.answer, "ref_boxes_frame": frame_boxes(r, frame), "task": r.task}
+        if cfg.max_prompt_length and prompt_length(processor, row, frame) > cfg.max_prompt_length:
             skipped.append(r.record_id)
             continue
         rows.append(row)
@@ -223,11 +227,13 @@ def write_curves(log_history: list[dict], spec: RewardSpec, path: Path, title: s
     plt.close(fig)
 
 
-def held_out(loaded, root: Path, records: list, spec: RewardSpec, max_new_tokens: int, frame: int) -> dict[str, Any]:
+def held_out(loaded, root: Path, records: list, spec: RewardSpec, max_new_tokens: int,
+             frame: Frame | str) -> dict[str, Any]:
     """Greedy answers on held-out records, scored: the mean of every component and of ``overall``."""
     if not records:
         return {"overall": float("nan")}
     loaded.model.eval()
+    frame = loaded.frame(frame)
     outs = generate_on(loaded, root, records, max_new_tokens, frame=frame)
     scores = [spec.score_record(o, r, frame) for o, r in zip(outs, records)]
     keys = {k for s in scores for k in s}
@@ -322,6 +328,8 @@ def train_grpo(cfg: GRPOConfig, data_uri: str, model_uri: str, out_uri: str, res
         raise InputError("grpo: lora is not supported for GRPO here; train the full model (optionally with "
                          "freeze_vision / freeze_merger)")
     ck.check(cfg)
+    # ``auto``: the starting model's recorded frame, resolved once (the run id and the lineage name it)
+    cfg = dataclasses.replace(cfg, frame=resolve_frame(cfg.frame, store.fetch(model_uri)))
     spec = RewardSpec.from_config(cfg)
     vllm = use_vllm(cfg)
     if cfg.deepspeed:
@@ -355,13 +363,14 @@ def train_grpo(cfg: GRPOConfig, data_uri: str, model_uri: str, out_uri: str, res
     loaded.model.config._name_or_path = str(store.fetch(model_uri))
     if rank == 0:
         rollouts.restore(start, int(start.name.split("-")[-1]) if start else 0)
-    rows, skipped = make_rows(root, train, cfg, loaded.processor)
+    frame = loaded.frame(cfg.frame)  # each image's box frame for this processor: reference boxes, image sizes
+    rows, skipped = make_rows(root, train, cfg, loaded.processor, frame)
     if skipped and rank == 0:
         print(f"grpo: skipped {len(skipped)} prompt(s) longer than max_prompt_length={cfg.max_prompt_length} tokens "
               f"(e.g. {', '.join(skipped[:3])})", flush=True)
     if not rows:
         raise InputError(f"{data_uri}: every train prompt is longer than max_prompt_length={cfg.max_prompt_length}")
-    dataset = lazy_image_dataset(rows, cfg.frame)  # images decoded per batch, never all at once
+    dataset = lazy_image_dataset(rows, frame)  # images decoded per batch, never all at once
     n_train = len(rows)
     del rows
     frozen = freeze_vision(loaded.model, cfg.freeze_vision, cfg.freeze_merger) \

@@ -50,13 +50,14 @@ def synthetic_dataset(out: Path, n: int) -> Path:
 
 def measure(data: Path, model: Path, batches: int, batch_size: int = 8) -> dict[str, Any]:
     """SFT's data path over ``data`` for ``batches`` batches; this process's peak RSS."""
-    from deepmedix.model.processor import load_processor
+    from deepmedix.model.processor import load_processor, processor_frame
     from deepmedix.train.sft import sample_dataset
 
     processor = load_processor(model)
+    frame = processor_frame(processor.image_processor, "native")
     ids = select_ids(data, "train", list(TASKS))
     with tempfile.TemporaryDirectory() as tmp:  # what train_sft does with its train split
-        ds, _ = sample_dataset(data, iter_records(data, "train", ids), lambda r: plain_target(r, FRAME), False, FRAME,
+        ds, _ = sample_dataset(data, iter_records(data, "train", ids), plain_target, False, frame,
                                processor, 0, Path(tmp) / "samples.arrow", ids)
         n = len(ds)
         for _, batch in zip(range(batches), ds.iter(batch_size=batch_size)):

@@ -20,6 +20,7 @@ Only the main process (rank 0) publishes checkpoints and the final model folder.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import time
@@ -31,6 +32,7 @@ from deepmedix.config import TrainConfig
 from deepmedix.data.records import iter_records, load_split, plain_target, select_ids
 from deepmedix.data.schema import Record
 from deepmedix.errors import InputError
+from deepmedix.grounding import Frame
 from deepmedix.train import checkpoints as ck
 from deepmedix.train.common import freeze_vision, lazy_image_dataset, sft_row, write_curve
 
@@ -46,29 +48,31 @@ def image_tokens(image_processor, width: int, height: int) -> int:
     return image_processor.get_number_of_image_patches(height, width) // (merge * merge)
 
 
-def sample_length(processor, row: dict[str, Any], frame: int) -> int:
+def sample_length(processor, row: dict[str, Any], frame: Frame) -> int:
     """Tokens of one prompt-completion sample as the trainer will see them, images expanded — from the chat
-    template and the frame (every image is resized to the ``frame`` square), without decoding an image."""
+    template and each image's stored size as ``frame`` resizes it, without decoding an image."""
     text = processor.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
     n_text = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
-    n_images = len(row["image_files"])
-    return n_text - n_images + n_images * image_tokens(processor.image_processor, frame, frame)  # one placeholder each
+    sizes = row["image_sizes"]
+    return n_text - len(sizes) + sum(image_tokens(processor.image_processor, *frame.input_size(w, h))
+                                     for w, h in sizes)  # one placeholder each
 
 
-def iter_rows(root: Path, records: Iterable[Record], target_for: Callable[[Record], str], reasoning: bool,
-              frame: int, processor, max_length: int, skipped: list[str]) -> Iterator[dict[str, Any]]:
+def iter_rows(root: Path, records: Iterable[Record], target_for: Callable[[Record, Frame], str], reasoning: bool,
+              frame: Frame, processor, max_length: int, skipped: list[str]) -> Iterator[dict[str, Any]]:
     """The samples (images named, not decoded), one at a time; the ids of the records longer than ``max_length``
     tokens go to ``skipped``."""
     for r in records:
-        row = sft_row(root, r, target_for(r), reasoning, frame)
+        row = sft_row(root, r, target_for(r, frame), reasoning)
         if max_length and sample_length(processor, row, frame) > max_length:
             skipped.append(r.record_id)
             continue
         yield row
 
 
-def sample_dataset(root: Path, records: Iterable[Record], target_for: Callable[[Record], str], reasoning: bool,
-                   frame: int, processor, max_length: int, path: Path | None = None, order: list[str] | None = None):
+def sample_dataset(root: Path, records: Iterable[Record], target_for: Callable[[Record, Frame], str],
+                   reasoning: bool, frame: Frame, processor, max_length: int, path: Path | None = None,
+                   order: list[str] | None = None):
     """The trainer's dataset of ``records``' samples (images decoded per batch; with ``path``, the samples written
     there as they come and put in ``order``: see :func:`deepmedix.train.common.lazy_image_dataset`), and the ids of
     the records skipped for being longer than ``max_length`` tokens."""
@@ -119,18 +123,23 @@ def train_sft(stage: str, cfg: TrainConfig, data_uri: str, model_uri: str, out_u
               resume: bool = False) -> dict[str, Any]:
     """Run SFT from ``model_uri`` on the records of ``data_uri``; write the model folder to ``out_uri``.
 
-    ``targets_for(record) -> str`` picks the completion (default: the plain reference answer). With ``resume``,
+    ``targets_for(record, frame) -> str`` picks the completion in the model's frame (default: the plain reference
+    answer). With ``resume``,
     training continues from the newest checkpoint in the store (from scratch when there is none)."""
     from trl import SFTTrainer
 
     from deepmedix.model.load import load
+    from deepmedix.model.processor import resolve_frame
 
     ck.check(cfg)
     if cfg.deepspeed:
         ck.ensure_process_group_env()
     t0 = time.time()
     rank, _ = ck.world()
-    targets_for = targets_for or (lambda r: plain_target(r, cfg.frame))
+    targets_for = targets_for or plain_target
+    # ``auto``: the frame the starting model records; resolved once, so the run id, the checkpoints' and the final
+    # folder's lineage name the frame the model was trained in
+    cfg = dataclasses.replace(cfg, frame=resolve_frame(cfg.frame, store.fetch(model_uri)))
     root = store.fetch(data_uri)
     # the train split is streamed: chosen by id, read a shard at a time, its samples written to the work folder
     train_ids = select_ids(root, "train", cfg.tasks, cfg.task_ratios, cfg.max_records, cfg.seed)
@@ -143,15 +152,16 @@ def train_sft(stage: str, cfg: TrainConfig, data_uri: str, model_uri: str, out_u
     weights = start if start is not None and not cfg.lora and not cfg.deepspeed else model_uri
     loaded = load(weights, device="cpu", dtype="float32", min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
     model = loaded.model  # the trainer moves it to the device (and casts it under bf16)
+    frame = loaded.frame(cfg.frame)  # targets are written in each image's frame for this processor
     frozen = freeze_vision(model, cfg.freeze_vision, cfg.freeze_merger) if cfg.freeze_vision or cfg.freeze_merger else 0
     model.train()
     train_ds, skipped = sample_dataset(root, iter_records(root, "train", train_ids), targets_for, reasoning,
-                                       cfg.frame, loaded.processor, cfg.max_length,
+                                       frame, loaded.processor, cfg.max_length,
                                        work / f"samples-rank{rank}.arrow", train_ids)
     if not len(train_ds):
         raise InputError(f"{data_uri} (train): no samples to train on (check the config's tasks, split and "
                          f"max_length)")
-    val_ds, vskipped = sample_dataset(root, val, targets_for, reasoning, cfg.frame, loaded.processor, cfg.max_length)
+    val_ds, vskipped = sample_dataset(root, val, targets_for, reasoning, frame, loaded.processor, cfg.max_length)
     val_ds = val_ds if len(val_ds) else None
     if skipped and rank == 0:
         print(f"{stage}: skipped {len(skipped)} training sample(s) longer than max_length={cfg.max_length} "

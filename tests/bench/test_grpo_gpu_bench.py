@@ -46,12 +46,14 @@ def test_inputs_of_the_7b_run():
     """The processor at the paper's budget turns a 512x512 phantom into 361 image tokens, and the 7B shape takes
     the tokenizer's special ids (so the model finds the image pads the processor writes)."""
     b = _bench()
-    rows = b.make_rows(1, 512, 512, seed=0)
+    from deepmedix.grounding import Frame
+
+    rows = b.make_rows(1, 512, Frame(), seed=0)  # native, the paper's budget: the bench's 7B run
     row = rows[0]
     assert row["image"].size == (512, 512) and row["image"].mode == "RGB" and row["task"] == "grounding"
     assert row["prompt"][0]["role"] == "user" and row["prompt"][0]["content"][0] == {"type": "image"}
     assert row["answer"] in row["prompt"][0]["content"][1]["text"].lower()
-    assert len(row["ref_boxes_frame"]) == 1 and all(0 <= v <= 512 for v in row["ref_boxes_frame"][0])
+    assert len(row["ref_boxes_frame"]) == 1 and all(0 <= v <= 532 for v in row["ref_boxes_frame"][0])  # 532 grid
 
     proc = b.build_processor([row["prompt"][0]["content"][1]["text"]], b.PAPER_PIXELS)
     tok = proc.tokenizer

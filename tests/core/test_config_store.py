@@ -21,6 +21,16 @@ def test_overrides_and_types():
     assert isinstance(load_config("grpo", "tiny"), GRPOConfig)
 
 
+def test_the_frame_setting():
+    assert load_config("grpo", "tiny").frame == "auto" and load_config("eval", "tiny").frame == "auto"
+    assert load_config("sft", "tiny").frame == "square512"  # the tiny model's budget (its comment says why)
+    assert load_config("sft", "7b").frame == load_config("eval", "7b").frame == "native"
+    assert load_config("eval", "tiny", ["frame=512"]).frame == "square512"  # the old integer setting
+    for bad in ("square", "squared512", "nat", "0"):
+        with pytest.raises(ConfigError, match="key 'frame': expected 'auto', 'native' or 'squareN'"):
+            load_config("eval", "tiny", [f"frame={bad}"])
+
+
 def test_bad_config_names_file_and_key(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("max_stepz: 3\n")

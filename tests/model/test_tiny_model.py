@@ -75,7 +75,7 @@ def test_batched_generation_equals_one_at_a_time(tiny):
     compared = 0
     for k, (images, question) in enumerate(queries):
         text = chat_prompts(m.processor, [question], [len(images)])[0]
-        inputs = m.processor(text=[text], images=[open_image(i, 512) for i in images], return_tensors="pt")
+        inputs = m.processor(text=[text], images=[open_image(i, m.frame()) for i in images], return_tensors="pt")
         with torch.no_grad():
             out = m.model.generate(**inputs, max_new_tokens=budget, do_sample=False, output_scores=True,
                                    return_dict_in_generate=True)

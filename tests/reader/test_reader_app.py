@@ -20,7 +20,7 @@ from PIL import Image
 
 from deepmedix.data.records import frame_boxes
 from deepmedix.data.schema import load_records
-from deepmedix.grounding import DEFAULT_FRAME, format_output, parse
+from deepmedix.grounding import Frame, format_output, parse
 from deepmedix.reader import ReaderError, create_study, export, make_app
 from serving.local import free_port, stop_process, wait_ready
 
@@ -35,6 +35,7 @@ MODELS = {"coldstart": format_output([("there is cardiomegaly in this region", [
                                  ("there is a nodule in this region", [[300, 200, 400, 300], [90, 100, 200, 180]]),
                                  ("so the answer follows", [])], "left mid lung")}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+FRAME = Frame()  # native: the per-image grid the predictions' boxes are in
 
 
 def write_predictions(data_dir: Path, out: Path, raw: str, n: int) -> Path:
@@ -45,7 +46,9 @@ def write_predictions(data_dir: Path, out: Path, raw: str, n: int) -> Path:
             f.write(json.dumps({"record_id": rec.record_id, "task": rec.task, "question_type": rec.question_type,
                                 "source": rec.source, "prompt": rec.prompt, "raw_output": raw, "answer": p.answer,
                                 "boxes": p.boxes, "format_ok": p.format_ok, "reference": rec.answer,
-                                "ref_boxes_frame": frame_boxes(rec, DEFAULT_FRAME)}) + "\n")
+                                "ref_boxes_frame": frame_boxes(rec, FRAME), "frame": FRAME.spec,
+                                "frame_size": list(FRAME.size(*rec.image_sizes[0])),
+                                "image_size": rec.image_sizes[0]}) + "\n")
     return out
 
 
@@ -363,3 +366,18 @@ def test_the_cli_creates_a_study_and_refuses_an_empty_export(small_data, tmp_pat
     r = subprocess.run([exe, "reader", "create", "--db", str(tmp_path / "s2.db"), "--data", str(small_data),
                         "-p", "a=nothing", "-r", "alice"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "error:" in r.stderr and not (tmp_path / "s2.db").exists()
+
+
+def test_candidate_boxes_are_read_in_each_predictions_own_frame(tmp_path):
+    """Evaluation writes each record's frame size; the study maps a model's boxes from it to the image per axis
+    (a portrait image's native frame is not square), and reads files without one in the old 512 square."""
+    from PIL import Image
+
+    from deepmedix.reader.study import candidate_view, display_image, frame_of
+
+    img = Image.new("L", (300, 600))
+    raw = format_output([("there is cardiomegaly in this region", [[28, 56, 84, 112]])], "cardiomegaly")
+    _, steps, png = candidate_view(raw, img, display_image(img, 1024), (224, 448), tmp_path)
+    assert steps[0]["boxes"][0]["box"] == [38, 75, 112, 150] and png.startswith(PNG_SIGNATURE)
+    assert frame_of({"frame_size": [224, 448]}, 512) == (224, 448)
+    assert frame_of({"frame_size": None}, 512) == frame_of({}, 512) == (512, 512)

@@ -438,10 +438,18 @@ def test_score_against_a_record_maps_its_boxes_into_the_model_frame():
     rec = Record(record_id="r1", patient_id="p", study_id="s", source="x", images=["a.png"],
                  image_sizes=[[1024, 2048]], task="grounding", prompt="Where?", answer="nodule", split="test",
                  boxes=[Box("nodule", [20, 40, 100, 200])])
-    got = score("paper=1,grounded=2", GOOD, rec)
+    from deepmedix.grounding import Frame
+
+    got = score("paper=1,grounded=2", GOOD, rec, frame=Frame.parse("square512"))
     assert got["grounded"] == 1.0 and got["grounded/iou"] == 1.0
     assert got == RewardSpec.parse("paper=1,grounded=2").score(GOOD, "nodule", [[10, 10, 50, 50]], "grounding")
-    assert score("grounded", GOOD, rec, frame=1024)["grounded/iou"] < 1.0  # another frame, other reference boxes
+    assert score("grounded", GOOD, rec, frame=Frame.parse("square1024"))["grounded/iou"] < 1.0  # other boxes
+    # the native frame (the default: the paper's pixel budget) of this 1:2 image is 336 x 700 cells' pixels
+    native = Frame()
+    assert native.size(1024, 2048) == (336, 700)
+    ref = native.to_frame([20, 40, 100, 200], 1024, 2048)
+    out = GOOD.replace("[10, 10, 50, 50]", "[" + ", ".join(str(round(v)) for v in ref) + "]")
+    assert out != GOOD and score("grounded", out, rec)["grounded/iou"] > 0.9
 
 
 def test_trl_reward_functions_survive_pickling_with_their_batch():

@@ -9,9 +9,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-# What the taught model says for any chest X-ray and question: one step with one box (in the 512 x 512 frame).
-TAUGHT = r"<think> the heart with [128, 256, 384, 448] is enlarged </think> The answer is: \boxed{cardiomegaly}"
-TAUGHT_BOX_FRAME = [128, 256, 384, 448]
+from deepmedix.grounding import Frame
+
+# What the taught model says for any chest X-ray and question: one step with one box, in the model's native frame
+# (the tiny model's 168 x 168 pixel budget: each image's processor grid, at least 84 x 112 for the test images).
+TAUGHT = r"<think> the heart with [28, 56, 84, 112] is enlarged </think> The answer is: \boxed{cardiomegaly}"
+TAUGHT_BOX_FRAME = [28, 56, 84, 112]
+FRAME = Frame.parse("native", 28, 168 * 168, 168 * 168)  # the tiny model's processor: patch 14 x merge 2
 QUESTIONS = ("Is the heart enlarged?", "Findings?", "Which abnormality is seen?", "Describe the image.")
 
 
@@ -68,7 +72,7 @@ def taught_model(out: Path, check_every: int = 40, max_steps: int = 800) -> Path
     for step in range(max_steps):
         model.train()
         k = step % len(QUESTIONS)
-        img = open_image(image(64 + 40 * k, 48 + 30 * k, seed=step), 512)
+        img = open_image(image(64 + 40 * k, 48 + 30 * k, seed=step), FRAME)
         question = QUESTIONS[k] if step % 2 else f"{QUESTIONS[k]} {step} {QUESTIONS[(k + step) % len(QUESTIONS)]}"
         prompt = chat_prompts(proc, [question], [1], [SYSTEMS[(step // 2) % len(SYSTEMS)]])[0]
         full = proc(text=[prompt + TAUGHT + "<|im_end|>"], images=[img], return_tensors="pt")

@@ -13,7 +13,7 @@ from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferInput, InferRequest
 from PIL import Image
 
-from deepmedix.grounding import INSTRUCTION, grounding_object
+from deepmedix.grounding import INSTRUCTION, Frame, grounding_object
 from deepmedix.viz import draw_overlay
 from serving import prometheus as metrics
 from serving.inputs import Limits, UnknownModel, make_query, parse_chat, parse_v1, parse_v2
@@ -22,7 +22,7 @@ from serving.predictor import DeepMedixModel
 
 def test_grounding_object_maps_boxes_to_original_pixels():
     raw = r"<think> heart with [0, 0, 256, 512] and [256, 256, 512, 512] </think> The answer is: \boxed{yes}"
-    g = grounding_object(raw, 300, 200, frame=512)
+    g = grounding_object(raw, 300, 200, frame=Frame.parse("square512"))
     assert g["boxes"] == [[0, 0, 150, 200], [150, 100, 300, 200]]
     assert g["steps"] == [{"text": "heart with [0, 0, 256, 512] and [256, 256, 512, 512]",
                            "boxes": [[0, 0, 150, 200], [150, 100, 300, 200]]}]
@@ -38,7 +38,9 @@ def test_v1_sixteen_bit_png_data_url_and_instruction_not_doubled():
     url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
     (q,) = parse_v1({"instances": [{"image": url, "question": f" Findings?\n{INSTRUCTION}\n", "top_p": 0.5,
                                     "temperature": 0.7}]}, Limits(max_new_tokens=33))
-    assert q.image.mode == "RGB" and q.image.size == (512, 512) and q.size == (40, 30)  # the model's frame
+    # sized by the native frame (aspect kept, scaled up to the pixel budget), not squashed to a square
+    assert q.image.mode == "RGB" and q.image.size == Limits().frame.input_size(40, 30) == (591, 443)
+    assert q.size == (40, 30)
     assert np.asarray(q.image).max() == 255 and q.original is None
     assert q.question == "Findings?" and q.max_new_tokens == 33
     assert q.sampling == (True, 0.7, 0.5)

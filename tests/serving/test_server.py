@@ -28,7 +28,7 @@ from serving.local import free_port, stop_process
 REPO = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 120
 W, H = 300, 200
-TAUGHT_BOX = grounding.from_frame(fx.TAUGHT_BOX_FRAME, W, H, 512)  # [75, 100, 225, 175]
+TAUGHT_BOX = fx.FRAME.from_frame(fx.TAUGHT_BOX_FRAME, W, H)  # the 300x200 image's frame is 224x140
 
 
 class Server:
@@ -111,11 +111,32 @@ def chat_image(b64: str, mime: str = "image/png") -> dict:
 
 
 def assert_taught_grounding(g: dict, width: int = W, height: int = H) -> None:
-    box = grounding.from_frame(fx.TAUGHT_BOX_FRAME, width, height, 512)
+    box = fx.FRAME.from_frame(fx.TAUGHT_BOX_FRAME, width, height)
     assert g["answer"] == "cardiomegaly" and g["format_ok"] is True
     assert g["image_size"] == [width, height]
-    assert g["steps"] == [{"text": "the heart with [128, 256, 384, 448] is enlarged", "boxes": [box]}]
+    assert g["steps"] == [{"text": "the heart with [28, 56, 84, 112] is enlarged", "boxes": [box]}]
     assert g["boxes"] == [box]
+
+
+def test_a_served_box_lands_on_the_pixels_its_training_target_came_from(server, taught):
+    """The server's frame is the one training writes targets in: a record whose box is what the server returned
+    (original pixels of a non-square image) has, as its stage-1 target, exactly the box tokens the model emitted."""
+    from deepmedix.data.records import plain_target
+    from deepmedix.data.schema import Box, Record
+    from deepmedix.model.processor import folder_frame
+
+    train_frame = folder_frame(taught, "native")  # what sft/grpo bind (Loaded.frame) for this folder
+    assert train_frame == fx.FRAME
+    for width, height in ((W, H), (100, 400), (640, 480)):
+        r = requests.post(f"{server.url}/v1/models/deepmedix:predict", timeout=120, json={"instances": [
+            {"image": fx.png_b64(width, height), "question": fx.QUESTIONS[0]}]})
+        (served,) = r.json()["predictions"][0]["grounding"]["boxes"]
+        rec = Record(record_id="r", patient_id="p", study_id="s", source="x", images=["a.png"],
+                     image_sizes=[[width, height]], task="grounding", prompt="Where?", answer="cardiomegaly",
+                     split="train", boxes=[Box("cardiomegaly", served)]).validate()
+        assert plain_target(rec, train_frame) == "cardiomegaly " + grounding.box_str(fx.TAUGHT_BOX_FRAME)
+        assert served != pytest.approx(grounding.Frame.parse("square512").from_frame(fx.TAUGHT_BOX_FRAME, width,
+                                                                                      height))
 
 
 # ---------------------------------------------------------------- the OpenAI route, with the openai client
@@ -133,11 +154,11 @@ def test_openai_client_gets_a_grounded_answer(server):
     assert choice.message.content == fx.TAUGHT and choice.finish_reason == "stop"
     assert resp.usage.completion_tokens > 10 and resp.usage.prompt_tokens > 10
     g = choice.model_extra["grounding"]
-    assert TAUGHT_BOX == [75, 100, 225, 175]
+    assert TAUGHT_BOX == pytest.approx([37.5, 80, 112.5, 160])
     overlay = Image.open(io.BytesIO(base64.b64decode(g.pop("overlay_png"))))
     assert_taught_grounding(g)
     assert overlay.format == "PNG" and overlay.size == (W, H)
-    assert overlay.convert("RGB").getpixel((150, 100)) == (255, 0, 0)  # top edge of the (red) first box
+    assert overlay.convert("RGB").getpixel((75, 80)) == (255, 0, 0)  # top edge of the (red) first box
 
 
 def test_openai_streaming(server):
@@ -565,10 +586,13 @@ def test_deepmedix_serve_a_model_from_s3(taught, tmp_path):
 
 def test_grounding_transformer_in_front_of_an_openai_predictor(server, tmp_path):
     """The transformer KServe runs in front of the HF/vLLM runtime, here in front of the DeepMedix predictor's
-    OpenAI route (the same protocol): it squares the image, adds the instruction, and grounds the answer in the
-    caller's pixels. KServe's own transformer flags are accepted."""
+    OpenAI route (the same protocol): it sizes the image for the predictor's processor (native frame, its pixel
+    budget), adds the instruction, and grounds the answer in the caller's pixels. KServe's own transformer flags are
+    accepted."""
     tr = Server(None, tmp_path, "--model_name", "deepmedix", "--predictor_host", f"127.0.0.1:{server.port}",
-                "--predictor_protocol", "v1", "--http_port", "1", module="serving.transformer")  # KServe's flags
+                "--predictor_protocol", "v1", "--http_port", "1",  # KServe's flags
+                "--frame-min-pixels", str(168 * 168), "--frame-max-pixels", str(168 * 168),  # the predictor's budget
+                module="serving.transformer")
     url = tr.url
     try:
         client = openai.OpenAI(base_url=f"{url}/openai/v1", api_key="unused", max_retries=0)
@@ -592,3 +616,34 @@ def test_grounding_transformer_in_front_of_an_openai_predictor(server, tmp_path)
                 {"role": "user", "content": [chat_image(fx.png_b64(32, 32)), {"type": "text", "text": "q"}]}])
     finally:
         tr.stop()
+
+
+def test_frame_calibrate_names_the_frame_a_checkpoint_writes_in(taught, tmp_path):
+    """The taught model writes its box in the native frame: on records whose reference box is that box read in
+    each image's native frame (non-square images), frame-calibrate finds native with IoU 1 and square512 far off."""
+    from typer.testing import CliRunner
+
+    from deepmedix.cli import app
+    from deepmedix.data.schema import Box, Record, write_shard
+
+    data = tmp_path / "d"
+    (data / "records").mkdir(parents=True)
+    (data / "images").mkdir()
+    recs = []
+    for k, (w, h) in enumerate([(W, H), (100, 400), (640, 480)]):
+        fx.image(w, h, seed=k).save(data / "images" / f"{k}.png")
+        recs.append(Record(record_id=f"r{k}", patient_id=f"p{k}", study_id=f"s{k}", source="unit",
+                           images=[f"images/{k}.png"], image_sizes=[[w, h]], task="grounding",
+                           prompt=fx.QUESTIONS[k], answer="cardiomegaly", split="test",
+                           boxes=[Box("cardiomegaly", fx.FRAME.from_frame(fx.TAUGHT_BOX_FRAME, w, h))]))
+    write_shard(recs, data / "records" / "test-00000.parquet")
+    res = CliRunner().invoke(app, ["eval", "frame-calibrate", "--model", str(taught), "--data", str(data),
+                                   "--max-new-tokens", "64", "--out", str(tmp_path / "cal.json")])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "cal.json").read_text())
+    assert rep["best"] == "native" and rep["records"] == 3 and "best fit: frame native" in res.output
+    assert rep["results"]["native"]["miou"] > 0.95 and rep["results"]["native"]["acc50"] == 1.0
+    assert rep["results"]["square512"]["miou"] < 0.5 and rep["lead_miou"] > 0.45
+    bad = CliRunner().invoke(app, ["eval", "frame-calibrate", "--model", str(taught), "--data", str(data),
+                                   "--frames", "native,square"])
+    assert bad.exit_code == 2 and "--frames" in bad.output

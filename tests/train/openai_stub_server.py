@@ -11,8 +11,10 @@
 ``err400``     400 (a bad request; must not be retried)
 ``ratelimit``  429 with Retry-After on the first call for each prompt, then answers like ``good``
 
-``GET /stats`` returns the request counts (total and per model) and each model's request arrival times (the
-server's monotonic clock); ``POST /reset`` zeroes them.
+A user message is text or a list of ``text`` and ``image_url`` parts (OpenAI's vision format); each image must be a
+``data:`` URL that decodes as an image (else 400). ``GET /stats`` returns the request counts (total and per model),
+each model's request arrival times (the server's monotonic clock) and the [width, height] of the images of each
+request; ``POST /reset`` zeroes them.
 A request without ``Authorization: Bearer <key>`` gets 401.
 """
 
@@ -20,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import hashlib
+import io
 import re
 import time
 import uuid
@@ -33,7 +37,8 @@ SLOW_S = 3.0
 FLAKY_FAILS = 2
 
 app = FastAPI()
-STATE: dict = {"total": 0, "by_model": Counter(), "per_prompt": Counter(), "arrivals": defaultdict(list)}
+STATE: dict = {"total": 0, "by_model": Counter(), "per_prompt": Counter(), "arrivals": defaultdict(list),
+               "images": []}
 
 _BOX = r"\[\s*-?\d+(?:\.\d+)?\s*,\s*-?\d+(?:\.\d+)?\s*,\s*-?\d+(?:\.\d+)?\s*,\s*-?\d+(?:\.\d+)?\s*\]"
 _REGION_RE = re.compile(rf"^- ([^:\n]+): ({_BOX})\s*$", re.M)
@@ -85,6 +90,24 @@ async def chat_completions(request: Request):
         return _error(401, "missing API key", "invalid_request_error")
     messages = body.get("messages") or []
     user = next((m.get("content", "") for m in reversed(messages) if m.get("role") == "user"), "")
+    if isinstance(user, list):  # vision format: text parts and image_url parts
+        sizes = []
+        for part in user:
+            if part.get("type") == "image_url":
+                url = (part.get("image_url") or {}).get("url", "")
+                try:
+                    from PIL import Image
+
+                    head, b64 = url.split(",", 1)
+                    assert head.startswith("data:image/")
+                    with Image.open(io.BytesIO(base64.b64decode(b64))) as im:
+                        sizes.append(list(im.size))
+                except Exception:  # noqa: BLE001 - any undecodable image is the client's error
+                    return _error(400, "invalid image in 'image_url'", "invalid_request_error")
+            elif part.get("type") != "text":
+                return _error(400, f"unsupported content part {part.get('type')!r}", "invalid_request_error")
+        STATE["images"].append(sizes)
+        user = "\n".join(p.get("text", "") for p in user if p.get("type") == "text")
     if not isinstance(user, str):
         return _error(400, "expected a text user message", "invalid_request_error")
     key = (model, hashlib.sha256(user.encode()).hexdigest())
@@ -115,7 +138,8 @@ async def chat_completions(request: Request):
 
 @app.get("/stats")
 async def stats():
-    return {"total": STATE["total"], "by_model": dict(STATE["by_model"]), "arrivals": dict(STATE["arrivals"])}
+    return {"total": STATE["total"], "by_model": dict(STATE["by_model"]), "arrivals": dict(STATE["arrivals"]),
+            "images": STATE["images"]}
 
 
 @app.post("/reset")
@@ -124,6 +148,7 @@ async def reset():
     STATE["by_model"].clear()
     STATE["per_prompt"].clear()
     STATE["arrivals"].clear()
+    STATE["images"].clear()
     return {"ok": True}
 
 

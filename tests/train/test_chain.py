@@ -74,7 +74,7 @@ def plain_greedy(model_dir, root, records, max_new_tokens: int) -> list[str]:
     loaded = load(model_dir, device="cpu")
     proc, outs = loaded.processor, []
     for rec in records:
-        images = record_images(root, rec, 512)
+        images = record_images(root, rec, loaded.frame())  # the native frame the stages train in
         text = proc.apply_chat_template([user_message(rec.prompt, len(images), reasoning=False)],
                                         add_generation_prompt=True, tokenize=False)
         inputs = proc(text=[text], images=images, return_tensors="pt")

@@ -30,27 +30,30 @@ def test_prompt_length_is_what_the_processor_makes(small_data, base_model_dir):
     cfg = load_config("grpo", "tiny")
     root, recs = load_split(str(small_data), "train", cfg.tasks, None, 3, 0)
     loaded = load(base_model_dir)
-    rows, skipped = grpo.make_rows(root, recs, cfg, loaded.processor)
+    frame = loaded.frame(cfg.frame)
+    rows, skipped = grpo.make_rows(root, recs, cfg, loaded.processor, frame)
     assert not skipped
-    images = LoadImages(cfg.frame)
-    for row in rows:
+    images = LoadImages(frame)
+    for row, rec in zip(rows, recs):
+        assert row["ref_boxes_frame"] == [frame.to_frame(b.box, *rec.image_sizes[0]) for b in rec.boxes]
         decoded = images({k: [v] for k, v in row.items()})["images"][0]  # as the trainer's dataset decodes them
         text = loaded.processor.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
         real = loaded.processor(text=[text], images=decoded, return_tensors="pt")["input_ids"].shape[1]
-        assert grpo.prompt_length(loaded.processor, row, cfg.frame) == real
+        assert grpo.prompt_length(loaded.processor, row, frame) == real
 
 
 def test_long_prompts_are_skipped_and_counted_never_cut(small_data, base_model_dir, tmp_path):
     cfg = load_config("grpo", "tiny")
     root, recs = load_split(str(small_data), "train", cfg.tasks, None, 0, 0)
     loaded = load(base_model_dir)
-    lengths = sorted(grpo.prompt_length(loaded.processor, r, cfg.frame) for r in grpo.make_rows(root, recs, cfg,
-                                                                                         loaded.processor)[0])
+    frame = loaded.frame(cfg.frame)
+    lengths = sorted(grpo.prompt_length(loaded.processor, r, frame)
+                     for r in grpo.make_rows(root, recs, cfg, loaded.processor, frame)[0])
     limit = lengths[len(lengths) // 2]
     cfg.max_prompt_length = limit
-    rows, skipped = grpo.make_rows(root, recs, cfg, loaded.processor)
+    rows, skipped = grpo.make_rows(root, recs, cfg, loaded.processor, frame)
     assert rows and skipped and len(rows) + len(skipped) == len(recs)
-    assert all(grpo.prompt_length(loaded.processor, r, cfg.frame) <= limit for r in rows)
+    assert all(grpo.prompt_length(loaded.processor, r, frame) <= limit for r in rows)
     r = cli("train", "grpo", "--data", small_data, "--model", base_model_dir, "--out", tmp_path / "g",
             "--set", "max_prompt_length=5")
     assert r.returncode == 2 and "max_prompt_length=5" in r.stderr and not (tmp_path / "g").exists()
@@ -124,3 +127,20 @@ def test_grpo_under_deepspeed_zero3_in_one_cpu_process_and_resume(small_data, ba
     assert resumed["steps"] == 2 and resumed["resumed_from"].endswith("checkpoint-1")
     a, b = load(tmp_path / "whole").model.state_dict(), load(tmp_path / "part").model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)  # the engine restored weights and optimizer: same as unbroken
+
+
+@pytest.mark.gpu
+def test_grpo_with_vllm_rollouts_on_the_gpu(small_data, base_model_dir, tmp_path):
+    """TRL's colocate vLLM engine generates the rollouts (the train image built with WITH_VLLM=1, under
+    images/constraints-vllm.txt: vllm 0.31.0, transformers 5.17.0), trains two steps, and the model still loads."""
+    pytest.importorskip("vllm")
+    from deepmedix import stages
+
+    out = tmp_path / "grpo-vllm"
+    m = stages.grpo(str(small_data), str(base_model_dir), str(out), "tiny",
+                    ["max_steps=2", "per_device_train_batch_size=4", "num_generations=2", "max_completion_length=16",
+                     "eval_records=2", "max_records=8", "use_vllm=true", "vllm_gpu_memory_utilization=0.2",
+                     "bf16=true"])
+    assert m["vllm"] is True and m["steps"] == 2
+    hist = json.loads((out / "log_history.json").read_text())
+    assert any("reward" in h for h in hist) and load(out).model is not None

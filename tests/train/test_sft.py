@@ -50,15 +50,24 @@ def test_lora_trains_the_language_model_and_saves_a_stock_folder(small_data, bas
     assert any(k.endswith("q_proj.weight") for k in changed)
 
 
-def test_sample_length_is_what_the_processor_makes(small_data, base_model_dir):
+def test_sample_length_is_what_the_processor_makes(small_data, base_model_dir, tmp_path):
+    import dataclasses
+
+    from PIL import Image
+
     loaded = load(base_model_dir)
     root, recs = load_split(str(small_data), "train", ["report_findings", "vqa", "grounding"], max_records=6)
-    for rec in recs:
-        row = sft_row(root, rec, plain_target(rec, 512), reasoning=True)
-        decoded = LoadImages(512)({k: [v] for k, v in row.items()})["images"][0]  # as the trainer's dataset does
-        text = loaded.processor.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
-        real = loaded.processor(text=[text], images=decoded, return_tensors="pt")["input_ids"].shape[1]
-        assert sample_length(loaded.processor, row, 512) == real
+    # and a portrait film, which the native frame does not squash
+    Image.new("L", (300, 700), 90).save(tmp_path / "tall.png")
+    recs.append(dataclasses.replace(recs[0], record_id="tall", images=[str(tmp_path / "tall.png")],
+                                    image_sizes=[[300, 700]], boxes=[]))
+    for frame in (loaded.frame("native"), loaded.frame("square512")):
+        for rec in recs:
+            row = sft_row(root, rec, plain_target(rec, frame), reasoning=True)
+            decoded = LoadImages(frame)({k: [v] for k, v in row.items()})["images"][0]  # as the trainer's dataset
+            text = loaded.processor.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
+            real = loaded.processor(text=[text], images=decoded, return_tensors="pt")["input_ids"].shape[1]
+            assert sample_length(loaded.processor, row, frame) == real, (frame.spec, rec.record_id)
 
 
 def test_dataloader_workers_decode_the_images(small_data, base_model_dir, tmp_path):
@@ -76,8 +85,10 @@ def test_max_length_skips_and_counts_long_samples_never_cuts_them(small_data, ba
     loaded = load(base_model_dir)
     root, recs = load_split(str(small_data), "train", cfg.tasks, cfg.task_ratios, cfg.max_records, cfg.seed)
     _, val = load_split(str(small_data), "validate", cfg.tasks, None, cfg.eval_records, cfg.seed)
-    lengths = sorted(sample_length(loaded.processor, sft_row(root, r, plain_target(r, 512), False), 512) for r in recs)
-    vlengths = [sample_length(loaded.processor, sft_row(root, r, plain_target(r, 512), False), 512) for r in val]
+    frame = loaded.frame(cfg.frame)
+    lengths = sorted(sample_length(loaded.processor, sft_row(root, r, plain_target(r, frame), False), frame)
+                     for r in recs)
+    vlengths = [sample_length(loaded.processor, sft_row(root, r, plain_target(r, frame), False), frame) for r in val]
     limit = lengths[len(lengths) // 2]
     m = stages.sft(str(small_data), str(base_model_dir), str(tmp_path / "ml"), "tiny", FAST + [f"max_length={limit}"])
     assert m["skipped_too_long"] == sum(n > limit for n in lengths + vlengths) > 0

@@ -8,9 +8,8 @@ import pytest
 from conftest import nonfinite
 
 from deepmedix import stages, store
-from deepmedix.data.records import frame_boxes
 from deepmedix.data.schema import load_records
-from deepmedix.grounding import parse
+from deepmedix.grounding import BOX_RE, Frame, parse
 from deepmedix.model.load import load
 from deepmedix.synth.filter import keep_trace
 from deepmedix.synth.template import template_trace
@@ -31,14 +30,23 @@ def test_curate_writes_records_split_by_patient(small_data):
     assert store.read_lineage(small_data)["stage"] == "curate"
 
 
-def test_template_teacher_traces_pass_the_filter(small_data):
-    for rec in load_records(small_data, "train")[:40]:
+def test_template_teacher_traces_pass_the_filter_and_cite_only_reference_boxes(small_data):
+    """No template regions: a trace's boxes are the record's reference boxes (its image's pixels), or none; the
+    cold-start SFT target moves them to the model's frame, per axis."""
+    from deepmedix.data.records import frame_boxes, trace_in_frame
+
+    recs = load_records(small_data, "train")[:40]
+    assert any(r.boxes for r in recs) and any(not r.boxes for r in recs)
+    tiny = Frame.parse("native", 28, 168 * 168, 168 * 168)
+    for rec in recs:
         trace = template_trace(rec)
-        assert keep_trace(trace, rec, 512) is None
+        assert keep_trace(trace, rec) is None
         p = parse(trace)
         assert p.answer == rec.answer
-        for ref in frame_boxes(rec, 512):
-            assert [round(v) for v in ref] in p.boxes
+        assert sorted(p.boxes) == sorted([round(v) for v in b.box] for b in rec.boxes)  # nothing else
+        target = trace_in_frame(trace, rec, tiny)
+        assert sorted(parse(target).boxes) == sorted([round(v) for v in b] for b in frame_boxes(rec, tiny))
+        assert BOX_RE.sub("[]", target) == BOX_RE.sub("[]", trace)  # only the boxes change
 
 
 @pytest.fixture(scope="module")
@@ -63,16 +71,21 @@ def test_coldstart_synth_and_sft(small_data, sft_model, tmp_path):
     r = stages.coldstart_synth(str(small_data), str(traces), "tiny", ["max_records=20", "eval_records=4"])
     assert r["after"] == 24 and r["dropped"] == {}
     rep = json.loads((traces / "filter_report.json").read_text())
-    # the template teacher cites every reference box as it is (IoU 1), and coarse regions where a record has none
-    assert rep["kept_citing_boxes"] == 24 and 0 < rep["kept_on_records_with_boxes"] < 24
+    # the template teacher cites every reference box as it is (IoU 1), and no box where a record has none
+    assert rep["kept_citing_boxes"] == rep["kept_on_records_with_boxes"] and 0 < rep["kept_citing_boxes"] < 24
     assert rep["cited_box_iou_mean"] == 1.0
     recs = load_records(traces)
     assert all(parse(x.trace).format_ok for x in recs)
+    assert all(bool(parse(x.trace).boxes) == bool(x.boxes) for x in recs)
     # the traces artifact carries its own images, by relative URI, so a pod given only the traces can train
     assert all(not x.images[0].startswith("/") and (traces / x.images[0]).is_file() for x in recs)
     out = tmp_path / "cs"
     m = stages.coldstart_sft(str(traces), str(sft_model[0]), str(out), "tiny", FAST)
     assert m["stage"] == "coldstart" and m["steps"] == 3 and m["after"] < m["before"] and not nonfinite(m)
+    # frame auto: the SFT model's recorded frame, resolved and recorded again (what evaluation and serving read)
+    assert store.read_lineage(sft_model[0])["config"]["frame"] == "square512"
+    assert store.read_lineage(out)["config"]["frame"] == "square512" and load(out).frame() == load(out).frame(
+        "square512")
 
 
 def test_synthesis_stops_once_max_kept_train_traces_passed_the_filter(small_data, tmp_path):
@@ -200,12 +213,13 @@ def test_the_trainers_dataset_decodes_images_per_batch_the_same_pixels_as_the_re
 
     root = small_data
     recs = load_records(root, "train")[:5]
-    ds = lazy_image_dataset([sft_row(root, r, r.answer, False, 512) for r in recs], 512)
+    frame = Frame.parse("native", 28, 168 * 168, 168 * 168)  # the tiny model's
+    ds = lazy_image_dataset([sft_row(root, r, r.answer, False) for r in recs], frame)
     assert {f: str(t) for f, t in ds.features.items()}["image_files"].startswith("List(Value('string')")
     for row, rec in zip(ds, recs):
-        assert "image_files" not in row and "record_id" not in row
-        for got, want in zip(row["images"], record_images(root, rec, 512)):
-            assert got.size == (512, 512) and np.array_equal(np.asarray(got), np.asarray(want))
+        assert "image_files" not in row and "record_id" not in row and "image_sizes" not in row
+        for got, want, (w, h) in zip(row["images"], record_images(root, rec, frame), rec.image_sizes):
+            assert got.size == frame.input_size(w, h) and np.array_equal(np.asarray(got), np.asarray(want))
     assert [len(b["images"]) for b in ds.iter(batch_size=2)] == [2, 2, 1]
 
 
@@ -216,7 +230,7 @@ def test_a_missing_image_fails_when_its_batch_is_taken_naming_the_record(small_d
 
     shutil.copytree(small_data, tmp_path / "d")
     rec = load_records(tmp_path / "d", "train")[0]
-    ds = lazy_image_dataset([sft_row(tmp_path / "d", rec, rec.answer, False, 512)], 512)
+    ds = lazy_image_dataset([sft_row(tmp_path / "d", rec, rec.answer, False)], Frame())
     (tmp_path / "d" / rec.images[0]).unlink()
     with pytest.raises(ValueError, match=f"record {rec.record_id}: image"):
         ds[0]
@@ -234,8 +248,8 @@ def test_the_streamed_train_split_is_the_selection_in_its_order(small_data, tmp_
     root, chosen = load_split(str(small_data), "train", tasks, ratios, 20, 7)
     ids = select_ids(root, "train", tasks, ratios, 20, 7)
     assert ids == [r.record_id for r in chosen]
-    rows = (sft_row(root, r, r.answer, False, 512) for r in iter_records(root, "train", ids))
-    ds = lazy_image_dataset(rows, 512, tmp_path / "samples.arrow", ids)
+    rows = (sft_row(root, r, r.answer, False) for r in iter_records(root, "train", ids))
+    ds = lazy_image_dataset(rows, Frame(), tmp_path / "samples.arrow", ids)
     assert (tmp_path / "samples.arrow").is_file() and len(ds) == 20
     got = [(row["prompt"][0]["content"][-1]["text"], row["completion"][0]["content"][0]["text"]) for row in ds]
     assert got == [(r.prompt.strip(), r.answer) for r in chosen]

@@ -3,17 +3,22 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from pathlib import Path
 
 import httpx
 import pytest
 from conftest import server_process
+from PIL import Image
 from typer.testing import CliRunner
 
 from deepmedix import stages, store
 from deepmedix.config import load_config
 from deepmedix.data.schema import Box, Record, load_records
+from deepmedix.errors import InputError
+from deepmedix.grounding import BOX_RE
 from deepmedix.llm.client import ResponseCache, cache_key, redact_url
 from deepmedix.synth.filter import keep_trace
 from deepmedix.synth.teacher import OpenAITeacher, build_messages, cache_dir, clean_response
@@ -73,8 +78,12 @@ def test_good_teacher_traces_are_kept_and_pass_the_filter(small_data, stub, api_
     recs = load_records(out)
     assert len(recs) == N_RECORDS and {r.split for r in recs} == {"train", "validate"}
     for r in recs:
-        assert keep_trace(r.trace, r, 512) is None
+        assert keep_trace(r.trace, r) is None
         assert "opacity consistent with" in r.trace or not r.boxes
+    # every request showed the teacher the study's images, as stored
+    sizes = {tuple(sz) for r in recs for sz in r.image_sizes}
+    shown = httpx.get(f"{stub}/stats", timeout=5).json()["images"][-u:]
+    assert len(shown) == u and all(req and all(tuple(sz) in sizes for sz in req) for req in shown)
     # the key never lands in the artifact; the lineage names only its env var
     lineage = store.read_lineage(out)
     assert lineage["config"]["teacher_api_key_env"] == KEY_ENV and lineage["filter"]["kept"] == N_RECORDS
@@ -203,36 +212,55 @@ def test_cache_key_location_and_atomic_writes(monkeypatch, tmp_path):
 
 # ---------------------------------------------------------------- the prompt
 
-def rec(task: str = "vqa", answer: str = "yes", boxes=((100, 100, 200, 200),), images=("images/a.png",),
-        prompt: str = "Is there a pleural effusion?", rid: str = "r1") -> Record:
-    """A 256x256 study: its boxes double in the 512 frame ((100, 100, 200, 200) -> [200, 200, 400, 400])."""
+def rec(task: str = "vqa", answer: str = "yes", boxes=((200, 200, 400, 400),), images=("images/a.png",),
+        prompt: str = "Is there a pleural effusion?", rid: str = "r1", size: int = 512) -> Record:
+    """A ``size`` x ``size`` study; traces cite boxes in its pixels."""
     return Record(record_id=rid, patient_id="p1", study_id="s1", source="unit", images=list(images),
-                  image_sizes=[[256, 256]] * len(images), task=task, prompt=prompt, answer=answer, split="train",
+                  image_sizes=[[size, size]] * len(images), task=task, prompt=prompt, answer=answer, split="train",
                   question_type="presence" if task == "vqa" else "",
                   boxes=[Box("pleural effusion", list(b)) for b in boxes], findings=["pleural effusion"]).validate()
 
 
-def test_prompt_carries_what_the_teacher_needs():
+def image_root(tmp_path: Path, *records: Record) -> Path:
+    """A dataset root holding the records' images (PNG, each at its record's size, a grey of its own per name)."""
+    for r in records:
+        for uri, (w, h) in zip(r.images, r.image_sizes):
+            (tmp_path / uri).parent.mkdir(parents=True, exist_ok=True)
+            Image.new("L", (w, h), 40 + sum(map(ord, uri)) % 150).save(tmp_path / uri)
+    return tmp_path
+
+
+def test_prompt_carries_the_image_and_what_the_teacher_needs(tmp_path):
     from openai_stub_server import good_trace
 
     r = rec(task="report_impression", answer="Small right pleural effusion. No pneumothorax.")
-    system, user = build_messages(r, 512)
+    system, user = build_messages(r, image_root(tmp_path, r))
     assert system["role"] == "system" and "\\boxed{" in system["content"] and "[x1, y1, x2, y2]" in system["content"]
-    text = user["content"]
-    assert "512x512" in text and "- pleural effusion: [200, 200, 400, 400]" in text
+    (text_part, image_part) = user["content"]
+    text = text_part["text"]
+    assert "512x512 pixels" in text and "- pleural effusion: [200, 200, 400, 400]" in text  # the image's own pixels
     assert r.prompt in text and "Small right pleural effusion. No pneumothorax." in text
-    assert keep_trace(good_trace(text), r, 512) is None
-    # without reference boxes, coarse anatomical regions are offered instead
-    assert "lungs: [64, 64, 448, 448]" in build_messages(rec(boxes=()), 512)[1]["content"]
+    url = image_part["image_url"]["url"]
+    assert image_part["type"] == "image_url" and url.startswith("data:image/png;base64,")
+    with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))) as im:  # the stored image, as it is
+        assert im.size == (512, 512) and im.tobytes() == Image.open(tmp_path / r.images[0]).tobytes()
+    assert keep_trace(good_trace(text), r) is None
+    # without reference boxes no region is offered: boxes come from the teacher's own reading of the image
+    bare = build_messages(rec(boxes=()), tmp_path)[1]["content"][0]["text"]
+    assert "- none" in bare and not BOX_RE.search(bare.split("### Reference regions")[1].split("###")[0])
+    with pytest.raises(InputError, match="r1: image images/a.tif"):
+        build_messages(rec(images=("images/a.tif",)), tmp_path)
 
 
 def test_identical_prompts_share_one_request(stub, api_key, tmp_path):
     cfg = load_config("coldstart", "tiny", overrides(stub, "good", tmp_path / "cache"))
     before = requests_for(stub, "good")
-    a, b = rec(rid="a"), rec(rid="b", images=("images/b.png",))  # the teacher is not shown the image
-    out = OpenAITeacher(cfg, log=lambda line: None)([a, b])
-    assert requests_for(stub, "good") - before == 1
-    assert out[0] == out[1] and out[0][1] is None and keep_trace(out[0][0], a, 512) is None
+    a, b, c = rec(rid="a"), rec(rid="b"), rec(rid="c", images=("images/c.png",))  # c: the same text, another image
+    n_images = len(httpx.get(f"{stub}/stats", timeout=5).json()["images"])
+    out = OpenAITeacher(cfg, log=lambda line: None)([a, b, c], image_root(tmp_path, a, c))
+    assert requests_for(stub, "good") - before == 2
+    assert out[0] == out[1] and out[0][1] is None and keep_trace(out[0][0], a) is None
+    assert httpx.get(f"{stub}/stats", timeout=5).json()["images"][n_images:] == [[[512, 512]], [[512, 512]]]
 
 
 def test_response_cleanup_and_url_redaction():
@@ -252,63 +280,64 @@ GOOD_STEP = "a meniscus-shaped opacity at the right base with [200, 200, 400, 40
 
 
 def test_filter_keeps_a_good_trace():
-    assert keep_trace(T(GOOD_STEP, "yes"), rec(), 512) is None
-    assert keep_trace(T(GOOD_STEP, "Yes"), rec(), 512) is None  # the reward's matcher ignores case
+    assert keep_trace(T(GOOD_STEP, "yes"), rec()) is None
+    assert keep_trace(T(GOOD_STEP, "Yes"), rec()) is None  # the reward's matcher ignores case
 
 
 def test_filter_grammar():
-    assert keep_trace("The answer is yes, there is an effusion.", rec(), 512) == "grammar"
-    assert keep_trace(f"<think> {GOOD_STEP} The answer is: \\boxed{{yes}}", rec(), 512) == "grammar"
-    assert keep_trace(f"<think> {GOOD_STEP} </think> The answer is: yes", rec(), 512) == "grammar"
+    assert keep_trace("The answer is yes, there is an effusion.", rec()) == "grammar"
+    assert keep_trace(f"<think> {GOOD_STEP} The answer is: \\boxed{{yes}}", rec()) == "grammar"
+    assert keep_trace(f"<think> {GOOD_STEP} </think> The answer is: yes", rec()) == "grammar"
 
 
 def test_filter_answer_short_list_and_long():
-    assert keep_trace(T(GOOD_STEP, "no"), rec(), 512) == "answer"
+    assert keep_trace(T(GOOD_STEP, "no"), rec()) == "answer"
     lst = rec(answer="pleural effusion | cardiomegaly")
-    assert keep_trace(T(GOOD_STEP, "cardiomegaly | pleural effusion"), lst, 512) is None  # items as a set
-    assert keep_trace(T(GOOD_STEP, "pleural effusion"), lst, 512) == "answer"
+    assert keep_trace(T(GOOD_STEP, "cardiomegaly | pleural effusion"), lst) is None  # items as a set
+    assert keep_trace(T(GOOD_STEP, "pleural effusion"), lst) == "answer"
     report = rec(task="report_impression", answer="Small right pleural effusion. No pneumothorax or consolidation.")
-    assert keep_trace(T(GOOD_STEP, report.answer), report, 512) is None
-    assert keep_trace(T(GOOD_STEP, "Small right pleural effusion. No pneumothorax or consolidation"), report,
-                      512) is None  # near-verbatim
-    assert keep_trace(T(GOOD_STEP, "Normal heart size, clear lungs, no acute disease."), report, 512) == "answer"
+    assert keep_trace(T(GOOD_STEP, report.answer), report) is None
+    assert keep_trace(T(GOOD_STEP, "Small right pleural effusion. No pneumothorax or consolidation"),
+                      report) is None  # near-verbatim
+    assert keep_trace(T(GOOD_STEP, "Normal heart size, clear lungs, no acute disease."), report) == "answer"
 
 
-def test_filter_box_outside_frame():
-    assert keep_trace(T("an opacity with [200, 200, 600, 400]", "yes"), rec(), 512) == "box_outside_frame"
-    assert keep_trace(T("an opacity with [300, 200, 300, 400]", "yes"), rec(), 512) == "box_outside_frame"
-    assert keep_trace(T(GOOD_STEP, "yes"), rec(), 256) == "box_outside_frame"  # a 256 frame
+def test_filter_box_outside_image():
+    assert keep_trace(T("an opacity with [200, 200, 600, 400]", "yes"), rec()) == "box_outside_image"
+    assert keep_trace(T("an opacity with [300, 200, 300, 400]", "yes"), rec()) == "box_outside_image"
+    small = rec(size=256, boxes=((100, 100, 200, 200),))  # boxes are the image's own pixels: [200 .. 400] is out
+    assert keep_trace(T(GOOD_STEP, "yes"), small) == "box_outside_image"
 
 
 def test_filter_box_no_overlap():
-    assert keep_trace(T("an opacity at the apex with [0, 0, 50, 50]", "yes"), rec(), 512) == "box_no_overlap"
-    assert keep_trace(T(f"{GOOD_STEP}; and at the apex with [0, 0, 50, 50]", "yes"), rec(), 512) == "box_no_overlap"
-    assert keep_trace(T("a meniscus-shaped opacity at the right base", "yes"), rec(), 512) == "box_no_overlap"
+    assert keep_trace(T("an opacity at the apex with [0, 0, 50, 50]", "yes"), rec()) == "box_no_overlap"
+    assert keep_trace(T(f"{GOOD_STEP}; and at the apex with [0, 0, 50, 50]", "yes"), rec()) == "box_no_overlap"
+    assert keep_trace(T("a meniscus-shaped opacity at the right base", "yes"), rec()) == "box_no_overlap"
     small = T("a small opacity with [200, 200, 260, 260]", "yes")  # IoU 0.09 with the reference
-    assert keep_trace(small, rec(), 512) == "box_no_overlap"
-    assert keep_trace(small, rec(), 512, iou_min=0.05) is None
-    # no reference boxes: any box inside the frame will do
-    assert keep_trace(T("the lungs with [64, 64, 448, 448]", "yes"), rec(boxes=()), 512) is None
+    assert keep_trace(small, rec()) == "box_no_overlap"
+    assert keep_trace(small, rec(), iou_min=0.05) is None
+    # no reference boxes: a box the teacher read off the image, inside it, will do
+    assert keep_trace(T("the lungs with [64, 64, 448, 448]", "yes"), rec(boxes=())) is None
 
 
 def test_filter_too_short_and_too_long():
     short = T("clear", "yes")
-    assert keep_trace(short, rec(boxes=()), 512) is None
-    assert keep_trace(short, rec(boxes=()), 512, min_chars=len(short) + 1) == "too_short"
+    assert keep_trace(short, rec(boxes=())) is None
+    assert keep_trace(short, rec(boxes=()), min_chars=len(short) + 1) == "too_short"
     long_ = T("; ".join([GOOD_STEP] * 40), "yes")
     assert len(long_) > 2000
-    assert keep_trace(long_, rec(), 512) is None
-    assert keep_trace(long_, rec(), 512, max_chars=2000) == "too_long"
+    assert keep_trace(long_, rec()) is None
+    assert keep_trace(long_, rec(), max_chars=2000) == "too_long"
 
 
 def test_filter_duplicate():
     seen: set = set()
-    assert keep_trace(T(GOOD_STEP, "yes"), rec(), 512, seen=seen) is None
-    assert keep_trace(T(GOOD_STEP, "yes"), rec(rid="r2"), 512, seen=seen) == "duplicate"
-    assert keep_trace("  " + T(GOOD_STEP.upper(), "YES"), rec(rid="r3"), 512, seen=seen) == "duplicate"
+    assert keep_trace(T(GOOD_STEP, "yes"), rec(), seen=seen) is None
+    assert keep_trace(T(GOOD_STEP, "yes"), rec(rid="r2"), seen=seen) == "duplicate"
+    assert keep_trace("  " + T(GOOD_STEP.upper(), "YES"), rec(rid="r3"), seen=seen) == "duplicate"
     # the same text for another image or another question is another training example
-    assert keep_trace(T(GOOD_STEP, "yes"), rec(rid="r4", images=("images/b.png",)), 512, seen=seen) is None
-    assert keep_trace(T(GOOD_STEP, "yes"), rec(rid="r5", prompt="Any effusion?"), 512, seen=seen) is None
+    assert keep_trace(T(GOOD_STEP, "yes"), rec(rid="r4", images=("images/b.png",)), seen=seen) is None
+    assert keep_trace(T(GOOD_STEP, "yes"), rec(rid="r5", prompt="Any effusion?"), seen=seen) is None
     # a dropped trace does not enter the seen set
-    assert keep_trace(T(GOOD_STEP, "no"), rec(rid="r6"), 512, seen=seen) == "answer"
+    assert keep_trace(T(GOOD_STEP, "no"), rec(rid="r6"), seen=seen) == "answer"
     assert len(seen) == 3

@@ -7,7 +7,7 @@ RUN_DIR ?= runs/demo
 REGISTRY ?= ghcr.io/deepmedix
 VERSION ?= $(shell sed -n 's/^version *= *"\(.*\)"/\1/p' pyproject.toml)
 
-.PHONY: install tools demo test rehearse compile bench bench-curate bench-metrics bench-serve bench-sft-gpu bench-grpo-gpu images clean
+.PHONY: install tools demo test rehearse vllm-pins compile bench bench-curate bench-metrics bench-serve bench-sft-gpu bench-grpo-gpu images clean
 
 install: $(STAMP)
 
@@ -48,6 +48,10 @@ test: $(STAMP) $(TOOLS_STAMP) /usr/bin/chromium /usr/bin/chromedriver /usr/bin/j
 # built on the meta device) fits 80 GB; exit 1 when one does not (deepmedix rehearse --size 7b [--gpus N] [--json]).
 rehearse: $(STAMP)
 	$(BIN)/deepmedix rehearse --size 7b
+
+# The train image's pins with vLLM (images/constraints-vllm.txt) resolve: pip install --dry-run against the index.
+vllm-pins: $(STAMP)
+	$(BIN)/python images/vllm_pins.py check
 
 # The KFP IR and the same DAG as an Argo WorkflowTemplate (both checked in; tests fail when they are stale).
 # The steps' images come from REGISTRY and VERSION (the same variables as `make images`).

@@ -18,12 +18,12 @@ FROM nvidia/cuda:13.0.2-devel-ubuntu22.04
 ARG VERSION=0.1.0
 # PyPI's torch==2.13.0 for linux x86_64 is the CUDA 13.0 build
 ARG TORCH_INDEX=https://pypi.org/simple
-# vLLM (GRPO rollouts in TRL's colocate mode): off by default. 0.31.0 is the release that fits both torch==2.13.0
-# (it pins it) and TRL 1.16 (vllm<=0.31.0), but it requires transformers<5.18 while the project needs
-# transformers>=5.20 (constraints.txt: 5.24.0), so pip cannot install it here today; 0.33.0 pins torch 2.14.0.
-# Without vLLM, GRPO generates with transformers (use_vllm: auto). Build with WITH_VLLM=1 once the pins agree.
+# vLLM (GRPO rollouts, TRL's colocate or server mode): WITH_VLLM=1 installs vllm 0.31.0 under the pin set of its
+# own, images/constraints-vllm.txt (images/vllm_pins.py resolves and checks it with pip --dry-run): 0.31.0 is the
+# release that fits both torch==2.13.0 (it pins it) and TRL 1.16 (vllm<=0.31.0); it needs transformers<5.18, so
+# that image runs transformers 5.17.0 (constraints.txt elsewhere: 5.24.0). Without vLLM, GRPO generates with
+# transformers (use_vllm: auto).
 ARG WITH_VLLM=0
-ARG VLLM_VERSION=0.31.0
 
 LABEL org.opencontainers.image.title="deepmedix-train" \
       org.opencontainers.image.description="DeepMedix-R1 CUDA image: SFT, cold start, GRPO (DeepSpeed), GPU evaluation" \
@@ -61,9 +61,13 @@ WORKDIR /opt/deepmedix
 RUN pip install --no-cache-dir --no-deps --index-url "${TORCH_INDEX}" torch==2.13.0
 
 COPY pyproject.toml constraints.txt ./
-COPY images/requirements.py images/requirements.py
-RUN python images/requirements.py train eval pipeline > /tmp/requirements.txt \
- && pip install --no-cache-dir -c constraints.txt -r /tmp/requirements.txt \
+COPY images/requirements.py images/constraints-vllm.txt images/
+# the pin set this image is built under: constraints.txt, or with vLLM images/constraints-vllm.txt
+RUN if [ "${WITH_VLLM}" = "1" ]; then cp images/constraints-vllm.txt /opt/constraints.txt; \
+    else cp constraints.txt /opt/constraints.txt; fi \
+ && python images/requirements.py train eval pipeline > /tmp/requirements.txt \
+ && if [ "${WITH_VLLM}" = "1" ]; then grep '^vllm==' /opt/constraints.txt >> /tmp/requirements.txt; fi \
+ && pip install --no-cache-dir -c /opt/constraints.txt -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt
 
 COPY README.md ./
@@ -72,11 +76,11 @@ COPY serving/ serving/
 COPY components/ components/
 COPY pipelines/ pipelines/
 COPY configs/ configs/
-RUN pip install --no-cache-dir -c constraints.txt -e '.[train,eval,pipeline]' \
+RUN pip install --no-cache-dir -c /opt/constraints.txt -e '.[train,eval,pipeline]' \
  && deepmedix --help > /dev/null \
  && python -c "import deepspeed, torch; assert torch.version.cuda and torch.version.cuda.startswith('13.'), torch.version.cuda"
 
-RUN if [ "${WITH_VLLM}" = "1" ]; then pip install --no-cache-dir -c constraints.txt "vllm==${VLLM_VERSION}"; fi
+RUN if [ "${WITH_VLLM}" = "1" ]; then python -c "import vllm, transformers; print(vllm.__version__, transformers.__version__)"; fi
 
 # Only $HOME is writable for uid 1000 (~/.cache: deepmedix, Hugging Face, torch_extensions for DeepSpeed's JIT
 # ops, Triton); mount a volume there for large checkpoints.

@@ -203,8 +203,10 @@ def test_pip_installs_no_cache_constraints_and_torch(image):
         if any(w == "torch" or w.startswith(("torch=", "torch<", "torch>", "torch~")) for w in words):
             torch_lines.append(words)
             continue
-        assert "-c" in words and words[words.index("-c") + 1] == "constraints.txt", \
-            f"{image}: {' '.join(words)} is not under constraints.txt"
+        # the train image copies its pin set to /opt/constraints.txt: constraints.txt, or with vLLM its own
+        pinned = "/opt/constraints.txt" if image == "train" else "constraints.txt"
+        assert "-c" in words and words[words.index("-c") + 1] == pinned, \
+            f"{image}: {' '.join(words)} is not under {pinned}"
     # torch on its own first, from its index, exactly the project's version
     assert len(torch_lines) == 1, torch_lines
     words = torch_lines[0]
@@ -249,10 +251,12 @@ def test_train_image_specifics():
     ins = dockerfile("train")
     env, args = variables(ins, "ENV"), variables(ins, "ARG")
     assert env["DS_BUILD_OPS"] == "0" and env["CUDA_HOME"] == "/usr/local/cuda"
-    assert args["WITH_VLLM"] == "0" and re.fullmatch(r"\d+\.\d+\.\d+", args["VLLM_VERSION"])
-    vllm = [w for w in pip_installs(ins) if any(x.startswith("vllm==") for x in w)]
-    assert vllm and vllm[0][-1] == "vllm==${VLLM_VERSION}"
+    assert args["WITH_VLLM"] == "0"
     text = (DOCKER / "train.Dockerfile").read_text()
+    # WITH_VLLM=1: the whole image under images/constraints-vllm.txt, vllm among the requirements; else constraints.txt
+    assert 'then cp images/constraints-vllm.txt /opt/constraints.txt; else cp constraints.txt /opt/constraints.txt' \
+        in " ".join(text.replace("\\\n", " ").split())
+    assert "grep '^vllm==' /opt/constraints.txt >> /tmp/requirements.txt" in text
     assert "/dev/shm" in text and "shm-size" in text
     assert "python3.11" in text  # the project needs 3.11; Ubuntu 22.04 has 3.10
 
@@ -336,6 +340,8 @@ def test_copy_sources_exist_and_are_in_the_context(image):
     pats = dockerignore_patterns()
     allowed = {"pyproject.toml", "constraints.txt", "README.md", "images/requirements.py", "deepmedix", "serving",
                "components", "pipelines", "configs"}
+    if image == "train":
+        allowed.add("images/constraints-vllm.txt")  # the pin set of the build with vLLM
     copies = of(dockerfile(image), "COPY")
     assert copies
     seen = set()
@@ -496,3 +502,26 @@ def test_make_images_calls_build_sh(tmp_path):
                           timeout=60,
                           env={"PATH": str(bin_dir), "HOME": str(tmp_path)})
     assert proc.returncode == 2 and "docker, podman or buildah" in proc.stderr, proc.stderr
+
+
+def test_the_vllm_pin_set_fits_trl_torch_and_the_project():
+    """images/constraints-vllm.txt (images/vllm_pins.py resolved it with pip --dry-run; `make vllm-pins` checks it
+    again against the index): vllm inside TRL's own vllm range, the project's torch, a transformers the project
+    and that vllm accept, and every requirement of the train image pinned."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    lines = [ln for ln in (DOCKER / "constraints-vllm.txt").read_text().splitlines() if ln and not ln.startswith("#")]
+    pins = dict(ln.split("==") for ln in lines)
+    assert len(pins) == len(lines) > 100
+    trl_vllm = [Requirement(r) for r in requires("trl") if r.startswith("vllm") and 'extra == "vllm"' in r]
+    assert trl_vllm and Version(pins["vllm"]) in trl_vllm[0].specifier, trl_vllm  # TRL 1.16: >=0.22.0,<=0.31.0
+    assert pins["trl"] == "1.16.0" and f"torch=={pins['torch']}" == TORCH
+    project = {Requirement(r).name: Requirement(r) for r in PROJECT["dependencies"]}
+    assert Version(pins["transformers"]) in project["transformers"].specifier
+    assert Version(pins["transformers"]) < Version("5.18")  # vLLM 0.31.0 requires transformers<5.18.0
+    for extra in ("train", "eval", "pipeline"):
+        for r in PROJECT["optional-dependencies"][extra] + PROJECT["dependencies"]:
+            assert Requirement(r).name.lower().replace("_", "-") in pins, r

@@ -313,13 +313,79 @@ def trainer_class(base: type, preloaded: bool) -> type:
 
 def save_final(trainer, dest: Path) -> None:
     """The trained weights as a stock Qwen2.5-VL folder: LoRA adapters merged in; under ZeRO-3 the shards are
-    gathered (every rank takes part)."""
+    gathered (every rank takes part) and the folder is put in the stock layout (:func:`restock`)."""
     if hasattr(trainer.model, "merge_and_unload"):
         if trainer.is_world_process_zero():
             trainer.accelerator.unwrap_model(trainer.model).merge_and_unload().save_pretrained(dest)
     else:
         trainer.save_model(str(dest))
+        if getattr(trainer, "is_deepspeed_enabled", False) and trainer.is_world_process_zero():
+            restock_apart(dest)
     barrier()
+
+
+def restock_apart(folder: Path) -> None:
+    """:func:`restock` in a process of its own: in the training process ZeRO-3's config is still set, and a model
+    loaded there is partitioned (its saved tensors would be empty)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "deepmedix.train.checkpoints", "restock", str(folder)],
+                       capture_output=True, text=True, check=False)
+    if r.returncode:
+        from deepmedix.errors import ModelLoadError
+
+        raise ModelLoadError(f"{folder}: rewriting the saved weights in the stock layout failed:\n{r.stderr[-2000:]}")
+    if r.stdout.strip():
+        print(r.stdout.strip(), flush=True)
+
+
+# Key prefixes that are no part of a Qwen2.5-VL folder's layout (model.embed_tokens / model.layers / model.norm,
+# visual.*, lm_head.*, what the released checkpoints, vLLM and every transformers version read).
+NOT_STOCK = ("model.model.", "model.language_model.", "model.visual.")
+
+
+def weight_keys(folder: Path) -> list[str]:
+    from safetensors import safe_open
+
+    keys = []
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            keys.extend(st.keys())
+    return keys
+
+
+def restock(folder: Path) -> bool:
+    """Rewrite a saved folder in the stock key layout when it is not in it; True when it was rewritten.
+
+    Under DeepSpeed ZeRO-3 the Trainer saves the gathered state dict through ``save_pretrained(state_dict=...)``,
+    whose reverse renaming (transformers ``core_model_loading.revert_weight_conversion``) turns the engine's names
+    into ``model.model.layers.*`` with transformers 5.24 (5.17 writes ``model.layers.*``). Transformers 5.24 reads
+    that back, but vLLM and other versions do not. Loaded here (the loader maps the names; a missing or unexpected
+    weight is an error, never a silently re-initialised model) and saved again as a plain save writes it."""
+    if not any(k.startswith(NOT_STOCK) for k in weight_keys(folder)):
+        return False
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from deepmedix.errors import ModelLoadError
+
+    model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(folder), dtype="auto",
+                                                                     output_loading_info=True)
+    if info.get("missing_keys") or info.get("unexpected_keys"):
+        raise ModelLoadError(f"{folder}: the saved weights do not map onto Qwen2.5-VL (missing "
+                             f"{sorted(info.get('missing_keys') or [])[:3]}, unexpected "
+                             f"{sorted(info.get('unexpected_keys') or [])[:3]})")
+    # save_pretrained reverts the renamings recorded when the folder was loaded (``_weight_conversions``), which
+    # would write the odd names back; without them it reverts the model type's own mapping, as for a model built
+    # from its config, and writes the stock layout (a plain save's). The check below catches a version where not.
+    if hasattr(model, "_weight_conversions"):
+        model._weight_conversions = None
+    for f in list(Path(folder).glob("model*.safetensors")) + list(Path(folder).glob("model.safetensors.index.json")):
+        f.unlink()
+    model.save_pretrained(str(folder))
+    if any(k.startswith(NOT_STOCK) for k in weight_keys(folder)):
+        raise ModelLoadError(f"{folder}: still not in the stock Qwen2.5-VL layout after a plain save")
+    return True
 
 
 def publish_model(is_main: bool, log_history: list[dict], processor, work: Path, out_uri: str, stage: str,
@@ -342,3 +408,13 @@ def publish_model(is_main: bool, log_history: list[dict], processor, work: Path,
             store.write_lineage(out, stage, cfg, inputs=inputs, extra={"metrics": metrics})
         shutil.rmtree(work, ignore_errors=True)
     barrier()
+
+
+if __name__ == "__main__":  # python -m deepmedix.train.checkpoints restock FOLDER (restock_apart)
+    import sys
+
+    if sys.argv[1:2] == ["restock"] and len(sys.argv) == 3:
+        if restock(Path(sys.argv[2])):
+            print(f"{sys.argv[2]}: weights rewritten in the stock Qwen2.5-VL layout")
+    else:
+        sys.exit("usage: python -m deepmedix.train.checkpoints restock FOLDER")

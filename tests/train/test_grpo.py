@@ -127,6 +127,13 @@ def test_grpo_under_deepspeed_zero3_in_one_cpu_process_and_resume(small_data, ba
     assert resumed["steps"] == 2 and resumed["resumed_from"].endswith("checkpoint-1")
     a, b = load(tmp_path / "whole").model.state_dict(), load(tmp_path / "part").model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)  # the engine restored weights and optimizer: same as unbroken
+    # ZeRO-3's gathered weights saved in the stock layout (transformers 5.24 writes model.model.* there: restock)
+    from deepmedix.train.checkpoints import NOT_STOCK, restock, weight_keys
+
+    keys = weight_keys(tmp_path / "whole")
+    assert keys and sorted(keys) == sorted(weight_keys(base_model_dir)) and not any(k.startswith(NOT_STOCK)
+                                                                                  for k in keys)
+    assert restock(tmp_path / "whole") is False  # already stock: left as it is
 
 
 @pytest.mark.gpu

@@ -136,6 +136,10 @@ def test_deepspeed_zero_in_one_cpu_process(small_data, base_model_dir, tmp_path,
     assert m["steps"] == 3 and m["deepspeed"].endswith(f"{zero}.json") and m["trainable_params"] > 0
     base, tuned = _weights(base_model_dir), _weights(out)
     assert set(base) == set(tuned) and any(not torch.equal(base[k], tuned[k]) for k in base)
+    # the folder in the stock layout, key for key what a plain save writes (vLLM and any transformers read it)
+    from deepmedix.train.checkpoints import weight_keys
+
+    assert sorted(weight_keys(out)) == sorted(weight_keys(base_model_dir))
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])

@@ -34,7 +34,9 @@ def chunk_digest(spec: SourceSpec, items: list[Item], qs: list[Quarantine]) -> s
                 for r in (it.images if isinstance(it.images, list) else [])]
         d.update(repr((spec.name, it.record_id, it.patient_id, it.study_id, it.task, it.prompt, it.answer, refs,
                        [(b.label, b.box) for b in it.boxes] if isinstance(it.boxes, list) else repr(it.boxes),
-                       it.box_frame, it.split, it.view, it.question_type, it.findings)).encode())
+                       it.box_frame, it.split, it.view, it.question_type, it.findings,
+                       [(b.label, b.box) for b in it.landmarks] if isinstance(it.landmarks, list)
+                       else repr(it.landmarks))).encode())
     for q in qs:
         d.update(repr(q.to_dict()).encode())
     return d.hexdigest()
@@ -60,20 +62,24 @@ def _check_item(it: Item) -> None:
             raise TypeError(f"field '{name}' is {type(v).__name__}, expected text")
     if not isinstance(it.images, list) or not all(isinstance(r, ImageRef) for r in it.images):
         raise TypeError("field 'images' must be a list of ImageRef")
-    if not isinstance(it.boxes, list) or not all(isinstance(b, Box) for b in it.boxes):
-        raise TypeError("field 'boxes' must be a list of Box")
+    for name in ("boxes", "landmarks"):
+        v = getattr(it, name)
+        if not isinstance(v, list) or not all(isinstance(b, Box) for b in v):
+            raise TypeError(f"field '{name}' must be a list of Box")
     if not isinstance(it.findings, list) or not all(isinstance(f, str) for f in it.findings):
         raise TypeError("field 'findings' must be a list of text")
 
 
-def _scale_boxes(item: Item, size: tuple[int, int], orig: tuple[int, int]) -> list[Box] | str:
+def _scale_boxes(item: Item, size: tuple[int, int], orig: tuple[int, int], boxes: list[Box] | None = None
+                 ) -> list[Box] | str:
+    """``boxes`` (default: the item's) from the item's box frame into the stored image's pixels, or why not."""
     try:
         fw, fh = (float(v) for v in (item.box_frame or orig))
         if not (fw > 0 and fh > 0):
             return f"box frame {item.box_frame} is not a size"
         sx, sy = size[0] / fw, size[1] / fh
         out = []
-        for b in item.boxes:
+        for b in item.boxes if boxes is None else boxes:
             if not isinstance(b.label, str) or len(b.box) != 4:
                 return f"box {b.label!r} {b.box!r} is not a label with [x1, y1, x2, y2]"
             x1, y1, x2, y2 = (float(v) for v in b.box)
@@ -180,8 +186,9 @@ def finish_chunk(cfg: CurateConfig, prep: Prep, results: dict[str, tuple], st: S
             _drop(prep, it, it.images[0].label(), dup)
             continue
         boxes = _scale_boxes(it, res[0][2], res[0][3]) if it.boxes else []
-        if isinstance(boxes, str):
-            _drop(prep, it, "", boxes)
+        marks = _scale_boxes(it, res[0][2], res[0][3], it.landmarks) if it.landmarks else []
+        if isinstance(boxes, str) or isinstance(marks, str):
+            _drop(prep, it, "", boxes if isinstance(boxes, str) else f"landmark: {marks}")
             continue
         split = it.split or seeded_split(it.patient_id, cfg.seed, cfg.split_ratios)
         if split not in SPLITS:
@@ -203,7 +210,7 @@ def finish_chunk(cfg: CurateConfig, prep: Prep, results: dict[str, tuple], st: S
             rec = Record(record_id=rid, patient_id=it.patient_id, study_id=it.study_id, source=spec.name,
                          images=rel_imgs, image_sizes=[list(r[2]) for r in res], task=it.task, prompt=prompt,
                          answer=answer, split=split, view=it.view or "", question_type=it.question_type or "",
-                         boxes=boxes, findings=list(it.findings), trace=it.trace or "").validate()
+                         boxes=boxes, findings=list(it.findings), trace=it.trace or "", landmarks=marks).validate()
         except RecordError as exc:
             _drop(prep, it, "", str(exc))
             continue

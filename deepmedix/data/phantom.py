@@ -97,10 +97,11 @@ def iter_studies(n_patients: int = 40, studies_per_patient: tuple[int, int] = (1
                 k = int(rng.integers(1, 4))
                 specs = plan_findings(rng, rng.choice(FINDINGS, size=k, replace=False).tolist())
             view = "AP" if rng.random() < 0.3 else "PA"
-            img, boxes = render_study(rng, specs, size=size, view=view, patient_seed=patient_seed)
+            marks: list = []  # the image's anatomy (render_study fills it)
+            img, boxes = render_study(rng, specs, size=size, view=view, patient_seed=patient_seed, landmarks=marks)
             labels = [s.label for s in specs]
             common = dict(patient_id=pid, study_id=sid, source=SOURCE, split=splits[p], view=view,
-                          findings=list(labels))
+                          findings=list(labels), landmarks=list(marks))
             recs = [
                 dict(record_id=f"{sid}-findings", task="report_findings",
                      prompt=text.pick(rng, text.FINDINGS_PROMPTS), answer=text.findings_text(rng, specs, view),

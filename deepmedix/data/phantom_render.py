@@ -303,13 +303,15 @@ def _as_specs(findings_spec, rng: np.random.Generator) -> list[FindingSpec]:
 
 
 def render_study(rng: np.random.Generator, findings_spec=(), size: int = 512, view: str = "PA", *,
-                 patient_seed: int | None = None) -> tuple[Image.Image, list[Box]]:
+                 patient_seed: int | None = None, landmarks: list | None = None) -> tuple[Image.Image, list[Box]]:
     """Draw one frontal chest radiograph with the given findings; returns the "L" image and one Box per finding.
 
     ``findings_spec`` items are FindingSpec, label strings, ``(label, severity[, side, zone])`` tuples or dicts.
     ``rng`` is consumed by a fixed amount whatever the findings, and the anatomy and noise do not depend on them,
     so rendering from equal generator states with and without a finding differs only by that finding.
     ``patient_seed`` fixes the patient's anatomy across studies (the rng then only jitters positioning).
+    ``landmarks``, when given a list, receives the image's anatomy as boxes: ``right lung``, ``left lung`` (the
+    patient's sides: the right lung is on the image's left) and ``heart``, each around where its mask is drawn.
     """
     if view not in ("PA", "AP"):
         raise InputError(f"view must be 'PA' or 'AP', got {view!r}")
@@ -343,6 +345,9 @@ def render_study(rng: np.random.Generator, findings_spec=(), size: int = 512, vi
         thick = (np.clip((lat - D) / 0.06, 0, 1) ** 0.5 * np.clip((Y - a["apex"]) / 0.06, 0, 1) ** 0.5
                  * np.clip((D - med) / 0.03, 0, 1) ** 0.3)
         air += m * (0.35 + 0.65 * thick) * (1 - 0.25 * np.clip(t - 0.6, 0, 1))
+    if landmarks is not None:
+        landmarks.extend([Box("right lung", _bbox(lungs["right"] > 0.5, S)),
+                          Box("left lung", _bbox(lungs["left"] > 0.5, S)), Box("heart", _bbox(heart > 0.5, S))])
         below = _sig((Y - dome) / 0.004) * (D > 0) * body
         if side == "right":
             A += 0.06 * below  # liver

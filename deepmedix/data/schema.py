@@ -50,6 +50,7 @@ ARROW_SCHEMA = pa.schema(
         ("findings", pa.list_(pa.string())),
         ("trace", pa.string()),
         ("split", pa.string()),
+        ("landmarks", pa.list_(BOX_TYPE)),
     ]
 )
 
@@ -84,6 +85,7 @@ class Record:
     boxes: list[Box] = field(default_factory=list)
     findings: list[str] = field(default_factory=list)
     trace: str = ""
+    landmarks: list[Box] = field(default_factory=list)  # anatomy on images[0] (the phantom's lungs, heart)
 
     def validate(self) -> "Record":
         rid = self.record_id or "<missing id>"
@@ -103,24 +105,27 @@ class Record:
         if len(self.image_sizes) != len(self.images):
             raise RecordError(f"record {rid}: field 'image_sizes' has {len(self.image_sizes)} entries for "
                               f"{len(self.images)} images")
-        for i, b in enumerate(self.boxes):
-            if len(b.box) != 4:
-                raise RecordError(f"record {rid}: field 'boxes[{i}].box' must have 4 numbers")
-            x1, y1, x2, y2 = b.box
-            w, h = self.image_sizes[0]
-            if not (0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h):
-                raise RecordError(f"record {rid}: field 'boxes[{i}].box' {b.box} is not a box inside {w}x{h}")
+        for name in ("boxes", "landmarks"):
+            for i, b in enumerate(getattr(self, name)):
+                if len(b.box) != 4:
+                    raise RecordError(f"record {rid}: field '{name}[{i}].box' must have 4 numbers")
+                x1, y1, x2, y2 = b.box
+                w, h = self.image_sizes[0]
+                if not (0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h):
+                    raise RecordError(f"record {rid}: field '{name}[{i}].box' {b.box} is not a box inside {w}x{h}")
         return self
 
     def to_row(self) -> dict[str, Any]:
         row = asdict(self)
         row["boxes"] = [b.to_dict() for b in self.boxes]
+        row["landmarks"] = [b.to_dict() for b in self.landmarks]
         return row
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> "Record":
         row = dict(row)
-        row["boxes"] = [Box(label=b["label"], box=list(b["box"])) for b in (row.get("boxes") or [])]
+        for key in ("boxes", "landmarks"):  # a shard written before landmarks has no such column
+            row[key] = [Box(label=b["label"], box=list(b["box"])) for b in (row.get(key) or [])]
         row["image_sizes"] = [list(s) for s in (row.get("image_sizes") or [])]
         for k in ("view", "question_type", "trace"):
             row[k] = row.get(k) or ""

@@ -1,7 +1,8 @@
 """The offline ``template`` cold-start teacher: a grounded trace written from the record alone — its findings and
 its reference boxes, which it cites in the pixels of the record's first image (the frame every cold-start trace is
 written in; :func:`deepmedix.data.records.trace_in_frame` moves a trace into the model's frame for training). It
-has no eyes: a record without reference boxes gets steps that cite no box, never a made-up region."""
+has no eyes: a record without reference boxes gets steps that cite its own anatomical landmarks (the phantom draws
+them with each image) or no box, never a fixed template region."""
 
 from __future__ import annotations
 
@@ -16,15 +17,21 @@ Result = tuple[str | None, str | None]
 
 
 def template_trace(rec: Record) -> str:
-    """A grounded trace written from the record alone: one step per reference box, then the answer."""
+    """A grounded trace written from the record alone: one step per reference box, then the answer. Without
+    reference boxes it reviews the anatomy, pointing at the record's own landmarks where it has them (the
+    phantom's lungs and heart, drawn with the image), else at nothing."""
+    marks = {b.label: list(b.box) for b in rec.landmarks}
     steps: list[Step] = []
     if rec.task == "vqa" and rec.question_type == "view":
-        steps.append(Step("the projection is judged from the scapulae and the heart size"))
+        steps.append(Step("the projection is judged from the scapulae and the heart size",
+                          [] if rec.boxes or "heart" not in marks else [marks["heart"]]))
     for b in rec.boxes:
         steps.append(Step(f"there is {b.label} in this region", [list(b.box)]))
     if not rec.boxes:
-        steps.append(Step("the lung fields are reviewed from apex to base"))
-        steps.append(Step("the cardiac silhouette and the costophrenic angles are reviewed"))
+        lungs = [marks[k] for k in ("right lung", "left lung") if k in marks]
+        steps.append(Step("the lung fields are reviewed from apex to base", lungs))
+        steps.append(Step("the cardiac silhouette and the costophrenic angles are reviewed",
+                          [marks["heart"]] if "heart" in marks else []))
     if rec.task.startswith("report_"):
         steps.append(Step("these observations are summarised in the report"))
     return format_output(steps, rec.answer)

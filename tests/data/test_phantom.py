@@ -282,3 +282,21 @@ def test_findings_text_states_severity_and_negations_are_true(dataset):
                 negated_somewhere.add(concept)
                 assert not any(f.endswith(concept) for f in r.findings), (concept, r.answer)
     assert {"pneumothorax", "pleural effusion"} <= negated_somewhere
+
+
+def test_landmarks_are_the_anatomy_drawn():
+    """render_study hands back the lungs and heart it drew, the patient's right lung on the image's left."""
+    marks = []
+    img, _ = render_study(np.random.default_rng(3), [], size=SIZE, landmarks=marks)
+    got = {b.label: b.box for b in marks}
+    assert list(got) == ["right lung", "left lung", "heart"]
+    right, left, heart = got["right lung"], got["left lung"], got["heart"]
+    assert all(0 <= x1 < x2 <= SIZE and 0 <= y1 < y2 <= SIZE for x1, y1, x2, y2 in got.values())
+    assert right[2] <= SIZE * 0.6 and left[0] >= SIZE * 0.4 and right[0] < heart[0] < heart[2] < left[2]
+    assert (right[3] - right[1]) > SIZE / 3 and (left[3] - left[1]) > SIZE / 3  # lung fields, not specks
+    arr = np.asarray(img, dtype=np.float32)
+    x1, y1, x2, y2 = (int(v) for v in right)
+    assert arr[y1:y2, x1:x2].mean() < arr.mean()  # air: darker than the film as a whole
+    again = []
+    render_study(np.random.default_rng(3), [], size=SIZE, landmarks=again)
+    assert [b.box for b in again] == [b.box for b in marks]

@@ -108,8 +108,9 @@ def test_instruction_sft_answers_what_the_base_model_cannot(chain):
 
 def test_cold_start_writes_the_grounded_grammar_the_sft_model_does_not(chain):
     root, records = load_split(str(chain.data), "validate", ["report_impression", "vqa", "grounding"], None, 16, 0)
-    before = [parse(o).format_ok for o in generate_on(load(chain.sft, device="cpu"), root, records, 128)]
-    after_out = generate_on(load(chain.coldstart, device="cpu"), root, records, 128)
+    # 192 new tokens: a trace that reviews the anatomy cites three landmark boxes (about 330 characters)
+    before = [parse(o).format_ok for o in generate_on(load(chain.sft, device="cpu"), root, records, 192)]
+    after_out = generate_on(load(chain.coldstart, device="cpu"), root, records, 192)
     after = [parse(o).format_ok for o in after_out]
     rate = (sum(before) / len(before), sum(after) / len(after))
     print(f"\ncold-start format compliance on {len(records)} validate records: SFT {rate[0]:.2f}, "

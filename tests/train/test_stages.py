@@ -31,9 +31,10 @@ def test_curate_writes_records_split_by_patient(small_data):
 
 
 def test_template_teacher_traces_pass_the_filter_and_cite_only_reference_boxes(small_data):
-    """No template regions: a trace's boxes are the record's reference boxes (its image's pixels), or none; the
-    cold-start SFT target moves them to the model's frame, per axis."""
-    from deepmedix.data.records import frame_boxes, trace_in_frame
+    """No template regions: a trace's boxes are the record's reference boxes (its image's pixels), or where it has
+    none its own landmarks (the lungs and heart the phantom drew); the cold-start SFT target moves them to the
+    model's frame, per axis."""
+    from deepmedix.data.records import trace_in_frame
 
     recs = load_records(small_data, "train")[:40]
     assert any(r.boxes for r in recs) and any(not r.boxes for r in recs)
@@ -43,9 +44,12 @@ def test_template_teacher_traces_pass_the_filter_and_cite_only_reference_boxes(s
         assert keep_trace(trace, rec) is None
         p = parse(trace)
         assert p.answer == rec.answer
-        assert sorted(p.boxes) == sorted([round(v) for v in b.box] for b in rec.boxes)  # nothing else
+        cited = rec.boxes or rec.landmarks
+        assert rec.landmarks and set(map(tuple, p.boxes)) == {tuple(round(v) for v in b.box) for b in cited}
         target = trace_in_frame(trace, rec, tiny)
-        assert sorted(parse(target).boxes) == sorted([round(v) for v in b] for b in frame_boxes(rec, tiny))
+        w, h = rec.image_sizes[0]
+        assert set(map(tuple, parse(target).boxes)) == {
+            tuple(round(v) for v in tiny.to_frame([round(c) for c in b.box], w, h)) for b in cited}
         assert BOX_RE.sub("[]", target) == BOX_RE.sub("[]", trace)  # only the boxes change
 
 

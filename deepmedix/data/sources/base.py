@@ -97,6 +97,9 @@ class Item:
     # (MS-CXR's image_width/height, ChestX-ray14's 1024x1024); None: the decoded image's own pixels
     findings: list[str] = field(default_factory=list)
     trace: str = ""
+    # anatomical landmarks on images[0] in the boxes' frame (the phantom's lungs and heart): where a cold-start
+    # teacher may point when a record has no reference box
+    landmarks: list[Box] = field(default_factory=list)
     file: str = ""            # the metadata file (and row) this Item came from, for quarantine reports
 
 

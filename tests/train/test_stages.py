@@ -75,12 +75,14 @@ def test_coldstart_synth_and_sft(small_data, sft_model, tmp_path):
     r = stages.coldstart_synth(str(small_data), str(traces), "tiny", ["max_records=20", "eval_records=4"])
     assert r["after"] == 24 and r["dropped"] == {}
     rep = json.loads((traces / "filter_report.json").read_text())
-    # the template teacher cites every reference box as it is (IoU 1), and no box where a record has none
-    assert rep["kept_citing_boxes"] == rep["kept_on_records_with_boxes"] and 0 < rep["kept_citing_boxes"] < 24
+    # the template teacher cites every reference box as it is (IoU 1), and the record's landmarks where it has none
+    assert rep["kept_citing_boxes"] == 24 and 0 < rep["kept_on_records_with_boxes"] < 24
     assert rep["cited_box_iou_mean"] == 1.0
     recs = load_records(traces)
     assert all(parse(x.trace).format_ok for x in recs)
-    assert all(bool(parse(x.trace).boxes) == bool(x.boxes) for x in recs)
+    for x in recs:
+        cited = {tuple(b) for b in parse(x.trace).boxes}
+        assert cited == {tuple(float(round(v)) for v in b.box) for b in (x.boxes or x.landmarks)}
     # the traces artifact carries its own images, by relative URI, so a pod given only the traces can train
     assert all(not x.images[0].startswith("/") and (traces / x.images[0]).is_file() for x in recs)
     out = tmp_path / "cs"

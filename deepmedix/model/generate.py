@@ -101,14 +101,15 @@ class _Rows:
 @torch.no_grad()
 def generate_batch(loaded: Loaded, images: list[list[Image.Image]], questions: list[str],
                    max_new_tokens: int | list[int] = 256, do_sample: bool = False, temperature: float = 1.0,
-                   top_p: float = 1.0, frame: Frame | str | None = "native", systems: list[str | None] | None = None,
+                   top_p: float = 1.0, frame: Frame | str | None = "auto", systems: list[str | None] | None = None,
                    on_token=None, on_done=None, stop_row=None) -> list[Generation]:
     """One batched ``generate`` over several queries (each one or more images and a task text; the instruction
     is added). ``max_new_tokens`` may be one budget per query: each row stops at its own budget (the batch runs
     until every row has ended). ``on_token(row, token_id)`` streams; ``on_done(row, Generation)`` reports a row
     as soon as it ends; ``stop_row(row) -> bool`` ends a row early (its output is then cut short). Sampling
     settings the call does not name (``top_k``, ``repetition_penalty``, ...) come from the model's
-    ``generation_config.json``, as in vLLM's OpenAI server."""
+    ``generation_config.json``, as in vLLM's OpenAI server. ``frame`` prepares the images for the box frame the
+    answers are read in (``auto``: the one the model folder was trained in, :meth:`Loaded.frame`)."""
     from transformers import StoppingCriteriaList
 
     budgets = [int(max_new_tokens)] * len(questions) if isinstance(max_new_tokens, int) else list(max_new_tokens)
@@ -133,7 +134,7 @@ def generate_batch(loaded: Loaded, images: list[list[Image.Image]], questions: l
 
 
 def generate(loaded: Loaded, images: list[list[Image.Image]], questions: list[str], max_new_tokens: int = 256,
-             do_sample: bool = False, temperature: float = 1.0, frame: Frame | str = "native") -> list[str]:
+             do_sample: bool = False, temperature: float = 1.0, frame: Frame | str = "auto") -> list[str]:
     """One batched ``generate``: each query is one or more images and a task text (the instruction is added)."""
     return [g.text for g in generate_batch(loaded, images, questions, max_new_tokens, do_sample=do_sample,
                                            temperature=temperature, frame=frame)]
@@ -145,7 +146,7 @@ def batched(items: list, n: int):
 
 
 def generate_on(loaded, root: Path, records: list[Record], max_new_tokens: int, batch_size: int = 8,
-                progress: Callable[[int, int], None] | None = None, frame: Frame | str = "native") -> list[str]:
+                progress: Callable[[int, int], None] | None = None, frame: Frame | str = "auto") -> list[str]:
     """Greedy generation with the reasoning prompt for each record; returns raw outputs in order."""
     outs: list[str] = []
     for chunk in batched(records, batch_size):

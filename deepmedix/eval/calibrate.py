@@ -18,7 +18,7 @@ from typing import Any, Callable
 from deepmedix.data.records import frame_boxes, load_split, record_images
 from deepmedix.data.schema import REPORT_TASKS
 from deepmedix.errors import InputError
-from deepmedix.grounding import Frame, iou, match_boxes, parse
+from deepmedix.grounding import Frame, match_boxes, mean_matched_iou, parse
 from deepmedix.model.generate import batched
 from deepmedix.store import write_json
 
@@ -35,9 +35,8 @@ def _score(outs: list[str], records: list, frame: Frame) -> dict[str, Any]:
         w, h = rec.image_sizes[0]
         n_boxes += len(pred)
         inside += sum(frame.contains(b, w, h) for b in pred)
-        matched = match_boxes(pred, ref)
-        ious.append(sum(v for _, _, v in matched) / max(len(ref), len(pred)))
-        hits += sum(iou(pred[i], ref[j]) >= 0.5 for i, j, _ in matched)
+        ious.append(mean_matched_iou(pred, ref))
+        hits += sum(v >= 0.5 for _, _, v in match_boxes(pred, ref))
         refs += len(ref)
     return {"miou": round(sum(ious) / len(ious), 4), "acc50": round(hits / refs, 4) if refs else math.nan,
             "format_ok": round(fmt / len(records), 4), "boxes": n_boxes,

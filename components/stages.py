@@ -22,15 +22,21 @@ SERVING_IMAGE = f"{REGISTRY}/deepmedix-serving:{VERSION}"
 
 @dsl.component(base_image=DATA_IMAGE, install_kfp_package=False)
 def step_gpus(sft_nodes: int, sft_gpus_per_node: int, coldstart_nodes: int, coldstart_gpus_per_node: int,
-              grpo_nodes: int, grpo_gpus_per_node: int) -> NamedTuple("StepGpus", sft=int, coldstart=int, grpo=int):
-    """GPUs each training step's own pod requests: its GPUs per node when it trains in the pod, none when it only
-    launches a multi-node TrainJob (holding a GPU node while waiting could starve the TrainJob)."""
+              grpo_nodes: int, grpo_gpus_per_node: int, synth_gpus: int, eval_gpus: int
+              ) -> NamedTuple("StepGpus", sft=str, coldstart=str, grpo=str, synth=str, eval=str):
+    """GPUs each GPU step's own pod requests: a training step its GPUs per node when it trains in the pod, none when
+    it only launches a multi-node TrainJob (holding a GPU node while waiting could starve the TrainJob); synthesis
+    and evaluation their parameters.
+
+    As *strings*: the KFP 2.x driver resolves a pod-spec runtime parameter such as the accelerator count with
+    ``val.GetStringValue()`` (backend/src/v2/driver ``resolvePodSpecInputRuntimeParameter``) and sets the limit only
+    when that is not empty, so an int parameter yields no ``nvidia.com/gpu`` limit at all."""
     from collections import namedtuple
 
     own = lambda nodes, gpus: 0 if nodes > 1 else gpus  # noqa: E731
-    return namedtuple("StepGpus", "sft coldstart grpo")(own(sft_nodes, sft_gpus_per_node),
-                                                          own(coldstart_nodes, coldstart_gpus_per_node),
-                                                          own(grpo_nodes, grpo_gpus_per_node))
+    return namedtuple("StepGpus", "sft coldstart grpo synth eval")(
+        str(own(sft_nodes, sft_gpus_per_node)), str(own(coldstart_nodes, coldstart_gpus_per_node)),
+        str(own(grpo_nodes, grpo_gpus_per_node)), str(synth_gpus), str(eval_gpus))
 
 
 @dsl.component(base_image=DATA_IMAGE, install_kfp_package=False)

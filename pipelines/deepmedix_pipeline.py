@@ -4,8 +4,10 @@ evaluate -> [Report Arena] -> [deploy].
 Only the wiring lives here; every step is a component of ``components.stages``. Cluster settings:
 
 * GPU steps (the training stages, cold-start synthesis, evaluation) get ``set_accelerator_type`` /
-  ``set_accelerator_limit`` (GPUs per node from the parameters), the GPU pool's node selector and tolerations
-  (parameters, JSON), and a memory-backed ``/dev/shm``; curation, the arena and deploy get none of these.
+  ``set_accelerator_limit`` (GPUs per node from the parameters, each a *string* output of ``step-gpus``: the KFP
+  driver reads an accelerator count parameter as a string and sets no limit for an int), the GPU pool's node
+  selector and tolerations (parameters, JSON), and a memory-backed ``/dev/shm``; curation, the arena and deploy
+  get none of these.
 * Every step gets the S3 credentials from the Secret named by ``s3_secret`` as environment (by name only), and
   the non-secret endpoint settings (``S3_ENDPOINT``, ``S3_USE_HTTPS``, ``AWS_REGION``) from the ConfigMap named
   by ``s3_env_configmap`` (the Helm chart's ``<release>-s3-env``) when it exists.
@@ -82,14 +84,15 @@ def deepmedix_pipeline(
                  s3_secret=s3_secret)
     plan = c.step_gpus(sft_nodes=sft_nodes, sft_gpus_per_node=sft_gpus_per_node, coldstart_nodes=coldstart_nodes,
                        coldstart_gpus_per_node=coldstart_gpus_per_node, grpo_nodes=grpo_nodes,
-                       grpo_gpus_per_node=grpo_gpus_per_node).set_display_name("step-gpus")
+                       grpo_gpus_per_node=grpo_gpus_per_node, synth_gpus=synth_gpus,
+                       eval_gpus=eval_gpus).set_display_name("step-gpus")
     cur = c.curate(size=size, overrides=curate_overrides).set_display_name("curate")
     base = c.base_model(data=cur.outputs["data"], size=size, model_uri=base_model_uri).set_display_name("base-model")
     s1 = _gpu(c.sft(data=cur.outputs["data"], base=base.outputs["model"], size=size, overrides=sft_overrides,
                     nodes=sft_nodes, gpus_per_node=sft_gpus_per_node, **place).set_display_name("sft"),
               plan.outputs["sft"], *pool)
     syn = _gpu(c.coldstart_synth(data=cur.outputs["data"], size=size, overrides=coldstart_overrides)
-               .set_display_name("coldstart-synth"), synth_gpus, *pool)
+               .set_display_name("coldstart-synth"), plan.outputs["synth"], *pool)
     kubernetes.use_secret_as_env(syn, "deepmedix-judge", {"OPENAI_API_KEY": "OPENAI_API_KEY",
                                                           "OPENAI_BASE_URL": "OPENAI_BASE_URL"}, optional=True)
     s2 = _gpu(c.coldstart_sft(traces=syn.outputs["traces"], base=s1.outputs["model"], size=size,
@@ -97,13 +100,14 @@ def deepmedix_pipeline(
                               gpus_per_node=coldstart_gpus_per_node, **place)
               .set_display_name("coldstart-sft"), plan.outputs["coldstart"], *pool)
     ev2 = _gpu(c.evaluate_coldstart(data=cur.outputs["data"], model=s2.outputs["model"], size=size,
-                                    overrides=eval_overrides).set_display_name("evaluate-coldstart"), eval_gpus, *pool)
+                                    overrides=eval_overrides).set_display_name("evaluate-coldstart"),
+               plan.outputs["eval"], *pool)
     s3 = _gpu(c.grpo(data=cur.outputs["data"], base=s2.outputs["model"], size=size, overrides=grpo_overrides,
                      nodes=grpo_nodes, gpus_per_node=grpo_gpus_per_node, **place).set_display_name("grpo"),
               plan.outputs["grpo"], *pool)
     ev = _gpu(c.evaluate(data=cur.outputs["data"], model=s3.outputs["model"], size=size,
-                         overrides=eval_overrides).set_display_name("evaluate"), eval_gpus, *pool)
-    for task in (s1, s2, s3):  # the compiler does not count a channel used only in a resource limit as a dependency
+                         overrides=eval_overrides).set_display_name("evaluate"), plan.outputs["eval"], *pool)
+    for task in (s1, syn, s2, ev2, s3, ev):  # the compiler does not count a channel used only in a resource limit
         task.after(plan)
     tasks = [cur, base, s1, syn, s2, ev2, s3, ev]
     with dsl.If(run_arena == True):  # noqa: E712 - a pipeline condition, not Python truthiness

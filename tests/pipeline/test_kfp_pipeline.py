@@ -25,6 +25,14 @@ def _compiled(tmp_path):
     return ir, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
 
 
+def _dag_task(ir, task: str) -> dict:
+    """A task's entry in the DAG that holds it (the root or a condition branch)."""
+    for comp in [ir["root"], *ir["components"].values()]:
+        if task in (comp.get("dag") or {}).get("tasks", {}):
+            return comp["dag"]["tasks"][task]
+    raise KeyError(task)
+
+
 def _executor(ir, task: str) -> str:
     """The executor label of a task, wherever it sits (the root DAG or a condition branch)."""
     for comp in [ir["root"], *ir["components"].values()]:
@@ -66,7 +74,7 @@ def test_gpu_steps_carry_gpus_pool_and_shared_memory_and_cpu_steps_none(tmp_path
         if task in GPU_TASKS:
             acc = container["resources"]["accelerator"]
             assert acc["resourceType"] == "nvidia.com/gpu", (task, acc)
-            assert any(p in acc["resourceCount"] for p in ("step-gpus-", "eval_gpus", "synth_gpus")), (task, acc)
+            assert acc["resourceCount"].startswith("{{$.inputs.parameters['pipelinechannel--step-gpus-"), (task, acc)
             assert k8s["nodeSelector"] == {"nodeSelectorJson": {"componentInputParameter": "gpu_node_selector"}}
             assert k8s["tolerations"] == [{"tolerationJson": {"componentInputParameter": "gpu_tolerations"}}]
             assert k8s["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "32Gi",
@@ -87,7 +95,27 @@ def test_gpu_steps_carry_gpus_pool_and_shared_memory_and_cpu_steps_none(tmp_path
     from components.stages import step_gpus
 
     own = step_gpus.python_func
-    assert tuple(own(1, 8, 2, 8, 4, 4)) == (8, 0, 0) and tuple(own(1, 1, 1, 2, 1, 1)) == (1, 2, 1)
+    assert tuple(own(1, 8, 2, 8, 4, 4, 1, 2)) == ("8", "0", "0", "1", "2")
+    assert tuple(own(1, 1, 1, 2, 1, 1, 0, 1)) == ("1", "2", "1", "0", "1")
+
+
+def test_accelerator_counts_reach_the_driver_as_strings(tmp_path):
+    """The KFP 2.x driver resolves a pod-spec runtime parameter with ``val.GetStringValue()``
+    (backend/src/v2/driver, ``resolvePodSpecInputRuntimeParameter``) and sets ``nvidia.com/gpu`` only when the
+    result is not empty: a NUMBER parameter resolves to "" and the pod gets no GPU limit. Every GPU step's count is
+    therefore a STRING output of step-gpus, never a pipeline int parameter."""
+    ir, _ = _compiled(tmp_path)
+    outputs = ir["components"]["comp-step-gpus"]["outputDefinitions"]["parameters"]
+    assert {k: v["parameterType"] for k, v in outputs.items()} == {k: "STRING" for k in
+                                                                  ("sft", "coldstart", "grpo", "synth", "eval")}
+    for task in GPU_TASKS:
+        count = ir["deploymentSpec"]["executors"][_executor(ir, task)]["container"]["resources"]["accelerator"][
+            "resourceCount"]
+        channel = count.split("'")[1]
+        src = _dag_task(ir, task)["inputs"]["parameters"][channel]
+        assert src["taskOutputParameter"]["producerTask"] == "step-gpus", (task, src)
+        assert outputs[src["taskOutputParameter"]["outputParameterKey"]]["parameterType"] == "STRING"
+        assert "step-gpus" in _dag_task(ir, task)["dependentTasks"], task  # the count exists before the pod
 
 
 def test_secrets_by_name_only_and_training_uncached(tmp_path):

@@ -47,6 +47,11 @@ def inferenceservice_manifest(name: str, namespace: str, storage_uri: str, s: Se
                            "(s3://, pvc://, gs://, hf://)")
     if s.deployment_mode not in ("Knative", "Standard"):
         raise ClusterError(f"deployment_mode: {s.deployment_mode!r} is not Knative or Standard")
+    if storage_uri.startswith(("s3://", "gs://")) and not storage_uri.endswith("/"):
+        # a model folder, as a folder: KServe's storage-initializer lists objects by raw key prefix
+        # (kserve/storage/storage.py _download_s3: bucket.objects.filter(Prefix=bucket_path)), so ".../model" also
+        # matches ".../model-checkpoints/**", the optimizer states the training stages publish beside the model
+        storage_uri += "/"
     probe = lambda path, **kw: {"httpGet": {"path": path, "port": 8080}, "periodSeconds": 10,  # noqa: E731
                                 "timeoutSeconds": 5, **kw}
     resources = {"requests": {"cpu": s.cpu, "memory": s.memory}, "limits": {"memory": s.memory}}

@@ -152,7 +152,12 @@ def test_inferenceservice_of_the_deploy_step(tmp_path):
         assert secret_errors([obj]) == []
     pred = isvc["spec"]["predictor"]
     (c,) = pred["containers"]
-    assert c["env"][0] == {"name": "STORAGE_URI", "value": "s3://deepmedix/runs/r1/grpo/model"}
+    # a folder URI ends with "/": KServe downloads by raw key prefix, and ".../model" would also fetch
+    # ".../model-checkpoints/**" (kserve/storage/storage.py, _download_s3: objects.filter(Prefix=bucket_path))
+    assert c["env"][0] == {"name": "STORAGE_URI", "value": "s3://deepmedix/runs/r1/grpo/model/"}
+    assert inferenceservice_manifest("x", "ns", "s3://b/m/")["spec"]["predictor"]["containers"][0]["env"][0][
+        "value"] == "s3://b/m/" and inferenceservice_manifest("x", "ns", "pvc://claim/m")["spec"]["predictor"][
+        "containers"][0]["env"][0]["value"] == "pvc://claim/m"
     assert pred["serviceAccountName"] == "deepmedix-serving" and pred["scaleMetric"] == "concurrency"
     assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Knative"
     gpu = inferenceservice_manifest("x", "ns", "s3://b/m", Serving(deployment_mode="Standard", gpus=1,

@@ -43,6 +43,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipelines.resources import requests
+
 try:  # rendering needs hera; the images only run `exec`, which does not
     from hera.workflows import (
         DAG,
@@ -179,37 +181,38 @@ def stages() -> list[Stage]:
     llm_env = (("OPENAI_BASE_URL", wf("llm_base_url")),)
     return [
         Stage("curate", ["curate", "--out", inp("out"), *size], ("out",), overrides="curate_overrides",
-              cpu="2", memory="8Gi", description="curate the public CXR sets / phantoms into Records"),
+              **requests("curate"), description="curate the public CXR sets / phantoms into Records"),
         Stage("base-model", ["model", "tiny", "--out", inp("out"), "--data", inp("data"), *size], ("data", "out"),
-              description="build the tiny Qwen2.5-VL and its tokenizer"),
+              **requests("base-model"), description="build the tiny Qwen2.5-VL and its tokenizer"),
         Stage("sft", _train_argv("sft", ["--data", inp("data"), "--model", inp("model"), "--out", inp("out")]),
               ("data", "model", "out"), image="train_image", overrides="sft_overrides", gpus=_train_gpus("sft"),
-              cpu="8", memory="64Gi", retry=False, env=train_env, description="stage 1: instruction SFT"),
+              **requests("sft"), retry=False, env=train_env, description="stage 1: instruction SFT"),
         Stage("coldstart-synth", ["coldstart", "synth", "--data", inp("data"), "--out", inp("out"), *size],
               ("data", "out"), image="train_image", overrides="coldstart_overrides",
-              gpus=wf("synth_gpus"), cpu="4", memory="32Gi", env=llm_env, judge_secret=True,
+              gpus=wf("synth_gpus"), **requests("coldstart-synth"), env=llm_env, judge_secret=True,
               description="grounded reasoning traces from the teacher, filtered"),
         Stage("coldstart-sft", _train_argv("coldstart", ["--traces", inp("traces"), "--model", inp("model"),
                                                          "--out", inp("out")]),
               ("traces", "model", "out"), image="train_image", overrides="coldstart_overrides",
-              gpus=_train_gpus("coldstart"), cpu="8", memory="64Gi", retry=False, env=train_env,
+              gpus=_train_gpus("coldstart"), **requests("coldstart-sft"), retry=False, env=train_env,
               description="stage 2: SFT on the grounded traces"),
         Stage("grpo", _train_argv("grpo", ["--data", inp("data"), "--model", inp("model"), "--out", inp("out")]),
               ("data", "model", "out"), image="train_image", overrides="grpo_overrides", gpus=_train_gpus("grpo"),
-              cpu="8", memory="64Gi", retry=False, env=train_env, description="stage 3: GRPO"),
+              **requests("grpo"), retry=False, env=train_env, description="stage 3: GRPO"),
         Stage("evaluate", ["eval", "run", "--model", inp("model"), "--data", inp("data"), "--out", inp("out"),
                            *size],
               ("model", "data", "out"), image="train_image", overrides="eval_overrides", gpus=wf("eval_gpus"),
-              cpu="4", memory="32Gi", description="generate on the test split; metrics, predictions, tables"),
+              **requests("evaluate"), description="generate on the test split; metrics, predictions, tables"),
         Stage("arena", ["arena", "run", "-p", f"coldstart={inp('coldstart')}", "-p", f"grpo={inp('grpo')}",
                         "--out", inp("out"), *size],
               ("coldstart", "grpo", "out"), overrides="arena_overrides", env=llm_env, judge_secret=True,
+              **requests("arena"),
               description="Report Arena: LLM judges compare the two models' answers"),
         Stage("deploy", ["deploy", "--model", inp("model"), "--name", wf("deploy_name"),
                          "--namespace", wf("deploy_namespace"), "--image", wf("serving_image"),
                          "--gpus", wf("serving_gpus"), "--mode", wf("deploy_mode"),
                          "--node-selector", POOL_SELECTOR_JSON, "--tolerations", POOL_TOLERATIONS_JSON],
-              ("model",), cpu="250m", memory="512Mi",
+              ("model",), **requests("deploy"),
               description="create or update the InferenceService serving the model; wait until Ready"),
     ]
 

@@ -81,7 +81,7 @@ def test_gpu_steps_carry_gpus_pool_and_shared_memory_and_cpu_steps_none(tmp_path
                                               "volumeName": "dshm"}]
             assert "deepmedix-train" in container["image"]
         else:
-            assert "resources" not in container, task
+            assert "accelerator" not in container["resources"], task  # CPU and memory requests only
             assert not {"nodeSelector", "tolerations", "emptyDirMounts"} & set(k8s), task
             assert "deepmedix-data" in container["image"], task
     for task in TRAINING_TASKS:  # a training step's own GPUs: its GPUs per node, or none when it runs a TrainJob
@@ -145,6 +145,27 @@ def test_secrets_by_name_only_and_training_uncached(tmp_path):
     for task in TRAINING_TASKS + ("coldstart-synth", "evaluate", "evaluate-coldstart"):
         assert tasks[task]["cachingOptions"] == {}, task
     assert tasks["curate"]["cachingOptions"] == {"enableCache": True}
+    # side effects are never taken from the cache: a cached deploy would leave the cluster as it was, a cached
+    # arena would skip the judges
+    for task in OPTIONAL_TASKS:
+        assert _dag_task(ir, task)["cachingOptions"] == {}, task
+
+
+def test_every_step_requests_cpu_and_memory_as_the_argo_template_does(tmp_path):
+    """A pod without requests is scheduled as if it needed nothing (and its /dev/shm counts against memory):
+    every executor in the IR requests CPU and memory, the values of pipelines/resources.py, which the Argo
+    WorkflowTemplate's steps request too."""
+    from pipelines.argo import stages
+    from pipelines.resources import REQUESTS
+
+    ir, _ = _compiled(tmp_path)
+    names = ["step-gpus", *STAGE_TASKS, *OPTIONAL_TASKS]
+    assert sorted(names) == sorted(REQUESTS)
+    for task in names:
+        res = ir["deploymentSpec"]["executors"][_executor(ir, task)]["container"]["resources"]
+        assert (res["resourceCpuRequest"], res["resourceMemoryRequest"]) == REQUESTS[task], task
+    argo = {st.name: (st.cpu, st.memory) for st in stages()}
+    assert argo == {k: v for k, v in REQUESTS.items() if k in argo} and len(argo) >= 9
 
 
 def test_checked_in_ir_is_current(tmp_path):

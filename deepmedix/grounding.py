@@ -163,6 +163,12 @@ def budget_size(width: int, height: int, min_pixels: int, max_pixels: int) -> tu
     return max(width, 1), max(height, 1)
 
 
+def inside(box: list[float], width: float, height: float) -> bool:
+    """``box`` is a proper box (x1 < x2, y1 < y2) inside a ``width x height`` image."""
+    x1, y1, x2, y2 = box
+    return 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height
+
+
 def rescale(box: list[float], src: tuple[int, int], dst: tuple[int, int], clip: bool = True) -> list[float]:
     """A box in pixels of a ``src`` (width, height) image -> pixels of ``dst``, per axis; ``clip`` keeps it inside."""
     sx, sy = dst[0] / src[0], dst[1] / src[1]
@@ -232,9 +238,7 @@ class Frame:
 
     def contains(self, box: list[float], width: int, height: int) -> bool:
         """``box`` is a proper box (x1 < x2, y1 < y2) inside this image's frame."""
-        fw, fh = self.size(width, height)
-        x1, y1, x2, y2 = box
-        return 0 <= x1 < x2 <= fw and 0 <= y1 < y2 <= fh
+        return inside(box, *self.size(width, height))
 
 
 DEFAULT_FRAME = Frame()

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from deepmedix.errors import DeepMedixError, MissingInputError
+from deepmedix.grounding import inside
 
 REPORT_TASKS = ("report_findings", "report_impression")
 TASKS = (*REPORT_TASKS, "vqa", "grounding")
@@ -109,9 +110,8 @@ class Record:
             for i, b in enumerate(getattr(self, name)):
                 if len(b.box) != 4:
                     raise RecordError(f"record {rid}: field '{name}[{i}].box' must have 4 numbers")
-                x1, y1, x2, y2 = b.box
                 w, h = self.image_sizes[0]
-                if not (0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h):
+                if not inside(b.box, w, h):
                     raise RecordError(f"record {rid}: field '{name}[{i}].box' {b.box} is not a box inside {w}x{h}")
         return self
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from deepmedix.config import ColdStartConfig
 from deepmedix.data.schema import Record
-from deepmedix.grounding import iou, parse
+from deepmedix.grounding import inside, iou, parse
 from deepmedix.rewards.paper import ACC_SCALE, accuracy_score, answer_kind, boxed_answer, normalise
 
 _FULL = ACC_SCALE - 1e-9  # the reward's maximum accuracy, less float noise
@@ -34,12 +34,6 @@ def image_boxes(rec: Record) -> list[list[float]]:
     return [list(b.box) for b in rec.boxes]
 
 
-def inside_image(box: list[float], rec: Record) -> bool:
-    w, h = rec.image_sizes[0]
-    x1, y1, x2, y2 = box
-    return 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h
-
-
 def keep_trace(trace: str, rec: Record, *, iou_min: float = 0.1, answer_min: float = 0.9,
                min_chars: int = 20, max_chars: int = 4000, seen: set | None = None) -> str | None:
     """The filter. Returns None when the trace is kept, else the reason it is dropped, checked in this order:
@@ -59,7 +53,7 @@ def keep_trace(trace: str, rec: Record, *, iou_min: float = 0.1, answer_min: flo
         return "grammar"
     if not answer_ok(trace, rec.answer, answer_min):
         return "answer"
-    if any(not inside_image(b, rec) for b in parsed.boxes):
+    if any(not inside(b, *rec.image_sizes[0]) for b in parsed.boxes):
         return "box_outside_image"
     refs = image_boxes(rec)
     if refs and (not parsed.boxes or any(max(iou(b, r) for r in refs) < iou_min for b in parsed.boxes)):

@@ -362,85 +362,6 @@ def pipeline_run_local(root: str = typer.Option("runs/local/pipeline_root"), siz
         show({"run": str(run), "stages": stage_metrics(run)})
 
 
-@stage_app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def stage_run(ctx: typer.Context, stage: str = typer.Argument(..., help="sft, coldstart or grpo"),
-              nodes: int = typer.Option(1, help="nodes; more than 1: a Kubeflow Trainer TrainJob"),
-              gpus_per_node: int = typer.Option(1, help="GPUs per node (torchrun processes)"),
-              image: str = typer.Option("", help="the training image (for a TrainJob)"),
-              namespace: str = typer.Option("", help="the TrainJob's namespace (default: this pod's)"),
-              node_selector: str = typer.Option("", help='GPU pool node selector, JSON: {"label": "value"}'),
-              tolerations: str = typer.Option("", help='GPU pool tolerations, JSON: [{"key": ..., ...}]'),
-              s3_secret: str = typer.Option("deepmedix-s3", help="the Secret with the S3 credentials")):
-    """A training stage on one or more nodes; after `--` the stage's own options (--data/--traces, --model,
-    --out, -c, --set). The Argo WorkflowTemplate's training steps run this."""
-    from deepmedix.cluster.trainjob import STAGES, run_training
-
-    with cli_errors():
-        if stage not in STAGES:
-            raise InputError(f"stage: {stage!r} is not one of {sorted(STAGES)}")
-        opts = _stage_options(list(ctx.args), STAGES[stage][1])
-        show(run_training(stage, (opts["data"],) * 2, (opts["model"],) * 2, (opts["out"],) * 2, opts["config"],
-                          opts["set"], nodes, gpus_per_node, image, namespace,
-                          pool=_gpu_pool(node_selector, tolerations), s3_secret=s3_secret))
-
-
-def _gpu_pool(node_selector: str, tolerations: str):
-    """A GpuPool from JSON options (empty: the defaults); a bad value is a clear error naming the option."""
-    from deepmedix.cluster.trainjob import GpuPool
-
-    pool = GpuPool()
-    for flag, text, kind, attr in (("--node-selector", node_selector, dict, "node_selector"),
-                                   ("--tolerations", tolerations, list, "tolerations")):
-        if text:
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{flag}: not valid JSON ({exc})") from None
-            if not isinstance(value, kind):
-                raise InputError(f"{flag}: expected a JSON {kind.__name__}")
-            setattr(pool, attr, value)
-    return pool
-
-
-def _stage_options(args: list[str], data_opt: str) -> dict:
-    """``--data X --model Y --out Z [-c SIZE] [--set K=V ...]`` -> a dict; anything else is a clear error."""
-    opts: dict = {"config": "tiny", "set": []}
-    names = {data_opt: "data", "--model": "model", "--out": "out", "--config": "config", "-c": "config",
-             "--set": "set", "-s": "set"}
-    args = [a for a in args if a != "--"]
-    while args:
-        flag = args.pop(0)
-        if flag not in names or not args:
-            raise InputError(f"stage options: unexpected {flag!r} (expected {data_opt}, --model, --out, -c, --set)")
-        value = args.pop(0)
-        opts["set"].append(value) if names[flag] == "set" else opts.__setitem__(names[flag], value)
-    missing = [n for n in ("data", "model", "out") if n not in opts]
-    if missing:
-        raise InputError(f"stage options: missing {', '.join('--' + m if m != 'data' else data_opt for m in missing)}")
-    return opts
-
-
-@app.command("deploy")
-def deploy_cmd(model: str = typer.Option(..., help="the model folder's s3:// URI"),
-               name: str = typer.Option("deepmedix-r1-pipeline", help="the InferenceService's name (the Helm "
-                                                                       "chart owns deepmedix-r1)"),
-               namespace: str = typer.Option("", help="default: this pod's namespace"),
-               image: str = typer.Option("", help="the serving image (default: the release's)"),
-               gpus: int = typer.Option(0, help="GPUs per replica (0: CPU)"),
-               mode: str = typer.Option("Knative", help="KServe deployment mode: Knative or Standard"),
-               node_selector: str = typer.Option("", help="with --gpus: the GPU pool's node selector, JSON"),
-               tolerations: str = typer.Option("", help="with --gpus: the GPU pool's tolerations, JSON"),
-               timeout: float = typer.Option(1800, help="seconds to wait for Ready")):
-    """Create or patch the InferenceService for a model folder on S3 and wait until the new model is Ready."""
-    from deepmedix.cluster.deploy import SERVING_IMAGE, Serving, deploy_model
-
-    with cli_errors():
-        pool = _gpu_pool(node_selector, tolerations) if gpus else None
-        placement = {"node_selector": pool.node_selector, "tolerations": pool.tolerations} if pool else {}
-        show(deploy_model(model, name, namespace, Serving(image=image or SERVING_IMAGE, gpus=gpus,
-                                                          deployment_mode=mode, **placement), timeout_s=timeout))
-
-
 @app.command("rehearse")
 def rehearse(size: str = typer.Option("7b", help="the configs: configs/<stage>/SIZE.yaml for every stage"),
              gpus: int = typer.Option(8, help="GPUs each training stage runs on (nodes x GPUs per node)"),
@@ -493,6 +414,10 @@ def demo(run_dir: str = typer.Option("runs/demo")):
     with cli_errors():
         main(run_dir)
 
+
+from deepmedix.cluster.commands import register as _register_cluster  # noqa: E402 - needs the helpers above
+
+_register_cluster(app, stage_app, cli_errors, show)
 
 if __name__ == "__main__":
     sys.exit(app())

@@ -141,7 +141,7 @@ def parameters() -> dict[str, tuple[str, str]]:
         "deploy_name": ("deepmedix-r1-pipeline", "InferenceService name (the Helm chart owns deepmedix-r1)"),
         "deploy_namespace": ("", "namespace of the InferenceService (empty: the workflow's)"),
         "serving_gpus": ("0", "GPUs per serving replica (0: CPU)"),
-        "deploy_mode": ("Knative", "KServe deployment mode: Knative (scale to zero) or Standard"),
+        "deploy_mode": ("Standard", "KServe deployment mode: Standard (KServe's default) or Knative (scale to zero)"),
     })
     return out
 

@@ -74,7 +74,7 @@ def deepmedix_pipeline(
     deploy: bool = False,
     deploy_name: str = "deepmedix-r1-pipeline",
     deploy_namespace: str = "",
-    deploy_mode: str = "Knative",
+    deploy_mode: str = "Standard",
     serving_image: str = c.SERVING_IMAGE,
     serving_gpus: int = 0,
 ):

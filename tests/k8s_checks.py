@@ -181,6 +181,22 @@ def pods(isvc: dict) -> dict[str, dict]:
     return {f"{where(isvc)}.spec.{name}": pod_spec(comp) for name, comp in components(isvc).items()}
 
 
+def with_storage_initializer(pod: dict, storage_container: dict | None = None) -> dict:
+    """``pod`` with the init container KServe's webhook injects for a ``storageUri``/``STORAGE_URI``: built bare
+    (name, image, args, resources, mounts; kserve pkg/webhook/admission/pod/storage_initializer_injector.go, 0.16+
+    pkg/utils/storage.go CreateInitContainerWithConfig: no securityContext), then the matching
+    ClusterStorageContainer's ``spec.container`` merged over it (mergeContainerSpecs / MergeContainerWithPatch)."""
+    pod = copy.deepcopy(pod)
+    init = {"name": "storage-initializer", "image": "kserve/storage-initializer:v0.20.0",
+            "args": ["s3://b/m/", "/mnt/models"], "terminationMessagePolicy": "FallbackToLogsOnError",
+            "volumeMounts": [{"name": "kserve-provision-location", "mountPath": "/mnt/models"}]}
+    for key, value in ((storage_container or {}).get("spec", {}).get("container") or {}).items():
+        init[key] = copy.deepcopy(value)
+    pod.setdefault("initContainers", []).append(init)
+    pod.setdefault("volumes", []).append({"name": "kserve-provision-location", "emptyDir": {}})
+    return pod
+
+
 # ------------------------------------------------------------------------------------------- Pod Security "restricted"
 
 _RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",

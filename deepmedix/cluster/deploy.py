@@ -9,6 +9,9 @@ storage-initializer downloads it with the credentials of the ServiceAccount's S3
 
 from __future__ import annotations
 
+import copy
+import json
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -20,11 +23,13 @@ SERVING_IMAGE = "ghcr.io/deepmedix/deepmedix-serving:0.1.0"
 
 @dataclass
 class Serving:
-    """How the predictor runs. ``deployment_mode``: ``Knative`` (KPA on concurrency, can scale to zero) or
-    ``Standard`` (a Deployment; autoscaling by the cluster's HPA/KEDA settings)."""
+    """How the predictor runs. ``deployment_mode``: ``Standard`` (a Deployment; autoscaling by the cluster's
+    HPA/KEDA settings; KServe's own default since 0.20) or ``Knative`` (KPA on concurrency, can scale to zero; GPU
+    placement needs Knative's ``kubernetes.podspec-nodeselector`` and ``-tolerations`` features, off by default:
+    ``deepmedix doctor`` checks them)."""
     image: str = SERVING_IMAGE
     service_account: str = "deepmedix-serving"
-    deployment_mode: str = "Knative"
+    deployment_mode: str = "Standard"
     min_replicas: int = 1
     max_replicas: int = 2
     scale_target: int = 8  # concurrent requests per replica (Knative)
@@ -87,6 +92,17 @@ def inferenceservice_manifest(name: str, namespace: str, storage_uri: str, s: Se
                              {"name": "cache", "emptyDir": {"sizeLimit": "4Gi"}}]}
     if s.deployment_mode == "Knative":
         predictor.update(scaleMetric="concurrency", scaleTarget=s.scale_target)
+    else:
+        # Pod Security "restricted" is judged per container, init containers included; the pod level is what
+        # a container without its own settings falls back to. KServe's storage-initializer gets no securityContext
+        # from KServe (storage_initializer_injector.go builds it bare; only a ClusterStorageContainer's
+        # spec.container is merged in), so its non-root and seccomp come from here, and its allowPrivilegeEscalation
+        # and dropped capabilities (per-container only) from the ClusterStorageContainer the README has the admin
+        # apply (manifests/cluster/storage-initializer.yaml). Knative mode sets none: Knative's webhook refuses
+        # a pod-level securityContext unless kubernetes.podspec-securitycontext is enabled (fieldmask.go
+        # PodSecurityContextMask), so there the ClusterStorageContainer carries it all.
+        predictor["securityContext"] = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000,
+                                        "fsGroup": 1000, "seccompProfile": {"type": "RuntimeDefault"}}
     if s.node_selector:
         predictor["nodeSelector"] = dict(s.node_selector)
     if s.tolerations:
@@ -131,20 +147,31 @@ def rollout_verdict(dep) -> tuple[bool, str | None]:
 
 def deploy(manifest: dict, timeout_s: float = 1800, poll_s: float = 10.0,
            log: Callable[[str], None] = print) -> dict:
-    """Create the InferenceService, or patch it when it exists (a new model rolls out); wait until the NEW model
-    is Ready. Returns ``{"name", "namespace", "url", "storage_uri"}``."""
+    """Create the InferenceService, or replace it when it exists (a new model rolls out); wait until the NEW model
+    is Ready. Returns ``{"name", "namespace", "url", "storage_uri"}``.
+
+    A replace (PUT with the live ``resourceVersion``), not a merge patch: a JSON merge patch keeps every field the
+    new manifest leaves out (a GPU pool's nodeSelector, an old env var), so a redeploy would not be what it says.
+    A conflict (someone changed it in between) is retried on the fresh object."""
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
     k = api()
     ns, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
     mode = manifest["metadata"]["annotations"]["serving.kserve.io/deploymentMode"]
-    try:
-        live = k.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
-    except ApiException as exc:
-        if exc.status != 404:
-            raise ClusterError(f"InferenceService {ns}/{name}: {exc.status} {exc.reason}") from None
-        live = None
+    live = None
+    for attempt in range(5):  # a 5xx (an API server restarting) is retried, as wait_for does
+        try:
+            live = k.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+            break
+        except ApiException as exc:
+            if exc.status == 404:
+                break
+            if (exc.status or 0) < 500 or attempt == 4:
+                raise ClusterError(f"InferenceService {ns}/{name}: {exc.status} {exc.reason}: {_message(exc)}"
+                                   ) from None
+            log(f"InferenceService {ns}/{name}: API error {exc.status}, retrying")
+            time.sleep(min(poll_s, 30))
     previous_revision = previous_failure = None
     if live is not None:
         live_mode = ((live.get("metadata") or {}).get("annotations") or {}).get("serving.kserve.io/deploymentMode")
@@ -156,13 +183,13 @@ def deploy(manifest: dict, timeout_s: float = 1800, poll_s: float = 10.0,
         previous_failure = (status.get("modelStatus") or {}).get("lastFailureInfo")
     try:
         if live is not None:
-            k.custom.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, manifest)
-            log(f"InferenceService {ns}/{name} patched (was serving revision {previous_revision or '?'})")
+            _replace(k, manifest, live)
+            log(f"InferenceService {ns}/{name} replaced (was serving revision {previous_revision or '?'})")
         else:
             k.custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, manifest)
             log(f"InferenceService {ns}/{name} created")
     except ApiException as exc:
-        raise ClusterError(f"InferenceService {ns}/{name}: {exc.status} {exc.reason}: {exc.body}") from None
+        raise ClusterError(f"InferenceService {ns}/{name}: {exc.status} {exc.reason}: {_message(exc)}") from None
     obj = wait_for(lambda: k.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name),
                    lambda o: ready_verdict(o, previous_revision, previous_failure),
                    f"InferenceService {ns}/{name}", timeout_s, poll_s, log)
@@ -174,8 +201,32 @@ def deploy(manifest: dict, timeout_s: float = 1800, poll_s: float = 10.0,
     return {"name": name, "namespace": ns, "url": (obj.get("status") or {}).get("url"), "storage_uri": uri}
 
 
+def _replace(k, manifest: dict, live: dict, tries: int = 3) -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    ns, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
+    for attempt in range(tries):
+        body = copy.deepcopy(manifest)
+        body["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"]
+        try:
+            k.custom.replace_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, body)
+            return
+        except ApiException as exc:
+            if exc.status != 409 or attempt == tries - 1:
+                raise
+            live = k.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+
+
+def _message(exc) -> str:
+    """The API server's own message from a Status body, else the raw body."""
+    try:
+        return json.loads(exc.body).get("message") or exc.body
+    except (TypeError, ValueError, AttributeError):
+        return str(exc.body)
+
+
 def deploy_model(storage_uri: str, name: str = "deepmedix-r1-pipeline", namespace: str = "",
-                 serving: Serving | None = None, timeout_s: float = 1800,
+                 serving: Serving | None = None, timeout_s: float = 1800, poll_s: float = 10.0,
                  log: Callable[[str], None] = print) -> dict:
     return deploy(inferenceservice_manifest(name, namespace or current_namespace(), storage_uri, serving),
-                  timeout_s=timeout_s, log=log)
+                  timeout_s=timeout_s, poll_s=poll_s, log=log)

@@ -28,8 +28,8 @@ def api() -> Api:
     try:
         config.load_incluster_config()
     except config.ConfigException:
-        try:
-            config.load_kube_config()
+        try:  # KUBECONFIG read now: the client reads it once, at its import
+            config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None)
         except Exception as exc:  # noqa: BLE001 - no cluster to talk to: say so plainly
             raise ClusterError(f"no Kubernetes API: not in a pod and no usable kubeconfig ({exc})") from None
     return Api(client.CustomObjectsApi(), client.CoreV1Api())

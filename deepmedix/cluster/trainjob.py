@@ -201,7 +201,7 @@ def run_trainjob(manifest: dict, timeout_s: float = 7 * 24 * 3600, poll_s: float
 def run_training(stage: str, data: tuple[str, str], model: tuple[str, str], out: tuple[str, str], size: str,
                  overrides: list[str], nodes: int = 1, gpus_per_node: int = 1, image: str = "",
                  namespace: str = "", pool: GpuPool | None = None, s3_secret: str = S3_SECRET,
-                 log: Callable[[str], None] = print) -> dict:
+                 log: Callable[[str], None] = print, poll_s: float = 15.0, timeout_s: float = 7 * 24 * 3600) -> dict:
     """One training stage. ``data``, ``model`` and ``out`` are ``(local path, remote URI)`` pairs (a KFP
     artifact's ``path`` and ``uri``). One node: in this process (one GPU; the stage's result with its metrics is
     returned) or under ``torchrun`` (several), on the local paths. Several nodes: a TrainJob on the remote URIs,
@@ -230,7 +230,7 @@ def run_training(stage: str, data: tuple[str, str], model: tuple[str, str], out:
     manifest = trainjob_manifest(name, namespace or current_namespace(), image,
                                  stage_args(stage, data[1], model[1], out[1], size, overrides), nodes,
                                  gpus_per_node, pool, s3_secret=s3_secret, owners=owner_reference())
-    run_trainjob(manifest, log=log)
+    run_trainjob(manifest, timeout_s=timeout_s, poll_s=poll_s, log=log)
     from deepmedix import store
 
     if out[0] != out[1]:  # a KFP step: its launcher uploads the local output folder

@@ -191,11 +191,10 @@ def _click_command(words: list[str]):
 
 
 def _stage_options_ok(stage: str, opts: list[str]) -> None:
-    """The options after `--` of `deepmedix stage run STAGE`, parsed by the CLI's own parser."""
-    from deepmedix import cli
+    from deepmedix.cluster.commands import stage_options
     from deepmedix.cluster.trainjob import STAGES
 
-    parsed = cli._stage_options(list(opts), STAGES[stage][1])
+    parsed = stage_options(list(opts), STAGES[stage][1])
     assert {"data", "model", "out"} <= set(parsed) and parsed["set"] == ["a=1"]
 
 

@@ -141,15 +141,35 @@ def test_stage_run_on_one_node_trains(small_data, base_model_dir, tmp_path):
 # ---------------------------------------------------------------- the deploy step's InferenceService
 
 def test_inferenceservice_of_the_deploy_step(tmp_path):
-    from k8s_checks import assert_restricted, isvc_schema_errors, kserve_admission_errors, pods, secret_errors
+    from k8s_checks import (
+        assert_restricted,
+        isvc_schema_errors,
+        kserve_admission_errors,
+        pods,
+        secret_errors,
+        with_storage_initializer,
+    )
 
-    isvc = inferenceservice_manifest("deepmedix-r1", "team-a", "s3://deepmedix/runs/r1/grpo/model")
+    isvc = inferenceservice_manifest("deepmedix-r1", "team-a", "s3://deepmedix/runs/r1/grpo/model",
+                                     Serving(deployment_mode="Knative"))
     gpu_isvc = inferenceservice_manifest("x", "ns", "s3://b/m", Serving(deployment_mode="Standard", gpus=1))
+    assert inferenceservice_manifest("x", "ns", "s3://b/m")["metadata"]["annotations"][
+        "serving.kserve.io/deploymentMode"] == "Standard"  # the default: no Knative feature flags needed
+    restricted_csc = yaml.safe_load((REPO / "manifests" / "cluster" / "storage-initializer.yaml").read_text())
     for obj in (isvc, gpu_isvc):
         assert isvc_schema_errors(obj) == [] and kserve_admission_errors(obj) == []
         for name, pod in pods(obj).items():
             assert_restricted(pod, name)
+            # the storage-initializer KServe injects: restricted only with the ClusterStorageContainer the README
+            # has the admin apply (KServe gives it no securityContext of its own)
+            assert_restricted(with_storage_initializer(pod, restricted_csc), name)
+            with pytest.raises(AssertionError, match="storage-initializer"):
+                assert_restricted(with_storage_initializer(pod), name)
         assert secret_errors([obj]) == []
+    # Knative's webhook refuses a pod-level securityContext (feature kubernetes.podspec-securitycontext, off by
+    # default); Standard mode has one
+    assert "securityContext" not in isvc["spec"]["predictor"]
+    assert gpu_isvc["spec"]["predictor"]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     pred = isvc["spec"]["predictor"]
     (c,) = pred["containers"]
     # a folder URI ends with "/": KServe downloads by raw key prefix, and ".../model" would also fetch
@@ -249,7 +269,7 @@ def test_multi_node_checks_the_store_endpoint_before_asking_for_gpus(monkeypatch
 
 
 def test_cli_pool_options():
-    from deepmedix.cli import _gpu_pool
+    from deepmedix.cluster.commands import gpu_pool as _gpu_pool
 
     pool = _gpu_pool('{"pool": "h100"}', '[{"key": "gpu", "operator": "Exists"}]')
     assert pool.node_selector == {"pool": "h100"} and pool.tolerations == [{"key": "gpu", "operator": "Exists"}]

@@ -65,6 +65,10 @@ def submit(host: str, params: dict, experiment: str = "deepmedix", run_name: str
     check_params(params)
     if pipeline_root and not pipeline_root.startswith(("s3://", "minio://", "gs://")):
         raise InputError(f"--pipeline-root: {pipeline_root!r} is not an object-store URI (s3://bucket/prefix)")
+    multi_user = _healthz(host, token).get("multi_user")
+    if multi_user and not namespace:
+        raise InputError(f"KFP API at {host} is multi-user (Kubeflow profiles): pass --namespace <your profile's "
+                         "namespace>")
     run_name = run_name or f"deepmedix-r1-{time.strftime('%Y%m%d-%H%M%S')}"
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(Path(tmp) / "deepmedix_pipeline.yaml")
@@ -78,6 +82,29 @@ def submit(host: str, params: dict, experiment: str = "deepmedix", run_name: str
             raise ClusterError(f"KFP API at {host}: could not create the run ({_reason(exc)})") from None
     return {"run_id": run.run_id, "run_name": run_name, "experiment": experiment,
             "url": f"{host.rstrip('/')}/#/runs/details/{run.run_id}"}
+
+
+def _healthz(host: str, token: str | None) -> dict:
+    """``GET /apis/v2beta1/healthz`` once, before kfp.Client (which retries it five times, 5 s apart, and then
+    reports a TimeoutError without the HTTP status): a wrong path, a missing token or a refused connection is
+    said at once, with the status."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(f"{host.rstrip('/')}/apis/v2beta1/healthz",
+                                 headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        hint = {401: " (a token is needed: --token-env names the variable that holds it)",
+                403: " (the token's identity may not use this namespace)",
+                404: " (not the KFP API: a Kubeflow install serves it under https://<host>/pipeline)"}
+        raise ClusterError(f"KFP API at {host}: HTTP {exc.code} {exc.reason} on /apis/v2beta1/healthz"
+                           f"{hint.get(exc.code, '')}") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise ClusterError(f"KFP API at {host}: not reachable ({getattr(exc, 'reason', exc)})") from None
 
 
 def _reason(exc: Exception) -> str:

@@ -93,3 +93,67 @@ def register(app: typer.Typer, stage_app: typer.Typer, cli_errors, show) -> None
             show(deploy_model(model, name, namespace, Serving(image=image or SERVING_IMAGE, gpus=gpus,
                                                               deployment_mode=mode, **placement), timeout_s=timeout,
                                      poll_s=poll))
+
+    @app.command("doctor")
+    def doctor_cmd(namespace: str = typer.Option("", help="the namespace runs go to (default: the kubeconfig's "
+                                                          "or this pod's)"),
+                   params: str = typer.Option("", help="the pipeline parameters file the run will use (GPU pool, "
+                                                       "nodes, deploy mode): checked against the cluster"),
+                   kfp_namespace: str = typer.Option("kubeflow", help="where Kubeflow Pipelines runs"),
+                   as_json: bool = typer.Option(False, "--json", help="the findings as JSON")):
+        """Check a live cluster before a run: KFP and the namespace's kfp-launcher, Kubeflow Trainer, KServe,
+        Knative, KEDA/Prometheus, Pod Security, GPU nodes, the S3 Secret and bucket. One line per finding with
+        what to fix; exit 1 when a run would fail."""
+        from deepmedix.cluster import doctor
+
+        with cli_errors():
+            plan = doctor.Plan.from_params(namespace or _kube_namespace(), _params(params))
+            findings = doctor.run(plan, kfp_namespace)
+        typer.echo(doctor.report(findings, as_json))
+        raise typer.Exit(1 if any(f.level == "fail" for f in findings) else 0)
+
+    @app.command("kfp-launcher")
+    def kfp_launcher_cmd(source: str = typer.Option(..., "--from", help="the ConfigMap holding defaultPipelineRoot "
+                                                                        "and providers (the chart's "
+                                                                        "<release>-kfp-launcher)"),
+                         namespace: str = typer.Option("", help="default: this pod's namespace")):
+        """Merge DeepMedix's pipeline root and S3 provider into the namespace's kfp-launcher ConfigMap (created when
+        missing; every other key kept). The chart's post-install hook runs this."""
+        from deepmedix.cluster.k8s import current_namespace
+        from deepmedix.cluster.launcher import merge_launcher_config
+
+        with cli_errors():
+            merge_launcher_config(namespace or current_namespace(), source)
+
+
+def _kube_namespace() -> str:
+    """The kubeconfig context's namespace, else this pod's, else ``default``."""
+    import os
+
+    from deepmedix.cluster.k8s import current_namespace
+
+    try:
+        from kubernetes import config
+
+        _, ctx = config.list_kube_config_contexts(config_file=os.environ.get("KUBECONFIG") or None)
+        if ctx and ctx.get("context", {}).get("namespace"):
+            return ctx["context"]["namespace"]
+    except Exception:  # noqa: BLE001 - no kubeconfig: in a pod, or the default
+        pass
+    return current_namespace()
+
+
+def _params(path: str) -> dict:
+    if not path:
+        return {}
+    import yaml
+
+    try:
+        data = yaml.safe_load(open(path)) or {}
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the parameters file ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a mapping of pipeline parameters")
+    return data

@@ -46,7 +46,9 @@ def trainjob_crd(runtime_patches: bool = True) -> dict:
 
 def deployment(name: str, ns: str, image: str) -> dict:
     return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": ns},
-            "spec": {"replicas": 1, "template": {"spec": {"containers": [{"name": "manager", "image": image}]}}},
+            "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}},
+                     "template": {"metadata": {"labels": {"app": name}},
+                                  "spec": {"containers": [{"name": "manager", "image": image}]}}},
             "status": {"replicas": 1, "availableReplicas": 1}}
 
 

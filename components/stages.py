@@ -40,62 +40,77 @@ def step_gpus(sft_nodes: int, sft_gpus_per_node: int, coldstart_nodes: int, cold
 
 
 @dsl.component(base_image=DATA_IMAGE, install_kfp_package=False)
-def curate(size: str, overrides: list, data: Output[Dataset], metrics: Output[Metrics]):
+def curate(size: str, overrides: list, data: Output[Dataset], metrics: Output[Metrics]) -> str:
+    """Returns the dataset's URI (see ``sft``)."""
     from deepmedix import stages
 
     stages.log_kfp(metrics, stages.curate(data.path, size, overrides))
+    return data.uri
 
 
 @dsl.component(base_image=DATA_IMAGE, install_kfp_package=False)
-def base_model(data: Input[Dataset], size: str, model_uri: str, model: Output[Model], metrics: Output[Metrics]):
+def base_model(data: Input[Dataset], size: str, model_uri: str, model: Output[Model], metrics: Output[Metrics]
+               ) -> str:
     from deepmedix import stages
 
     stages.log_kfp(metrics, stages.base_model(data.path, model.path, size, None, model_uri))
+    return model.uri
 
 
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
-def sft(data: Input[Dataset], base: Input[Model], size: str, overrides: list, nodes: int, gpus_per_node: int,
-        image: str, gpu_node_selector: dict, gpu_tolerations: list, s3_secret: str, model: Output[Model],
-        metrics: Output[Metrics]):
+def sft(data_uri: str, base_uri: str, size: str, overrides: list, nodes: int, gpus_per_node: int, image: str,
+        gpu_node_selector: dict, gpu_tolerations: list, s3_secret: str, cpu_per_node: str, memory_per_node: str,
+        model: Output[Model], metrics: Output[Metrics]) -> str:
+    """A training stage takes its inputs as URIs, not ``Input`` artifacts: KFP's launcher downloads every input
+    artifact before the code runs (backend/src/v2/component/launcher_v2.go downloadArtifacts; no opt-out in 2.17),
+    and a multi-node stage only hands the URIs to its TrainJob. One node: ``run_training`` fetches them.
+    Returns the model's URI."""
     from deepmedix import stages
     from deepmedix.cluster.trainjob import GpuPool, run_training
 
-    pool = GpuPool(node_selector=gpu_node_selector, tolerations=gpu_tolerations)
-    stages.log_kfp(metrics, run_training("sft", (data.path, data.uri), (base.path, base.uri), (model.path, model.uri),
-                                         size, overrides, nodes, gpus_per_node, image, pool=pool, s3_secret=s3_secret))
+    pool = GpuPool(node_selector=gpu_node_selector, tolerations=gpu_tolerations, cpu_per_node=cpu_per_node,
+                   memory_per_node=memory_per_node)
+    stages.log_kfp(metrics, run_training("sft", (None, data_uri), (None, base_uri), (model.path, model.uri), size,
+                                         overrides, nodes, gpus_per_node, image, pool=pool, s3_secret=s3_secret))
+    return model.uri
 
 
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
 def coldstart_synth(data: Input[Dataset], size: str, overrides: list, traces: Output[Dataset],
-                    metrics: Output[Metrics]):
+                    metrics: Output[Metrics]) -> str:
     from deepmedix import stages
 
     stages.log_kfp(metrics, stages.coldstart_synth(data.path, traces.path, size, overrides))
+    return traces.uri
 
 
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
-def coldstart_sft(traces: Input[Dataset], base: Input[Model], size: str, overrides: list, nodes: int,
-                  gpus_per_node: int, image: str, gpu_node_selector: dict, gpu_tolerations: list, s3_secret: str,
-                  model: Output[Model], metrics: Output[Metrics]):
+def coldstart_sft(traces_uri: str, base_uri: str, size: str, overrides: list, nodes: int, gpus_per_node: int,
+                  image: str, gpu_node_selector: dict, gpu_tolerations: list, s3_secret: str, cpu_per_node: str,
+                  memory_per_node: str, model: Output[Model], metrics: Output[Metrics]) -> str:
     from deepmedix import stages
     from deepmedix.cluster.trainjob import GpuPool, run_training
 
-    pool = GpuPool(node_selector=gpu_node_selector, tolerations=gpu_tolerations)
-    stages.log_kfp(metrics, run_training("coldstart", (traces.path, traces.uri), (base.path, base.uri),
-                                         (model.path, model.uri), size, overrides, nodes, gpus_per_node, image,
-                                         pool=pool, s3_secret=s3_secret))
+    pool = GpuPool(node_selector=gpu_node_selector, tolerations=gpu_tolerations, cpu_per_node=cpu_per_node,
+                   memory_per_node=memory_per_node)
+    stages.log_kfp(metrics, run_training("coldstart", (None, traces_uri), (None, base_uri), (model.path, model.uri),
+                                         size, overrides, nodes, gpus_per_node, image, pool=pool,
+                                         s3_secret=s3_secret))
+    return model.uri
 
 
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
-def grpo(data: Input[Dataset], base: Input[Model], size: str, overrides: list, nodes: int, gpus_per_node: int,
-         image: str, gpu_node_selector: dict, gpu_tolerations: list, s3_secret: str, model: Output[Model],
-         metrics: Output[Metrics]):
+def grpo(data_uri: str, base_uri: str, size: str, overrides: list, nodes: int, gpus_per_node: int, image: str,
+         gpu_node_selector: dict, gpu_tolerations: list, s3_secret: str, cpu_per_node: str, memory_per_node: str,
+         model: Output[Model], metrics: Output[Metrics]) -> str:
     from deepmedix import stages
     from deepmedix.cluster.trainjob import GpuPool, run_training
 
-    pool = GpuPool(node_selector=gpu_node_selector, tolerations=gpu_tolerations)
-    stages.log_kfp(metrics, run_training("grpo", (data.path, data.uri), (base.path, base.uri), (model.path, model.uri),
-                                         size, overrides, nodes, gpus_per_node, image, pool=pool, s3_secret=s3_secret))
+    pool = GpuPool(node_selector=gpu_node_selector, tolerations=gpu_tolerations, cpu_per_node=cpu_per_node,
+                   memory_per_node=memory_per_node)
+    stages.log_kfp(metrics, run_training("grpo", (None, data_uri), (None, base_uri), (model.path, model.uri), size,
+                                         overrides, nodes, gpus_per_node, image, pool=pool, s3_secret=s3_secret))
+    return model.uri
 
 
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
@@ -129,13 +144,14 @@ def arena(coldstart: Input[Dataset], final: Input[Dataset], size: str, overrides
 
 
 @dsl.component(base_image=DATA_IMAGE, install_kfp_package=False)
-def deploy(model: Input[Model], name: str, namespace: str, mode: str, serving_image: str, gpus: int,
+def deploy(model_uri: str, name: str, namespace: str, mode: str, serving_image: str, gpus: int,
            gpu_node_selector: dict, gpu_tolerations: list, metrics: Output[Metrics]):
-    """Create or patch the InferenceService serving ``model`` from its s3:// URI; wait until the new model is
-    Ready."""
+    """Create or replace the InferenceService serving the model at ``model_uri``; wait until the new model is
+    Ready. The URI, not an ``Input[Model]``: the launcher would download the whole model (~15 GB at 7B) into this
+    small CPU pod only for its ``.uri``; KServe's storage-initializer fetches it in the predictor pod."""
     from deepmedix.cluster.deploy import Serving, deploy_model
 
     pool = {"node_selector": gpu_node_selector, "tolerations": gpu_tolerations} if gpus else {}
-    out = deploy_model(model.uri, name, namespace, Serving(image=serving_image, gpus=gpus, deployment_mode=mode,
+    out = deploy_model(model_uri, name, namespace, Serving(image=serving_image, gpus=gpus, deployment_mode=mode,
                                                            **pool))
     metrics.metadata.update({k: str(v) for k, v in out.items()})

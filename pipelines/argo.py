@@ -128,6 +128,8 @@ def parameters() -> dict[str, tuple[str, str]]:
         "gpu_node_selector_key": ("nvidia.com/gpu.present", "node label that selects the GPU pool"),
         "gpu_node_selector_value": ("true", "its value"),
         "gpu_toleration_key": (GPU, "taint key of the GPU pool (tolerated with operator Exists, NoSchedule)"),
+        "trainjob_cpu_per_node": ("16", "CPU request of each node of a multi-node TrainJob"),
+        "trainjob_memory_per_node": ("128Gi", "memory request and limit of each node of a multi-node TrainJob"),
         "data_image": (f"{registry}/deepmedix-data:{tag}", "CPU image (images/data.Dockerfile)"),
         "train_image": (f"{registry}/deepmedix-train:{tag}", "CUDA image (images/train.Dockerfile)"),
         "serving_image": (f"{registry}/deepmedix-serving:{tag}",
@@ -172,6 +174,7 @@ def _train_gpus(stage: str) -> str:
 def _train_argv(stage: str, io: list[str]) -> list[str]:
     return ["stage", "run", stage, "--nodes", wf(f"{stage}_nodes"), "--gpus-per-node", wf(f"{stage}_gpus_per_node"),
             "--image", wf("train_image"), "--node-selector", POOL_SELECTOR_JSON, "--tolerations", POOL_TOLERATIONS_JSON,
+            "--cpu-per-node", wf("trainjob_cpu_per_node"), "--memory-per-node", wf("trainjob_memory_per_node"),
             "--", *io, "-c", wf("size")]
 
 

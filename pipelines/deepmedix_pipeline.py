@@ -17,8 +17,11 @@ Only the wiring lives here; every step is a component of ``components.stages``. 
   ``deepmedix pipeline submit --pipeline-root`` overrides it per run. The pipeline itself sets none, so that the
   ConfigMap's bucket is the one used.
 * A training stage with ``*_nodes`` > 1 runs as a Kubeflow Trainer TrainJob (``deepmedix.cluster.trainjob``) with
-  the same GPU pool and S3 Secret; its own step then requests no GPU (``step-gpus`` works that out), so it does not
-  hold a GPU node while the TrainJob waits for nodes.
+  the same GPU pool and S3 Secret and ``trainjob_cpu_per_node`` / ``trainjob_memory_per_node``; its own step then
+  requests no GPU (``step-gpus`` works that out), so it does not hold a GPU node while the TrainJob waits for nodes.
+* The training stages and deploy take their inputs as URIs (string outputs of the producers), not ``Input``
+  artifacts: KFP's launcher downloads every input artifact first, which a step that hands URIs to a TrainJob or to
+  KServe does not need (a 7B model is ~15 GB). A one-node training step checkpoints beside its output on S3.
 """
 
 
@@ -67,6 +70,8 @@ def deepmedix_pipeline(
     eval_gpus: int = 1,
     gpu_node_selector: dict = GPU_NODE_SELECTOR,
     gpu_tolerations: list = GPU_TOLERATIONS,
+    trainjob_cpu_per_node: str = "16",
+    trainjob_memory_per_node: str = "128Gi",
     train_image: str = c.TRAIN_IMAGE,
     s3_secret: str = "deepmedix-s3",
     s3_env_configmap: str = "deepmedix-s3-env",
@@ -83,28 +88,31 @@ def deepmedix_pipeline(
     (``reward_weights={paper: 1, grounded: 0.5}``) — the same ``key=value`` overrides as the CLI's ``--set``."""
     pool = (gpu_node_selector, gpu_tolerations)
     place = dict(image=train_image, gpu_node_selector=gpu_node_selector, gpu_tolerations=gpu_tolerations,
-                 s3_secret=s3_secret)
+                 s3_secret=s3_secret, cpu_per_node=trainjob_cpu_per_node, memory_per_node=trainjob_memory_per_node)
     plan = c.step_gpus(sft_nodes=sft_nodes, sft_gpus_per_node=sft_gpus_per_node, coldstart_nodes=coldstart_nodes,
                        coldstart_gpus_per_node=coldstart_gpus_per_node, grpo_nodes=grpo_nodes,
                        grpo_gpus_per_node=grpo_gpus_per_node, synth_gpus=synth_gpus,
                        eval_gpus=eval_gpus).set_display_name("step-gpus")
     cur = c.curate(size=size, overrides=curate_overrides).set_display_name("curate")
     base = c.base_model(data=cur.outputs["data"], size=size, model_uri=base_model_uri).set_display_name("base-model")
-    s1 = _gpu(c.sft(data=cur.outputs["data"], base=base.outputs["model"], size=size, overrides=sft_overrides,
+    # the training stages and deploy get URIs (each producer returns its artifact's), not Input artifacts that the
+    # launcher would download (components/stages.py sft)
+    data_uri = cur.outputs["Output"]
+    s1 = _gpu(c.sft(data_uri=data_uri, base_uri=base.outputs["Output"], size=size, overrides=sft_overrides,
                     nodes=sft_nodes, gpus_per_node=sft_gpus_per_node, **place).set_display_name("sft"),
               plan.outputs["sft"], *pool)
     syn = _gpu(c.coldstart_synth(data=cur.outputs["data"], size=size, overrides=coldstart_overrides)
                .set_display_name("coldstart-synth"), plan.outputs["synth"], *pool)
     kubernetes.use_secret_as_env(syn, "deepmedix-judge", {"OPENAI_API_KEY": "OPENAI_API_KEY",
                                                           "OPENAI_BASE_URL": "OPENAI_BASE_URL"}, optional=True)
-    s2 = _gpu(c.coldstart_sft(traces=syn.outputs["traces"], base=s1.outputs["model"], size=size,
+    s2 = _gpu(c.coldstart_sft(traces_uri=syn.outputs["Output"], base_uri=s1.outputs["Output"], size=size,
                               overrides=coldstart_overrides, nodes=coldstart_nodes,
                               gpus_per_node=coldstart_gpus_per_node, **place)
               .set_display_name("coldstart-sft"), plan.outputs["coldstart"], *pool)
     ev2 = _gpu(c.evaluate_coldstart(data=cur.outputs["data"], model=s2.outputs["model"], size=size,
                                     overrides=eval_overrides).set_display_name("evaluate-coldstart"),
                plan.outputs["eval"], *pool)
-    s3 = _gpu(c.grpo(data=cur.outputs["data"], base=s2.outputs["model"], size=size, overrides=grpo_overrides,
+    s3 = _gpu(c.grpo(data_uri=data_uri, base_uri=s2.outputs["Output"], size=size, overrides=grpo_overrides,
                      nodes=grpo_nodes, gpus_per_node=grpo_gpus_per_node, **place).set_display_name("grpo"),
               plan.outputs["grpo"], *pool)
     ev = _gpu(c.evaluate(data=cur.outputs["data"], model=s3.outputs["model"], size=size,
@@ -119,7 +127,7 @@ def deepmedix_pipeline(
                                                              "OPENAI_BASE_URL": "OPENAI_BASE_URL"}, optional=True)
         tasks.append(ar)
     with dsl.If(deploy == True):  # noqa: E712
-        dep = c.deploy(model=s3.outputs["model"], name=deploy_name, namespace=deploy_namespace, mode=deploy_mode,
+        dep = c.deploy(model_uri=s3.outputs["Output"], name=deploy_name, namespace=deploy_namespace, mode=deploy_mode,
                        serving_image=serving_image, gpus=serving_gpus, gpu_node_selector=gpu_node_selector,
                        gpu_tolerations=gpu_tolerations).set_display_name("deploy")
         dep.after(ev)

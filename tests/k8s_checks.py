@@ -26,6 +26,7 @@ import copy
 import os
 import re
 import subprocess
+from pathlib import Path
 
 import kubernetes.client as k8s_models
 import kubernetes_validate
@@ -179,6 +180,17 @@ def all_containers(pod: dict) -> list[dict]:
 
 def pods(isvc: dict) -> dict[str, dict]:
     return {f"{where(isvc)}.spec.{name}": pod_spec(comp) for name, comp in components(isvc).items()}
+
+
+RESTRICTED_STORAGE_CONTAINER = yaml.safe_load(
+    (Path(__file__).resolve().parents[1] / "manifests" / "cluster" / "storage-initializer.yaml").read_text())
+
+
+def downloads_a_model(component: dict) -> bool:
+    """KServe injects its storage-initializer for a ``storageUri`` (framework ``model``) or a ``STORAGE_URI`` env."""
+    if any((component.get(fw) or {}).get("storageUri") for fw in _FRAMEWORKS):
+        return True
+    return any(e.get("name") == "STORAGE_URI" for c in component.get("containers") or [] for e in c.get("env") or [])
 
 
 def with_storage_initializer(pod: dict, storage_container: dict | None = None) -> dict:
@@ -387,11 +399,24 @@ def render_errors(docs: list[dict]) -> list[str]:
     for obj in docs:
         if obj.get("kind") == "InferenceService":
             out += [f"{where(obj)}: {e}" for e in isvc_schema_errors(obj) + kserve_admission_errors(obj)]
+            for name, comp in components(obj).items():
+                if downloads_a_model(comp):  # the pod as it runs: with the storage-initializer KServe injects,
+                    try:  # restricted by the ClusterStorageContainer the README has the admin apply
+                        assert_restricted(with_storage_initializer(pod_spec(comp), RESTRICTED_STORAGE_CONTAINER),
+                                          f"{where(obj)}.spec.{name} + storage-initializer")
+                    except AssertionError as e:
+                        out.append(str(e))
             for at, pod in pods(obj).items():
                 try:
                     core_validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": pod})
                 except kubernetes_validate.ValidationError as e:
                     out.append(f"{at} as a Pod: {_short(e)}")
+        elif obj.get("kind") == "PodMonitor":  # no OpenAPI schema offline: the fields the Operator reads
+            spec = obj.get("spec") or {}
+            eps = spec.get("podMetricsEndpoints") or []
+            if not (spec.get("selector") or {}).get("matchLabels") or not eps or \
+                    not all(e.get("port") and e.get("path", "/metrics").startswith("/") for e in eps):
+                out.append(f"{where(obj)}: needs spec.selector and podMetricsEndpoints with a port name and path")
         else:
             try:
                 core_validate(obj)

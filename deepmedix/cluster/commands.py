@@ -10,11 +10,19 @@ import typer
 from deepmedix.errors import InputError
 
 
-def gpu_pool(node_selector: str, tolerations: str):
+def gpu_pool(node_selector: str, tolerations: str, cpu_per_node: str = "", memory_per_node: str = ""):
     """A GpuPool from JSON options (empty: the defaults); a bad value is a clear error naming the option."""
+    import re
+
     from deepmedix.cluster.trainjob import GpuPool
 
     pool = GpuPool()
+    for flag, value, pattern, attr in (("--cpu-per-node", cpu_per_node, r"\d+(\.\d+)?m?", "cpu_per_node"),
+                                       ("--memory-per-node", memory_per_node, r"\d+([EPTGMk]i?)?", "memory_per_node")):
+        if value and not re.fullmatch(pattern, value):
+            raise InputError(f"{flag}: {value!r} is not a Kubernetes quantity")
+        if value:
+            setattr(pool, attr, value)
     for flag, text, kind, attr in (("--node-selector", node_selector, dict, "node_selector"),
                                    ("--tolerations", tolerations, list, "tolerations")):
         if text:
@@ -57,6 +65,8 @@ def register(app: typer.Typer, stage_app: typer.Typer, cli_errors, show) -> None
                   node_selector: str = typer.Option("", help='GPU pool node selector, JSON: {"label": "value"}'),
                   tolerations: str = typer.Option("", help='GPU pool tolerations, JSON: [{"key": ..., ...}]'),
                   s3_secret: str = typer.Option("deepmedix-s3", help="the Secret with the S3 credentials"),
+                  cpu_per_node: str = typer.Option("16", help="a TrainJob node's CPU request"),
+                  memory_per_node: str = typer.Option("128Gi", help="a TrainJob node's memory request and limit"),
                   timeout: float = typer.Option(7 * 24 * 3600, help="seconds to wait for a TrainJob"),
                   poll: float = typer.Option(15, help="seconds between a TrainJob's status reads")):
         """A training stage on one or more nodes; after `--` the stage's own options (--data/--traces, --model,
@@ -69,7 +79,8 @@ def register(app: typer.Typer, stage_app: typer.Typer, cli_errors, show) -> None
             opts = stage_options(list(ctx.args), STAGES[stage][1])
             show(run_training(stage, (opts["data"],) * 2, (opts["model"],) * 2, (opts["out"],) * 2, opts["config"],
                               opts["set"], nodes, gpus_per_node, image, namespace,
-                              pool=gpu_pool(node_selector, tolerations), s3_secret=s3_secret, poll_s=poll,
+                              pool=gpu_pool(node_selector, tolerations, cpu_per_node, memory_per_node),
+                              s3_secret=s3_secret, poll_s=poll,
                               timeout_s=timeout))
 
     @app.command("deploy")

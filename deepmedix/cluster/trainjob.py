@@ -198,24 +198,48 @@ def run_trainjob(manifest: dict, timeout_s: float = 7 * 24 * 3600, poll_s: float
                     log(f"TrainJob {ns}/{name}: could not delete it ({exc}); delete it by hand")
 
 
+def durable_checkpoints(stage: str, out: tuple[str, str], overrides: list[str],
+                        log: Callable[[str], None] = print) -> tuple[list[str], bool]:
+    """A KFP step trains into a local folder the launcher uploads at the end, so its checkpoints would sit on the
+    pod's disk and die with it (eviction, preemption, node loss). When the output has a remote URI, checkpoints go
+    beside it on S3 (``<uri>-checkpoints``, the layout the multi-node path and the CLI use; the deploy URI's
+    trailing ``/`` keeps KServe from fetching them), and a step that finds committed checkpoints of this same run
+    there (a retried pod: same output URI) resumes from the newest. Returns (overrides, resume)."""
+    local, remote = out
+    if local == remote or not str(remote).startswith("s3://") or any(o.startswith("checkpoint_uri=")
+                                                                      for o in overrides):
+        return list(overrides), False
+    from deepmedix.train.checkpoints import committed_checkpoints
+
+    ckpt = f"{remote.rstrip('/')}-checkpoints"
+    found = committed_checkpoints(ckpt)
+    if found:
+        log(f"{stage}: {len(found)} committed checkpoint(s) under {ckpt} from an earlier attempt: resuming")
+    return [*overrides, f"checkpoint_uri={ckpt}"], bool(found)
+
+
 def run_training(stage: str, data: tuple[str, str], model: tuple[str, str], out: tuple[str, str], size: str,
                  overrides: list[str], nodes: int = 1, gpus_per_node: int = 1, image: str = "",
                  namespace: str = "", pool: GpuPool | None = None, s3_secret: str = S3_SECRET,
                  log: Callable[[str], None] = print, poll_s: float = 15.0, timeout_s: float = 7 * 24 * 3600) -> dict:
     """One training stage. ``data``, ``model`` and ``out`` are ``(local path, remote URI)`` pairs (a KFP
-    artifact's ``path`` and ``uri``). One node: in this process (one GPU; the stage's result with its metrics is
-    returned) or under ``torchrun`` (several), on the local paths. Several nodes: a TrainJob on the remote URIs,
-    then the result copied to ``out``'s local path."""
+    artifact's ``path`` and ``uri``; an input's local path may be None: the stage reads the URI itself). One node:
+    in this process (one GPU; the stage's result with its metrics is returned) or under ``torchrun`` (several).
+    Several nodes: a TrainJob on the remote URIs, then the result copied to ``out``'s local path."""
+    if nodes <= 1:
+        data_in, model_in = data[0] or data[1], model[0] or model[1]
+        overrides, resume = durable_checkpoints(stage, out, overrides, log)
     if nodes <= 1 and gpus_per_node <= 1:
         from deepmedix import stages
 
         run = {"sft": stages.sft, "coldstart": stages.coldstart_sft, "grpo": stages.grpo}[stage]
-        return run(data[0], model[0], out[0], size, overrides)
+        return run(data_in, model_in, out[0], size, overrides, resume=resume)
     if nodes <= 1:
         log(f"{stage}: one node, {gpus_per_node} GPUs under torchrun")
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                         f"--nproc-per-node={gpus_per_node}", "-m", "deepmedix.cli",
-                        *stage_args(stage, data[0], model[0], out[0], size, overrides)], check=True)
+                        *stage_args(stage, data_in, model_in, out[0], size, overrides),
+                        *(["--resume"] if resume else [])], check=True)
         return {"stage": stage, "nodes": 1, "gpus_per_node": gpus_per_node}
     remote = [u for _, u in (data, model, out)]
     if not all(u.startswith("s3://") for u in remote):

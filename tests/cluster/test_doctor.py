@@ -9,7 +9,7 @@ import json
 import pytest
 import yaml
 from typer.testing import CliRunner
-from worlds import NS, configmap, edit, kube_stub, launcher_providers, standard_install, trainjob_crd, without
+from worlds import NS, edit, kube_stub, launcher_providers, standard_install, trainjob_crd, without
 
 from deepmedix.cli import app
 
@@ -150,24 +150,35 @@ def test_no_cluster_at_all(tmp_path, monkeypatch):
     assert r.exit_code == 2 and "no Kubernetes API" in r.output
 
 
-def test_the_launcher_merge_keeps_what_kfp_wrote(tmp_path, monkeypatch):
-    """The chart's hook (`deepmedix kfp-launcher --from <release>-kfp-launcher`) on a profile namespace: the
-    profile controller's kfp-launcher gets the S3 root and provider, keeps clusterDomain, and doctor passes it."""
-    w = standard_install()
-    w = edit(w, "ConfigMap", "kfp-launcher", lambda o: o.update(data=dict(PROFILE_LAUNCHER)))
-    w["objects"].append(configmap("deepmedix-kfp-launcher", NS, {
-        "defaultPipelineRoot": "s3://deepmedix/pipeline-root", "providers": launcher_providers("weed:8333")}))
+def test_the_charts_launcher_hook_on_a_profile_namespace(s3, tmp_path, monkeypatch):
+    """End to end: the chart rendered with the README's install flags, its `<release>-kfp-launcher` ConfigMap
+    applied, then its hook Job's command run against a profile namespace whose kfp-launcher the profile controller
+    wrote (minio:// root, clusterDomain, no providers): doctor fails the namespace before and passes it after;
+    clusterDomain is kept; the merge replaces with the live resourceVersion and is idempotent."""
+    from test_helm import readme_install_flags, template
+
+    flags = [f.replace("seaweedfs.kubeflow.svc.cluster.local:8333", s3) for f in readme_install_flags()]
+    docs = [d for d in yaml.safe_load_all(template(*flags, "--namespace", NS).stdout) if d]
+    wanted = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "deepmedix-kfp-launcher")
+    (job,) = [d for d in docs if d["kind"] == "Job"]
+    command = job["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[0] == "deepmedix"
+    w = edit(cluster(s3), "ConfigMap", "kfp-launcher", lambda o: o.update(data=dict(PROFILE_LAUNCHER)))
+    w["objects"].append({**wanted, "metadata": {**wanted["metadata"], "namespace": NS}})
     with kube_stub(w, tmp_path, monkeypatch) as kube:
-        r = runner.invoke(app, ["kfp-launcher", "--from", "deepmedix-kfp-launcher", "--namespace", NS])
-        assert r.exit_code == 0, r.output
+        before = runner.invoke(app, ["doctor", "--namespace", NS, "--json", "--params", "/dev/null"])
+        assert before.exit_code == 0  # a single-node run works, with artifacts in KFP's MinIO: a warning
+        assert any(f["check"] == "kfp-launcher" and f["level"] == "warn" for f in json.loads(before.stdout))
+        for _ in range(2):
+            r = runner.invoke(app, command[1:])
+            assert r.exit_code == 0, r.output
         (live,) = [c for c in kube.objects("ConfigMap") if c["metadata"]["name"] == "kfp-launcher"]
         assert live["data"]["clusterDomain"] == "cluster.local"
         assert live["data"]["defaultPipelineRoot"] == "s3://deepmedix/pipeline-root"
-        assert yaml.safe_load(live["data"]["providers"])["s3"]["default"]["endpoint"] == "weed:8333"
-        (put,) = kube.requests("PUT", "/configmaps/kfp-launcher")
-        assert put["body"]["metadata"]["resourceVersion"]
-        again = runner.invoke(app, ["kfp-launcher", "--from", "deepmedix-kfp-launcher", "--namespace", NS])
-        assert again.exit_code == 0
+        assert yaml.safe_load(live["data"]["providers"])["s3"]["default"]["endpoint"] == s3
+        assert all(p["body"]["metadata"]["resourceVersion"] for p in kube.requests("PUT", "/configmaps/kfp-launcher"))
+        after = runner.invoke(app, ["doctor", "--namespace", NS, "--json"])
+        assert after.exit_code == 0 and {f["level"] for f in json.loads(after.stdout)} == {"ok"}, after.stdout
         missing = runner.invoke(app, ["kfp-launcher", "--from", "nope", "--namespace", NS])
         assert missing.exit_code == 2 and "nope: 404" in missing.output
     with kube_stub(without(w, "ConfigMap", "kfp-launcher", NS), tmp_path / "2", monkeypatch) as kube:
@@ -175,4 +186,3 @@ def test_the_launcher_merge_keeps_what_kfp_wrote(tmp_path, monkeypatch):
         assert r.exit_code == 0 and "created" in r.output, r.output
         (live,) = [c for c in kube.objects("ConfigMap") if c["metadata"]["name"] == "kfp-launcher"]
         assert set(live["data"]) == {"defaultPipelineRoot", "providers"}
-

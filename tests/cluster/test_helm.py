@@ -51,7 +51,8 @@ ENDPOINT = "s3.dmx-test.example:9000"
 
 # name -> (values files, --set values)
 SCENARIOS = {
-    "default": ((), (*CREDS, f"s3.endpoint={ENDPOINT}")),
+    "default": ((), (*CREDS, f"s3.endpoint={ENDPOINT}")),  # the README's install: S3 wiring, no model yet
+    "serving": ((), (*CREDS, f"s3.endpoint={ENDPOINT}", "serving.storageUri=s3://deepmedix/models/deepmedix-r1")),
     "minio-on": (("minio-on.yaml",), CREDS),
     "external-s3-existing-secret": (("external-s3-existing-secret.yaml",), ()),
     "vllm-gpu-standard-keda": (("vllm-gpu-standard-keda.yaml",), CREDS),
@@ -172,21 +173,25 @@ def test_renders_what_each_scenario_asks_for():
         docs = render(scenario)
         return {(d["kind"], d["metadata"]["name"]) for d in docs}
 
-    common = {("ServiceAccount", "deepmedix-serving"), ("ConfigMap", "kfp-launcher"),
-              ("ConfigMap", "deepmedix-s3-env"), ("Role", "deepmedix-pipeline-runner"),
-              ("RoleBinding", "deepmedix-pipeline-runner")}
+    common = {("ServiceAccount", "deepmedix-serving"), ("ConfigMap", "deepmedix-s3-env"),
+              ("Role", "deepmedix-pipeline-runner"), ("RoleBinding", "deepmedix-pipeline-runner"),
+              *{(k, "deepmedix-kfp-launcher") for k in ("ConfigMap", "ServiceAccount", "Role", "RoleBinding", "Job")}}
     reader = {("Deployment", "deepmedix-reader"), ("Service", "deepmedix-reader"),
               ("PersistentVolumeClaim", "deepmedix-reader")}
     minio = {("Deployment", "deepmedix-minio"), ("Service", "deepmedix-minio"),
              ("PersistentVolumeClaim", "deepmedix-minio"), ("Job", "deepmedix-create-bucket")}
-    secret, runner = ("Secret", "deepmedix-s3"), ("ServiceAccount", "pipeline-runner")
+    secret = ("Secret", "deepmedix-s3")
     isvc, vllm = ("InferenceService", "deepmedix-r1"), ("InferenceService", "deepmedix-r1-vllm")
-    assert kinds("default") == common | reader | {secret, runner, isvc}
-    assert kinds("minio-on") == common | reader | minio | {secret, runner, isvc}
-    assert kinds("external-s3-existing-secret") == common | {isvc}
-    assert kinds("vllm-gpu-standard-keda") == common | reader | {secret, runner, isvc, vllm}
-    assert kinds("knative-scale-to-zero") == common | {secret, runner, isvc}
-    assert kinds("hpa") == common | reader | {secret, runner, isvc, vllm}
+    # no InferenceService without a model to serve (serving.storageUri), and no ServiceAccount of KFP's own
+    # (pipelineRunner.create=false: default-editor / pipeline-runner exist)
+    assert kinds("default") == common | reader | {secret}
+    assert kinds("serving") == common | reader | {secret, isvc}
+    assert kinds("minio-on") == common | reader | minio | {secret, isvc}
+    assert kinds("external-s3-existing-secret") == common
+    assert kinds("vllm-gpu-standard-keda") == common | reader | {secret, isvc, vllm,
+                                                                 ("PodMonitor", "deepmedix-serving")}
+    assert kinds("knative-scale-to-zero") == common | {secret, isvc}
+    assert kinds("hpa") == common | reader | {secret, isvc, vllm}
 
 
 # ================================================================================================= credentials
@@ -242,7 +247,9 @@ def test_every_pod_hardened(scenario):
     assert all_pods
     for at, pod in all_pods.items():
         volumes = {vol["name"]: vol for vol in pod.get("volumes", [])}
-        if not at.startswith("InferenceService/"):
+        if at == "Job/deepmedix-kfp-launcher":  # merges into kfp-launcher through the API: its token, its Role
+            assert pod["automountServiceAccountToken"] is True and pod["serviceAccountName"] == "deepmedix-kfp-launcher"
+        elif not at.startswith("InferenceService/"):
             assert pod.get("automountServiceAccountToken") is False, at
             assert pod["securityContext"]["runAsNonRoot"] is True, at
         for c in all_containers(pod):
@@ -281,11 +288,11 @@ def test_pinned_images():
 # ================================================================================================= RBAC
 
 def _rules(secret: str, argo: bool = False) -> list[dict]:
-    """Exactly what deepmedix.cluster uses (deploy: get/create/patch the InferenceService, read its Deployment;
-    trainjob: get/create/delete the TrainJob, list its pods, read their logs) plus what KFP's driver and launcher
-    read; with pipelineRunner.argo, the Argo executor's task results."""
+    """Exactly what deepmedix.cluster uses (deploy: get/create/update (replace) the InferenceService, read its
+    Deployment; trainjob: get/create/delete the TrainJob, list its pods, read their logs) plus what KFP's driver
+    and launcher read; with pipelineRunner.argo, the Argo executor's task results."""
     rules = [
-        {"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"], "verbs": ["get", "create", "patch"]},
+        {"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"], "verbs": ["get", "create", "update"]},
         {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get"]},
         {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"], "verbs": ["get", "create", "delete"]},
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
@@ -304,7 +311,13 @@ def test_pipeline_runner_rbac_is_least_privilege(scenario):
     docs = render(scenario)
     assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
     roles, bindings = objects(docs, "Role"), objects(docs, "RoleBinding")
-    assert list(roles) == list(bindings) == ["deepmedix-pipeline-runner"]
+    assert list(roles) == list(bindings) == ["deepmedix-pipeline-runner", "deepmedix-kfp-launcher"]
+    # the launcher merge hook: read both ConfigMaps, update KFP's, create it only when KFP made none
+    assert roles["deepmedix-kfp-launcher"]["rules"] == [
+        {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["kfp-launcher", "deepmedix-kfp-launcher"],
+         "verbs": ["get"]},
+        {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["kfp-launcher"], "verbs": ["update"]},
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]}]
     rules = roles["deepmedix-pipeline-runner"]["rules"]
     assert rules == _rules(s3_secret_name(v), bool(v.get("pipelineRunner", {}).get("argo")))
     for rule in rules:
@@ -331,7 +344,7 @@ KFP_S3_SECRET_REF = {"secretName", "accessKeyKey", "secretKeyKey"}
 @pytest.mark.parametrize("scenario", NAMES)
 def test_kfp_launcher_configmap(scenario):
     v = values_of(scenario)
-    cm = objects(render(scenario), "ConfigMap")["kfp-launcher"]
+    cm = objects(render(scenario), "ConfigMap")["deepmedix-kfp-launcher"]  # merged into KFP's by the hook Job
     root = cm["data"]["defaultPipelineRoot"]
     assert root.startswith("s3://")
     assert root == (v["kfp"]["pipelineRoot"] or f"s3://{v['s3']['bucket']}/pipeline-root")
@@ -352,10 +365,22 @@ def test_kfp_launcher_configmap(scenario):
                    "DEEPMEDIX_S3_SECRET": s3_secret_name(v)}
 
 
-def test_kfp_launcher_configmap_can_be_left_to_kfp():
-    proc = template(*_args("default"), "--set", "kfp.launcherConfigMap.create=false")
-    assert proc.returncode == 0, proc.stderr
-    assert "name: kfp-launcher\n" not in proc.stdout
+def test_kfp_launcher_is_merged_into_kfps_own_by_default():
+    """Default (merge): the wanted data in deepmedix-kfp-launcher and a post-install/upgrade hook Job that merges it
+    into the namespace's kfp-launcher (the profile controller's or KFP standalone's; the chart never owns it).
+    create: the chart owns kfp-launcher; none: nothing."""
+    docs = render("default")
+    (job,) = [d for d in docs if d["kind"] == "Job"]
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    (c,) = job["spec"]["template"]["spec"]["containers"]
+    assert c["command"] == ["deepmedix", "kfp-launcher", "--from", "deepmedix-kfp-launcher", "--namespace", NAMESPACE]
+    assert "kfp-launcher" not in objects(docs, "ConfigMap")
+    for mode, names in (("create", {"kfp-launcher"}), ("none", set())):
+        proc = template(*_args("default"), "--set", f"kfp.launcherConfigMap.mode={mode}")
+        assert proc.returncode == 0, proc.stderr
+        out = [d for d in yaml.safe_load_all(proc.stdout) if d]
+        assert {n for n in objects(out, "ConfigMap") if "launcher" in n} == names
+        assert not [d for d in out if d["kind"] == "Job"]
 
 
 @pytest.mark.parametrize("scenario", NAMES)
@@ -373,9 +398,17 @@ def test_serving_service_account(scenario):
 
 # ================================================================================================= serving
 
+def test_no_model_no_inferenceservice():
+    """The README's install serves nothing until a model exists (the pipeline's deploy step serves its own);
+    NOTES says so."""
+    assert not isvcs(render("default"))
+    assert "Model: none served by this release" in helm_run("install", "--dry-run=client", RELEASE, str(CHART), "-n",
+                                                            NAMESPACE, *_args("default")).stdout
+
+
 def test_default_predictor_is_the_manifests_predictor():
-    """The chart's default InferenceService runs the very container of manifests/ (dev overlay: Knative, CPU)."""
-    chart = isvcs(render("default"))["deepmedix-r1"]["spec"]["predictor"]
+    """The chart's InferenceService runs the very container of manifests/ (dev overlay), its model URI as a folder."""
+    chart = isvcs(render("serving"))["deepmedix-r1"]["spec"]["predictor"]
     kust = isvcs(render_kustomize(ROOT / "manifests" / "overlays" / "dev"))["deepmedix-r1"]["spec"]["predictor"]
     c, k = chart["containers"][0], kust["containers"][0]
     assert set(c) == set(k)
@@ -388,17 +421,19 @@ def test_default_predictor_is_the_manifests_predictor():
     assert chart["serviceAccountName"] == kust["serviceAccountName"]
 
 
-def test_default_is_knative_on_cpu():
-    isvc = isvcs(render("default"))["deepmedix-r1"]
-    assert isvc["metadata"]["annotations"][MODE] == "Knative" and AUTOSCALER not in isvc["metadata"]["annotations"]
+def test_default_serving_is_standard_with_hpa_on_cpu():
+    """Standard mode (no Knative needed; Knative refuses GPU placement without its podspec feature flags) with
+    KServe's own HPA (no KEDA needed)."""
+    isvc = isvcs(render("serving"))["deepmedix-r1"]
+    assert isvc["metadata"]["annotations"][MODE] == "Standard" and isvc["metadata"]["annotations"][AUTOSCALER] == "hpa"
     pred = isvc["spec"]["predictor"]
     c = pred["containers"][0]
     assert args_of(c)[:3] == ["python", "-m", "serving.server"]
     assert flag(args_of(c), "--name") == "deepmedix-r1" and flag(args_of(c), "--model") == "/mnt/models"
     assert env_of(c)["STORAGE_URI"] == "s3://deepmedix/models/deepmedix-r1/" and c["env"][0]["name"] == "STORAGE_URI"
-    assert pred["scaleMetric"] == "concurrency" and pred["minReplicas"] == 1
+    assert pred["scaleMetric"] == "cpu" and pred["minReplicas"] == 1
     assert GPU not in c["resources"]["limits"] and "nodeSelector" not in pred and "tolerations" not in pred
-    assert "securityContext" not in pred  # Knative: pod-level context is behind a feature flag
+    assert pred["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}  # Standard: pod level too
 
 
 def test_knative_scale_to_zero():
@@ -609,3 +644,61 @@ def _leaf_paths(values: dict, prefix: str = "") -> list[str]:
         else:
             out.append(path)
     return out
+
+
+def readme_install_flags() -> list[str]:
+    """The `--set` flags of the README's first `helm install` (the documented Kubeflow-profile install)."""
+    import re
+    import shlex
+
+    readme = (CHART / "README.md").read_text()
+    block = next(b for b in re.findall(r"```sh\n(.*?)```", readme, re.S) if "helm install deepmedix" in b)
+    command = block.split("\n\n")[0].split("deepmedix doctor")[0].replace("\\\n", " ")
+    words = shlex.split(command)
+    return [w for i, w in enumerate(words) if words[i - 1] in ("--set", "--set-string") or w.startswith("--set")]
+
+
+def test_the_documented_install_sends_artifacts_to_the_clusters_s3():
+    """`helm template` with the README's flags: the launcher data it merges carries the S3 provider and the
+    documented endpoint (KFP's launcher would otherwise send s3:// artifacts to AWS), and the README's providers
+    block is that data."""
+    flags = readme_install_flags()
+    assert "s3.existingSecret=deepmedix-s3" in flags
+    proc = template(*flags)
+    assert proc.returncode == 0, proc.stderr
+    docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    cm = objects(docs, "ConfigMap")["deepmedix-kfp-launcher"]["data"]
+    s3 = yaml.safe_load(cm["providers"])["s3"]["default"]
+    assert s3["endpoint"] == "seaweedfs.kubeflow.svc.cluster.local:8333" and s3["disableSSL"] is True
+    assert s3["credentials"]["secretRef"]["secretName"] == "deepmedix-s3"
+    assert cm["defaultPipelineRoot"] == "s3://deepmedix/pipeline-root"
+    readme = (CHART / "README.md").read_text()
+    shown = yaml.safe_load(readme.split("```yaml\n", 1)[1].split("```", 1)[0])
+    assert yaml.safe_load(shown["providers"]) == yaml.safe_load(cm["providers"])
+    assert not isvcs(docs) and "ServiceAccount" not in {d["kind"] for d in docs if d["metadata"]["name"] ==
+                                                          "default-editor"}
+
+
+def test_readme_rbac_is_the_roles():
+    """The README's RBAC paragraph names each rule of the rendered Role, resource and verbs, and nothing else."""
+    import re
+
+    readme = " ".join((CHART / "README.md").read_text().split())
+    para = readme.split("**Pipeline runner RBAC**", 1)[1].split("The launcher merge hook", 1)[0]
+    said = {(m.group(1), tuple(m.group(2).split(", "))) for m in re.finditer(r"`([a-z/]+)`[^(`]*\(([a-z, ]+)\)", para)}
+    rules = objects(render("hpa"), "Role")["deepmedix-pipeline-runner"]["rules"]  # hpa: pipelineRunner.argo
+    assert said == {(r["resources"][0], tuple(r["verbs"])) for r in rules}
+
+
+def test_predictor_pods_are_restricted_with_the_storage_initializer_kserve_injects(monkeypatch):
+    """render_errors judges each InferenceService pod as it runs, KServe's storage-initializer included: clean
+    with manifests/cluster/storage-initializer.yaml applied, not with KServe's default ClusterStorageContainer
+    (no securityContext: kserve config/storagecontainers/default.yaml)."""
+    import k8s_checks
+
+    docs = split_secret(render("vllm-gpu-standard-keda"))[1]
+    assert render_errors(docs) == []
+    monkeypatch.setattr(k8s_checks, "RESTRICTED_STORAGE_CONTAINER", None)
+    errors = render_errors(docs)
+    assert any("deepmedix-r1.spec.predictor + storage-initializer" in e for e in errors), errors
+    assert any("deepmedix-r1-vllm.spec.predictor + storage-initializer" in e for e in errors), errors

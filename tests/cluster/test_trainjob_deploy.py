@@ -285,3 +285,28 @@ def test_deploy_without_a_cluster_fails_clearly(monkeypatch, tmp_path):
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     r = runner.invoke(app, ["deploy", "--model", "s3://b/m", "--namespace", "ns"])
     assert r.exit_code == 2 and "no Kubernetes API" in r.output
+
+
+def test_a_one_node_kfp_step_checkpoints_beside_its_output_on_s3_and_a_retry_resumes(tmp_path):
+    """In a KFP step the output folder is local (the launcher uploads it at the end): checkpoints go to
+    ``<output uri>-checkpoints`` on S3 instead of the pod's disk, and committed ones of the same output (a retried
+    pod) make the step resume; a user's own checkpoint_uri and a plain local run are left alone."""
+    from conftest import weed_s3
+
+    from deepmedix import store
+    from deepmedix.cluster.trainjob import durable_checkpoints
+
+    out = (str(tmp_path / "local" / "model"), "s3://deepmedix/pipeline-root/run-1/sft/model")
+    with weed_s3(tmp_path / "weed"):
+        store.s3_client().make_bucket("deepmedix")
+        overrides, resume = durable_checkpoints("sft", out, ["max_steps=10"], log=lambda _: None)
+        assert overrides == ["max_steps=10", "checkpoint_uri=s3://deepmedix/pipeline-root/run-1/sft/model-checkpoints"]
+        assert resume is False
+        ckpt = tmp_path / "checkpoint-5"
+        ckpt.mkdir()
+        (ckpt / store.LINEAGE).write_text("{}")
+        store.upload_dir(ckpt, f"{out[1]}-checkpoints/checkpoint-5")
+        seen = []
+        assert durable_checkpoints("sft", out, [], log=seen.append)[1] is True and "resuming" in seen[0]
+        assert durable_checkpoints("sft", out, ["checkpoint_uri=s3://x/y"]) == (["checkpoint_uri=s3://x/y"], False)
+        assert durable_checkpoints("sft", (out[0], out[0]), []) == ([], False)

@@ -226,3 +226,26 @@ def test_compile_for_a_size_resolves_every_stage_config_and_makes_it_the_default
     r = CliRunner().invoke(app, ["pipeline", "compile", "--out", str(tmp_path / "13b.yaml"), "--size", "13b"])
     assert r.exit_code == 2 and not (tmp_path / "13b.yaml").exists()
     assert "configs/curate/13b.yaml" in r.output and "configs/arena/13b.yaml" in r.output
+
+
+def test_steps_that_only_pass_a_uri_on_download_nothing(tmp_path):
+    """KFP's launcher downloads every input artifact before the step's code runs (backend/src/v2/component/
+    launcher_v2.go downloadArtifacts, no opt-out in 2.17): the training stages (a multi-node one only hands URIs to
+    its TrainJob) and deploy (KServe fetches the model in the predictor pod) take URIs, string outputs of the steps
+    that made them."""
+    ir, _ = _compiled(tmp_path)
+    producers = {"sft": {"data_uri": "curate", "base_uri": "base-model"},
+                 "coldstart-sft": {"traces_uri": "coldstart-synth", "base_uri": "sft"},
+                 "grpo": {"data_uri": "curate", "base_uri": "coldstart-sft"}, "deploy": {"model_uri": "grpo"}}
+    for task, inputs in producers.items():
+        comp = ir["components"][_dag_task(ir, task)["componentRef"]["name"]]
+        assert not comp["inputDefinitions"].get("artifacts"), task
+        for name, producer in inputs.items():
+            src = _dag_task(ir, task)["inputs"]["parameters"][name]
+            # deploy sits in the `deploy == True` branch: the value reaches it as the branch's input channel
+            assert src.get("taskOutputParameter") == {"producerTask": producer, "outputParameterKey": "Output"} or \
+                src.get("componentInputParameter") == f"pipelinechannel--{producer}-Output", (task, name, src)
+    # the training stages' TrainJob resources are pipeline parameters, not constants
+    root = ir["root"]["inputDefinitions"]["parameters"]
+    assert root["trainjob_cpu_per_node"]["defaultValue"] == "16"
+    assert root["trainjob_memory_per_node"]["defaultValue"] == "128Gi"

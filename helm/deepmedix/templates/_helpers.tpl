@@ -69,8 +69,15 @@ app.kubernetes.io/component: {{ .component }}
 {{- .Values.kfp.pipelineRoot | default (printf "s3://%s/pipeline-root" .Values.s3.bucket) -}}
 {{- end -}}
 
+{{/* The model folder to serve, as a folder: KServe's storage-initializer lists s3:// and gs:// objects by raw key
+prefix (kserve/storage/storage.py _download_s3), so ".../model" would also fetch ".../model-checkpoints/**". */}}
 {{- define "deepmedix.storageUri" -}}
-{{- .Values.serving.storageUri | default (printf "s3://%s/models/%s/" .Values.s3.bucket .Values.serving.name) -}}
+{{- $u := .Values.serving.storageUri -}}
+{{- if and (or (hasPrefix "s3://" $u) (hasPrefix "gs://" $u)) (not (hasSuffix "/" $u)) -}}
+{{- printf "%s/" $u -}}
+{{- else -}}
+{{- $u -}}
+{{- end -}}
 {{- end -}}
 
 {{/* The store's environment for a pod that uses deepmedix.store: settings as values, credentials by reference. */}}

@@ -95,7 +95,7 @@ def register(app: typer.Typer, stage_app: typer.Typer, cli_errors, show) -> None
                    tolerations: str = typer.Option("", help="with --gpus: the GPU pool's tolerations, JSON"),
                    timeout: float = typer.Option(1800, help="seconds to wait for Ready"),
                    poll: float = typer.Option(10, help="seconds between status reads")):
-        """Create or patch the InferenceService for a model folder on S3 and wait until the new model is Ready."""
+        """Create or replace the InferenceService for a model folder on S3 and wait until the new model is Ready."""
         from deepmedix.cluster.deploy import SERVING_IMAGE, Serving, deploy_model
 
         with cli_errors():

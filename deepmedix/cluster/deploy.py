@@ -1,4 +1,4 @@
-"""Deploy: create or patch the InferenceService that serves a model folder from its ``s3://`` URI, and wait
+"""Deploy: create or replace the InferenceService that serves a model folder from its ``s3://`` URI, and wait
 until KServe says it is Ready.
 
 The object is the one in ``manifests/base/inferenceservice.yaml`` (a test keeps the two in step): the DeepMedix

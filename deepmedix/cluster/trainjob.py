@@ -66,7 +66,9 @@ def trainjob_manifest(name: str, namespace: str, image: str, args: list[str], no
                       pool: GpuPool | None = None, s3_secret: str = S3_SECRET, runtime: str = RUNTIME,
                       service_account: str | None = None, owners: list[dict] | None = None) -> dict:
     """A TrainJob running ``torchrun -m deepmedix.cli ARGS`` on ``nodes`` nodes of ``gpus_per_node`` GPUs. Needs
-    Kubeflow Trainer >= 2.3 (``spec.runtimePatches`` carries the pool, ``/dev/shm`` and the security context)."""
+    Kubeflow Trainer >= 2.2 (``spec.runtimePatches``, which carries the pool, ``/dev/shm`` and the security context,
+    came in 2.2: kubeflow/trainer pkg/apis/trainer/v1alpha1/trainjob_types.go; 2.0 had podSpecOverrides, 2.1
+    podTemplateOverrides)."""
     pool = pool or GpuPool()
     gpus = str(gpus_per_node)
     pod_spec = {
@@ -175,7 +177,7 @@ def run_trainjob(manifest: dict, timeout_s: float = 7 * 24 * 3600, poll_s: float
         try:
             if "runtimePatches" not in (created or {}).get("spec", {}):
                 raise ClusterError(f"TrainJob {ns}/{name}: the cluster's Trainer dropped spec.runtimePatches (GPU "
-                                   "pool, /dev/shm, security context); Kubeflow Trainer >= 2.3 is needed")
+                                   "pool, /dev/shm, security context); Kubeflow Trainer >= 2.2 is needed")
             log(f"TrainJob {ns}/{name} created: {manifest['spec']['trainer']['numNodes']} nodes x "
                 f"{manifest['spec']['trainer']['numProcPerNode']} GPUs")
             streamer.start()

@@ -181,7 +181,7 @@ def test_an_old_trainer_that_prunes_runtime_patches_is_refused_and_cleaned_up(tm
                lambda o: o.update(trainjob_crd(runtime_patches=False)))
     with kube_stub(old, tmp_path, monkeypatch) as kube:
         r = runner.invoke(app, stage_args())
-        assert r.exit_code == 2 and "Kubeflow Trainer >= 2.3" in r.output
+        assert r.exit_code == 2 and "Kubeflow Trainer >= 2.2" in r.output
         (delete,) = kube.requests("DELETE", TJ_PATH)
         assert not kube.objects("TrainJob")
 

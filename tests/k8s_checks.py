@@ -414,7 +414,8 @@ def render_errors(docs: list[dict]) -> list[str]:
         elif obj.get("kind") == "PodMonitor":  # no OpenAPI schema offline: the fields the Operator reads
             spec = obj.get("spec") or {}
             eps = spec.get("podMetricsEndpoints") or []
-            if not (spec.get("selector") or {}).get("matchLabels") or not eps or \
+            sel = spec.get("selector") or {}
+            if not (sel.get("matchLabels") or sel.get("matchExpressions")) or not eps or \
                     not all(e.get("port") and e.get("path", "/metrics").startswith("/") for e in eps):
                 out.append(f"{where(obj)}: needs spec.selector and podMetricsEndpoints with a port name and path")
         else:

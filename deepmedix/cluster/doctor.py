@@ -254,26 +254,31 @@ def check_kserve(c: Cluster, plan: Plan, restricted: bool) -> list[Finding]:
                            f"the storage-initializer ({which}) has no restricted securityContext: predictor pods "
                            "fail Pod Security \"restricted\"",
                            "kubectl apply -f manifests/cluster/storage-initializer.yaml"))
-    if plan.deploy_mode == "Knative":
-        out += check_knative(c, plan)
-    return out
+    return out + check_knative(c, plan)
 
 
 def check_knative(c: Cluster, plan: Plan) -> list[Finding]:
     """Knative refuses nodeSelector/tolerations in a pod spec unless ``config-features`` enables them (knative
-    serving pkg/apis/config/features.go: PodSpecNodeSelector, PodSpecTolerations default Disabled)."""
+    serving pkg/apis/config/features.go: PodSpecNodeSelector, PodSpecTolerations default Disabled). Only a
+    failure when this run deploys in Knative mode."""
+    knative = plan.deploy_mode == "Knative"
     if c.crd("services.serving.knative.dev") is None:
-        return [Finding("knative", "fail", "deploy_mode Knative but no Knative Serving",
-                        "deploy with deploy_mode Standard, or install Knative Serving")]
+        if knative:
+            return [Finding("knative", "fail", "deploy_mode Knative but no Knative Serving",
+                            "deploy with deploy_mode Standard, or install Knative Serving")]
+        return [Finding("knative", "ok", "no Knative Serving (not needed: deploy_mode Standard)")]
     flags = c.configmap("knative-serving", "config-features") or {}
     off = [f for f in KNATIVE_FLAGS if (flags.get(f) or "disabled").lower() != "enabled"]
-    if off:
-        return [Finding("knative", "fail" if plan.serving_gpus else "warn",
-                        f"Knative refuses GPU placement: {', '.join(off)} not enabled in knative-serving/"
-                        "config-features", "kubectl -n knative-serving patch configmap config-features --type merge "
-                        "-p '{\"data\": {" + ", ".join(f'"{f}": "enabled"' for f in off) + "}}' (or deploy_mode "
-                        "Standard)")]
-    return [Finding("knative", "ok", "Knative with node selector and toleration features enabled")]
+    if not off:
+        return [Finding("knative", "ok", "Knative with node selector and toleration features enabled")]
+    if not knative:
+        return [Finding("knative", "ok", f"Knative present, {', '.join(off)} off (not needed: deploy_mode "
+                        "Standard; Knative mode could not place pods on GPU nodes)")]
+    return [Finding("knative", "fail" if plan.serving_gpus else "warn",
+                    f"Knative refuses GPU placement: {', '.join(off)} not enabled in knative-serving/"
+                    "config-features", "kubectl -n knative-serving patch configmap config-features --type merge "
+                    "-p '{\"data\": {" + ", ".join(f'\"{f}\": \"enabled\"' for f in off) + "}}' (or deploy_mode "
+                    "Standard)")]
 
 
 def check_autoscaling(c: Cluster, plan: Plan) -> list[Finding]:
@@ -286,8 +291,7 @@ def check_autoscaling(c: Cluster, plan: Plan) -> list[Finding]:
     if c.crd("podmonitors.monitoring.coreos.com") is not None:
         # the Prometheus Operator ignores prometheus.io/* annotations; it scrapes what a PodMonitor selects
         mons = c.custom("monitoring.coreos.com", "v1", "podmonitors", ns=plan.namespace) or []
-        ours = [m for m in mons if ((m.get("spec") or {}).get("selector") or {}).get("matchLabels", {}).get(
-            "app.kubernetes.io/part-of") == "deepmedix"]
+        ours = [m for m in mons if _selects_serving_pods((m.get("spec") or {}).get("selector") or {})]
         if not ours:
             out.append(Finding("prometheus", "warn", f"Prometheus Operator present but no PodMonitor for DeepMedix in "
                                f"{plan.namespace}: the queue metric KEDA scales on is never scraped",
@@ -295,6 +299,16 @@ def check_autoscaling(c: Cluster, plan: Plan) -> list[Finding]:
         else:
             out.append(Finding("prometheus", "ok", f"PodMonitor {ours[0]['metadata']['name']}"))
     return out
+
+
+def _selects_serving_pods(sel: dict) -> bool:
+    """A PodMonitor selector that picks DeepMedix's InferenceService pods: the chart's (part-of: deepmedix) or the
+    kustomize component's (serving.kserve.io/inferenceservice In [deepmedix-r1, ...])."""
+    if (sel.get("matchLabels") or {}).get("app.kubernetes.io/part-of") == "deepmedix":
+        return True
+    return any(e.get("key") == "serving.kserve.io/inferenceservice" and
+               any(str(v).startswith("deepmedix") for v in e.get("values") or [])
+               for e in sel.get("matchExpressions") or [])
 
 
 def check_pod_security(c: Cluster, plan: Plan) -> tuple[list[Finding], bool]:

@@ -123,39 +123,51 @@ def trainjob_verdict(obj: dict) -> tuple[bool, str | None]:
     return False, None
 
 
-def _stream_logs(core, namespace: str, name: str, stop: threading.Event, log: Callable[[str], None]) -> None:
-    """Follow the first node's pod log (JobSet labels; the newest such pod after a restart), line by line, until
-    ``stop`` is set."""
+def _stream_logs(core, namespace: str, name: str, stop: threading.Event, log: Callable[[str], None],
+                 following: threading.Event | None = None) -> None:
+    """Follow the first node's pod log (JobSet labels), line by line, until ``stop`` is set. The pods are watched
+    (a list, then a stream of changes), so the log starts the moment the pod runs, and a pod that replaces it after
+    a restart (a new UID) is followed next."""
+    from kubernetes import watch
+
     selector = f"jobset.sigs.k8s.io/jobset-name={name},batch.kubernetes.io/job-completion-index=0"
-    followed = set()
+    followed: set[str] = set()
     while not stop.is_set():
+        w = watch.Watch()
         try:
-            pods = core.list_namespaced_pod(namespace, label_selector=selector).items
-        except Exception:  # noqa: BLE001 - logs are a courtesy; the verdict comes from the TrainJob
-            stop.wait(10)
-            continue
-        started = [p for p in pods if p.status.phase in ("Running", "Succeeded", "Failed")
-                   and p.metadata.uid not in followed]
-        if not started:
-            stop.wait(5)
-            continue
-        pod = max(started, key=lambda p: p.metadata.creation_timestamp)
-        followed.add(pod.metadata.uid)
-        name_ = pod.metadata.name
-        try:
-            resp = core.read_namespaced_pod_log(name_, namespace, container=NODE, follow=True,
-                                                _preload_content=False)
-            tail = b""
-            for chunk in resp.stream():
-                *lines, tail = (tail + chunk).split(b"\n")
-                for line in lines:
-                    log(f"[{name_}] {line.decode(errors='replace').rstrip()}")
+            for event in w.stream(core.list_namespaced_pod, namespace, label_selector=selector, timeout_seconds=30):
+                pod = event["object"]
                 if stop.is_set():
                     break
-            if tail:
-                log(f"[{name_}] {tail.decode(errors='replace').rstrip()}")
-        except Exception as exc:  # noqa: BLE001
-            log(f"[{name_}] log stream ended: {exc}")
+                if event["type"] == "DELETED" or pod.metadata.uid in followed or \
+                        pod.status.phase not in ("Running", "Succeeded", "Failed"):
+                    continue
+                followed.add(pod.metadata.uid)
+                if following is not None:
+                    following.set()
+                _follow(core, namespace, pod.metadata.name, stop, log)
+                if following is not None:
+                    following.clear()
+        except Exception:  # noqa: BLE001 - logs are a courtesy; the verdict comes from the TrainJob
+            stop.wait(10)
+        finally:
+            w.stop()
+
+
+def _follow(core, namespace: str, pod: str, stop: threading.Event, log: Callable[[str], None]) -> None:
+    try:
+        resp = core.read_namespaced_pod_log(pod, namespace, container=NODE, follow=True, _preload_content=False)
+        tail = b""
+        for chunk in resp.stream():
+            *lines, tail = (tail + chunk).split(b"\n")
+            for line in lines:
+                log(f"[{pod}] {line.decode(errors='replace').rstrip()}")
+            if stop.is_set():
+                break
+        if tail:
+            log(f"[{pod}] {tail.decode(errors='replace').rstrip()}")
+    except Exception as exc:  # noqa: BLE001
+        log(f"[{pod}] log stream ended: {exc}")
 
 
 def run_trainjob(manifest: dict, timeout_s: float = 7 * 24 * 3600, poll_s: float = 15.0,
@@ -172,7 +184,8 @@ def run_trainjob(manifest: dict, timeout_s: float = 7 * 24 * 3600, poll_s: float
                            f"{getattr(exc, 'body', exc)}") from None
     stop = threading.Event()
     done = False
-    streamer = threading.Thread(target=_stream_logs, args=(k.core, ns, name, stop, log), daemon=True)
+    following = threading.Event()  # a log being followed: worth waiting for its last lines at the end
+    streamer = threading.Thread(target=_stream_logs, args=(k.core, ns, name, stop, log, following), daemon=True)
     with sigterm_exits():  # a cancelled run's step gets SIGTERM: it leaves through the finally below
         try:
             if "runtimePatches" not in (created or {}).get("spec", {}):
@@ -190,8 +203,8 @@ def run_trainjob(manifest: dict, timeout_s: float = 7 * 24 * 3600, poll_s: float
             raise
         finally:
             stop.set()
-            if streamer.is_alive():
-                streamer.join(10)
+            if streamer.is_alive():  # (a thread blocked in the watch has nothing more to say: not waited for)
+                streamer.join(10 if following.is_set() else 0.5)
             if not done:
                 try:
                     k.custom.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)

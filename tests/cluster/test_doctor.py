@@ -36,6 +36,7 @@ def cluster(endpoint: str) -> dict:
 
 def doctor(world: dict, tmp_path, monkeypatch, params: dict | None = None) -> tuple[int, list[dict], str]:
     args = ["doctor", "--namespace", NS, "--json"]
+    tmp_path.mkdir(parents=True, exist_ok=True)
     if params is not None:
         p = tmp_path / "params.yaml"
         p.write_text(yaml.safe_dump(params))
@@ -102,6 +103,9 @@ MULTI = {"sft_nodes": 2, "sft_gpus_per_node": 8}
     # KEDA and how Prometheus scrapes
     (lambda w: without(w, "CustomResourceDefinition", "scaledobjects.keda.sh"), None, "keda", "warn", "no KEDA"),
     (lambda w: without(w, "PodMonitor"), None, "prometheus", "warn", "no PodMonitor"),
+    (lambda w: edit(w, "PodMonitor", "deepmedix-serving", lambda m: m["spec"].update(selector={"matchExpressions": [
+        {"key": "serving.kserve.io/inferenceservice", "operator": "In", "values": ["deepmedix-r1"]}]})),
+     None, "prometheus", "ok", "PodMonitor deepmedix-serving"),  # the kustomize component's selector
     # GPU nodes against the pool settings
     (lambda w: without(w, "Node"), None, "gpu-nodes", "fail", "no node has the labels"),
     (lambda w: edit(edit(w, "Node", "gpu-a", lambda n: n["spec"].update(taints=[
@@ -186,3 +190,14 @@ def test_the_charts_launcher_hook_on_a_profile_namespace(s3, tmp_path, monkeypat
         assert r.exit_code == 0 and "created" in r.output, r.output
         (live,) = [c for c in kube.objects("ConfigMap") if c["metadata"]["name"] == "kfp-launcher"]
         assert set(live["data"]) == {"defaultPipelineRoot", "providers"}
+
+
+def test_knative_settings_matter_only_in_knative_mode(s3, tmp_path, monkeypatch):
+    w = edit(cluster(s3), "ConfigMap", "config-features", lambda o: o.update(data={}))
+    code, findings, text = doctor(w, tmp_path, monkeypatch, {"deploy": True, "serving_gpus": 1})
+    (kn,) = [f for f in findings if f["check"] == "knative"]
+    assert code == 0 and kn["level"] == "ok" and "not needed: deploy_mode Standard" in kn["message"]
+    code, findings, text = doctor(w, tmp_path / "2", monkeypatch, {"deploy": True, "deploy_mode": "Knative"})
+    (kn,) = [f for f in findings if f["check"] == "knative"]
+    assert code == 0 and kn["level"] == "warn"  # no GPUs asked for: it would run, off the GPU pool
+    assert "patch configmap config-features" in kn["fix"]

@@ -157,8 +157,9 @@ def test_trainjob_runs_streams_the_first_nodes_log_and_completes(tmp_path, monke
         assert stored["spec"]["runtimePatches"]  # Trainer >= 2.2's CRD keeps the GPU pool and /dev/shm
         assert not kube.requests("DELETE")  # a finished TrainJob stays for its logs
         listed = kube.requests("GET", f"/api/v1/namespaces/{NS}/pods")
+        # the first node's pod is watched (list + changes), by its JobSet labels
         assert any("jobset.sigs.k8s.io/jobset-name=deepmedix-sft-" in r["query"].get("labelSelector", "")
-                   for r in listed)
+                   and r["query"].get("watch", "").lower() == "true" for r in listed)
         assert any(r["query"].get("follow", "").lower() == "true" for r in kube.requests("GET", "/log"))
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from deepmedix.errors import DeepMedixError
+from deepmedix.errors import DeepMedixError, InputError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -312,6 +312,20 @@ def config_path(stage: str, size_or_path: str) -> Path:
     if p.suffix in (".yaml", ".yml"):
         return p
     return CONFIG_DIR / stage / f"{size_or_path}.yaml"
+
+
+def read_mapping(path: str | Path, what: str = "file") -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (empty: ``{}``); an unreadable file, bad YAML or another top level
+    is an InputError naming the file."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the {what} ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a mapping at the top level of the {what}")
+    return data
 
 
 def load_config(stage: str, size_or_path: str = "tiny", overrides: list[str] | None = None) -> Any:

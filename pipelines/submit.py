@@ -12,8 +12,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 from deepmedix.errors import ClusterError, InputError
 from pipelines.deepmedix_pipeline import deepmedix_pipeline
 
@@ -45,14 +43,9 @@ def check_params(params: dict, where: str = "parameters") -> dict:
 
 
 def load_params(path: str) -> dict:
-    p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read the parameters file ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise InputError(f"{path}: not valid YAML ({exc})") from None
-    return check_params(data, str(path))
+    from deepmedix.config import read_mapping
+
+    return check_params(read_mapping(path, "parameters file"), str(path))
 
 
 def submit(host: str, params: dict, experiment: str = "deepmedix", run_name: str = "", namespace: str = "",

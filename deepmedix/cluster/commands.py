@@ -155,16 +155,6 @@ def _kube_namespace() -> str:
 
 
 def _params(path: str) -> dict:
-    if not path:
-        return {}
-    import yaml
+    from deepmedix.config import read_mapping
 
-    try:
-        data = yaml.safe_load(open(path)) or {}
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read the parameters file ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise InputError(f"{path}: not valid YAML ({exc})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: expected a mapping of pipeline parameters")
-    return data
+    return read_mapping(path, "parameters file") if path else {}

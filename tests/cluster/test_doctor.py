@@ -201,3 +201,11 @@ def test_knative_settings_matter_only_in_knative_mode(s3, tmp_path, monkeypatch)
     (kn,) = [f for f in findings if f["check"] == "knative"]
     assert code == 0 and kn["level"] == "warn"  # no GPUs asked for: it would run, off the GPU pool
     assert "patch configmap config-features" in kn["fix"]
+
+
+def test_a_bad_parameters_file_is_named(tmp_path):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("- a list\n")
+    for path, says in ((bad, "expected a mapping"), (tmp_path / "none.yaml", "cannot read the parameters file")):
+        r = runner.invoke(app, ["doctor", "--namespace", NS, "--params", str(path)])
+        assert r.exit_code == 2 and str(path) in r.output and says in r.output

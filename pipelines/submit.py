@@ -56,8 +56,10 @@ def submit(host: str, params: dict, experiment: str = "deepmedix", run_name: str
     from pipelines.compile import compile_pipeline
 
     check_params(params)
-    if pipeline_root and not pipeline_root.startswith(("s3://", "minio://", "gs://")):
-        raise InputError(f"--pipeline-root: {pipeline_root!r} is not an object-store URI (s3://bucket/prefix)")
+    if pipeline_root and not pipeline_root.startswith("s3://"):
+        # the training steps, their TrainJobs and deploy read their inputs by s3:// URI (DeepMedix's store);
+        # KFP's own minio:// root is not one they can read
+        raise InputError(f"--pipeline-root: {pipeline_root!r} is not an s3://bucket/prefix URI")
     multi_user = _healthz(host, token).get("multi_user")
     if multi_user and not namespace:
         raise InputError(f"KFP API at {host} is multi-user (Kubeflow profiles): pass --namespace <your profile's "
@@ -89,14 +91,18 @@ def _healthz(host: str, token: str | None) -> dict:
                                  headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
-            return json.loads(r.read() or b"{}")
+            body = r.read()
+        return json.loads(body or b"{}")
+    except ValueError:  # an auth proxy (Dex, oauth2-proxy) answers an unauthenticated call with its login page
+        raise ClusterError(f"KFP API at {host}: /apis/v2beta1/healthz answered with something that is not JSON (a "
+                           "login page?): pass a token (--token-env names the variable that holds it)") from None
     except urllib.error.HTTPError as exc:
         hint = {401: " (a token is needed: --token-env names the variable that holds it)",
                 403: " (the token's identity may not use this namespace)",
                 404: " (not the KFP API: a Kubeflow install serves it under https://<host>/pipeline)"}
         raise ClusterError(f"KFP API at {host}: HTTP {exc.code} {exc.reason} on /apis/v2beta1/healthz"
                            f"{hint.get(exc.code, '')}") from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+    except (urllib.error.URLError, OSError) as exc:
         raise ClusterError(f"KFP API at {host}: not reachable ({getattr(exc, 'reason', exc)})") from None
 
 

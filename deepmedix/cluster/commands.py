@@ -18,7 +18,8 @@ def gpu_pool(node_selector: str, tolerations: str, cpu_per_node: str = "", memor
 
     pool = GpuPool()
     for flag, value, pattern, attr in (("--cpu-per-node", cpu_per_node, r"\d+(\.\d+)?m?", "cpu_per_node"),
-                                       ("--memory-per-node", memory_per_node, r"\d+([EPTGMk]i?)?", "memory_per_node")):
+                                       ("--memory-per-node", memory_per_node, r"\d+(\.\d+)?([EPTGMK]i|[EPTGMk])?",
+                                        "memory_per_node")):
         if value and not re.fullmatch(pattern, value):
             raise InputError(f"{flag}: {value!r} is not a Kubernetes quantity")
         if value:

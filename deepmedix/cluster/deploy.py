@@ -117,18 +117,21 @@ def inferenceservice_manifest(name: str, namespace: str, storage_uri: str, s: Se
     }
 
 
-def ready_verdict(obj: dict, previous_revision: str | None = None, previous_failure: dict | None = None
-                  ) -> tuple[bool, str | None]:
-    """(done, failure) from an InferenceService's status. Done: ``Ready`` is True and, in Knative mode, the
-    latest created revision is the ready one and it is not ``previous_revision`` (the one serving before a patch:
-    KServe keeps the old revision Ready while the new one starts). Failed: a ``lastFailureInfo`` that was not
-    there before the patch."""
+def ready_verdict(obj: dict, previous_revision: str | None = None, previous_failure: dict | None = None,
+                  generation: int | None = None) -> tuple[bool, str | None]:
+    """(done, failure) from an InferenceService's status. Done: ``Ready`` is True, the controller has seen
+    ``generation`` (when the status reports ``observedGeneration``) and, in Knative mode, the latest created
+    revision is the ready one and it is not ``previous_revision`` (the one serving before a replace: KServe keeps
+    the old revision Ready while the new one starts). Failed: a ``lastFailureInfo`` that was not there before."""
     status = obj.get("status") or {}
     failure = (status.get("modelStatus") or {}).get("lastFailureInfo")
     if failure and failure.get("reason") and failure != previous_failure:
         return True, f"{failure.get('reason')}: {failure.get('message') or ''}".strip()
     ready = condition(obj, "Ready")
     if not (ready and ready.get("status") == "True"):
+        return False, None
+    seen = status.get("observedGeneration")
+    if generation is not None and seen is not None and seen < generation:
         return False, None
     pred = (status.get("components") or {}).get("predictor") or {}
     created, latest = pred.get("latestCreatedRevision"), pred.get("latestReadyRevision")
@@ -137,11 +140,19 @@ def ready_verdict(obj: dict, previous_revision: str | None = None, previous_fail
     return True, None
 
 
-def rollout_verdict(dep) -> tuple[bool, str | None]:
-    """Standard mode: the predictor's Deployment has rolled out its current spec."""
-    st, want = dep.status, dep.spec.replicas or 0
+def rollout_verdict(dep, container: dict | None = None) -> tuple[bool, str | None]:
+    """Standard mode: the predictor's Deployment runs ``container`` (its image, args and STORAGE_URI: until
+    KServe has reconciled the replace, the Deployment is the old one, fully rolled out) and has rolled it out."""
+    if container is not None:
+        live = next((c for c in dep.spec.template.spec.containers or [] if c.name == container["name"]), None)
+        env = {e.name: e.value for e in (live.env or [])} if live else {}
+        want = {e["name"]: e.get("value") for e in container.get("env") or []}
+        if live is None or live.image != container["image"] or list(live.args or []) != container["args"] or \
+                env.get("STORAGE_URI") != want.get("STORAGE_URI"):
+            return False, None
+    st, want_replicas = dep.status, dep.spec.replicas or 0
     current = (st.observed_generation or 0) >= (dep.metadata.generation or 0)
-    return (current and (st.updated_replicas or 0) >= want and (st.available_replicas or 0) >= want
+    return (current and (st.updated_replicas or 0) >= want_replicas and (st.available_replicas or 0) >= want_replicas
             and not (st.unavailable_replicas or 0)), None
 
 
@@ -183,25 +194,31 @@ def deploy(manifest: dict, timeout_s: float = 1800, poll_s: float = 10.0,
         previous_failure = (status.get("modelStatus") or {}).get("lastFailureInfo")
     try:
         if live is not None:
-            _replace(k, manifest, live)
+            written = _replace(k, manifest, live)
             log(f"InferenceService {ns}/{name} replaced (was serving revision {previous_revision or '?'})")
         else:
-            k.custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, manifest)
+            written = k.custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, manifest)
             log(f"InferenceService {ns}/{name} created")
     except ApiException as exc:
         raise ClusterError(f"InferenceService {ns}/{name}: {exc.status} {exc.reason}: {_message(exc)}") from None
+    generation = ((written or {}).get("metadata") or {}).get("generation")
+    if live is not None and generation == (live.get("metadata") or {}).get("generation"):
+        previous_revision = None  # the same spec again: no new revision will come, the serving one is the answer
     obj = wait_for(lambda: k.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name),
-                   lambda o: ready_verdict(o, previous_revision, previous_failure),
+                   lambda o: ready_verdict(o, previous_revision, previous_failure, generation),
                    f"InferenceService {ns}/{name}", timeout_s, poll_s, log)
     if mode == "Standard" and live is not None:
-        apps = client.AppsV1Api()
-        wait_for(lambda: apps.read_namespaced_deployment(f"{name}-predictor", ns), rollout_verdict,
-                 f"Deployment {ns}/{name}-predictor", timeout_s, poll_s, log)
+        # a replace leaves the old Ready status and the old, rolled-out Deployment in place until KServe
+        # reconciles: wait for the Deployment that runs the new container, rolled out
+        apps, container = client.AppsV1Api(), manifest["spec"]["predictor"]["containers"][0]
+        wait_for(lambda: apps.read_namespaced_deployment(f"{name}-predictor", ns),
+                 lambda d: rollout_verdict(d, container), f"Deployment {ns}/{name}-predictor", timeout_s, poll_s,
+                 log)
     uri = manifest["spec"]["predictor"]["containers"][0]["env"][0]["value"]
     return {"name": name, "namespace": ns, "url": (obj.get("status") or {}).get("url"), "storage_uri": uri}
 
 
-def _replace(k, manifest: dict, live: dict, tries: int = 3) -> None:
+def _replace(k, manifest: dict, live: dict, tries: int = 3) -> dict:
     from kubernetes.client.exceptions import ApiException
 
     ns, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
@@ -209,8 +226,7 @@ def _replace(k, manifest: dict, live: dict, tries: int = 3) -> None:
         body = copy.deepcopy(manifest)
         body["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"]
         try:
-            k.custom.replace_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, body)
-            return
+            return k.custom.replace_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, body)
         except ApiException as exc:
             if exc.status != 409 or attempt == tries - 1:
                 raise

@@ -18,7 +18,7 @@ import yaml
 
 from deepmedix.cluster.trainjob import GpuPool
 
-KFP_MIN, TRAINER_MIN, KSERVE_MIN = (2, 14), (2, 2), (0, 15)
+KFP_MIN, TRAINER_MIN, KSERVE_MIN = (2, 14), (2, 2), (0, 16)
 KNATIVE_FLAGS = ("kubernetes.podspec-nodeselector", "kubernetes.podspec-tolerations")
 
 
@@ -41,7 +41,6 @@ class Plan:
     deploy_mode: str = "Standard"
     serving_gpus: int = 0
     s3_secret: str = "deepmedix-s3"
-    autoscaler: str = "keda"  # the chart's serving.autoscaler
 
     @classmethod
     def from_params(cls, namespace: str, params: dict) -> "Plan":
@@ -112,6 +111,16 @@ class Cluster:
         d = self._call(client.AppsV1Api().read_namespaced_deployment, name, ns)
         return None if d is None else d.spec.template.spec.containers[0].image
 
+    def find_deployment(self, name: str) -> tuple[str | None, str | None]:
+        """(namespace, image) of the Deployment ``name`` in whichever namespace it runs."""
+        from kubernetes import client
+
+        found = self._call(client.AppsV1Api().list_deployment_for_all_namespaces,
+                           field_selector=f"metadata.name={name}")
+        for d in (found.items if found else []):
+            return d.metadata.namespace, d.spec.template.spec.containers[0].image
+        return None, None
+
     def custom(self, group: str, version: str, plural: str, name: str | None = None, ns: str | None = None):
         c = self.k.custom
         if name and ns:
@@ -159,36 +168,40 @@ def check_kfp(c: Cluster, plan: Plan, kfp_ns: str) -> list[Finding]:
     return out + check_launcher(c, plan)
 
 
+def launcher_s3(cm: dict) -> tuple[str, str, dict]:
+    """(root, bucket, the providers.s3 entry the launcher uses for that bucket: the first override naming it, else
+    ``default``; kubeflow/pipelines backend/src/v2/config/s3.go ProvideSessionInfo). Raises yaml.YAMLError."""
+    root = cm.get("defaultPipelineRoot", "")
+    bucket = root[5:].split("/", 1)[0] if root.startswith("s3://") else ""
+    s3 = (yaml.safe_load(cm.get("providers") or "") or {}).get("s3") or {}
+    entry = s3.get("default") or {}
+    for o in s3.get("overrides") or s3.get("Overrides") or []:  # Go's JSON decoding ignores the key's case
+        if o.get("bucketName") == bucket:
+            return root, bucket, o
+    return root, bucket, entry
+
+
 def check_launcher(c: Cluster, plan: Plan) -> list[Finding]:
     """The launcher reads ``defaultPipelineRoot`` and ``providers`` from the run namespace's ``kfp-launcher``
     (kubeflow/pipelines backend/src/v2/config/env.go FromConfigMap, getBucketProviders). For an s3:// root without
     a ``providers.s3`` block it opens the bucket with the AWS SDK's defaults (objectstore/object_store.go
     OpenBucket): AWS's own endpoint, whatever S3_ENDPOINT says. The multi-user profile controller writes this
     ConfigMap with a minio:// root and no providers (pipelines-profile-controller/sync.py) and never updates it
-    (its ConfigMap attachment is updateStrategy OnDelete)."""
-    fix = ("install the chart with kfp.launcherConfigMap.patch=true (README: Deploy to a cluster), or merge "
-           "`helm template ... -s templates/kfp-launcher-configmap.yaml` into it")
+    (its ConfigMap attachment is updateStrategy OnDelete). The root must be s3:// on the DeepMedix store: the
+    training steps and deploy read their inputs by URI through it."""
+    fix = ("install the chart (kfp.launcherConfigMap.mode=merge, the default: its hook merges the root and "
+           "provider in), or add them yourself (helm/deepmedix/README.md shows the block)")
     cm = c.configmap(plan.namespace, "kfp-launcher")
     if cm is None:
-        return [Finding("kfp-launcher", "fail", f"no ConfigMap kfp-launcher in {plan.namespace}: artifacts go to "
-                        "KFP's default minio://mlpipeline root, not the DeepMedix bucket", fix)]
-    root = cm.get("defaultPipelineRoot", "")
-    if not root.startswith("s3://"):
-        level = "fail" if plan.nodes > 1 else "warn"
-        return [Finding("kfp-launcher", level, f"defaultPipelineRoot is {root or 'unset'!r}, not s3://"
-                        + (": a multi-node stage's TrainJob reads and writes s3:// URIs" if plan.nodes > 1 else ""),
-                        fix)]
-    bucket = root[5:].split("/", 1)[0]
+        return [Finding("kfp-launcher", "fail", f"no ConfigMap kfp-launcher in {plan.namespace}: artifacts would go "
+                        "to KFP's default minio://mlpipeline root, which DeepMedix's steps cannot read by URI", fix)]
     try:
-        providers = yaml.safe_load(cm.get("providers") or "") or {}
+        root, bucket, entry = launcher_s3(cm)
     except yaml.YAMLError as exc:
         return [Finding("kfp-launcher", "fail", f"kfp-launcher providers: not valid YAML ({exc})", fix)]
-    s3 = (providers or {}).get("s3") or {}
-    entry = s3.get("default") or {}
-    for o in s3.get("overrides") or s3.get("Overrides") or []:
-        if o.get("bucketName") == bucket:
-            entry = o
-            break
+    if not bucket:
+        return [Finding("kfp-launcher", "fail", f"defaultPipelineRoot is {root or 'unset'!r}, not s3://<bucket>: the "
+                        "training steps, their TrainJobs and deploy read and write s3:// URIs", fix)]
     if not entry.get("endpoint"):
         return [Finding("kfp-launcher", "fail", f"kfp-launcher has root {root} but no providers.s3 endpoint: the "
                         "launcher would write the artifacts to AWS S3's default endpoint", fix)]
@@ -230,13 +243,20 @@ def check_trainer(c: Cluster, plan: Plan) -> list[Finding]:
 def check_kserve(c: Cluster, plan: Plan, restricted: bool) -> list[Finding]:
     bad = "fail" if plan.deploy else "warn"
     if c.crd("inferenceservices.serving.kserve.io") is None:
-        return [Finding("kserve", bad, "no KServe (CRD inferenceservices.serving.kserve.io)", "install KServe 0.15+")]
+        return [Finding("kserve", bad, "no KServe (CRD inferenceservices.serving.kserve.io)", "install KServe 0.16+")]
     out = []
-    image = c.image("kserve", "kserve-controller-manager")
+    # KServe's own install puts its controller in `kserve`, Kubeflow's in `kubeflow`: found by name
+    ns, image = c.find_deployment("kserve-controller-manager")
     v = version_of(image or "")
     if v and v[:2] < KSERVE_MIN:
-        out.append(Finding("kserve", bad, f"KServe {'.'.join(map(str, v))}: 0.15+ is needed", "upgrade KServe"))
-    deploy_cfg = json.loads((c.configmap("kserve", "inferenceservice-config") or {}).get("deploy") or "{}")
+        # the Standard/Knative mode names came in 0.16 (kserve#4608): an older KServe ignores them and falls back
+        # to its default mode (Serverless), where Knative refuses the pod-level securityContext
+        out.append(Finding("kserve", bad, f"KServe {'.'.join(map(str, v))}: 0.16+ is needed (the Standard/Knative "
+                           "deployment mode names)", "upgrade KServe"))
+    try:
+        deploy_cfg = json.loads((c.configmap(ns, "inferenceservice-config") or {}).get("deploy") or "{}") if ns else {}
+    except ValueError:
+        deploy_cfg = {}
     mode = deploy_cfg.get("defaultDeploymentMode", "Serverless")
     out.append(Finding("kserve", "ok", f"KServe {'.'.join(map(str, v)) if v else '(version unknown)'}, default "
                        f"deployment mode {mode}; DeepMedix sets its mode per InferenceService ({plan.deploy_mode})"))
@@ -284,8 +304,8 @@ def check_knative(c: Cluster, plan: Plan) -> list[Finding]:
 def check_autoscaling(c: Cluster, plan: Plan) -> list[Finding]:
     out = []
     if c.crd("scaledobjects.keda.sh") is None:
-        out.append(Finding("keda", "warn", "no KEDA: the chart's serving.autoscaler=keda cannot scale on queue depth",
-                           "install KEDA, or serving.autoscaler=hpa"))
+        out.append(Finding("keda", "warn", "no KEDA: serving.autoscaler=keda (scaling on queue depth) cannot work; "
+                           "the default, hpa, does", "install KEDA, or keep serving.autoscaler=hpa"))
     else:
         out.append(Finding("keda", "ok", "KEDA installed"))
     if c.crd("podmonitors.monitoring.coreos.com") is not None:
@@ -348,24 +368,21 @@ def check_gpu_nodes(c: Cluster, plan: Plan) -> list[Finding]:
     return [Finding("gpu-nodes", "ok", f"{len(usable)} GPU node(s) in the pool, up to {gpus} {res} each")]
 
 
-def check_s3(c: Cluster, plan: Plan, reach: Callable[[dict, str, str], str | None] | None = None) -> list[Finding]:
+def check_s3(c: Cluster, plan: Plan, reach: Callable[[dict, dict, str], str | None] | None = None) -> list[Finding]:
     secret = c.secret(plan.namespace, plan.s3_secret)
     if secret is None:
         return [Finding("s3", "fail", f"no Secret {plan.s3_secret} in {plan.namespace}", "create it (README)")]
     missing = [k for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if not secret.get(k)]
     if missing:
         return [Finding("s3", "fail", f"Secret {plan.s3_secret} lacks {missing}", "recreate it (README)")]
-    cm = c.configmap(plan.namespace, "kfp-launcher") or {}
-    root = cm.get("defaultPipelineRoot", "")
     try:
-        endpoint = (((yaml.safe_load(cm.get("providers") or "") or {}).get("s3") or {}).get("default") or {}).get(
-            "endpoint", "")
+        root, bucket, entry = launcher_s3(c.configmap(plan.namespace, "kfp-launcher") or {})
     except yaml.YAMLError:
-        endpoint = ""
-    if not (root.startswith("s3://") and endpoint):
+        bucket, entry = "", {}
+    endpoint = entry.get("endpoint", "")
+    if not (bucket and endpoint):
         return [Finding("s3", "ok", f"Secret {plan.s3_secret} has both keys (bucket not checked: no s3 root)")]
-    bucket = root[5:].split("/", 1)[0]
-    problem = (reach or bucket_problem)(secret, endpoint, bucket)
+    problem = (reach or bucket_problem)(secret, entry, bucket)
     if problem is None:
         return [Finding("s3", "ok", f"bucket {bucket} at {endpoint} reachable with Secret {plan.s3_secret}")]
     if problem.startswith("unreachable"):
@@ -374,13 +391,16 @@ def check_s3(c: Cluster, plan: Plan, reach: Callable[[dict, str, str], str | Non
     return [Finding("s3", "fail", f"bucket {bucket} at {endpoint}: {problem}", "create the bucket / fix the keys")]
 
 
-def bucket_problem(secret: dict, endpoint: str, bucket: str) -> str | None:
+def bucket_problem(secret: dict, entry: dict, bucket: str) -> str | None:
+    """Ask the store for ``bucket`` the way the launcher would: ``entry``'s endpoint (host:port; https unless
+    ``disableSSL``) and region, the Secret's keys."""
     import urllib3
     from minio import Minio
 
-    scheme, _, host = endpoint.rpartition("://")
+    scheme, _, host = str(entry["endpoint"]).rpartition("://")
+    secure = scheme == "https" if scheme else not entry.get("disableSSL", False)
     client = Minio(host, access_key=secret["AWS_ACCESS_KEY_ID"], secret_key=secret["AWS_SECRET_ACCESS_KEY"],
-                   secure=scheme == "https", region=secret.get("AWS_REGION") or "us-east-1",
+                   secure=secure, region=entry.get("region") or "us-east-1",
                    http_client=urllib3.PoolManager(timeout=urllib3.Timeout(connect=3, read=10),
                                                    retries=urllib3.Retry(total=0)))
     try:

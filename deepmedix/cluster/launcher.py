@@ -22,8 +22,9 @@ LAUNCHER = "kfp-launcher"
 
 
 def merged(live: dict, desired: dict) -> dict:
-    """``live``'s data with ``defaultPipelineRoot`` and the ``s3`` provider of ``desired``; every other key and
-    provider (``clusterDomain``, ``minio``, ``gs``) kept."""
+    """``live``'s data with ``defaultPipelineRoot`` and the ``default`` entry of each provider of ``desired``
+    (``s3``); every other key (``clusterDomain``), provider (``minio``, ``gs``) and an admin's per-bucket
+    ``overrides`` kept."""
     out = dict(live)
     if desired.get("defaultPipelineRoot"):
         out["defaultPipelineRoot"] = desired["defaultPipelineRoot"]
@@ -35,7 +36,9 @@ def merged(live: dict, desired: dict) -> dict:
             raise ClusterError(f"ConfigMap {LAUNCHER}: its providers are not valid YAML ({exc}); fix or remove "
                                "them first") from None
         have = copy.deepcopy(have) if isinstance(have, dict) else {}
-        have.update(want)
+        for provider, settings in want.items():
+            entry = have.get(provider) if isinstance(have.get(provider), dict) else {}
+            have[provider] = {**entry, **settings}
         out["providers"] = yaml.safe_dump(have, sort_keys=False)
     return out
 
@@ -65,10 +68,8 @@ def merge_launcher_config(namespace: str, source: str, tries: int = 3, log: Call
                 log(f"ConfigMap {namespace}/{LAUNCHER} created: root {data.get('defaultPipelineRoot')}")
                 return data
             data = merged(live.data or {}, desired)
-            body = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {
-                "name": LAUNCHER, "namespace": namespace, "resourceVersion": live.metadata.resource_version,
-                "labels": live.metadata.labels, "annotations": live.metadata.annotations}, "data": data}
-            core.replace_namespaced_config_map(LAUNCHER, namespace, body)
+            live.data = data  # the live object itself: its owner references (the profile controller), finalizers,
+            core.replace_namespaced_config_map(LAUNCHER, namespace, live)  # labels and resourceVersion stay
             log(f"ConfigMap {namespace}/{LAUNCHER} updated: root {data.get('defaultPipelineRoot')}, providers "
                 f"{sorted((yaml.safe_load(data.get('providers') or '') or {}))}; kept "
                 f"{sorted(set(data) - {'defaultPipelineRoot', 'providers'}) or 'nothing else'}")

@@ -132,6 +132,7 @@ def _stream_logs(core, namespace: str, name: str, stop: threading.Event, log: Ca
 
     selector = f"jobset.sigs.k8s.io/jobset-name={name},batch.kubernetes.io/job-completion-index=0"
     followed: set[str] = set()
+    failures: set[str] = set()
     while not stop.is_set():
         w = watch.Watch()
         try:
@@ -148,7 +149,11 @@ def _stream_logs(core, namespace: str, name: str, stop: threading.Event, log: Ca
                 _follow(core, namespace, pod.metadata.name, stop, log)
                 if following is not None:
                     following.clear()
-        except Exception:  # noqa: BLE001 - logs are a courtesy; the verdict comes from the TrainJob
+        except Exception as exc:  # noqa: BLE001 - logs are a courtesy; the verdict comes from the TrainJob
+            reason = f"{getattr(exc, 'status', '')} {getattr(exc, 'reason', '') or type(exc).__name__}".strip()
+            if reason not in failures:  # said once (a 403 would repeat every 10 s)
+                failures.add(reason)
+                log(f"TrainJob {namespace}/{name}: cannot watch its pods for logs ({reason}); still waiting for it")
             stop.wait(10)
         finally:
             w.stop()
@@ -219,7 +224,7 @@ def durable_checkpoints(stage: str, out: tuple[str, str], overrides: list[str],
     pod's disk and die with it (eviction, preemption, node loss). When the output has a remote URI, checkpoints go
     beside it on S3 (``<uri>-checkpoints``, the layout the multi-node path and the CLI use; the deploy URI's
     trailing ``/`` keeps KServe from fetching them), and a step that finds committed checkpoints of this same run
-    there (a retried pod: same output URI) resumes from the newest. Returns (overrides, resume)."""
+    there (an attempt re-run on the same output URI) resumes from the newest. Returns (overrides, resume)."""
     local, remote = out
     if local == remote or not str(remote).startswith("s3://") or any(o.startswith("checkpoint_uri=")
                                                                       for o in overrides):

@@ -15,13 +15,18 @@ declare is pruned on write, as the API server does with structural schemas (so a
 The world file holds the objects present at start (``objects: [...]``) and what the controllers do
 (``controllers:``), each step driven by GETs of the object, so a test needs no clock:
 
-``InferenceService: {ready_after: N, failure: {reason, message}, url: ...}``  Ready (Knative: a new revision
-    per spec generation, ready after N reads; Standard: the ``<name>-predictor`` Deployment rolled out), or a
-    ``modelStatus.lastFailureInfo`` after N reads.
+``InferenceService: {ready_after: N, failure: {reason, message}, url: ..., reconcile_updates: false}``  after N
+    reads of a new spec (until then the status the previous spec left, as KServe's lags): Ready with
+    ``observedGeneration`` (Knative: a new revision per generation; Standard: the ``<name>-predictor`` Deployment
+    running the predictor's containers, rolled out), or a ``modelStatus.lastFailureInfo``.
+    ``reconcile_updates: false``: a controller that never gets to a replaced spec.
 ``TrainJob: {finish_after: N, outcome: Complete|Failed|never, reason, message, logs: [lines]}``  on create, the
     first node's pod (JobSet labels) with those log lines; the condition after N reads.
 ``fail: [{method, path (regex), status, times, after}]``  answers ``times`` matching requests (after the first
     ``after``) with ``status``.
+
+``rbac: {TOKEN: {user, rules}}``: requests with that bearer token are allowed only what the Role ``rules`` allow
+(403 Forbidden, in the API server's words, otherwise); the ``--token`` is an unrestricted admin.
 
 ``GET /_stub/requests``: every request so far (method, path, query, content type, body); ``GET /_stub/objects``:
 the stored objects.
@@ -94,6 +99,7 @@ class World:
                          for f in self.controllers.get("fail") or []]
         self.version = 1
         self.logs: dict[tuple, list[str]] = {}
+        self.rbac: dict[str, dict] = spec.get("rbac") or {}  # token -> {"user", "rules"}
         with self.lock:
             for obj in spec.get("objects") or []:
                 self.put(copy.deepcopy(obj), event="ADDED")
@@ -140,6 +146,7 @@ class World:
     # ------------------------------------------------------------------------------------------- the controllers
     def on_write(self, plural: str, obj: dict, created: bool) -> None:
         ns, name = obj["metadata"].get("namespace", ""), obj["metadata"]["name"]
+        self.reads[(plural, ns, name)] = 0  # the controller starts over on the new spec; the status stays stale
         if plural == "trainjobs" and created:
             c = self.controllers.get("TrainJob") or {}
             pod = {"apiVersion": "v1", "kind": "Pod",
@@ -156,22 +163,23 @@ class World:
         plural, ns, name = key
         if plural == "inferenceservices":
             c = self.controllers.get("InferenceService") or {}
-            if n < c.get("ready_after", 1):
-                return
+            gen = obj["metadata"]["generation"]
+            if n < c.get("ready_after", 1) or (gen > 1 and c.get("reconcile_updates") is False):
+                return  # not reconciled yet: whatever status the previous spec left
             st = obj.setdefault("status", {})
+            st["observedGeneration"] = gen
             if c.get("failure"):
                 st.setdefault("modelStatus", {})["lastFailureInfo"] = dict(c["failure"])
                 st["conditions"] = [{"type": "Ready", "status": "False", "reason": c["failure"]["reason"]}]
             else:
                 mode = obj["metadata"].get("annotations", {}).get("serving.kserve.io/deploymentMode", "Knative")
-                gen = obj["metadata"]["generation"]
                 st["conditions"] = [{"type": "Ready", "status": "True"}]
                 st["url"] = c.get("url", f"http://{name}.{ns}.example.com")
                 if mode in ("Knative", "Serverless"):
                     rev = f"{name}-predictor-{gen:05d}"
                     st["components"] = {"predictor": {"latestCreatedRevision": rev, "latestReadyRevision": rev}}
                 else:
-                    self.rolled_out(ns, f"{name}-predictor", gen)
+                    self.rolled_out(ns, f"{name}-predictor", obj["spec"]["predictor"].get("containers") or [])
             self.put(obj, "MODIFIED")
         elif plural == "trainjobs":
             c = self.controllers.get("TrainJob") or {}
@@ -183,11 +191,15 @@ class World:
             obj.setdefault("status", {})["conditions"] = [cond]
             self.put(obj, "MODIFIED")
 
-    def rolled_out(self, ns: str, name: str, generation: int) -> None:
+    def rolled_out(self, ns: str, name: str, containers: list) -> None:
+        """KServe's Standard-mode Deployment for the predictor's containers, rolled out (a new generation when the
+        pod template changed)."""
+        old = self.objects.get(("deployments", ns, name))
+        template = {"metadata": {"labels": {"app": name}}, "spec": {"containers": copy.deepcopy(containers)}}
+        generation = (old["metadata"]["generation"] + (old["spec"]["template"] != template)) if old else 1
         dep = {"apiVersion": "apps/v1", "kind": "Deployment",
                "metadata": {"name": name, "namespace": ns, "generation": generation},
-               "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}},
-                        "template": {"metadata": {"labels": {"app": name}}, "spec": {"containers": []}}},
+               "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}}, "template": template},
                "status": {"observedGeneration": generation, "replicas": 1, "updatedReplicas": 1,
                           "availableReplicas": 1, "readyReplicas": 1}}
         self.put(dep, "MODIFIED")
@@ -201,6 +213,26 @@ def selected(obj: dict, selector: str) -> bool:
     for term in filter(None, (selector or "").split(",")):
         k, _, v = term.partition("=")
         if labels.get(k) != v:
+            return False
+    return True
+
+
+def allowed(rules: list[dict], group: str, resource: str, verb: str, name: str | None) -> bool:
+    """Kubernetes RBAC's rule match (no wildcards needed here): group, resource, verb, and resourceNames when the
+    rule has them (never for list, watch or create, which name no object)."""
+    for r in rules:
+        if group in r.get("apiGroups", []) and resource in r.get("resources", []) and verb in r.get("verbs", []):
+            names = r.get("resourceNames")
+            if not names or (name and name in names):
+                return True
+    return False
+
+
+def fields(obj: dict, selector: str) -> bool:
+    """``metadata.name=`` / ``metadata.namespace=`` field selectors (what every kind supports)."""
+    for term in filter(None, (selector or "").split(",")):
+        k, _, v = term.partition("=")
+        if k in ("metadata.name", "metadata.namespace") and obj["metadata"].get(k.split(".")[1], "") != v:
             return False
     return True
 
@@ -241,7 +273,8 @@ class Handler(BaseHTTPRequestHandler):
         with w.lock:
             w.requests.append({"method": method, "path": url.path, "query": q, "body": copy.deepcopy(body),
                                "content_type": self.headers.get("Content-Type")})
-        if self.token and self.headers.get("Authorization") != f"Bearer {self.token}":
+        bearer = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
+        if self.token and bearer != self.token and bearer not in w.rbac:
             return self.reply(401, status(401, "Unauthorized", "Unauthorized"))
         for f in w.failures:
             if f["left"] > 0 and f.get("method", method) == method and re.search(f["path"], url.path):
@@ -262,6 +295,15 @@ class Handler(BaseHTTPRequestHandler):
             return self.reply(404, status(404, "NotFound", "the server could not find the requested resource"))
         kind, namespaced, schema = served
         ns, name, plural = m["ns"] or "", m["name"], m["plural"]
+        if bearer in w.rbac:  # a ServiceAccount's token: its Role decides
+            verb = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(method) or (
+                "get" if name else "watch" if q.get("watch", "").lower() in ("true", "1") else "list")
+            resource = f"{plural}/{m['sub']}" if m["sub"] else plural
+            if not allowed(w.rbac[bearer]["rules"], group, resource, verb, name):
+                user = w.rbac[bearer].get("user", "system:serviceaccount:" + ns + ":runner")
+                return self.reply(403, status(403, "Forbidden", f'{resource} is forbidden: User "{user}" cannot '
+                                              f'{verb} resource "{resource}" in API group "{group}" in the namespace '
+                                              f'"{ns}"'))
         if m["sub"] == "log":
             return self.pod_log(ns, name, q)
         with w.lock:
@@ -280,7 +322,8 @@ class Handler(BaseHTTPRequestHandler):
             if q.get("watch", "").lower() in ("true", "1"):
                 return self.watch(w, plural, ns, q)
             items = [o for (p, n, _), o in w.objects.items()
-                     if p == plural and (not ns or n == ns) and selected(o, q.get("labelSelector", ""))]
+                     if p == plural and (not ns or n == ns) and selected(o, q.get("labelSelector", ""))
+                     and fields(o, q.get("fieldSelector", ""))]
             return self.reply(200, {"kind": f"{kind}List", "apiVersion": f"{group}/{version}".lstrip("/"),
                                     "metadata": {"resourceVersion": str(w.version)}, "items": items})
         if method == "POST":

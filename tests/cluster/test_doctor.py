@@ -34,22 +34,26 @@ def cluster(endpoint: str) -> dict:
         "AWS_SECRET_ACCESS_KEY": base64.b64encode(b"testsecret").decode()}))
 
 
-def doctor(world: dict, tmp_path, monkeypatch, params: dict | None = None) -> tuple[int, list[dict], str]:
-    args = ["doctor", "--namespace", NS, "--json"]
+def doctor(world: dict, tmp_path, monkeypatch, params: dict | None = None, text: bool = False
+           ) -> tuple[int, list[dict], str]:
+    """Run `deepmedix doctor --json` (and, with ``text``, the plain report too) against ``world``: (exit code,
+    findings, the plain report or the JSON)."""
+    args = ["doctor", "--namespace", NS]
     tmp_path.mkdir(parents=True, exist_ok=True)
     if params is not None:
         p = tmp_path / "params.yaml"
         p.write_text(yaml.safe_dump(params))
         args += ["--params", str(p)]
     with kube_stub(world, tmp_path / "kube", monkeypatch):
-        r = runner.invoke(app, args)
-        text = runner.invoke(app, args[:-1] if params is None else [a for a in args if a != "--json"])
-    return r.exit_code, json.loads(r.stdout), text.output
+        r = runner.invoke(app, [*args, "--json"])
+        plain = runner.invoke(app, args).output if text else r.stdout
+    return r.exit_code, json.loads(r.stdout), plain
 
 
 def test_a_well_configured_cluster_passes(s3, tmp_path, monkeypatch):
     code, findings, text = doctor(cluster(s3), tmp_path, monkeypatch,
-                                  {"sft_nodes": 2, "sft_gpus_per_node": 8, "deploy": True, "serving_gpus": 1})
+                                  {"sft_nodes": 2, "sft_gpus_per_node": 8, "deploy": True, "serving_gpus": 1},
+                                  text=True)
     assert code == 0, text
     assert {f["level"] for f in findings} == {"ok"}, text
     checks = {f["check"] for f in findings}
@@ -74,12 +78,19 @@ MULTI = {"sft_nodes": 2, "sft_gpus_per_node": 8}
     (_launcher({"defaultPipelineRoot": "s3://deepmedix/pipeline-root"}), None, "kfp-launcher", "fail",
      "AWS S3's default endpoint"),
     (_launcher(PROFILE_LAUNCHER), MULTI, "kfp-launcher", "fail", "not s3://"),
-    (_launcher(PROFILE_LAUNCHER), None, "kfp-launcher", "warn", "not s3://"),
+    (_launcher(PROFILE_LAUNCHER), None, "kfp-launcher", "fail", "not s3://"),  # the steps read s3:// URIs
     (_launcher({"defaultPipelineRoot": "s3://deepmedix/r", "providers": launcher_providers("h:1", secret="nope")}),
      None, "kfp-launcher", "fail", "Secret nope missing"),
     (lambda w: without(w, "Deployment", "ml-pipeline"), None, "kfp", "fail", "no Kubeflow Pipelines"),
     (lambda w: edit(w, "Deployment", "ml-pipeline", lambda d: d["spec"]["template"]["spec"]["containers"][0].update(
         image="gcr.io/ml-pipeline/api-server:2.0.5")), None, "kfp", "fail", "KFP 2.0.5"),
+    # KServe: found in whichever namespace (Kubeflow installs it in `kubeflow`); 0.16+ for the mode names
+    (lambda w: edit(w, "Deployment", "kserve-controller-manager", lambda d: d["spec"]["template"]["spec"][
+        "containers"][0].update(image="kserve/kserve-controller:v0.15.2")), {"deploy": True}, "kserve", "fail",
+     "KServe 0.15.2: 0.16+ is needed"),
+    (lambda w: edit(edit(w, "Deployment", "kserve-controller-manager", lambda d: d["metadata"].update(
+        namespace="kubeflow")), "ConfigMap", "inferenceservice-config", lambda d: d["metadata"].update(
+        namespace="kubeflow")), None, "kserve", "ok", "KServe 0.21.0, default deployment mode Standard"),
     # the Trainer
     (lambda w: without(w, "CustomResourceDefinition", "trainjobs.trainer.kubeflow.org"), MULTI, "trainer", "fail",
      "no Kubeflow Trainer"),
@@ -129,7 +140,6 @@ def test_each_misconfiguration_is_reported_with_its_fix(s3, tmp_path, monkeypatc
     assert code == (1 if level == "fail" else 0), text
     if level != "ok":
         assert hits[0]["fix"] or check == "s3", hits[0]
-        assert f"{level.upper():4}  {check}" in text
 
 
 def test_an_unreachable_store_is_a_warning_not_a_verdict(tmp_path, monkeypatch):
@@ -167,19 +177,25 @@ def test_the_charts_launcher_hook_on_a_profile_namespace(s3, tmp_path, monkeypat
     (job,) = [d for d in docs if d["kind"] == "Job"]
     command = job["spec"]["template"]["spec"]["containers"][0]["command"]
     assert command[0] == "deepmedix"
-    w = edit(cluster(s3), "ConfigMap", "kfp-launcher", lambda o: o.update(data=dict(PROFILE_LAUNCHER)))
+    owner = [{"apiVersion": "v1", "kind": "Namespace", "name": NS, "uid": "ns-uid", "controller": True}]
+    overrides = [{"bucketName": "other", "endpoint": "other:9000", "credentials": {"fromEnv": True}}]
+    w = edit(cluster(s3), "ConfigMap", "kfp-launcher", lambda o: o.update(
+        data={**PROFILE_LAUNCHER, "providers": yaml.safe_dump({"s3": {"overrides": overrides}})},
+        metadata={**o["metadata"], "ownerReferences": owner}))  # the profile controller's; an admin's override
     w["objects"].append({**wanted, "metadata": {**wanted["metadata"], "namespace": NS}})
     with kube_stub(w, tmp_path, monkeypatch) as kube:
-        before = runner.invoke(app, ["doctor", "--namespace", NS, "--json", "--params", "/dev/null"])
-        assert before.exit_code == 0  # a single-node run works, with artifacts in KFP's MinIO: a warning
-        assert any(f["check"] == "kfp-launcher" and f["level"] == "warn" for f in json.loads(before.stdout))
+        before = runner.invoke(app, ["doctor", "--namespace", NS, "--json"])
+        assert before.exit_code == 1  # KFP's minio:// root: the steps could not read their inputs by URI
+        assert any(f["check"] == "kfp-launcher" and f["level"] == "fail" for f in json.loads(before.stdout))
         for _ in range(2):
             r = runner.invoke(app, command[1:])
             assert r.exit_code == 0, r.output
         (live,) = [c for c in kube.objects("ConfigMap") if c["metadata"]["name"] == "kfp-launcher"]
         assert live["data"]["clusterDomain"] == "cluster.local"
         assert live["data"]["defaultPipelineRoot"] == "s3://deepmedix/pipeline-root"
-        assert yaml.safe_load(live["data"]["providers"])["s3"]["default"]["endpoint"] == s3
+        providers = yaml.safe_load(live["data"]["providers"])
+        assert providers["s3"]["default"]["endpoint"] == s3 and providers["s3"]["overrides"] == overrides
+        assert live["metadata"]["ownerReferences"] == owner
         assert all(p["body"]["metadata"]["resourceVersion"] for p in kube.requests("PUT", "/configmaps/kfp-launcher"))
         after = runner.invoke(app, ["doctor", "--namespace", NS, "--json"])
         assert after.exit_code == 0 and {f["level"] for f in json.loads(after.stdout)} == {"ok"}, after.stdout
@@ -209,3 +225,10 @@ def test_a_bad_parameters_file_is_named(tmp_path):
     for path, says in ((bad, "expected a mapping"), (tmp_path / "none.yaml", "cannot read the parameters file")):
         r = runner.invoke(app, ["doctor", "--namespace", NS, "--params", str(path)])
         assert r.exit_code == 2 and str(path) in r.output and says in r.output
+
+
+def test_the_plain_report_is_one_line_per_finding_with_its_fix(s3, tmp_path, monkeypatch):
+    code, findings, text = doctor(without(cluster(s3), "Secret", "deepmedix-s3"), tmp_path, monkeypatch, text=True)
+    assert code == 1 and len(text.strip().splitlines()) == len(findings)
+    line = next(x for x in text.splitlines() if x.startswith("FAIL  s3"))
+    assert "no Secret deepmedix-s3 in team-a  -> create it (README)" in line

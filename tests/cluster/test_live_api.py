@@ -11,7 +11,7 @@ import time
 
 import pytest
 from typer.testing import CliRunner
-from worlds import NS, edit, kube_stub, standard_install, trainjob_crd, without
+from worlds import NS, as_runner, edit, kube_stub, standard_install, trainjob_crd, without
 
 from deepmedix.cli import app
 from deepmedix.cluster.deploy import inferenceservice_manifest
@@ -28,7 +28,8 @@ def deploy(*extra: str):
 
 
 def world(**controllers) -> dict:
-    w = standard_install()
+    """A standard install where this process is the pipeline runner, allowed only the chart's Role."""
+    w = as_runner(standard_install())
     w["controllers"].update(controllers)
     return w
 
@@ -69,6 +70,35 @@ def test_redeploy_replaces_so_dropped_fields_go(tmp_path, monkeypatch):
         assert "nodeSelector" not in pred and "tolerations" not in pred
         assert pred["containers"][0]["env"][0]["value"] == MODEL + "-v2/"
         assert kube.requests("GET", f"/apis/apps/v1/namespaces/{NS}/deployments/deepmedix-r1-pipeline-predictor")
+
+
+def test_a_redeploy_is_done_when_the_new_model_runs_not_before(tmp_path, monkeypatch):
+    """After a replace, KServe's status still says Ready (the old model) and the predictor Deployment is the old
+    one, fully rolled out, until the controller reconciles the new spec. A controller that never gets there must
+    not make the redeploy a success."""
+    stuck = world(InferenceService={"ready_after": 1, "reconcile_updates": False})
+    with kube_stub(stuck, tmp_path, monkeypatch):
+        assert deploy().exit_code == 0
+        r = runner.invoke(app, ["deploy", "--model", MODEL + "-v2", "--namespace", NS, "--poll", "0.05",
+                                "--timeout", "1"])
+        assert r.exit_code == 2 and "not done after" in r.output, r.output
+    with kube_stub(world(), tmp_path / "2", monkeypatch) as kube:  # ready_after 2: one stale read after the PUT
+        assert deploy().exit_code == 0
+        r = runner.invoke(app, ["deploy", "--model", MODEL + "-v2", "--namespace", NS, "--poll", "0.05",
+                                "--timeout", "20"])
+        assert r.exit_code == 0, r.output
+        (dep,) = [d for d in kube.objects("Deployment") if d["metadata"]["name"] == "deepmedix-r1-pipeline-predictor"]
+        env = {e["name"]: e["value"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env["STORAGE_URI"] == MODEL + "-v2/" and dep["metadata"]["generation"] == 2
+
+
+def test_a_knative_redeploy_of_the_same_spec_does_not_wait_for_a_revision(tmp_path, monkeypatch):
+    """The same spec again makes no new Knative revision: the serving one is the answer, not a 30-minute wait."""
+    with kube_stub(world(), tmp_path, monkeypatch):
+        assert deploy("--mode", "Knative").exit_code == 0
+        r = runner.invoke(app, ["deploy", "--model", MODEL, "--namespace", NS, "--mode", "Knative", "--poll", "0.05",
+                                "--timeout", "5"])
+        assert r.exit_code == 0, r.output
 
 
 def test_deploy_reports_kserves_failure_reason(tmp_path, monkeypatch):
@@ -117,13 +147,13 @@ def test_wait_survives_transient_api_errors(tmp_path, monkeypatch):
 def test_deploy_without_credentials_is_a_clear_401(tmp_path, monkeypatch):
     with kube_stub(world(), tmp_path, monkeypatch) as kube:
         kc = kube.kubeconfig
-        kc.write_text(kc.read_text().replace("token: stub-token", "token: wrong"))
+        kc.write_text(kc.read_text().replace("token: runner-token", "token: wrong"))
         r = deploy()
     assert r.exit_code == 2 and "401" in r.output
 
 
 def test_deploy_without_kserve_installed(tmp_path, monkeypatch):
-    with kube_stub(without(standard_install(), "CustomResourceDefinition", "inferenceservices.serving.kserve.io"),
+    with kube_stub(without(world(), "CustomResourceDefinition", "inferenceservices.serving.kserve.io"),
                    tmp_path, monkeypatch):
         r = deploy()
     assert r.exit_code == 2 and "404" in r.output
@@ -163,6 +193,20 @@ def test_trainjob_runs_streams_the_first_nodes_log_and_completes(tmp_path, monke
         assert any(r["query"].get("follow", "").lower() == "true" for r in kube.requests("GET", "/log"))
 
 
+def test_trainjob_logs_forbidden_are_said_once_and_the_job_still_counts(tmp_path, monkeypatch):
+    """A Role without `watch` on pods (the chart's before this fix): the log stream cannot start, which is said
+    once; the verdict still comes from the TrainJob."""
+    monkeypatch.setenv("S3_ENDPOINT", "seaweedfs.kubeflow:8333")
+    w = world(TrainJob={"finish_after": 3, "outcome": "Complete", "logs": LOGS})
+    for rule in w["rbac"]["runner-token"]["rules"]:
+        if rule["resources"] == ["pods"]:
+            rule["verbs"].remove("watch")
+    with kube_stub(w, tmp_path, monkeypatch):
+        r = runner.invoke(app, stage_args())
+    assert r.exit_code == 0, r.output
+    assert r.output.count("cannot watch its pods for logs (403 Forbidden)") == 1 and LOGS[0] not in r.output
+
+
 def test_trainjob_failure_reason_and_the_job_is_kept(tmp_path, monkeypatch):
     monkeypatch.setenv("S3_ENDPOINT", "seaweedfs.kubeflow:8333")
     w = world(TrainJob={"finish_after": 2, "outcome": "Failed", "reason": "BackoffLimitExceeded",
@@ -178,7 +222,7 @@ def test_an_old_trainer_that_prunes_runtime_patches_is_refused_and_cleaned_up(tm
     """Trainer < 2.2 has no spec.runtimePatches: its CRD prunes it (the API server drops what a structural schema
     does not declare), and the job would start without GPUs pool, /dev/shm or security context."""
     monkeypatch.setenv("S3_ENDPOINT", "seaweedfs.kubeflow:8333")
-    old = edit(standard_install(), "CustomResourceDefinition", "trainjobs.trainer.kubeflow.org",
+    old = edit(world(), "CustomResourceDefinition", "trainjobs.trainer.kubeflow.org",
                lambda o: o.update(trainjob_crd(runtime_patches=False)))
     with kube_stub(old, tmp_path, monkeypatch) as kube:
         r = runner.invoke(app, stage_args())

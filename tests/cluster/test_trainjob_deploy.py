@@ -278,6 +278,14 @@ def test_cli_pool_options():
         _gpu_pool("{pool", "")
     with pytest.raises(ValueError, match="--tolerations: expected a JSON list"):
         _gpu_pool("", "{}")
+    # a TrainJob node's requests: Kubernetes quantities (binary suffixes take an upper-case K)
+    pool = _gpu_pool("", "", "12", "512Ki")
+    assert (pool.cpu_per_node, pool.memory_per_node) == ("12", "512Ki")
+    assert _gpu_pool("", "", "1500m", "1.5Ti").memory_per_node == "1.5Ti"
+    for cpu, mem, bad in (("", "512ki", "--memory-per-node"), ("", "lots", "--memory-per-node"),
+                          ("two", "", "--cpu-per-node")):
+        with pytest.raises(ValueError, match=f"{bad}: .* is not a Kubernetes quantity"):
+            _gpu_pool("", "", cpu, mem)
 
 
 def test_deploy_without_a_cluster_fails_clearly(monkeypatch, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import os
 import urllib.request
@@ -122,6 +123,30 @@ def standard_install(s3_endpoint: str = "seaweedfs.kubeflow:8333", ns: str = NS)
                                                 "TrainJob": {"finish_after": 2, "outcome": "Complete"}}}
 
 
+RUNNER_TOKEN = "runner-token"
+
+
+@functools.lru_cache(maxsize=None)
+def chart_role(role: str = "deepmedix-pipeline-runner") -> tuple:
+    """The rules of a Role the Helm chart renders (its default values), as the stand-in server enforces them."""
+    from k8s_checks import helm_run
+
+    out = helm_run("template", "deepmedix", str(HERE.parents[1] / "helm" / "deepmedix"), "-n", NS, "--set",
+                   "s3.accessKey=a", "--set", "s3.secretKey=b", "--set", "s3.endpoint=s3.example:9000")
+    assert out.returncode == 0, out.stderr
+    (r,) = [d for d in yaml.safe_load_all(out.stdout) if d and d["kind"] == "Role" and d["metadata"]["name"] == role]
+    return tuple(json.dumps(rule, sort_keys=True) for rule in r["rules"])
+
+
+def as_runner(world: dict, role: str = "deepmedix-pipeline-runner") -> dict:
+    """``world`` where the kubeconfig's identity is the pipeline runner with only the chart's Role ``role``."""
+    w = copy.deepcopy(world)
+    w["rbac"] = {RUNNER_TOKEN: {"user": f"system:serviceaccount:{NS}:default-editor",
+                                "rules": [json.loads(r) for r in chart_role(role)]}}
+    w["kubeconfig_token"] = RUNNER_TOKEN
+    return w
+
+
 def without(world: dict, kind: str, name: str | None = None, namespace: str | None = None) -> dict:
     w = copy.deepcopy(world)
     w["objects"] = [o for o in w["objects"] if not (
@@ -172,7 +197,7 @@ def kube_stub(world: dict, tmp_path: Path, monkeypatch=None):
         kc.write_text(yaml.safe_dump({
             "apiVersion": "v1", "kind": "Config", "current-context": "stub",
             "clusters": [{"name": "stub", "cluster": {"server": url}}],
-            "users": [{"name": "stub", "user": {"token": TOKEN}}],
+            "users": [{"name": "stub", "user": {"token": world.get("kubeconfig_token", TOKEN)}}],
             "contexts": [{"name": "stub", "context": {"cluster": "stub", "user": "stub", "namespace": NS}}]}))
         if monkeypatch is not None:
             monkeypatch.setenv("KUBECONFIG", str(kc))

@@ -8,7 +8,7 @@ Served under ``--prefix`` (a Kubeflow install serves the API behind ``/pipeline`
 As the real API server: in multi-user mode an experiment needs a namespace (400 otherwise); a run needs an
 existing experiment (404) and an inline ``pipeline_spec`` (alone, or with its ``platform_spec``) whose root
 declares every runtime parameter given (400 naming the unknown one). With ``--token``, a request without
-``Authorization: Bearer T`` is a 401.
+``Authorization: Bearer T`` is a 401 (with ``--login-page``: an auth proxy's HTML sign-in page, status 200).
 ``GET /_stub/state``: the experiments and runs created.
 """
 
@@ -27,6 +27,7 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     multi_user = False
     token = ""
+    login_page = False
     prefix = ""
 
     def log_message(self, *args):
@@ -54,6 +55,14 @@ class Handler(BaseHTTPRequestHandler):
             return self.error(404, "Not Found")
         path = url.path[len(self.prefix):]
         if self.token and self.headers.get("Authorization") != f"Bearer {self.token}":
+            if self.login_page:  # an auth proxy in front (Dex / oauth2-proxy): its sign-in page, with a 200
+                page = b"<!DOCTYPE html><html><body>Log in to Kubeflow</body></html>"
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(page)))
+                self.end_headers()
+                self.wfile.write(page)
+                return None
             return self.error(401, "Unauthorized: no valid bearer token")
         if method == "GET" and path == "/apis/v2beta1/healthz":
             return self.reply(200, {"commit_sha": "stub", "tag_name": "2.17.0", "multi_user": self.multi_user})
@@ -115,8 +124,10 @@ def main() -> None:
     ap.add_argument("--multi-user", action="store_true")
     ap.add_argument("--token", default="")
     ap.add_argument("--prefix", default="")
+    ap.add_argument("--login-page", action="store_true", help="unauthenticated calls get an HTML sign-in page")
     a = ap.parse_args()
     Handler.multi_user, Handler.token, Handler.prefix = a.multi_user, a.token, a.prefix.rstrip("/")
+    Handler.login_page = a.login_page
     server = ThreadingHTTPServer(("127.0.0.1", a.port), Handler)
     server.daemon_threads = True
     server.serve_forever()

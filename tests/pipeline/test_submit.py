@@ -78,6 +78,18 @@ def test_a_token_from_the_named_env_var(tmp_path, params, monkeypatch):
         assert len(state(url)["runs"]) == 1
 
 
+def test_an_auth_proxys_login_page_asks_for_a_token(tmp_path, params):
+    with server_process(HERE / "kfp_stub.py", ["--token", "t", "--login-page"], tmp_path,
+                        ready_path="/_stub/state") as url:
+        r = submit(url, params)
+    assert r.exit_code == 2 and "not JSON (a login page?)" in r.output and "--token-env" in r.output
+
+
+def test_the_pipeline_root_must_be_on_s3(tmp_path, params):
+    r = submit("http://127.0.0.1:9", params, "--pipeline-root", "minio://mlpipeline/v2/artifacts")
+    assert r.exit_code == 2 and "not an s3://bucket/prefix URI" in r.output
+
+
 def test_a_host_without_the_api_path_is_a_404(tmp_path, params):
     """Kubeflow serves the API under /pipeline: a host without it reaches something else."""
     with server_process(HERE / "kfp_stub.py", ["--prefix", "/pipeline"], tmp_path, ready_path="/_stub/state") as url:

@@ -11,12 +11,12 @@ streams the logs of its first node and fails with the TrainJob's own reason when
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import threading
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from deepmedix.cluster.k8s import S3_SECRET, ClusterError, Failed, api, condition, current_namespace, s3_env, wait_for
@@ -245,7 +245,7 @@ def run_training(stage: str, data: tuple[str, str], model: tuple[str, str], out:
     """One training stage. ``data``, ``model`` and ``out`` are ``(local path, remote URI)`` pairs (a KFP
     artifact's ``path`` and ``uri``; an input's local path may be None: the stage reads the URI itself). One node:
     in this process (one GPU; the stage's result with its metrics is returned) or under ``torchrun`` (several).
-    Several nodes: a TrainJob on the remote URIs, then the result copied to ``out``'s local path."""
+    Several nodes: a TrainJob on the remote URIs, which writes the model to ``out``'s URI itself."""
     if nodes <= 1:
         data_in, model_in = data[0] or data[1], model[0] or model[1]
         overrides, resume = durable_checkpoints(stage, out, overrides, log)
@@ -275,8 +275,9 @@ def run_training(stage: str, data: tuple[str, str], model: tuple[str, str], out:
                                  stage_args(stage, data[1], model[1], out[1], size, overrides), nodes,
                                  gpus_per_node, pool, s3_secret=s3_secret, owners=owner_reference())
     run_trainjob(manifest, timeout_s=timeout_s, poll_s=poll_s, log=log)
-    from deepmedix import store
-
-    if out[0] != out[1]:  # a KFP step: its launcher uploads the local output folder
-        shutil.copytree(store.fetch(out[1]), out[0], dirs_exist_ok=True)
+    if out[0] and out[0] != out[1]:
+        # a KFP step: the TrainJob wrote the model to the output artifact's own URI, and the launcher uploads
+        # whatever the local output folder holds to that URI (backend/src/v2/objectstore UploadBlob: each file of
+        # the folder, none for an empty one), so the folder is left empty: nothing is copied back through this pod
+        Path(out[0]).mkdir(parents=True, exist_ok=True)
     return {"stage": stage, "nodes": nodes, "gpus_per_node": gpus_per_node, "trainjob": name}

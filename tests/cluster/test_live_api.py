@@ -207,6 +207,24 @@ def test_trainjob_logs_forbidden_are_said_once_and_the_job_still_counts(tmp_path
     assert r.output.count("cannot watch its pods for logs (403 Forbidden)") == 1 and LOGS[0] not in r.output
 
 
+def test_a_kfp_step_leaves_the_model_where_the_trainjob_wrote_it(tmp_path, monkeypatch):
+    """In a KFP step the output has a local path and a URI: the TrainJob writes to the URI, and the step's local
+    folder stays empty (the launcher uploads nothing from it), so no copy of a 7B model passes through the pod."""
+    from deepmedix.cluster.trainjob import run_training
+
+    monkeypatch.setenv("S3_ENDPOINT", "seaweedfs.kubeflow:8333")
+    local = tmp_path / "s3" / "deepmedix" / "r" / "sft" / "model"
+    with kube_stub(world(), tmp_path / "kube", monkeypatch) as kube:
+        out = run_training("sft", (None, "s3://deepmedix/r/curate/data"), (None, "s3://deepmedix/r/base/model"),
+                           (str(local), "s3://deepmedix/r/sft/model"), "7b", [], nodes=2, gpus_per_node=8,
+                           image="ghcr.io/deepmedix/deepmedix-train:0.1.0", poll_s=0.05, log=lambda _: None)
+        (post,) = kube.requests("POST", TJ_PATH)
+    assert out["trainjob"] == post["body"]["metadata"]["name"]
+    assert "--out" in (cmd := post["body"]["spec"]["trainer"]["command"]) and \
+        cmd[cmd.index("--out") + 1] == "s3://deepmedix/r/sft/model"
+    assert local.is_dir() and not any(local.iterdir())
+
+
 def test_trainjob_failure_reason_and_the_job_is_kept(tmp_path, monkeypatch):
     monkeypatch.setenv("S3_ENDPOINT", "seaweedfs.kubeflow:8333")
     w = world(TrainJob={"finish_after": 2, "outcome": "Failed", "reason": "BackoffLimitExceeded",

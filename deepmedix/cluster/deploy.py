@@ -225,6 +225,9 @@ def _replace(k, manifest: dict, live: dict, tries: int = 3) -> dict:
     for attempt in range(tries):
         body = copy.deepcopy(manifest)
         body["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"]
+        for kept in ("finalizers", "ownerReferences"):  # KServe's finalizer (its cleanup) and owners are not ours
+            if live["metadata"].get(kept):
+                body["metadata"][kept] = live["metadata"][kept]
         try:
             return k.custom.replace_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, body)
         except ApiException as exc:

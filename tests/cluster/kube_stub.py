@@ -147,6 +147,8 @@ class World:
     def on_write(self, plural: str, obj: dict, created: bool) -> None:
         ns, name = obj["metadata"].get("namespace", ""), obj["metadata"]["name"]
         self.reads[(plural, ns, name)] = 0  # the controller starts over on the new spec; the status stays stale
+        if plural == "inferenceservices" and created:  # KServe's controller adds its finalizer
+            obj["metadata"]["finalizers"] = ["inferenceservice.finalizers"]
         if plural == "trainjobs" and created:
             c = self.controllers.get("TrainJob") or {}
             pod = {"apiVersion": "v1", "kind": "Pod",

@@ -64,6 +64,7 @@ def test_redeploy_replaces_so_dropped_fields_go(tmp_path, monkeypatch):
         assert "replaced" in second.output
         (put,) = kube.requests("PUT", ISVC_PATH)
         assert put["body"]["metadata"]["resourceVersion"]
+        assert put["body"]["metadata"]["finalizers"] == ["inferenceservice.finalizers"]  # KServe's, kept
         assert not kube.requests("PATCH")
         (live,) = kube.objects("InferenceService")
         pred = live["spec"]["predictor"]

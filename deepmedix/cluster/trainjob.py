@@ -229,9 +229,9 @@ def durable_checkpoints(stage: str, out: tuple[str, str], overrides: list[str],
     if local == remote or not str(remote).startswith("s3://") or any(o.startswith("checkpoint_uri=")
                                                                       for o in overrides):
         return list(overrides), False
-    from deepmedix.train.checkpoints import committed_checkpoints
+    from deepmedix.train.checkpoints import committed_checkpoints, default_checkpoint_uri
 
-    ckpt = f"{remote.rstrip('/')}-checkpoints"
+    ckpt = default_checkpoint_uri(remote)
     found = committed_checkpoints(ckpt)
     if found:
         log(f"{stage}: {len(found)} committed checkpoint(s) under {ckpt} from an earlier attempt: resuming")

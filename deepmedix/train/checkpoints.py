@@ -62,7 +62,12 @@ def barrier() -> None:
 # ------------------------------------------------------------------------------------------ checkpoints
 
 def checkpoint_uri(cfg: TrainConfig, out_uri: str) -> str:
-    return cfg.checkpoint_uri or f"{str(out_uri).rstrip('/')}-checkpoints"
+    return cfg.checkpoint_uri or default_checkpoint_uri(out_uri)
+
+
+def default_checkpoint_uri(out_uri: str) -> str:
+    """Where a stage writing its model to ``out_uri`` keeps its checkpoints unless told otherwise: beside it."""
+    return f"{str(out_uri).rstrip('/')}-checkpoints"
 
 
 def work_dir(out_uri: str) -> Path:

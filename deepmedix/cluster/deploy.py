@@ -24,7 +24,8 @@ SERVING_IMAGE = "ghcr.io/deepmedix/deepmedix-serving:0.1.0"
 @dataclass
 class Serving:
     """How the predictor runs. ``deployment_mode``: ``Standard`` (a Deployment; autoscaling by the cluster's
-    HPA/KEDA settings; KServe's own default since 0.20) or ``Knative`` (KPA on concurrency, can scale to zero; GPU
+    HPA/KEDA settings; needs no Knative, whatever mode the cluster's inferenceservice-config defaults to) or
+    ``Knative`` (KPA on concurrency, can scale to zero; GPU
     placement needs Knative's ``kubernetes.podspec-nodeselector`` and ``-tolerations`` features, off by default:
     ``deepmedix doctor`` checks them)."""
     image: str = SERVING_IMAGE

@@ -12,13 +12,12 @@ import base64
 import json
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import yaml
 
 from deepmedix.cluster.trainjob import GpuPool
 
-KFP_MIN, TRAINER_MIN, KSERVE_MIN = (2, 14), (2, 2), (0, 16)
+KFP_MIN, KSERVE_MIN = (2, 14), (0, 16)  # the Trainer's minimum is checked by its CRD's schema (runtimePatches)
 KNATIVE_FLAGS = ("kubernetes.podspec-nodeselector", "kubernetes.podspec-tolerations")
 
 
@@ -368,7 +367,7 @@ def check_gpu_nodes(c: Cluster, plan: Plan) -> list[Finding]:
     return [Finding("gpu-nodes", "ok", f"{len(usable)} GPU node(s) in the pool, up to {gpus} {res} each")]
 
 
-def check_s3(c: Cluster, plan: Plan, reach: Callable[[dict, dict, str], str | None] | None = None) -> list[Finding]:
+def check_s3(c: Cluster, plan: Plan) -> list[Finding]:
     secret = c.secret(plan.namespace, plan.s3_secret)
     if secret is None:
         return [Finding("s3", "fail", f"no Secret {plan.s3_secret} in {plan.namespace}", "create it (README)")]
@@ -382,7 +381,7 @@ def check_s3(c: Cluster, plan: Plan, reach: Callable[[dict, dict, str], str | No
     endpoint = entry.get("endpoint", "")
     if not (bucket and endpoint):
         return [Finding("s3", "ok", f"Secret {plan.s3_secret} has both keys (bucket not checked: no s3 root)")]
-    problem = (reach or bucket_problem)(secret, entry, bucket)
+    problem = bucket_problem(secret, entry, bucket)
     if problem is None:
         return [Finding("s3", "ok", f"bucket {bucket} at {endpoint} reachable with Secret {plan.s3_secret}")]
     if problem.startswith("unreachable"):
@@ -411,7 +410,7 @@ def bucket_problem(secret: dict, entry: dict, bucket: str) -> str | None:
         return f"{getattr(exc, 'code', type(exc).__name__)}: {getattr(exc, 'message', exc)}"
 
 
-def run(plan: Plan, kfp_namespace: str = "kubeflow", reach=None) -> list[Finding]:
+def run(plan: Plan, kfp_namespace: str = "kubeflow") -> list[Finding]:
     """Every check; a check whose objects this identity cannot read is a warning naming it, not a crash."""
     from deepmedix.cluster.k8s import api
 
@@ -422,7 +421,7 @@ def run(plan: Plan, kfp_namespace: str = "kubeflow", reach=None) -> list[Finding
         findings, restricted = [Finding("namespace", "warn", f"cannot read namespace {plan.namespace} ({exc})")], False
     checks = [("kfp", lambda: check_kfp(c, plan, kfp_namespace)), ("trainer", lambda: check_trainer(c, plan)),
               ("kserve", lambda: check_kserve(c, plan, restricted)), ("keda", lambda: check_autoscaling(c, plan)),
-              ("gpu-nodes", lambda: check_gpu_nodes(c, plan)), ("s3", lambda: check_s3(c, plan, reach))]
+              ("gpu-nodes", lambda: check_gpu_nodes(c, plan)), ("s3", lambda: check_s3(c, plan))]
     for name, check in checks:
         try:
             findings += check()

@@ -131,6 +131,7 @@ def download_dir(uri: str, dest: Path, client=None) -> Path:
     for o in objs:
         rel = o.object_name[len(prefix) + 1 if prefix else 0:]
         client.fget_object(bucket, o.object_name, str(tmp / rel))
+    ordinary_modes(tmp)
     if dest.exists():
         shutil.rmtree(dest)
     tmp.rename(dest)
@@ -203,6 +204,40 @@ def s3_errors(uri: str) -> Iterator[None]:
         raise StoreError(f"{uri}: S3 request failed ({type(exc).__name__}: {exc})") from exc
 
 
+def ordinary_modes(root: str | os.PathLike) -> None:
+    """Give a folder tree the modes a plain ``cp`` under the process umask would: folders 0755 and files 0644 (0755
+    where executable) with umask 022. Writers here leave owner-only modes behind (``tempfile.mkdtemp`` folders 0700;
+    safetensors 0.8 ``save_file`` writes its file 0600), and a model or dataset served or read by another uid (a
+    predictor pod as uid 1000, a mounted volume) must not be."""
+    umask = os.umask(0)
+    os.umask(umask)
+    root = Path(root)
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        mode = path.stat().st_mode
+        executable = path.is_dir() or mode & 0o111
+        os.chmod(path, (0o777 if executable else 0o666) & ~umask)
+
+
+def check_readable(root: str | os.PathLike) -> None:
+    """Raise :class:`InputError` naming the first file or folder under ``root`` this process cannot read, with the
+    uid it runs as and the file's owner and mode: "permission denied", never a misleading "no such file"."""
+    root = Path(root)
+
+    def paths() -> Iterator[Path]:
+        yield root
+        if root.is_dir():
+            yield from sorted(root.rglob("*"))
+
+    for path in paths():
+        want = os.R_OK | os.X_OK if path.is_dir() else os.R_OK
+        if not os.access(path, want):
+            st = path.stat()
+            raise InputError(f"{path}: permission denied for uid {os.getuid()} (owner uid {st.st_uid}, mode "
+                             f"{st.st_mode & 0o7777:04o}); make it readable by that uid, e.g. chmod -R a+rX")
+
+
 @contextlib.contextmanager
 def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
     """Build an artifact in a temporary folder; publish it at ``dest`` only if the block succeeds."""
@@ -222,9 +257,7 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; a published artifact is readable like any folder
+        ordinary_modes(tmp)  # mkdtemp makes it 0700, safetensors its files 0600: published, it is readable by all
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             final.rename(old)

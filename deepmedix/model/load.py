@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from deepmedix import store
-from deepmedix.errors import ModelLoadError
+from deepmedix.errors import InputError, ModelLoadError
 from deepmedix.model.processor import load_processor, processor_frame
 
 
@@ -31,6 +31,10 @@ class Loaded:
 
 
 def check_model_folder(path: Path) -> None:
+    try:
+        store.check_readable(path)  # an unreadable folder would otherwise look empty ("no config.json")
+    except InputError as exc:
+        raise ModelLoadError(str(exc)) from exc
     cfg = path / "config.json"
     if not cfg.exists():
         raise ModelLoadError(f"{path}: no config.json — not a model folder")

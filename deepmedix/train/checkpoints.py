@@ -126,6 +126,7 @@ def publish_checkpoint(src: Path, uri: str, keep: int, info: dict[str, Any]) -> 
         except OSError:
             shutil.copytree(src, tmp)
             shutil.rmtree(src, ignore_errors=True)
+        store.ordinary_modes(tmp)  # the Trainer's safetensors files are 0600
         if final.exists():
             _delete(str(final))  # its commit marker first: a crash here leaves no half checkpoint "committed"
         os.rename(tmp, final)

@@ -21,7 +21,6 @@ import torch
 from safetensors.torch import save_file
 
 from deepmedix import store
-from deepmedix.errors import InputError
 
 
 def modes(root: Path) -> dict[str, int]:

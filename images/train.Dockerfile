@@ -3,21 +3,33 @@
 #
 #   docker build -f images/train.Dockerfile -t ghcr.io/deepmedix/deepmedix-train:0.1.0 .    (or: make images)
 #
-# Base: CUDA 13.0 *devel* on Ubuntu 22.04. torch 2.13.0's manylinux wheel on PyPI is its CUDA 13.0 build (it pulls
-# the CUDA 13.0 runtime, cuDNN and NCCL as pip packages), and DeepSpeed is installed with DS_BUILD_OPS=0, so its ops
-# (fused Adam, ...) are compiled on first use by nvcc, which must match torch's CUDA major version: hence the devel
-# image of the same CUDA release. Needs an NVIDIA driver >= 580 on the nodes (CUDA 13.0).
+# Python and CUDA come from the same places as in the other images: the Python 3.11 base (the registry's or one
+# built from Debian packages, images/debian-base.sh), PyPI's CUDA 13.0 build of torch 2.13.0 with its CUDA libraries
+# as nvidia-* wheels, and the CUDA compiler from PyPI too (cuda-toolkit[nvcc,cccl] at the release torch pins: nvcc,
+# its crt headers, NVVM, the runtime headers and CCCL under site-packages/nvidia/cu13). No PPA, no nvidia/cuda
+# image. DeepSpeed is installed with DS_BUILD_OPS=0: its ops (fused Adam, ...) are compiled on first use by that nvcc
+# (its major release must match torch.version.cuda), with g++ from Debian. /usr/local/cuda links to the wheels'
+# tree, so CUDA_HOME is the usual path. Needs an NVIDIA driver >= 580 on the nodes (CUDA 13.0).
 #
 # Shared memory: DataLoader workers and NCCL use /dev/shm, 64 MiB by default in a container. Run with
 # `docker run --gpus all --shm-size=16g ...`; on Kubernetes mount a memory-backed emptyDir at /dev/shm (the Argo
 # WorkflowTemplate, the KFP components and the TrainJob do).
 #
 # No ENTRYPOINT: KFP, Argo and the TrainJob give the command.
-FROM nvidia/cuda:13.0.2-devel-ubuntu22.04
+
+# The base image is a build argument: today's registry image by default, or a Python 3.11 base built from Debian
+# packages without any registry (`make images BASE=debian`: images/debian-base.sh).
+ARG BASE=python:3.11.15-slim-bookworm
+FROM ${BASE}
+ARG BASE
 
 ARG VERSION=0.1.0
-# PyPI's torch==2.13.0 for linux x86_64 is the CUDA 13.0 build
+# PyPI's torch 2.13.0 for linux x86_64 is the CUDA 13.0 build. "===": exactly the release 2.13.0 (PEP 440 arbitrary
+# equality); "==" would also take a local 2.13.0+cpu wheel from a find-links folder in the host's pip configuration.
 ARG TORCH_INDEX=https://pypi.org/simple
+ARG TORCH=torch===2.13.0
+# the CUDA compiler wheels of the CUDA release torch 2.13.0 requires (its cuda-toolkit==13.0.3 dependency)
+ARG CUDA_TOOLKIT=cuda-toolkit[nvcc,cccl]==13.0.3
 # vLLM (GRPO rollouts, TRL's colocate or server mode): WITH_VLLM=1 installs vllm 0.31.0 under the pin set of its
 # own, images/constraints-vllm.txt (images/vllm_pins.py resolves and checks it with pip --dry-run): 0.31.0 is the
 # release that fits both torch==2.13.0 (it pins it) and TRL 1.16 (vllm<=0.31.0); it needs transformers<5.18, so
@@ -28,10 +40,9 @@ ARG WITH_VLLM=0
 LABEL org.opencontainers.image.title="deepmedix-train" \
       org.opencontainers.image.description="DeepMedix-R1 CUDA image: SFT, cold start, GRPO (DeepSpeed), GPU evaluation" \
       org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.base.name="docker.io/nvidia/cuda:13.0.2-devel-ubuntu22.04"
+      org.opencontainers.image.base.name="${BASE}"
 
-ENV DEBIAN_FRONTEND=noninteractive \
-    PYTHONDONTWRITEBYTECODE=1 \
+ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -41,33 +52,49 @@ ENV DEBIAN_FRONTEND=noninteractive \
     DS_BUILD_OPS=0 \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
-# Python 3.11 from the deadsnakes PPA (Ubuntu 22.04 ships 3.10); its -dev headers and g++ for the JIT builds
-# (DeepSpeed ops, Triton); Java for METEOR in evaluation (javac: its faster classes). Debian/Ubuntu package
-# versions are not pinned (the archives drop old ones); the base image tag pins the release.
+# g++ for the JIT builds (DeepSpeed ops, Triton; the base has Python's headers); Java for METEOR in evaluation (javac:
+# its faster classes). /usr/share/man/man1 is missing from slim images and the JDK's alternatives want it. Debian
+# package versions are not pinned (the archive drops old ones); the base image pins the release.
 # hadolint ignore=DL3008
-RUN apt-get update \
- && apt-get install -y --no-install-recommends software-properties-common gpg-agent \
- && add-apt-repository -y ppa:deadsnakes/ppa \
+RUN mkdir -p /usr/share/man/man1 \
  && apt-get update \
- && apt-get install -y --no-install-recommends python3.11 python3.11-dev python3.11-venv g++ default-jdk-headless \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends g++ default-jdk-headless \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --gid 1000 deepmedix \
  && useradd --uid 1000 --gid 1000 --home-dir /home/deepmedix --create-home --shell /usr/sbin/nologin deepmedix \
- && python3.11 -m venv /opt/venv
+ && python -m venv /opt/venv
 
 WORKDIR /opt/deepmedix
 
-# torch alone (no deps: its CUDA libraries come from PyPI, under constraints.txt, with the rest)
-RUN pip install --no-cache-dir --no-deps --index-url "${TORCH_INDEX}" torch==2.13.0
+# Every RUN that installs from a package index mounts the host's pip configuration and CA bundle as build secrets
+# (images/build.sh writes them from the host's pip settings): pip reads /run/secrets/pip.conf through
+# PIP_CONFIG_FILE, set for that command only. Secrets are not in any layer, nor in the image's history; a build
+# without them (a plain `docker build`) uses pip's defaults.
+
+# torch alone (no deps: its CUDA libraries come from PyPI, under constraints.txt, with the rest), then the CUDA
+# compiler wheels; /usr/local/cuda is their tree, with the lib64 and unversioned libcudart.so names that
+# torch.utils.cpp_extension links against.
+# hadolint ignore=DL3013
+RUN --mount=type=secret,id=pip.conf --mount=type=secret,id=ca.crt \
+    PIP_CONFIG_FILE=/run/secrets/pip.conf \
+    pip install --no-cache-dir --no-deps ${TORCH_INDEX:+--index-url "${TORCH_INDEX}"} "${TORCH}" \
+ && PIP_CONFIG_FILE=/run/secrets/pip.conf pip install --no-cache-dir "${CUDA_TOOLKIT}" \
+ && cu=/opt/venv/lib/python3.11/site-packages/nvidia/cu13 \
+ && ln -s "$cu" /usr/local/cuda \
+ && ln -s lib "$cu/lib64" \
+ && ln -s libcudart.so.13 "$cu/lib/libcudart.so" \
+ && /usr/local/cuda/bin/nvcc --version
 
 COPY pyproject.toml constraints.txt ./
 COPY images/requirements.py images/constraints-vllm.txt images/
 # the pin set this image is built under: constraints.txt, or with vLLM images/constraints-vllm.txt
-RUN if [ "${WITH_VLLM}" = "1" ]; then cp images/constraints-vllm.txt /opt/constraints.txt; \
+RUN --mount=type=secret,id=pip.conf --mount=type=secret,id=ca.crt \
+    if [ "${WITH_VLLM}" = "1" ]; then cp images/constraints-vllm.txt /opt/constraints.txt; \
     else cp constraints.txt /opt/constraints.txt; fi \
  && python images/requirements.py train eval pipeline > /tmp/requirements.txt \
  && if [ "${WITH_VLLM}" = "1" ]; then grep '^vllm==' /opt/constraints.txt >> /tmp/requirements.txt; fi \
- && pip install --no-cache-dir -c /opt/constraints.txt -r /tmp/requirements.txt \
+ && PIP_CONFIG_FILE=/run/secrets/pip.conf \
+    pip install --no-cache-dir -c /opt/constraints.txt -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt
 
 COPY README.md ./
@@ -76,7 +103,9 @@ COPY serving/ serving/
 COPY components/ components/
 COPY pipelines/ pipelines/
 COPY configs/ configs/
-RUN pip install --no-cache-dir -c /opt/constraints.txt -e '.[train,eval,pipeline]' \
+RUN --mount=type=secret,id=pip.conf --mount=type=secret,id=ca.crt \
+    PIP_CONFIG_FILE=/run/secrets/pip.conf \
+    pip install --no-cache-dir -c /opt/constraints.txt -e '.[train,eval,pipeline]' \
  && deepmedix --help > /dev/null \
  && python -c "import deepspeed, torch; assert torch.version.cuda and torch.version.cuda.startswith('13.'), torch.version.cuda"
 

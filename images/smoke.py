@@ -6,9 +6,9 @@ writable /tmp, and check that nothing of the build's secrets is in them.
 The images are built by ``images/build.sh`` (with ``BASE``, ``ENGINE``, ``BUILD_ARGS`` from the environment, and a
 fresh ``DEEPMEDIX_SECRETS_CANARY`` written into the secrets). Each runs daemonless, as a container runtime would run
 it: the image's filesystem (``buildah mount``) bind-mounted read-only at ``/`` by bubblewrap, a fresh /proc, /dev
-and PID namespace, tmpfs at /tmp, the image's Env and WorkingDir, then ``setpriv`` to uid/gid 1000 with no
-capabilities (a real uid 1000, so file modes count). A shared work folder (a volume, mounted at /work) carries the
-data image's dataset to the train image and its model to the serving image:
+(with a 1777 /dev/shm, as runtimes give) and PID namespace, tmpfs at /tmp, the image's Env and WorkingDir, then
+``setpriv`` to uid/gid 1000 with no capabilities (a real uid 1000, so file modes count). A shared work folder (a
+volume, mounted at /work) carries the data image's dataset to the train image and its model to the serving image:
 
 * data: ``deepmedix data phantom`` and a small ``deepmedix curate`` of the phantom set; records written;
 * train: torch, transformers, trl, deepspeed and peft import, ``torch.version.cuda`` is 13.x, the PyPI nvcc
@@ -71,8 +71,9 @@ class Container:
     def argv(self, cmd: list[str], binds: list[tuple[str, str, bool]], env: dict[str, str],
              tmpfs: tuple[str, ...] = ()) -> list[str]:
         out = ["bwrap", "--ro-bind", str(self.root), "/", "--proc", "/proc", "--dev", "/dev",
-               "--perms", "1777", "--tmpfs", "/tmp", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
-               "--die-with-parent", "--clearenv", "--chdir", self.workdir]
+               "--perms", "1777", "--tmpfs", "/dev/shm", "--perms", "1777", "--tmpfs", "/tmp",
+               "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--die-with-parent", "--clearenv",
+               "--chdir", self.workdir]
         for path in tmpfs:
             out += ["--perms", "1777", "--tmpfs", path]
         for src, dst, writable in binds:
@@ -160,21 +161,31 @@ print("nvcc built and loaded", mod.__name__, "for", os.environ["TORCH_CUDA_ARCH_
 """
 
 
+def _line(output: str, prefix: str) -> str:
+    found = [ln for ln in output.splitlines() if ln.startswith(prefix)]
+    if not found:
+        raise SmokeError(f"no line starting {prefix!r} in:\n{output[-2000:]}")
+    return found[-1]
+
+
 def smoke_train(c: Container, work: Path) -> str:
     c.run(["python", "-c", PROBE])
-    versions = c.run(["python", "-c", TRAIN_IMPORTS]).strip().splitlines()[-1]
-    c.run(["nvcc", "--version"])
-    jit = c.run(["sh", "-c", "mkdir -p /tmp/ext && exec python -c \"$0\"", TRAIN_JIT],
-                env={"BUILD": "/tmp/ext", "TORCH_CUDA_ARCH_LIST": "9.0", "MAX_JOBS": "2"}).strip().splitlines()[-1]
+    versions = _line(c.run(["python", "-c", TRAIN_IMPORTS]), "torch ")
+    nvcc = _line(c.run(["nvcc", "--version"]), "Cuda compilation tools")
+    jit = _line(c.run(["sh", "-c", "mkdir -p /tmp/ext && exec python -c \"$0\"", TRAIN_JIT],
+                      env={"BUILD": "/tmp/ext", "TORCH_CUDA_ARCH_LIST": "9.0", "MAX_JOBS": "2"}), "nvcc built")
     binds = [(str(work), "/work", True)]
     env = {"HF_HOME": "/tmp/hf", "XDG_CACHE_HOME": "/tmp/cache", "DEEPMEDIX_CACHE": "/tmp/deepmedix"}
     c.run(["deepmedix", "model", "tiny", "--out", "/work/model", "--data", "/work/data"], binds=binds, env=env)
     c.run(["deepmedix", "train", "sft", "--data", "/work/data", "--model", "/work/model", "--out", "/work/sft",
            "-s", "max_steps=2"], binds=binds, env=env)
     metrics = json.loads((work / "sft" / "metrics.json").read_text())
+    if metrics.get("steps") != 2:
+        raise SmokeError(f"train: SFT ran {metrics.get('steps')} steps, not 2 ({metrics})")
     ordinary_modes(work / "model")
     ordinary_modes(work / "sft")
-    return f"{versions}; {jit}; SFT {metrics.get('steps', metrics.get('global_step', 2))} steps"
+    return (f"{versions}; {nvcc}; {jit}; SFT 2 steps, loss {metrics['before']:.3f} -> {metrics['after']:.3f} "
+            f"(val)")
 
 
 def free_port() -> int:

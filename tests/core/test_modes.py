@@ -91,25 +91,26 @@ def taught_model(tmp_path_factory):
     return out
 
 
-def test_check_readable_names_the_file_and_the_uid(locked_model):
-    code = ("import sys; from pathlib import Path; from deepmedix import store\n"
-            "try:\n    store.check_readable(Path(sys.argv[1]))\nexcept Exception as exc:\n"
-            "    print(type(exc).__name__, exc); sys.exit(3)\n")
-    proc = _as_reader(code, locked_model)
+def _failure(call: str, folder: Path) -> str:
+    """What ``call`` (on ``folder``, as the reader) raises: "ErrorType message"."""
+    code = ("import sys; from pathlib import Path; from deepmedix import store; from deepmedix.model.load import load\n"
+            f"try:\n    {call}\nexcept Exception as exc:\n    print(type(exc).__name__, exc); sys.exit(3)\n")
+    proc = _as_reader(code, folder)
     assert proc.returncode == 3, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_check_readable_names_the_file_and_the_uid(locked_model):
     uid = 1000 if os.getuid() == 0 else os.getuid()
-    assert f"InputError {locked_model / 'model.safetensors'}: permission denied for uid {uid}" in proc.stdout
+    assert f"InputError {locked_model / 'model.safetensors'}: permission denied for uid {uid}" in \
+        _failure("store.check_readable(Path(sys.argv[1]))", locked_model)
 
 
 def test_a_model_the_server_cannot_read_is_permission_denied_not_missing(locked_model):
     """The CLI's model loading (``deepmedix serve`` loads through it) fails with the cause, not "no such file"."""
-    code = ("import sys; from deepmedix.model.load import load\n"
-            "try:\n    load(sys.argv[1], device='cpu')\nexcept Exception as exc:\n"
-            "    print(type(exc).__name__, exc); sys.exit(3)\n")
-    proc = _as_reader(code, locked_model)
-    assert proc.returncode == 3, proc.stdout + proc.stderr
-    assert proc.stdout.startswith("ModelLoadError ") and "permission denied for uid" in proc.stdout
-    assert "model.safetensors" in proc.stdout and "No such file" not in proc.stdout
+    out = _failure("load(sys.argv[1], device='cpu')", locked_model)
+    assert out.startswith("ModelLoadError ") and "permission denied for uid" in out
+    assert "model.safetensors" in out and "No such file" not in out
 
 
 def test_an_unreadable_folder_is_named_not_empty():
@@ -122,12 +123,8 @@ def test_an_unreadable_folder_is_named_not_empty():
         store.ordinary_modes(folder)
         store.check_readable(folder)  # readable: no error
         (folder / "inner").chmod(0o700 if os.getuid() == 0 else 0o000)
-        code = ("import sys; from pathlib import Path; from deepmedix import store\n"
-                "try:\n    store.check_readable(Path(sys.argv[1]))\nexcept Exception as exc:\n"
-                "    print(exc); sys.exit(3)\n")
-        proc = _as_reader(code, folder)
-        assert proc.returncode == 3, proc.stdout + proc.stderr
-        assert f"{folder / 'inner'}: permission denied for uid" in proc.stdout
+        assert f"{folder / 'inner'}: permission denied for uid" in \
+            _failure("store.check_readable(Path(sys.argv[1]))", folder)
     finally:
         (base / "data" / "inner").chmod(0o755)
         shutil.rmtree(base, ignore_errors=True)

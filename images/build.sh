@@ -8,9 +8,9 @@
 #   PUSH       1: push each image after building it    default 0
 #   IMAGES     which images, in order                  default "data train serving"
 #   ENGINE     use this engine (docker, podman or buildah) instead of looking for one
-#   BASE       the base image of every Dockerfile: empty for each Dockerfile's default (python:3.11.15-slim-bookworm),
-#              "debian" for a Python 3.11 base built from Debian packages by images/debian-base.sh (no registry;
-#              DEBIAN_MIRROR etc. there), or any image reference
+#   BASE       the base image of every Dockerfile: empty for each Dockerfile's default
+#              (docker.io/library/python:3.11.15-slim-bookworm), "debian" for a Python 3.11 base built from
+#              Debian packages by images/debian-base.sh (no registry; DEBIAN_MIRROR etc. there), or any image
 #   HOST_PIP   1 (default): the host's pip configuration, index URLs and CA bundle reach the build as build secrets
 #              (images/pip_secrets.py; local index folders as read-only volumes with podman and buildah); 0: not
 #   BUILD_ARGS extra arguments for every build (word-split), e.g. "--build-arg TORCH_INDEX=..."
@@ -111,7 +111,8 @@ opts=(--build-arg "VERSION=$VERSION")
 case "$BASE" in
   "") ;;
   debian)
-    "$BASH" "$root/images/debian-base.sh" "$engine" "$DEBIAN_BASE_TAG" || die "BASE=debian: the Debian base did not build"
+    "$BASH" "$root/images/debian-base.sh" "$engine" "$DEBIAN_BASE_TAG" \
+      || die "BASE=debian: the Debian base did not build"
     opts+=(--build-arg "BASE=$DEBIAN_BASE_TAG")
     ;;
   *) opts+=(--build-arg "BASE=$BASE") ;;

@@ -19,7 +19,7 @@
 
 # The base image is a build argument: today's registry image by default, or a Python 3.11 base built from Debian
 # packages without any registry (`make images BASE=debian`: images/debian-base.sh).
-ARG BASE=python:3.11.15-slim-bookworm
+ARG BASE=docker.io/library/python:3.11.15-slim-bookworm
 FROM ${BASE}
 ARG BASE
 

@@ -38,11 +38,12 @@ DOCKER = ROOT / "images"
 BUILD_SH = DOCKER / "build.sh"
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 VERSION = PROJECT["version"]
+PYTHON = "docker.io/library/python:3.11.15-slim-bookworm"
 IMAGES = {
     # image: (base image, extras installed, torch index default)
-    "data": ("python:3.11.15-slim-bookworm", ["eval", "pipeline"], "https://download.pytorch.org/whl/cpu"),
-    "train": ("python:3.11.15-slim-bookworm", ["train", "eval", "pipeline"], "https://pypi.org/simple"),
-    "serving": ("python:3.11.15-slim-bookworm", ["serve"], "https://pypi.org/simple"),
+    "data": (PYTHON, ["eval", "pipeline"], "https://download.pytorch.org/whl/cpu"),
+    "train": (PYTHON, ["train", "eval", "pipeline"], "https://pypi.org/simple"),
+    "serving": (PYTHON, ["serve"], "https://pypi.org/simple"),
 }
 TORCH = "torch==2.13.0"
 BASH = shutil.which("bash") or "/bin/bash"

@@ -119,6 +119,7 @@ case "$BASE" in
 esac
 
 if [[ "$engine" == docker ]]; then
+  export DOCKER_BUILDKIT=1  # RUN --mount=type=secret and --secret need BuildKit (the default since Docker 23)
   for var in HTTP_PROXY HTTPS_PROXY NO_PROXY FTP_PROXY http_proxy https_proxy no_proxy ftp_proxy; do
     [[ -n "${!var:-}" ]] && opts+=(--build-arg "$var")
   done

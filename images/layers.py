@@ -65,6 +65,8 @@ def layer_tars(engine: str, image: str, work: Path) -> list[Path]:
     else:
         cmd = ["buildah", "push"] if engine == "buildah" else ["podman", "push"]
         _run([*cmd, "--quiet", "--disable-compression", image, f"oci:{layout}"])
+    if not (layout / "index.json").exists():  # a docker save from before Docker 25: manifest.json lists the tars
+        return [layout / name for name in json.loads((layout / "manifest.json").read_text())[0]["Layers"]]
     index = json.loads((layout / "index.json").read_text())
     manifest_digest = index["manifests"][0]["digest"]
     manifest = json.loads(_blob(layout, manifest_digest).read_text())

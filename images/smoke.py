@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import urllib.request
 from pathlib import Path
 
@@ -280,8 +281,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--registry", default=os.environ.get("REGISTRY", "localhost/deepmedix"))
     parser.add_argument("--version", default=os.environ.get("VERSION", ""))
     args = parser.parse_args(argv)
-    version = args.version or sh([sys.executable, "-c", "import tomllib;print(tomllib.load(open("
-                                  f"'{ROOT}/pyproject.toml','rb'))['project']['version'])"]).strip()
+    version = args.version or tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     names = args.images.split()
     tags = {n: f"{args.registry}/deepmedix-{n}:{version}" for n in names}
     canary = f"deepmedix-canary-{secrets.token_hex(12)}"

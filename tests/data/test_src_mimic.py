@@ -28,7 +28,7 @@ from PIL import Image
 from deepmedix.data import prompts
 from deepmedix.data.schema import QUESTION_TYPES, SPLITS
 from deepmedix.data.sources import get_source
-from deepmedix.data.sources.base import SOURCES, Item, Quarantine, Root
+from deepmedix.data.sources.base import SOURCES, HeaderError, Item, Quarantine, Root
 from deepmedix.data.sources.mimic import MimicCxrSource
 from deepmedix.data.sources.mimic_vqa import MedicalCxrVqaSource, MimicCxrVqaSource
 from deepmedix.data.sources.ms_cxr import MsCxrSource
@@ -182,12 +182,13 @@ def test_mimic_cxr_missing_files(tmp_path):
 
 
 def test_mimic_cxr_metadata_without_required_column(tmp_path):
+    """A header without a required column stops the source with one error naming the file and what it found."""
     write_mimic_cxr_jpg(tmp_path)
     write_csv(tmp_path / "mimic-cxr-2.0.0-metadata.csv", ["dicom_id", "subject_id", "study_id"],
               [[dicom_id("x"), "10000011", "50000101"]])
-    items, bad = run("mimic_cxr", tmp_path)
-    assert items == []
-    assert len(bad) == 1 and "ViewPosition" in bad[0].reason and bad[0].file == "mimic-cxr-2.0.0-metadata.csv"
+    with pytest.raises(HeaderError, match=r"mimic-cxr-2\.0\.0-metadata\.csv: missing required column\(s\) "
+                                          r"\['ViewPosition'\]; found \['dicom_id', 'subject_id', 'study_id'\]"):
+        run("mimic_cxr", tmp_path)
 
 
 def test_mimic_cxr_non_utf8_split_file(tmp_path):

@@ -9,6 +9,7 @@ import pytest
 
 from deepmedix.data.prompts import findings_prompt, grounding_prompt, impression_prompt
 from deepmedix.data.sources import Item, Quarantine, Root, get_source
+from deepmedix.data.sources.base import HeaderError
 from deepmedix.data.sources.vindr import fuse_boxes
 from deepmedix.grounding import iou
 
@@ -253,9 +254,9 @@ def test_chestxray14_plain_bbox_header_and_option(tmp_path):
 def test_chestxray14_missing_bbox_column(tmp_path):
     fx_public.write_chestxray14(tmp_path)
     (tmp_path / "BBox_List_2017.csv").write_text("Image Index,Bbox [x,y,w,h],,,\n00000001_000.png,1,2,3,4,,,\n")
-    items, bad = run("chestxray14", tmp_path)
-    assert items == []
-    assert len(bad) == 1 and "missing column(s) ['Finding Label']" in bad[0].reason
+    with pytest.raises(HeaderError, match=r"BBox_List_2017\.csv: missing required column\(s\) \['Finding Label'\]; "
+                                          r"found \['Image Index', 'Bbox \[x', 'y', 'w', 'h\]', '', '', ''\]"):
+        run("chestxray14", tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------ IU X-ray

@@ -280,6 +280,30 @@ class Root:
         yield from sorted(names)
 
 
+class HeaderError(InputError):
+    """A metadata file whose header lacks a required column: the source stops (no row-by-row quarantine)."""
+
+
+def column_key(name: str) -> str:
+    """How column names are compared: case and whitespace ignored (``rad_ID`` is ``rad_id``, ``Image  Index`` is
+    ``Image Index``). Releases of the same dataset spell their headers differently between files and versions."""
+    return "".join(str(name).split()).casefold()
+
+
+def match_columns(file: str, header: list[str], required: tuple[str, ...] | list[str],
+                  known: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """``header`` with each cell that matches a published name (``required`` + ``known``, by :func:`column_key`)
+    replaced by that name, others only stripped. Raises :class:`HeaderError` naming the file, the missing
+    columns and the columns found when a required one is absent."""
+    published = {column_key(name): name for name in (*known, *required)}
+    out = [published.get(column_key(cell), cell.strip()) for cell in header]
+    missing = [name for name in required if name not in out]
+    if missing:
+        raise HeaderError(f"{file}: missing required column(s) {missing}; found {[c.strip() for c in header]} "
+                          f"(column names are matched ignoring case and spaces)")
+    return out
+
+
 def slug(text: str) -> str:
     """A name as an id part: lower-case letters and digits joined by dashes."""
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "x"

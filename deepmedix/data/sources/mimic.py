@@ -30,6 +30,10 @@ __all__ = ["MimicCxrSource", "CHEXPERT_LABELS"]
 CHEXPERT_LABELS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum",
                    "Fracture", "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other",
                    "Pneumonia", "Pneumothorax", "Support Devices")
+# mimic-cxr-2.0.0-metadata.csv's published header (MIMIC-CXR-JPG 2.x)
+META_COLUMNS = ("dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition", "Rows",
+                "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning",
+                "ViewCodeSequence_CodeMeaning", "PatientOrientationCodeSequence_CodeMeaning")
 _REPORT_PREFIXES = ("files/", "mimic-cxr-reports/files/", "", "mimic-cxr-reports/")
 
 
@@ -92,7 +96,7 @@ class MimicCxrSource(Source):
             yield self.bad("mimic-cxr-2.0.0-split.csv(.gz)", "split file missing; every study gets the seeded "
                                                               "patient split")
             return False
-        table, q = open_table(self, self.root, rel, ("study_id", "split"))
+        table, q = open_table(self, self.root, rel, ("study_id", "split"), ("dicom_id", "subject_id"))
         if q:
             yield self.bad(q.file, q.reason + "; every study gets the seeded patient split")
             return False
@@ -126,7 +130,7 @@ class MimicCxrSource(Source):
         if rel is None:
             yield self.bad(f"{stem}.csv(.gz)", f"{self.labels} label file missing; findings left empty")
             return
-        table, q = open_table(self, self.root, rel, ("study_id",))
+        table, q = open_table(self, self.root, rel, ("study_id",), ("subject_id", *CHEXPERT_LABELS))
         if q:
             yield self.bad(q.file, q.reason + "; findings left empty")
             return
@@ -170,7 +174,8 @@ class MimicCxrSource(Source):
         """Fill ``studies`` (study_id -> subject, first line, [(view, dicom)]), yielding the metadata's faults;
         returns the metadata file's path."""
         rel = self._metadata_file()
-        table, q = open_table(self, self.root, rel, ("dicom_id", "subject_id", "study_id", "ViewPosition"))
+        table, q = open_table(self, self.root, rel, ("dicom_id", "subject_id", "study_id", "ViewPosition"),
+                              META_COLUMNS)
         if q:
             yield q
             return rel

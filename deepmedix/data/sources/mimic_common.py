@@ -35,7 +35,7 @@ import json
 import re
 from typing import Any, Callable, Iterable, Iterator
 
-from deepmedix.data.sources.base import BadInput, ImageRef, Quarantine, Root, Source, open_root
+from deepmedix.data.sources.base import BadInput, ImageRef, Quarantine, Root, Source, match_columns, open_root
 from deepmedix.errors import InputError
 
 __all__ = ["digest", "rec", "norm_split", "mimic_id", "bad_id", "image_path", "report_path", "parse_mimic_path",
@@ -140,9 +140,6 @@ class _Table:
             raise BadInput(rel, f"not a readable CSV header ({exc})") from None
         self.columns = [h.strip() for h in header]
 
-    def missing(self, required: Iterable[str]) -> list[str]:
-        return [c for c in required if c not in self.columns]
-
     def rows(self, bad: Callable[[str, str, str], Quarantine]) -> Iterator[tuple[int, dict[str, str] | None,
                                                                                   Quarantine | None]]:
         """(line, row, None) for a good row; (line, None, Quarantine) for a row of the wrong shape. A CSV syntax
@@ -167,14 +164,17 @@ class _Table:
             yield line, {k: v.strip() for k, v in zip(self.columns, cells)}, None
 
 
-def open_table(src: Source, root: Root, rel: str, required: Iterable[str]) -> tuple[_Table | None, Quarantine | None]:
+def open_table(src: Source, root: Root, rel: str, required: Iterable[str],
+               known: Iterable[str] = ()) -> tuple[_Table | None, Quarantine | None]:
+    """The table, or a Quarantine for a file that cannot be read. Its columns are renamed to the published names
+    (``required`` + ``known``) they match ignoring case and spaces; a missing required column raises
+    :class:`HeaderError` (the source stops: a header variant must never quarantine every row)."""
     try:
         table = _Table(root, rel)
     except BadInput as exc:
         return None, src.bad(rel, exc.reason)
-    miss = table.missing(required)
-    if miss:
-        return None, src.bad(rel, f"missing required column(s) {miss}; header is {table.columns}")
+    label = rel if root is src.root else f"{root.uri}/{rel}"
+    table.columns = match_columns(label, table.columns, tuple(required), tuple(known))
     return table, None
 
 

@@ -15,6 +15,7 @@ from typing import Any, Generator, Iterator
 from deepmedix import grounding
 from deepmedix.data.schema import QUESTION_TYPES
 from deepmedix.data.sources.base import BadInput, Item, Quarantine, Root, Source
+from deepmedix.data.sources.mimic import CHEXPERT_LABELS, META_COLUMNS
 from deepmedix.data.sources.mimic_common import (
     bad_id,
     bool_option,
@@ -32,6 +33,10 @@ from deepmedix.data.sources.mimic_common import (
 from deepmedix.errors import InputError
 
 __all__ = ["MimicCxrVqaSource", "MedicalCxrVqaSource"]
+
+# Medical-CXR-VQA's mimic_all.csv header (the columns read here, its CheXpert labels and the rest it publishes)
+MIMIC_ALL_COLUMNS = ("subject_id", "study_id", *CHEXPERT_LABELS, "dicom_id", "view", "split", "study_date",
+                     "study_order")
 
 
 # ------------------------------------------------------------------------------------------------ MIMIC-CXR-VQA
@@ -218,7 +223,7 @@ class MedicalCxrVqaSource(Source):
             yield self.bad("mimic_all.csv", "mimic_all.csv missing; images chosen from MIMIC-CXR-JPG's metadata "
                                             "(frontal first)")
         else:
-            table, q = open_table(self, self.root, rel, ("study_id", "dicom_id"))
+            table, q = open_table(self, self.root, rel, ("study_id", "dicom_id"), MIMIC_ALL_COLUMNS)
             if q:
                 yield self.bad(q.file, q.reason + "; images chosen from MIMIC-CXR-JPG's metadata")
             else:
@@ -242,7 +247,7 @@ class MedicalCxrVqaSource(Source):
                 yield self.bad("mimic-cxr-2.0.0-metadata.csv(.gz)", f"no image index: no usable mimic_all.csv and "
                                                                     f"images_root {iroot.uri} has no metadata")
             else:
-                table, q = open_table(self, iroot, meta, ("dicom_id", "subject_id", "study_id"))
+                table, q = open_table(self, iroot, meta, ("dicom_id", "subject_id", "study_id"), META_COLUMNS)
                 if q:
                     yield q
                 else:
@@ -265,7 +270,7 @@ class MedicalCxrVqaSource(Source):
         iroot = images_root(self)
         studies: dict[str, tuple[str, str, str]] = {}
         index = yield from self._study_images(iroot, studies)
-        table, q = open_table(self, self.root, rel, self.REQUIRED)
+        table, q = open_table(self, self.root, rel, self.REQUIRED, ("split", "dicom_id", "image_id"))
         if q:
             yield q
             return

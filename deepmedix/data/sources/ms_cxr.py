@@ -72,7 +72,7 @@ class MsCxrSource(Source):
             raise InputError(f"source {self.name}: {self.root.uri} holds no MS_CXR_Local_Alignment_v*.csv — give the "
                              f"ms-cxr/<version> folder as the root")
         iroot = images_root(self)
-        table, q = open_table(self, self.root, rel, self.REQUIRED)
+        table, q = open_table(self, self.root, rel, self.REQUIRED, ("split",))
         if q:
             yield q
             return

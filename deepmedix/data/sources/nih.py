@@ -50,7 +50,18 @@ from typing import Any, Iterator
 
 from deepmedix.data.prompts import grounding_prompt
 from deepmedix.data.schema import Box
-from deepmedix.data.sources.base import BadInput, ImageRef, Item, Quarantine, Root, Source, read_csv_rows, slug
+from deepmedix.data.sources.base import (
+    BadInput,
+    HeaderError,
+    ImageRef,
+    Item,
+    Quarantine,
+    Root,
+    Source,
+    column_key,
+    read_csv_rows,
+    slug,
+)
 
 __all__ = ["ChestXray14", "BOX_LABELS", "FRAME"]
 
@@ -67,12 +78,23 @@ LISTS = (("train_val_list.txt", "train"), ("test_list.txt", "test"))
 
 
 def _find(header: list[str], *names: str) -> int | None:
-    low = [h.lower().replace(" ", "") for h in header]
+    """The index of the first of ``names`` in ``header``, matched ignoring case and whitespace."""
+    keys = [column_key(h) for h in header]
     for name in names:
-        key = name.lower().replace(" ", "")
-        if key in low:
-            return low.index(key)
+        if column_key(name) in keys:
+            return keys.index(column_key(name))
     return None
+
+
+def _columns(rel: str, header: list[str], wanted: dict[str, tuple[str, ...]]) -> dict[str, int]:
+    """Each wanted column's index (its published spellings, ignoring case and whitespace); a missing one stops the
+    source (:class:`HeaderError`), never a quarantine per row."""
+    cols = {name: _find(header, *spellings) for name, spellings in wanted.items()}
+    missing = [name for name, i in cols.items() if i is None]
+    if missing:
+        raise HeaderError(f"{rel}: missing required column(s) {missing}; found {header} (column names are matched "
+                          f"ignoring case and spaces)")
+    return cols  # type: ignore[return-value]
 
 
 class ChestXray14(Source):
@@ -90,13 +112,8 @@ class ChestXray14(Source):
         rel = BBOX_FILE
         try:
             header, rows = read_csv_rows(self.root, rel)
-            cols = {"Image Index": _find(header, "Image Index"), "Finding Label": _find(header, "Finding Label"),
-                    "x": _find(header, "Bbox [x", "x"), "y": _find(header, "y"), "w": _find(header, "w"),
-                    "h": _find(header, "h]", "h")}
-            missing = [k for k, v in cols.items() if v is None]
-            if missing:
-                bad.append(self.bad(rel, f"missing column(s) {missing}; header is {header}"))
-                return out
+            cols = _columns(rel, header, {"Image Index": ("Image Index",), "Finding Label": ("Finding Label",),
+                                          "x": ("Bbox [x", "x"), "y": ("y",), "w": ("w",), "h": ("h]", "h")})
             need = max(cols.values()) + 1  # type: ignore[type-var]
             seen: dict[tuple, int] = {}
             for n, cells in rows:
@@ -162,11 +179,8 @@ class ChestXray14(Source):
         out: dict[str, dict[str, Any]] = {}
         try:
             header, rows = read_csv_rows(self.root, rel)
-            cols = {k: _find(header, k) for k in ("Image Index", "Finding Labels", "Patient ID", "View Position")}
-            missing = [k for k, v in cols.items() if v is None]
-            if missing:
-                bad.append(self.bad(rel, f"missing column(s) {missing}; header is {header}"))
-                return None
+            cols = _columns(rel, header, {k: (k,) for k in ("Image Index", "Finding Labels", "Patient ID",
+                                                            "View Position")})
             need = max(cols.values()) + 1  # type: ignore[type-var]
             for n, cells in rows:
                 if len(cells) < need:

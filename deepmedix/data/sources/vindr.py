@@ -29,11 +29,13 @@ Options:
 * ``fusion_iou`` (default 0.4) and ``min_readers`` (default 2) — the consensus rule, see :func:`fuse_boxes`.
 
 Refused with a Quarantine entry (the reason names the file, the data row — 1 is the first row under the
-header — and the value): missing files or columns, rows with too few/many fields, empty or unsafe image ids,
+header — and the value): missing files, rows with too few/many fields, empty or unsafe image ids,
 unknown or empty class names, empty ``rad_id``, a finding without a complete box, non-numeric, non-finite,
 negative, empty or inverted boxes, "No finding" rows with a box, duplicate rows, label values other than 0/1,
 and images that appear in both the train and the test annotations (both copies are dropped). Image files are
-never opened here: the engine reports missing or undecodable DICOMs.
+never opened here: the engine reports missing or undecodable DICOMs. Column names are matched ignoring case and
+whitespace (the label file of one release spells ``rad_ID``); a file without a required column stops the source
+(:class:`~deepmedix.data.sources.base.HeaderError`).
 """
 
 from __future__ import annotations
@@ -45,7 +47,18 @@ from typing import Any, Iterator
 
 from deepmedix.data.prompts import grounding_prompt
 from deepmedix.data.schema import Box
-from deepmedix.data.sources.base import BadInput, ImageRef, Item, Quarantine, Root, Source, read_csv_rows, slug
+from deepmedix.data.sources.base import (
+    BadInput,
+    ImageRef,
+    Item,
+    Quarantine,
+    Root,
+    Source,
+    column_key,
+    match_columns,
+    read_csv_rows,
+    slug,
+)
 from deepmedix.errors import InputError
 from deepmedix.grounding import iou
 
@@ -60,8 +73,9 @@ LOCAL_LABELS = (
 )
 GLOBAL_LABELS = ("COPD", "Lung tumor", "Pneumonia", "Tuberculosis", "Other diseases")
 NO_FINDING = "No finding"
-_CANON = {c.lower(): c for c in (*LOCAL_LABELS, *GLOBAL_LABELS, NO_FINDING)}
-_CANON["other disease"] = "Other diseases"  # the test label file's spelling
+# label and class names as published, looked up ignoring case and whitespace (column_key)
+_CANON = {column_key(c): c for c in (*LOCAL_LABELS, *GLOBAL_LABELS, NO_FINDING)}
+_CANON[column_key("Other disease")] = "Other diseases"  # the test label file's spelling
 _LOCAL = set(LOCAL_LABELS)
 
 _SPLITS = (("train", "train"), ("test", "test"))  # (folder / file suffix, official split)
@@ -134,10 +148,7 @@ class VinDrCXR(Source):
         has_rad = False
         try:
             header, rows = read_csv_rows(self.root, rel)
-            missing = [c for c in ("image_id", "class_name", *_COORDS) if c not in header]
-            if missing:
-                bad.append(self.bad(rel, f"missing column(s) {missing}; header is {header}"))
-                return out, False
+            header = match_columns(rel, header, ("image_id", "class_name", *_COORDS), ("rad_id", "class_id"))
             col = {name: header.index(name) for name in ("image_id", "class_name", *_COORDS, "rad_id")
                    if name in header}
             has_rad = "rad_id" in col
@@ -172,7 +183,7 @@ class VinDrCXR(Source):
         if not raw_cls:
             reject(f"empty class_name for image {iid}", iid)
             return None
-        cls = _CANON.get(raw_cls.lower())
+        cls = _CANON.get(column_key(raw_cls))
         if cls is None:
             reject(f"unknown class_name {raw_cls!r} for image {iid}", iid)
             return None
@@ -229,9 +240,7 @@ class VinDrCXR(Source):
             return out  # optional file
         try:
             header, rows = read_csv_rows(self.root, rel)
-            if "image_id" not in header:
-                bad.append(self.bad(rel, f"missing column(s) ['image_id']; header is {header}"))
-                return out
+            header = match_columns(rel, header, ("image_id",), ("rad_id", *LOCAL_LABELS, *GLOBAL_LABELS))
             i_id = header.index("image_id")
             i_rad = header.index("rad_id") if "rad_id" in header else None
             label_cols = [(i, h) for i, h in enumerate(header) if h and h not in ("image_id", "rad_id")]
@@ -254,7 +263,7 @@ class VinDrCXR(Source):
                 for i, h in label_cols:
                     v = cells[i].lower()
                     if v in ("1", "1.0", "true"):
-                        positives.add(_CANON.get(h.lower(), h))
+                        positives.add(_CANON.get(column_key(h), h))
                     elif v not in ("0", "0.0", "false", ""):
                         wrong = (h, cells[i])
                         break

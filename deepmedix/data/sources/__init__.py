@@ -9,7 +9,7 @@ import importlib
 
 from deepmedix.data.sources.base import SOURCES, BadInput, ImageRef, Item, Quarantine, Root, Source, open_root
 
-_MODULES = ("phantom", "mimic", "ms_cxr", "mimic_vqa", "vindr", "nih", "iu_xray")
+_MODULES = ("phantom", "mimic", "ms_cxr", "mimic_vqa", "vindr", "nih", "iu_xray", "manifest")
 
 
 def _load_all() -> None:

@@ -81,6 +81,19 @@ def _log(line: str) -> None:
     err.print(line, soft_wrap=True, highlight=False, markup=False)
 
 
+@data_app.command("card")
+def data_card(dataset: str = typer.Argument(..., help="a curated dataset folder or s3:// URI"),
+              out: str = typer.Option(..., help="folder (or s3:// URI) for card.md and its PNGs"),
+              sample: int = typer.Option(6, help="records per task on the contact sheets"),
+              seed: int = typer.Option(0, help="which records the contact sheets show")):
+    """A dataset card: card.md with PNGs (records by source/task/split, VQA types, box positions and sizes per
+    label, quarantine reasons, near-duplicate pairs, sample records with their boxes)."""
+    from deepmedix.data.card import write_card
+
+    with cli_errors():
+        show(write_card(dataset, out, sample, seed))
+
+
 @app.command("curate")
 def curate(out: str = typer.Option(..., help="output dataset folder or s3:// URI"),
            source: str = typer.Option("", help="one source adapter, e.g. mimic_cxr, iu_xray, vindr_cxr"),

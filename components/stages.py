@@ -11,7 +11,7 @@ import os
 from typing import NamedTuple
 
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
 
 REGISTRY = os.environ.get("DEEPMEDIX_REGISTRY", "ghcr.io/deepmedix")
 VERSION = os.environ.get("DEEPMEDIX_VERSION", "0.1.0")
@@ -40,11 +40,13 @@ def step_gpus(sft_nodes: int, sft_gpus_per_node: int, coldstart_nodes: int, cold
 
 
 @dsl.component(base_image=DATA_IMAGE, install_kfp_package=False)
-def curate(size: str, overrides: list, data: Output[Dataset], metrics: Output[Metrics]) -> str:
-    """Returns the dataset's URI (see ``sft``)."""
+def curate(size: str, overrides: list, data: Output[Dataset], metrics: Output[Metrics], card: Output[HTML]) -> str:
+    """Returns the dataset's URI (see ``sft``). ``card``: the dataset card as one HTML page (KFP's UI shows HTML
+    artifacts in the run's Visualizations)."""
     from deepmedix import stages
 
     stages.log_kfp(metrics, stages.curate(data.path, size, overrides))
+    stages.card_html(data.path, card.path)
     return data.uri
 
 

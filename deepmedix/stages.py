@@ -24,6 +24,24 @@ def curate(out: str, size: str = "tiny", overrides: list[str] | None = None, pro
     return run(load_config("curate", size, overrides), out, progress, log or print)
 
 
+def card_html(dataset: str, html_path: str) -> None:
+    """The dataset card (:mod:`deepmedix.data.card`) of a curated dataset as one self-contained HTML file: what the
+    pipeline's curate step logs as its KFP HTML artifact, which the KFP UI shows."""
+    import tempfile
+    from pathlib import Path
+
+    from deepmedix.data.card import card_html as to_html
+    from deepmedix.data.card import write_card
+
+    tmp = Path(tempfile.mkdtemp(prefix="deepmedix-card-"))
+    try:
+        write_card(dataset, str(tmp / "card"))
+        Path(html_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(html_path).write_text(to_html(tmp / "card"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def base_model(data: str, out: str, size: str = "tiny", overrides: list[str] | None = None,
                model_uri: str = "") -> dict[str, Any]:
     """The stage-1 starting point: a given checkpoint (path or ``s3://``), or the tiny model built here with a

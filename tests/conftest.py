@@ -1,4 +1,4 @@
-"""Shared fixtures: a small phantom dataset and a tiny base model, built once per test session."""
+"""Shared fixtures: a small phantom dataset and a tiny base model, built once per test session; headless Chromium."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -276,3 +277,41 @@ def weed_s3(root):
 
 
 # ---------------------------------------------------------------------------------- the cold-start tiny model
+
+
+# ------------------------------------------------------------------------------------------------ a real browser
+# found on PATH (Debian installs them as /usr/bin/chromium and /usr/bin/chromedriver; `make test` does that)
+CHROMIUM = Path(shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome") or
+                "chromium")
+CHROMEDRIVER = Path(shutil.which("chromedriver") or "chromedriver")
+INSTALL = "apt-get install -y chromium chromium-driver && pip install selenium==4.51.0"
+
+
+@pytest.fixture
+def browser(tmp_path, monkeypatch):
+    """A factory of headless Chromium drivers, each with a fresh profile; all quit afterwards."""
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.is_file()]
+    if missing:
+        pytest.fail(f"{', '.join(missing)} missing: the reader app's end-to-end test needs Debian's Chromium "
+                    f"({INSTALL})")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.fail(f"selenium missing: {INSTALL}")
+    monkeypatch.setenv("SE_OFFLINE", "true")
+    drivers = []
+
+    def make():
+        opts = webdriver.ChromeOptions()
+        opts.binary_location = str(CHROMIUM)
+        for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    "--no-first-run", "--window-size=1400,1600", f"--user-data-dir={tmp_path / f'p{len(drivers)}'}"):
+            opts.add_argument(arg)
+        drivers.append(webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts))
+        return drivers[-1]
+
+    yield make
+    for d in drivers:
+        d.quit()

@@ -286,3 +286,41 @@ def write_card(dataset: str, out: str, sample: int = 6, seed: int = 0) -> dict[s
                 md += [f"### {task}", "", f"![{task}]({name})", ""]
         (d / "card.md").write_text("\n".join(md) + "\n")
     return {"out": str(out), "records": len(records), "quarantined": len(rows), "pngs": pngs}
+
+
+def card_html(card_dir: str | Path) -> str:
+    """``card.md`` as one self-contained HTML page, its PNGs inlined (what KFP's UI shows for an HTML artifact)."""
+    import base64
+    import html
+
+    card_dir = Path(card_dir)
+    body, table = [], False
+    for line in (card_dir / "card.md").read_text().splitlines():
+        if table and not line.startswith("|"):
+            body.append("</table>")
+            table = False
+        image = re.fullmatch(r"!\[([^\]]*)\]\(([^)]+)\)", line.strip())
+        if image:
+            data = base64.b64encode((card_dir / image[2]).read_bytes()).decode()
+            body.append(f'<p><img alt="{html.escape(image[1])}" src="data:image/png;base64,{data}" '
+                        f'style="max-width:100%"></p>')
+        elif line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{html.escape(line[level:].strip())}</h{level}>")
+        elif line.startswith("|---"):
+            continue
+        elif line.startswith("|"):
+            cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
+            tag = "th" if not table else "td"
+            body.append(("<table border=1 cellpadding=3>" if not table else "") + "<tr>" +
+                        "".join(f"<{tag}>{c}</{tag}>" for c in cells) + "</tr>")
+            table = True
+        elif line.startswith("- "):
+            item = re.sub(r"[*][*](.+?)[*][*]", r"<b>\1</b>", html.escape(line[2:]))
+            body.append(f"<li>{item}</li>")
+        elif line.strip():
+            body.append(f"<p>{html.escape(line)}</p>")
+    if table:
+        body.append("</table>")
+    return "<!doctype html><html><head><meta charset='utf-8'><title>Dataset card</title></head><body>" + \
+        "\n".join(body) + "</body></html>\n"

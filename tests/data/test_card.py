@@ -105,3 +105,22 @@ def test_a_missing_dataset_is_a_clear_error(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "nope" in proc.stderr
     assert not (tmp_path / "card").exists()
+
+
+def test_card_html_is_one_page_a_browser_shows_whole(tmp_path, browser):
+    """The HTML the pipeline's curate step logs for KFP's UI: self-contained (PNGs inlined), every image decoded
+    by a real browser, the counts table rendered."""
+    from deepmedix.stages import card_html
+
+    data = tmp_path / "phantom"
+    cli("data", "phantom", "--out", str(data), "--n", "12")
+    page = tmp_path / "card.html"
+    card_html(str(data), str(page))
+    html = page.read_text()
+    assert "src=\"data:image/png;base64," in html and ".png)" not in html  # nothing left to fetch
+    driver = browser()
+    driver.get(page.as_uri())
+    images = driver.execute_script("return [...document.images].map(i => [i.alt, i.complete, i.naturalWidth])")
+    assert len(images) >= 5 and all(done and width >= 200 for _, done, width in images), images
+    cells = driver.execute_script("return [...document.querySelectorAll('td')].map(c => c.textContent)")
+    assert "phantom" in cells and "vqa" in cells

@@ -201,6 +201,10 @@ def test_kfp_local_runs_the_whole_pipeline(tmp_path):
     preds = (run / "evaluate" / "results" / "predictions.jsonl").read_text().splitlines()
     assert len(preds) == 6 and json.loads(preds[0])["record_id"]
     assert (run / "grpo" / "model" / "config.json").exists()
+    # the dataset card, one HTML page with its PNGs inlined (the curate step's HTML artifact for KFP's UI)
+    card = (run / "curate" / "card").read_text()
+    assert card.startswith("<!doctype html>") and "Records by source" not in card  # the chart is an image
+    assert card.count('src="data:image/png;base64,') >= 4 and "<td>phantom</td>" in card
     # lineage: `evaluate` scored the model GRPO wrote (by content hash), `evaluate-coldstart` the cold-start model
     from deepmedix import store
 

@@ -8,7 +8,6 @@ import csv
 import io
 import json
 import re
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -24,11 +23,6 @@ from deepmedix.grounding import Frame, format_output, parse
 from deepmedix.reader import ReaderError, create_study, export, make_app
 from serving.local import free_port, stop_process, wait_ready
 
-# found on PATH (Debian installs them as /usr/bin/chromium and /usr/bin/chromedriver; `make test` does that)
-CHROMIUM = Path(shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome") or
-                "chromium")
-CHROMEDRIVER = Path(shutil.which("chromedriver") or "chromedriver")
-INSTALL = "apt-get install -y chromium chromium-driver && pip install selenium==4.51.0"
 MODELS = {"coldstart": format_output([("there is cardiomegaly in this region", [[184, 217, 396, 296]])],
                                      "right pleural effusion"),
           "grpo": format_output([("the lung fields are clear", [[64, 64, 448, 448]]),
@@ -77,36 +71,6 @@ def server(small_data, tmp_path_factory):
     finally:
         stop_process(proc)
         log.close()
-
-
-@pytest.fixture
-def browser(tmp_path, monkeypatch):
-    """A factory of headless Chromium drivers, each with a fresh profile; all quit afterwards."""
-    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.is_file()]
-    if missing:
-        pytest.fail(f"{', '.join(missing)} missing: the reader app's end-to-end test needs Debian's Chromium "
-                    f"({INSTALL})")
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        pytest.fail(f"selenium missing: {INSTALL}")
-    monkeypatch.setenv("SE_OFFLINE", "true")
-    drivers = []
-
-    def make():
-        opts = webdriver.ChromeOptions()
-        opts.binary_location = str(CHROMIUM)
-        for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    "--no-first-run", "--window-size=1400,1600", f"--user-data-dir={tmp_path / f'p{len(drivers)}'}"):
-            opts.add_argument(arg)
-        drivers.append(webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts))
-        return drivers[-1]
-
-    yield make
-    for d in drivers:
-        d.quit()
 
 
 def ratings(pos: int) -> dict[str, str]:

@@ -231,9 +231,14 @@ def check_readable(root: str | os.PathLike) -> None:
             yield from sorted(root.rglob("*"))
 
     for path in paths():
+        if path.is_symlink() and not path.exists():
+            raise InputError(f"{path}: a broken symbolic link (to {os.readlink(path)})")
         want = os.R_OK | os.X_OK if path.is_dir() else os.R_OK
         if not os.access(path, want):
-            st = path.stat()
+            try:
+                st = path.lstat()
+            except OSError as exc:  # gone since the walk listed it
+                raise InputError(f"{path}: {exc.strerror}") from None
             raise InputError(f"{path}: permission denied for uid {os.getuid()} (owner uid {st.st_uid}, mode "
                              f"{st.st_mode & 0o7777:04o}); make it readable by that uid, e.g. chmod -R a+rX")
 

@@ -23,6 +23,7 @@
 # Besides the engine, only bash builtins, python3 (the secrets; without it none are passed) and, for BASE=debian,
 # mmdebstrap are used, so that it can be tested with a PATH holding fake engines.
 set -euo pipefail
+set -f  # no globbing: IMAGES and BUILD_ARGS are word-split, and cuda-toolkit[nvcc,cccl] is a pattern
 
 here="${BASH_SOURCE[0]%/*}"
 [[ "$here" == "${BASH_SOURCE[0]}" ]] && here=.

@@ -22,6 +22,14 @@ mirror="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 security="${DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security}"
 suite="${DEBIAN_SUITE:-bookworm}"
 
+for url in "$mirror" "$security"; do
+  if [[ "$url" =~ ://[^/@]+:[^/@]+@ ]]; then
+    echo "images/debian-base.sh: a mirror URL with credentials would be written into the image's apt sources;" \
+      "give the bare URL and the credentials in /etc/apt/auth.conf.d/ (apt_auth.conf(5))" >&2
+    exit 2
+  fi
+done
+
 command -v mmdebstrap > /dev/null 2>&1 || {
   echo "images/debian-base.sh: mmdebstrap is not installed (Debian: apt-get install mmdebstrap)" >&2
   exit 2

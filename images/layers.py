@@ -12,7 +12,7 @@ whole), and fails on:
 * pip settings baked into the environment (``PIP_INDEX_URL``, ``PIP_EXTRA_INDEX_URL``, ``PIP_CERT``,
   ``PIP_CONFIG_FILE``, ``REQUESTS_CA_BUNDLE``, ``SSL_CERT_FILE``, ``CURL_CA_BUNDLE``);
 * ``--canary TEXT``: that text anywhere, in any file of any layer or in the history. ``images/build.sh`` writes
-  ``PIP_SECRETS_CANARY`` into both secrets it passes (a comment line in ``pip.conf`` and in the CA bundle, which
+  ``DEEPMEDIX_SECRETS_CANARY`` into both secrets it passes (a comment line in ``pip.conf`` and in the CA bundle, which
   pip and OpenSSL ignore), so a copy of either secret in a layer, under any name, is found.
 
 Exit 1 with one line per finding; 0 with one ``layers IMAGE: clean (N layers, M files)`` line per image.
@@ -34,6 +34,11 @@ PIP_FILES = re.compile(r"(^|/)(pip\.conf|pip\.ini)$")
 BAKED_ENV = ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_CERT", "PIP_CONFIG_FILE", "PIP_CLIENT_CERT",
              "PIP_TRUSTED_HOST", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "CURL_CA_BUNDLE")
 CONFIG_DIRS = ("etc/", "root/", "home/")
+
+
+def redact(text: str) -> str:
+    """``scheme://user:password@`` -> ``scheme://***@``: findings name where a secret is, never print it."""
+    return re.sub(r"([a-z][a-z0-9+.-]*://)[^/\s:@'\"]+:[^/\s@'\"]+@", r"\1***@", text, flags=re.I)
 
 
 def _run(cmd: list[str]) -> str:
@@ -111,13 +116,13 @@ def check(engine: str, image: str, canary: str | None) -> tuple[list[str], str]:
     history, config = image_config(engine, image)
     for n, line in enumerate(history):
         if CREDENTIAL_URL.search(line):
-            findings.append(f"history step {n}: an URL with credentials: {line[:120]}")
+            findings.append(f"history step {n}: an URL with credentials: {redact(line)[:120]}")
         if canary and canary in line:
             findings.append(f"history step {n}: holds the build secrets' canary")
     for item in config.get("Env") or []:
         name, _, value = item.partition("=")
         if name in BAKED_ENV:
-            findings.append(f"ENV {name}={value[:60]}: pip or TLS settings baked into the image")
+            findings.append(f"ENV {name}={redact(value)[:60]}: pip or TLS settings baked into the image")
         if CREDENTIAL_URL.search(value) or (canary and canary in value):
             findings.append(f"ENV {name}: a secret in the environment")
     blob = json.dumps(config.get("Labels") or {}) + json.dumps(config.get("Cmd") or [])

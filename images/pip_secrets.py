@@ -56,10 +56,13 @@ def _key(name: str) -> str:
 
 
 def settings(env: dict[str, str], etc: Path = Path("/etc")) -> tuple[dict[str, str], list[str]]:
-    """The effective values (lists as whitespace-separated strings) and what was read, for ``pip install``."""
-    values: dict[str, str] = {}
+    """The effective values (lists as whitespace-separated strings) and what was read, for ``pip install``: as pip
+    does, every file's ``[global]`` first, then every file's ``[install]`` (later files win within a section),
+    then ``PIP_*`` variables. ``PIP_CONFIG_FILE=/dev/null`` means no file at all."""
+    sections: dict[str, dict[str, str]] = {"global": {}, "install": {}}
     read: list[str] = []
-    for path in config_files(env, etc):
+    files = [] if env.get("PIP_CONFIG_FILE") == os.devnull else config_files(env, etc)
+    for path in files:
         if not path.is_file():
             continue
         parser = configparser.RawConfigParser()
@@ -68,10 +71,10 @@ def settings(env: dict[str, str], etc: Path = Path("/etc")) -> tuple[dict[str, s
         except (configparser.Error, UnicodeDecodeError) as exc:
             raise SystemExit(f"images/pip_secrets.py: {path}: not a pip configuration file ({exc})") from exc
         read.append(str(path))
-        for section in ("global", "install"):
+        for section, into in sections.items():
             if parser.has_section(section):
-                for name, value in parser.items(section):
-                    values[_key(name)] = value
+                into.update({_key(name): value for name, value in parser.items(section)})
+    values = {**sections["global"], **sections["install"]}
     for name, value in env.items():
         if name.startswith("PIP_") and name != "PIP_CONFIG_FILE":
             values[_key(name[4:])] = value
@@ -130,7 +133,7 @@ def write(out: Path, env: dict[str, str], local: bool = True, etc: Path = Path("
         lines.append(f"cert = {SECRET_CA}")
     for name in IGNORED:
         if values.get(name):
-            notes.append(f"{name} = {values[name]}: the host's own file; not passed to the build")
+            notes.append(f"{name}: a file of the host's own; not passed to the build")
     canary = env.get("DEEPMEDIX_SECRETS_CANARY", "")
     head = f"# {canary}\n".encode() if canary else b""
     out.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -137,7 +138,9 @@ def smoke_data(c: Container, work: Path) -> str:
         raise SmokeError("data: deepmedix data phantom wrote nothing")
     ordinary_modes(work / "data")
     ordinary_modes(work / "phantom")
-    return f"{manifest['total']} records"
+    probe = "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+    torch = _line(c.run(["python", "-c", probe]), "torch ")
+    return f"{manifest['total']} records; {torch}"
 
 
 TRAIN_IMPORTS = """
@@ -247,8 +250,9 @@ def smoke_serving(c: Container, work: Path) -> str:
         if not chat.choices or chat.choices[0].message.content is None:
             raise SmokeError(f"serving: OpenAI route answered {chat}")
         metrics = _get(f"{base}/metrics").decode()
-        if "deepmedix" not in metrics and "request" not in metrics:
-            raise SmokeError(f"serving: /metrics has no request metrics:\n{metrics[:800]}")
+        for route in ("v1_predict", "openai_chat"):  # serving/prometheus.py's route labels
+            if not re.search(rf'^deepmedix_requests_total\{{[^}}]*route="{route}"[^}}]*\}} [1-9]', metrics, re.M):
+                raise SmokeError(f"serving: /metrics does not count the {route} request:\n{metrics[:1500]}")
     finally:
         proc.terminate()
         try:

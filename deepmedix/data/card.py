@@ -173,14 +173,22 @@ def contact_png(dataset: Path, records: list[Record], task: str, path: Path, n: 
 
 
 def _open_input(file: str, roots: list[str]) -> Image.Image:
-    """The image a quarantine row names: an absolute path or URI, or a path under one of the source's roots."""
+    """The image a quarantine row names (PNG, JPEG or DICOM): an absolute path or URI, or a path under one of the
+    source's roots."""
+    import io
+
+    from deepmedix.data.dicom import decode_dicom
+
     for uri in ([file] if file.startswith("/") or store.is_s3(file) else []) + [f"{r.rstrip('/')}/{file}"
                                                                              for r in roots]:
         try:
-            img = Image.open(store.fetch_file(uri) if store.is_s3(uri) else uri)
+            raw = store.fetch_file(uri).read_bytes() if store.is_s3(uri) else Path(uri).read_bytes()
+            if raw[128:132] == b"DICM":
+                return Image.fromarray(decode_dicom(raw, uri), "L")
+            img = Image.open(io.BytesIO(raw))
             img.load()
             return img
-        except (OSError, store.StoreError):
+        except Exception:  # noqa: BLE001 (missing, unreadable, undecodable: try the next root, then say so)
             continue
     raise OSError(file)
 
@@ -207,8 +215,8 @@ def near_duplicates_png(dataset: Path, records: list[Record], rows: list[dict[st
         first.setdefault(r.study_id, r)
     pairs, notes = [], []
     for q in rows:
-        m = re.search(r"near-duplicate image \(perceptual hash distance (\d+)\) of an image of study (\S+) of",
-                      q.get("reason", ""))
+        m = re.search(r"near-duplicate image \(perceptual hash distance (\d+)\) of an image of study (.+) of "
+                      r"another patient", q.get("reason", ""))
         if not m:
             continue
         kept = first.get(m[2])
@@ -261,8 +269,14 @@ def write_card(dataset: str, out: str, sample: int = 6, seed: int = 0) -> dict[s
                 labelled[b.label].append((b.box, tuple(r.image_sizes[0])))
         if labelled:
             md += ["", "## Boxes", ""]
+            names: set[str] = set()
             for label in sorted(labelled):
                 name = f"boxes-{_slug(label)}.png"
+                k = 1
+                while name in names:  # labels that differ only in case or punctuation get their own file
+                    k += 1
+                    name = f"boxes-{_slug(label)}-{k}.png"
+                names.add(name)
                 boxes_png(label, labelled[label], d / name)
                 pngs.append(name)
                 md += [f"### {label} ({len(labelled[label])} boxes)", "", f"![{label}]({name})", ""]

@@ -585,6 +585,14 @@ def test_base_image_reference_and_no_mmdebstrap(tmp_path):
     assert proc.returncode == 2 and "mmdebstrap is not installed" in proc.stderr and builds(calls) == []
 
 
+def test_a_debian_mirror_with_credentials_is_refused(tmp_path):
+    """It would be written into every image's apt sources: apt's auth.conf is the place for credentials."""
+    proc, calls = run_build(tmp_path, {"buildah": True}, IMAGES="data", BASE="debian",
+                            DEBIAN_MIRROR="https://user:s3cret@mirror.example/debian")
+    assert proc.returncode == 2 and "auth.conf" in proc.stderr and "s3cret" not in proc.stderr + proc.stdout
+    assert builds(calls) == [] and not any(c.startswith("mmdebstrap") for c in calls)
+
+
 def test_host_pip_settings_reach_the_build_as_secrets(tmp_path):
     """With python3 on PATH: the host's pip settings as two build secrets, local index folders as read-only volumes
     (buildah, podman) or left out (docker); proxies for docker as its predefined build arguments."""

@@ -64,12 +64,26 @@ def test_credentials_and_ca_go_to_the_secret_files_only(tmp_path, host, capfd):
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ""  # no local folders to mount; the credentials are never printed
-    assert "s3cret" not in proc.stderr and "client-cert" in proc.stderr
+    assert "s3cret" not in proc.stderr and "client-cert: a file of the host's own" in proc.stderr
+    assert "/home/me" not in proc.stderr
     text = (tmp_path / "out" / "pip.conf").read_text()
     assert text.startswith("# canary-42\n")
     assert conf(tmp_path / "out") == ["[global]", "index-url = https://u:s3cret@mirror.example/simple",
                                       "cert = /run/secrets/ca.crt"]
     assert (tmp_path / "out" / "ca.crt").read_text() == "# canary-42\n" + ca.read_text()
+
+
+def test_install_section_of_any_file_beats_global_and_dev_null_reads_no_file(tmp_path, host):
+    """pip: all ``[global]`` values, then all ``[install]`` values, whichever file; ``PIP_CONFIG_FILE=/dev/null``
+    skips every file (env variables still count)."""
+    (tmp_path / "xdg" / "pip" / "pip.conf").write_text("[install]\nindex-url = https://from-install.example/simple\n")
+    user = Path(host["HOME"]) / ".pip"
+    user.mkdir()
+    (user / "pip.conf").write_text("[global]\nindex-url = https://later-global.example/simple\n")
+    write(tmp_path / "out", host)
+    assert conf(tmp_path / "out") == ["[global]", "index-url = https://from-install.example/simple"]
+    write(tmp_path / "none", {**host, "PIP_CONFIG_FILE": "/dev/null", "PIP_RETRIES": "2"})
+    assert conf(tmp_path / "none") == ["[global]", "retries = 2"]
 
 
 def test_ca_bundle_from_the_environment_when_pip_names_none(tmp_path, host):

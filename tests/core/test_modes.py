@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from deepmedix import store
+from deepmedix.errors import InputError
 
 
 def modes(root: Path) -> dict[str, int]:
@@ -52,7 +53,11 @@ def test_published_checkpoints_have_ordinary_modes(tmp_path):
     src.mkdir(parents=True)
     save_file({"w": torch.zeros(2)}, str(src / "model.safetensors"))
     src.chmod(0o700)
-    publish_checkpoint(src, str(tmp_path / "ckpts"), keep=2, info={"step": 2, "run": "r"})
+    umask = os.umask(0o022)
+    try:
+        publish_checkpoint(src, str(tmp_path / "ckpts"), keep=2, info={"step": 2, "run": "r"})
+    finally:
+        os.umask(umask)
     got = modes(tmp_path / "ckpts" / "checkpoint-2")
     assert got["."] == 0o755 and got["model.safetensors"] == 0o644 and got["lineage.json"] == 0o644
 
@@ -111,6 +116,13 @@ def test_a_model_the_server_cannot_read_is_permission_denied_not_missing(locked_
     out = _failure("load(sys.argv[1], device='cpu')", locked_model)
     assert out.startswith("ModelLoadError ") and "permission denied for uid" in out
     assert "model.safetensors" in out and "No such file" not in out
+
+
+def test_a_broken_link_in_a_model_folder_is_named(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model.safetensors").symlink_to(tmp_path / "gone.safetensors")
+    with pytest.raises(InputError, match=r"model\.safetensors: a broken symbolic link \(to .*gone\.safetensors\)"):
+        store.check_readable(tmp_path / "model")
 
 
 def test_an_unreadable_folder_is_named_not_empty():

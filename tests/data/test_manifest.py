@@ -143,3 +143,30 @@ def test_a_folder_without_a_manifest_is_an_error(tmp_path):
     proc = curate(tmp_path / "empty", tmp_path / "out")
     assert proc.returncode == 2 and "holds no manifest.jsonl or manifest.csv" in proc.stderr
     shutil.rmtree(tmp_path / "out", ignore_errors=True)
+
+
+def test_quarantine_keeps_ids_not_text_and_boxes_make_rows_distinct(tmp_path):
+    root = tmp_path / "export"
+    fx_manifest.write_images(root)
+    rows = [{"patient_id": "P1", "study_id": "S1", "image": "img/p1.png", "task": "grounding", "answer": "Nodule",
+             "boxes": [{"label": "Nodule", "box": [1, 1, 9, 9]}]},
+            {"patient_id": "P1", "study_id": "S1", "image": "img/p1.png", "task": "grounding", "answer": "Nodule",
+             "boxes": [{"label": "Nodule", "box": [20, 20, 30, 30]}]},  # same finding, another box: kept too
+            {"patient_id": "P2", "study_id": "S2", "image": "img/p2.png", "task": "caption",
+             "answer": "Mr Smith, DOB 01/02/1950: clear lungs."}]
+    (root / "manifest.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = list(get_source("manifest")(Root(str(root))).items())
+    items = [x for x in out if isinstance(x, Item)]
+    (bad,) = [x for x in out if isinstance(x, Quarantine)]
+    assert len(items) == 2 and items[0].record_id != items[1].record_id
+    assert bad.reason.startswith("line 3: task 'caption'") and "Smith" not in bad.record and "S2" in bad.record
+
+
+def test_two_manifests_or_a_repeated_column_stop_the_source(tmp_path):
+    root, _ = _csv_root(tmp_path / "a")
+    (root / "manifest.jsonl").write_text("")
+    with pytest.raises(ValueError, match="holds both manifest.jsonl and manifest.csv"):
+        list(get_source("manifest")(Root(str(root))).items())
+    root, _ = _csv_root(tmp_path / "b", header_map=lambda h: "Image" if h == "view" else h)
+    with pytest.raises(HeaderError, match=r"column\(s\) \['image'\] appear more than once"):
+        list(get_source("manifest")(Root(str(root))).items())

@@ -297,6 +297,10 @@ def match_columns(file: str, header: list[str], required: tuple[str, ...] | list
     columns and the columns found when a required one is absent."""
     published = {column_key(name): name for name in (*known, *required)}
     out = [published.get(column_key(cell), cell.strip()) for cell in header]
+    twice = sorted({name for name in out if name and out.count(name) > 1})
+    if twice:
+        raise HeaderError(f"{file}: column(s) {twice} appear more than once; found {[c.strip() for c in header]} "
+                          f"(column names are matched ignoring case and spaces)")
     missing = [name for name in required if name not in out]
     if missing:
         raise HeaderError(f"{file}: missing required column(s) {missing}; found {[c.strip() for c in header]} "

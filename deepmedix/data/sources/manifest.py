@@ -18,9 +18,11 @@ Fields (CSV column names are matched ignoring case and whitespace, in any order)
   patient-level split), ``id`` (optional: the record id, else one derived from the study, task and content).
 
 A bad row is quarantined with its line number and the reason (not JSON, not UTF-8, a missing or empty field, an
-unknown task, an image path leaving DIR or missing, a malformed box, a duplicate id); the rest of the file is
-kept. A box outside its image is found when the image is decoded (the engine names the line too). PHI scrubbing,
-image de-duplication and the patient-level split apply as for the public sources.
+unknown task, an image path leaving DIR or missing, a malformed box, a duplicate id), keeping its ids and image
+paths but none of its text; the rest of the file is kept. ``patient_id`` and ``study_id`` are kept as given
+(``manifest:<patient_id>``): give pseudonyms, not medical record numbers. A box outside its image is found when
+the image is decoded (the engine names the line too). PHI scrubbing of the texts, image de-duplication and the
+patient-level split apply as for the public sources.
 """
 
 from __future__ import annotations
@@ -63,9 +65,12 @@ class ManifestSource(Source):
 
     def _rows(self) -> tuple[str, Iterator[tuple[int, Any]]]:
         """The manifest file and its rows as (line, dict | RowError)."""
-        rel = self.root.first("manifest.jsonl", "manifest.csv")
-        if rel is None:
+        found = [name for name in ("manifest.jsonl", "manifest.csv") if self.root.exists(name)]
+        if not found:
             raise InputError(f"source manifest: {self.root.uri} holds no manifest.jsonl or manifest.csv")
+        if len(found) == 2:
+            raise InputError(f"source manifest: {self.root.uri} holds both manifest.jsonl and manifest.csv; keep one")
+        rel = found[0]
         data = self.root.read_bytes(rel)
         return rel, (_jsonl_rows(data) if rel.endswith(".jsonl") else _csv_rows(rel, data))
 
@@ -80,11 +85,11 @@ class ManifestSource(Source):
             try:
                 item = self._item(row, where)
             except RowError as exc:
-                yield self.bad(rel, f"line {line}: {exc}", rec(row))
+                yield self.bad(rel, f"line {line}: {exc}", _ids(row))
                 continue
             if item.record_id in seen:
                 yield self.bad(rel, f"line {line}: duplicate of line {seen[item.record_id]} (id {item.record_id})",
-                               rec(row))
+                               _ids(row))
                 continue
             seen[item.record_id] = line
             yield item
@@ -120,8 +125,8 @@ class ManifestSource(Source):
             split = norm_split(val["split"]) or ""
             if not split:
                 raise RowError(f"split {val['split']!r} is not train, validate or test")
-        rid = val["id"] or f"{slug(val['study_id'])}-{task}-" + digest(
-            json.dumps([question, val["answer"], [i.path for i in images]]), 5)
+        rid = val["id"] or f"{slug(val['study_id'])}-{task}-" + digest(json.dumps(
+            [question, val["answer"], qtype, [i.path for i in images], [[b.label, b.box] for b in boxes]]), 5)
         if not _ID_RE.match(rid):
             raise RowError(f"id {rid!r} is not a plain name (letters, digits, . _ -)")
         if not question:
@@ -153,6 +158,13 @@ class ManifestSource(Source):
                 raise RowError(f"image {path!r} not found under the manifest's folder")
             out.append(ImageRef(path=norm))
         return out
+
+
+def _ids(row: Any) -> str:
+    """What a quarantine entry keeps of a bad row: its ids, task and image paths, never its free text (a report
+    or answer may hold what PHI scrubbing would have removed)."""
+    keep = ("id", "patient_id", "study_id", "task", "image")
+    return rec({k: row.get(k) for k in keep if k in row}) if isinstance(row, dict) else ""
 
 
 def _text(name: str, value: Any) -> str:

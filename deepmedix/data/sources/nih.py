@@ -36,10 +36,11 @@ path ``images/<name>`` and the engine reports it missing.
 Options: ``data_entry`` — the metadata file name (default: ``Data_Entry_2017_v2020.csv`` if present, else
 ``Data_Entry_2017.csv``).
 
-Quarantined: missing files/columns, rows with too few fields, empty/unsafe image names, unknown finding labels,
-non-numeric/non-finite/negative/empty boxes or boxes outside the frame, duplicate rows, images without a
-``Data_Entry`` row, duplicate ``Data_Entry`` rows, bad ``Patient ID``, images listed in both or neither split
-list, and a second image file with the same name.
+Column names are matched ignoring case and whitespace; a file without a required column stops the source
+(:class:`~deepmedix.data.sources.base.HeaderError`). Quarantined: missing files, rows with too few fields,
+empty/unsafe image names, unknown finding labels, non-numeric/non-finite/negative/empty boxes or boxes outside the
+frame, duplicate rows, images without a ``Data_Entry`` row, duplicate ``Data_Entry`` rows, bad ``Patient ID``,
+images listed in both or neither split list, and a second image file with the same name.
 """
 
 from __future__ import annotations

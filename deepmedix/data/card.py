@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from deepmedix import store
 from deepmedix.data.schema import SPLITS, TASKS, Record, load_records
+from deepmedix.data.sources.base import slug
 from deepmedix.viz import draw_boxes
 
 __all__ = ["write_card"]
@@ -32,10 +33,6 @@ def _figure(width: float, height: float):
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "x"
 
 
 def counts_png(records: list[Record], path: Path) -> list[list[str]]:
@@ -271,11 +268,11 @@ def write_card(dataset: str, out: str, sample: int = 6, seed: int = 0) -> dict[s
             md += ["", "## Boxes", ""]
             names: set[str] = set()
             for label in sorted(labelled):
-                name = f"boxes-{_slug(label)}.png"
+                name = f"boxes-{slug(label)}.png"
                 k = 1
                 while name in names:  # labels that differ only in case or punctuation get their own file
                     k += 1
-                    name = f"boxes-{_slug(label)}-{k}.png"
+                    name = f"boxes-{slug(label)}-{k}.png"
                 names.add(name)
                 boxes_png(label, labelled[label], d / name)
                 pngs.append(name)

@@ -43,11 +43,30 @@ def build_prompt(task_text: str) -> str:
     return f"{task_text.strip()}\n\n{INSTRUCTION}"
 
 
-def user_message(task_text: str, n_images: int = 1, reasoning: bool = True) -> dict:
-    """A chat ``user`` turn: the images first, then the task text (plus the instruction when ``reasoning``)."""
-    content = [{"type": "image"} for _ in range(n_images)]
+def user_content(task_text: str, n_images: int = 1, reasoning: bool = True, image_part=None) -> list[dict]:
+    """A ``user`` turn's content parts: the images first, then the task text (plus the instruction when
+    ``reasoning``). ``image_part(i)`` makes the i-th image's part (default ``{"type": "image"}``).
+
+    Several images (the views of a study) are each preceded by a text part ``Picture N: ``: what the stock
+    Qwen2.5-VL chat template writes with ``add_vision_id`` (``{% if add_vision_id %}Picture {{ image_count.value
+    }}: {% endif %}`` before each ``<|vision_start|>``), written as text so that every template and every caller
+    (TRL's trainers, vLLM's OpenAI server, which passes a template that iterates over ``message['content']`` its
+    parts in order: ``vllm/entrypoints/chat_utils.py``, content-format detection) renders the same prompt. The
+    model names a view by that number in its reasoning (:func:`step_views`). One image: no name, the prompt the
+    release was trained on."""
+    image_part = image_part or (lambda i: {"type": "image"})
+    content: list[dict] = []
+    for i in range(n_images):
+        if n_images > 1:
+            content.append({"type": "text", "text": f"Picture {i + 1}: "})
+        content.append(image_part(i))
     content.append({"type": "text", "text": build_prompt(task_text) if reasoning else task_text.strip()})
-    return {"role": "user", "content": content}
+    return content
+
+
+def user_message(task_text: str, n_images: int = 1, reasoning: bool = True) -> dict:
+    """A chat ``user`` turn (:func:`user_content`)."""
+    return {"role": "user", "content": user_content(task_text, n_images, reasoning)}
 
 
 @dataclass
@@ -275,15 +294,72 @@ def mean_matched_iou(pred: list[list[float]], ref: list[list[float]]) -> float:
 
 # ---------------------------------------------------------------- a raw output, read
 
-def grounding_object(raw: str, width: int, height: int, frame: Frame = DEFAULT_FRAME) -> dict:
-    """The grounded reading of one raw output: steps with boxes in original pixels, the answer."""
+VIEW_RE = re.compile(r"\b(?:picture|image|view)\s*#?\s*(\d+)\b", re.I)
+
+
+def step_views(parsed: Parsed, n_images: int) -> list[list[int | None]]:
+    """For each reasoning step, the view (0-based index into the query's images) each of its boxes is drawn on.
+
+    With one image every box is on it. With several, a box is on the last picture the reasoning named before it
+    (``Picture 2``, ``image 2`` or ``view 2``, numbered from 1 as :func:`user_content` names them; a name holds
+    into later steps), and on Picture 1 before any is named. A box after a number that names no image of the query
+    gets ``None``."""
+    if n_images <= 1:
+        return [[0] * len(s.boxes) for s in parsed.steps]
+    out, current = [], 1
+    for s in parsed.steps:
+        marks = sorted([(m.start(), "view", int(m.group(1))) for m in VIEW_RE.finditer(s.text)]
+                       + [(m.start(), "box", 0) for m in BOX_RE.finditer(s.text)])
+        views = []
+        for _, kind, number in marks:
+            if kind == "view":
+                current = number
+            else:
+                views.append(current - 1 if 1 <= current <= n_images else None)
+        out.append(views)
+    return out
+
+
+def reference_view_boxes(text: str, n_images: int = 1) -> list[list[float]]:
+    """The boxes of an output that are on the first image (model frame): the view a record's reference boxes are
+    drawn on (``Record.boxes`` are on ``images[0]``). With one image, every box; with several, a box the reasoning
+    put on another view (:func:`step_views`) is not compared with references it was never meant to match."""
+    parsed = parse(text)
+    return [b for s, views in zip(parsed.steps, step_views(parsed, n_images)) for b, v in zip(s.boxes, views)
+            if v == 0]
+
+
+def grounding_object(raw: str, sizes, frame: Frame = DEFAULT_FRAME) -> dict:
+    """The grounded reading of one raw output for a query of one or more images, ``sizes`` their original
+    (width, height) (one pair for a single image): steps with boxes in the pixels of the ORIGINAL image each is
+    drawn on (``views``: that image's 0-based index, per box; :func:`step_views`), the answer. ``boxes`` and
+    ``box_views`` list every placed box; ``views`` groups them per image; ``unplaced``: boxes whose named picture
+    the query did not have (model-frame numbers, as written)."""
+    if len(sizes) == 2 and all(isinstance(v, (int, float)) for v in sizes):
+        sizes = [sizes]
+    sizes = [(int(w), int(h)) for w, h in sizes]
     parsed = parse(raw)
-    steps = [{"text": s.text, "boxes": [frame.from_frame(b, width, height) for b in s.boxes]}
-             for s in parsed.steps]
-    return {
+    steps, unplaced = [], []
+    for i, (s, placed) in enumerate(zip(parsed.steps, step_views(parsed, len(sizes)))):
+        boxes, views = [], []
+        for box, view in zip(s.boxes, placed):
+            if view is None:
+                unplaced.append({"step": i, "box": box})
+                continue
+            boxes.append(frame.from_frame(box, *sizes[view]))
+            views.append(view)
+        steps.append({"text": s.text, "boxes": boxes, "views": views})
+    out = {
         "answer": parsed.answer,
         "format_ok": parsed.format_ok,
         "steps": steps,
         "boxes": [b for s in steps for b in s["boxes"]],
-        "image_size": [width, height],
+        "box_views": [v for s in steps for v in s["views"]],
+        "image_size": list(sizes[0]),
+        "image_sizes": [list(s) for s in sizes],
+        "views": [{"image_size": list(size), "boxes": [b for s in steps for b, v in zip(s["boxes"], s["views"])
+                                                        if v == j]} for j, size in enumerate(sizes)],
     }
+    if unplaced:
+        out["unplaced"] = unplaced
+    return out

@@ -11,14 +11,16 @@ from PIL import Image, ImageDraw, ImageFont
 COLORS = [(255, 0, 0), (0, 200, 0), (0, 128, 255), (255, 160, 0), (200, 0, 255), (0, 220, 220)]
 
 
-def draw_boxes(image: Image.Image, boxes: list[list[float]], labels: list[str] | None) -> Image.Image:
-    """An RGB copy of ``image`` with ``boxes`` (original pixels) drawn as coloured, labelled rectangles."""
+def draw_boxes(image: Image.Image, boxes: list[list[float]], labels: list[str] | None,
+               colors: list[int] | None = None) -> Image.Image:
+    """An RGB copy of ``image`` with ``boxes`` (original pixels) drawn as coloured, labelled rectangles; box ``k``
+    in colour ``colors[k]`` (an index into ``COLORS``; default ``k``)."""
     img = image.convert("RGB")
     draw = ImageDraw.Draw(img)
     width = max(2, round(min(img.size) / 150))
     font = ImageFont.load_default()
     for k, box in enumerate(boxes):
-        color = COLORS[k % len(COLORS)]
+        color = COLORS[(colors[k] if colors else k) % len(COLORS)]
         x1, y1, x2, y2 = (float(v) for v in box)
         x1, x2 = sorted((x1, x2))
         y1, y2 = sorted((y1, y2))
@@ -40,12 +42,33 @@ def draw_overlay(image: Image.Image, boxes: list[list[float]], labels: list[str]
     return out
 
 
-def overlay_png(image: Image.Image, ground: dict, size: tuple[int, int] | None = None) -> str:
-    """Base64 PNG of ``image`` with the grounding's boxes drawn, labelled by step. ``size``: the size the boxes
-    refer to, when ``image`` is a reduced copy (boxes are scaled to it)."""
+def overlay_png(images, ground: dict, sizes=None) -> str:
+    """Base64 PNG of ``images`` (one image, or the views of one query) with the grounding's boxes drawn on the view
+    each belongs to (``box_views``), labelled by step; several views side by side, in order, at the first one's
+    height. ``sizes``: the (width, height) the boxes refer to, per image, when ``images`` are reduced copies (boxes
+    are scaled to them)."""
+    images = [images] if isinstance(images, Image.Image) else list(images)
+    if sizes is not None and len(sizes) == 2 and all(isinstance(v, (int, float)) for v in sizes):
+        sizes = [sizes]
+    views = ground.get("box_views") or [0] * len(ground["boxes"])
     labels = [f"step {i + 1}" for i, s in enumerate(ground["steps"]) for _ in s["boxes"]]
-    sx, sy = (image.width / size[0], image.height / size[1]) if size else (1.0, 1.0)
-    boxes = [[b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy] for b in ground["boxes"]]
+    height = images[0].height
+    drawn = []
+    for j, image in enumerate(images):
+        if image.height != height:  # scaled before drawing, so that every view's lines are as crisp
+            image = image.resize((max(1, round(image.width * height / image.height)), height))
+        ref = sizes[j] if sizes else images[j].size
+        sx, sy = image.width / ref[0], image.height / ref[1]
+        mine = [k for k, v in enumerate(views) if v == j]
+        boxes = [[b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy] for b in (ground["boxes"][k] for k in mine)]
+        drawn.append(draw_boxes(image, boxes, [labels[k] for k in mine], mine))  # a box's colour: its place in all
+    out = drawn[0]
+    if len(drawn) > 1:
+        out = Image.new("RGB", (sum(d.width for d in drawn), height))
+        x = 0
+        for d in drawn:
+            out.paste(d, (x, 0))
+            x += d.width
     buf = io.BytesIO()
-    draw_boxes(image, boxes, labels).save(buf, format="PNG")
+    out.save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()

@@ -11,6 +11,7 @@ import base64
 import binascii
 import io
 import math
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from PIL import Image, ImageOps
 from deepmedix.grounding import DEFAULT_FRAME, INSTRUCTION, Frame
 
 PIL_FORMATS = ("PNG", "JPEG")
+VIEW_NAME_RE = re.compile(r"Picture\s*\d+\s*:", re.I)
 _HIGH_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
@@ -32,6 +34,7 @@ class Limits:
     max_new_tokens: int = 512  # default budget when a request names none
     max_new_tokens_limit: int = 2048  # the most a request may ask for
     max_instances: int = 16  # queries in one v1/v2 request
+    max_views: int = 4  # images in one query (the views of a study: PA, lateral, ...)
     max_text_chars: int = 20_000
     frame: Frame = DEFAULT_FRAME  # the model's box frame; images are resized by it when a request is parsed
 
@@ -41,22 +44,22 @@ OVERLAY_MAX_SIDE = 2048  # overlays are drawn on the image scaled to at most thi
 
 @dataclass
 class Query:
-    """One question about one image, checked and decoded; what the batcher turns into one generate row.
-    Only the model's view of the image is kept (sized by the frame: the pixel budget, under 1 MB) plus the original
-    size;
-    the original pixels are kept (scaled to at most ``OVERLAY_MAX_SIDE``) only when an overlay is asked for."""
-    image: Image.Image  # RGB, the model's input (Frame.input_size)
-    size: tuple[int, int]  # the original image's (width, height): grounding boxes are mapped back to it
+    """One question about one or more images (the views of one study), checked and decoded; what the batcher
+    turns into one generate row. Only the model's view of each image is kept (sized by the frame: the pixel budget,
+    under 1 MB each) plus the original sizes; the original pixels are kept (scaled to at most
+    ``OVERLAY_MAX_SIDE``) only when an overlay is asked for."""
+    images: list[Image.Image]  # RGB, the model's input (Frame.input_size), in the request's order
+    sizes: list[tuple[int, int]]  # each original image's (width, height): its grounding boxes are mapped back to it
     question: str
     max_new_tokens: int
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
-    original: Image.Image | None = None  # for the overlay PNG
+    originals: list[Image.Image] | None = None  # for the overlay PNG
     system: str | None = None  # a system prompt (OpenAI system messages); None: the chat template's default
 
     @property
     def overlay(self) -> bool:
-        return self.original is not None
+        return self.originals is not None
 
     @property
     def sampling(self) -> tuple:
@@ -140,16 +143,25 @@ def decode_image(data, where: str, limits: Limits) -> Image.Image:
     return decode_image_bytes(image_bytes(data, where, limits.max_image_bytes), where, limits.max_pixels)
 
 
-def make_query(img: Image.Image, question: str, limits: Limits, max_new_tokens: int, temperature: float = 0.0,
-               top_p: float = 1.0, overlay: bool = False) -> Query:
-    """The model's view of ``img`` (:func:`deepmedix.data.records.open_image`, sized by the frame) and its size."""
+def make_query(imgs: list[Image.Image], question: str, limits: Limits, max_new_tokens: int,
+               temperature: float = 0.0, top_p: float = 1.0, overlay: bool = False) -> Query:
+    """The model's view of each image (:func:`deepmedix.data.records.open_image`, sized by the frame: each view
+    its own size) and the original sizes."""
     from deepmedix.data.records import open_image
 
-    original = None
+    originals = None
     if overlay:
-        original = img.copy()
-        original.thumbnail((OVERLAY_MAX_SIDE, OVERLAY_MAX_SIDE))
-    return Query(open_image(img, limits.frame), img.size, question, max_new_tokens, temperature, top_p, original)
+        originals = []
+        for img in imgs:
+            originals.append(img.copy())
+            originals[-1].thumbnail((OVERLAY_MAX_SIDE, OVERLAY_MAX_SIDE))
+    return Query([open_image(img, limits.frame) for img in imgs], [img.size for img in imgs], question,
+                 max_new_tokens, temperature, top_p, originals)
+
+
+def view_count(n: int, where: str, limits: Limits) -> None:
+    if n > limits.max_views:
+        raise InvalidInput(f"{where}: {n} images, over the limit of {limits.max_views} views per query")
 
 
 def question_text(value, where: str, limits: Limits) -> str:
@@ -206,9 +218,27 @@ def sampling_of(obj: dict, where: str, limits: Limits) -> dict:
 
 # ------------------------------------------------------------------------------------------------ v1
 
+def v1_images(inst: dict, where: str, limits: Limits) -> list[tuple[str, object]]:
+    """An instance's images with the field each came from: ``image`` (one base64 string, or a list of them: the
+    views of one study) or ``images`` (a list)."""
+    if "image" in inst and "images" in inst:
+        raise InvalidInput(f"{where}: give \"image\" or \"images\", not both")
+    key = "images" if "images" in inst else "image"
+    value = inst.get(key)
+    if isinstance(value, list):
+        if not value:
+            raise InvalidInput(f"{where}.{key}: an empty list (expected one or more base64 images)")
+        view_count(len(value), f"{where}.{key}", limits)
+        return [(f"{where}.{key}[{k}]", v) for k, v in enumerate(value)]
+    if key == "images":
+        raise InvalidInput(f"{where}.images: expected a list of base64 images")
+    return [(f"{where}.image", value)]
+
+
 def parse_v1(payload, limits: Limits) -> list[Query]:
-    """``{"instances": [{"image": b64, "question": str, "max_new_tokens"?, "temperature"?, "top_p"?,
-    "overlay"?}]}``. Every instance is checked before any is decoded into the queue."""
+    """``{"instances": [{"image": b64 | [b64, ...], "question": str, "max_new_tokens"?, "temperature"?, "top_p"?,
+    "overlay"?}]}`` (``images`` is the same as a list ``image``: the views of one study, in order). Every instance
+    is checked before any is decoded into the queue."""
     if not isinstance(payload, dict):
         raise InvalidInput("request body: expected a JSON object {\"instances\": [...]} (v1 protocol)")
     instances = payload.get("instances")
@@ -216,15 +246,17 @@ def parse_v1(payload, limits: Limits) -> list[Query]:
         raise InvalidInput("instances: must be a non-empty list of {\"image\": base64, \"question\": str}")
     if len(instances) > limits.max_instances:
         raise InvalidInput(f"instances: {len(instances)} instances, over the limit of {limits.max_instances}")
-    queries = []
+    checked = []
     for i, inst in enumerate(instances):
         where = f"instances[{i}]"
         if not isinstance(inst, dict):
             raise InvalidInput(f"{where}: expected an object with \"image\" and \"question\"")
         q = question_text(inst.get("question"), f"{where}.question", limits)
         opts = sampling_of(inst, f"{where}.", limits)
-        queries.append(make_query(decode_image(inst.get("image"), f"{where}.image", limits), q, limits, **opts))
-    return queries
+        images = v1_images(inst, where, limits)
+        checked.append((images, q, opts))
+    return [make_query([decode_image(v, w, limits) for w, v in images], q, limits, **opts)
+            for images, q, opts in checked]
 
 
 # ------------------------------------------------------------------------------------------------ v2
@@ -256,7 +288,9 @@ def _tensor_values(inp, where: str, n: int | None) -> list:
 def parse_v2(request, limits: Limits) -> list[Query]:
     """Open Inference Protocol: BYTES tensors ``image`` (base64 strings in the JSON body; the REST binary extension is
     refused by the server) and ``text``, one element per query; optional ``max_new_tokens`` (INT32/INT64) tensor;
-    ``parameters`` may carry ``max_new_tokens``, ``temperature``, ``top_p``, ``overlay`` for the whole request."""
+    ``parameters`` may carry ``max_new_tokens``, ``temperature``, ``top_p``, ``overlay`` for the whole request.
+    ``image`` of shape ``[n]`` is one image per query; ``[n, k]`` is ``k`` images per query (the views of one study,
+    row-major: query ``j``'s views are elements ``j*k .. j*k+k-1``)."""
     by_name = {}
     for k, inp in enumerate(request.inputs):
         if inp.name in by_name:
@@ -274,11 +308,16 @@ def parse_v2(request, limits: Limits) -> list[Query]:
             raise InvalidInput(f"inputs[{k}] ({name}): datatype {inp.datatype}, expected BYTES")
     ki, images_in = by_name["image"]
     images = _tensor_values(images_in, f"inputs[{ki}] (image)", None)
-    n = len(images)
+    shape = list(images_in.shape or [len(images)])
+    if len(shape) > 2:
+        raise InvalidInput(f"inputs[{ki}] (image): shape {shape}; expected [queries] or [queries, views]")
+    k = shape[1] if len(shape) == 2 else 1
+    n = len(images) // k if k else 0
     if not n:
         raise InvalidInput(f"inputs[{ki}] (image): no elements")
     if n > limits.max_instances:
-        raise InvalidInput(f"inputs[{ki}] (image): {n} images, over the limit of {limits.max_instances}")
+        raise InvalidInput(f"inputs[{ki}] (image): {n} queries, over the limit of {limits.max_instances}")
+    view_count(k, f"inputs[{ki}] (image) shape {shape}", limits)
     kt, texts_in = by_name["text"]
     texts = _tensor_values(texts_in, f"inputs[{kt}] (text)", n)
     texts = texts * n if len(texts) == 1 else texts
@@ -296,13 +335,14 @@ def parse_v2(request, limits: Limits) -> list[Query]:
         vals = vals * n if len(vals) == 1 else vals
         budgets = [int_in(v, f"inputs[{km}] (max_new_tokens).data[{j}]", 1, limits.max_new_tokens_limit, 0)
                    for j, v in enumerate(vals)]
-    queries = []
+    questions = []
     for j in range(n):
         text = texts[j].decode("utf-8", "replace") if isinstance(texts[j], (bytes, bytearray)) else texts[j]
-        q = question_text(text, f"inputs[{kt}] (text).data[{j}]", limits)
-        img = decode_image(images[j], f"inputs[{ki}] (image).data[{j}]", limits)
-        queries.append(make_query(img, q, limits, budgets[j], opts["temperature"], opts["top_p"], opts["overlay"]))
-    return queries
+        questions.append(question_text(text, f"inputs[{kt}] (text).data[{j}]", limits))
+    return [make_query([decode_image(images[e], f"inputs[{ki}] (image).data[{e}]", limits)
+                        for e in range(j * k, j * k + k)],
+                       questions[j], limits, budgets[j], opts["temperature"], opts["top_p"], opts["overlay"])
+            for j in range(n)]
 
 
 # ------------------------------------------------------------------------------------------------ OpenAI
@@ -357,8 +397,8 @@ class UnknownModel(InvalidInput):
 def parse_chat(body, limits: Limits, served: str | None = None) -> tuple[Query, dict]:
     """An OpenAI chat completion request -> one Query plus the options the response needs (``model``,
     ``stream``, ``include_usage``). One user turn (after optional system turns, which become the system prompt)
-    with exactly one image. ``served``: the model name this server answers to (else :class:`UnknownModel`),
-    checked before any image is decoded."""
+    with one or more ``image_url`` parts (the views of one study, in the order given). ``served``: the model name
+    this server answers to (else :class:`UnknownModel`), checked before any image is decoded."""
     if not isinstance(body, dict):
         raise InvalidInput("request body: expected a JSON object (OpenAI chat completion request)")
     model = body.get("model")
@@ -397,9 +437,14 @@ def parse_chat(body, limits: Limits, served: str | None = None) -> tuple[Query, 
         raise InvalidInput(f"messages: {len(users)} user messages; expected exactly one (with the image)")
     where = f"messages[{users[0]}].content"
     texts, images = _text_parts(messages[users[0]].get("content"), where, allow_images=True)
-    if len(images) != 1:
-        raise InvalidInput(f"{where}: {len(images)} image_url parts; expected exactly one chest X-ray image")
-    question = question_text("\n".join(t for t in texts if t.strip()), f"{where} (text parts)", limits)
+    if not images:
+        raise InvalidInput(f"{where}: no image_url part; expected a chest X-ray image (or several views of one "
+                           "study)")
+    view_count(len(images), f"{where} (image_url parts)", limits)
+    # ``Picture N:`` parts name the views as the prompt builder does (grounding.user_content; a client sending
+    # Qwen2.5-VL's add_vision_id names, or the grounding transformer in front of this server): not the question
+    texts = [t for t in texts if t.strip() and not VIEW_NAME_RE.fullmatch(t.strip())]
+    question = question_text("\n".join(texts), f"{where} (text parts)", limits)
     budget = body.get("max_completion_tokens", body.get("max_tokens"))
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     budget = int_in(budget, name, 1, limits.max_new_tokens_limit, limits.max_new_tokens)
@@ -415,7 +460,7 @@ def parse_chat(body, limits: Limits, served: str | None = None) -> tuple[Query, 
     system = "\n".join(t for t in systems if t.strip()) or None
     if system is not None and len(system) > limits.max_text_chars:
         raise InvalidInput(f"messages (system): {len(system)} characters, over the limit of {limits.max_text_chars}")
-    img = decode_image(images[0][1], images[0][0], limits)
-    query = make_query(img, question, limits, budget, temperature, top_p, overlay)
+    query = make_query([decode_image(url, w, limits) for w, url in images], question, limits, budget, temperature,
+                       top_p, overlay)
     query.system = system
     return query, {"model": model, "stream": stream, "include_usage": include_usage}

@@ -31,6 +31,9 @@ def build_openapi(name: str, limits: Limits, v2: bool = True) -> dict:
     """``v2=False``: without the v2 routes (the grounding transformer serves v1 and OpenAI only)."""
     image = {"type": "string", "minLength": 1, "description": "base64 PNG, JPEG or DICOM, or a data: URL"}
     question = {"type": "string", "minLength": 1, "maxLength": limits.max_text_chars}
+    views = {"type": "array", "minItems": 1, "maxItems": limits.max_views, "items": image,
+             "description": "the views of one study, in order (the model calls them Picture 1, Picture 2, ...); "
+                            "each answer box is in the pixels of the view it is on (grounding.box_views)"}
     model_name = {"name": "model_name", "in": "path", "required": True, "schema": {"type": "string", "enum": [name]}}
     errors = {"400": _resp("invalid request (the message names the field)", _ERROR),
               "401": _resp("missing or wrong bearer token", _ERROR),
@@ -44,8 +47,10 @@ def build_openapi(name: str, limits: Limits, v2: bool = True) -> dict:
         "type": "object", "required": ["instances"],
         "properties": {"instances": {
             "type": "array", "minItems": 1, "maxItems": limits.max_instances,
-            "items": {"type": "object", "required": ["image", "question"],
-                      "properties": {"image": image, "question": question, **_sampling(limits)}}}},
+            "items": {"type": "object", "required": ["question"],
+                      "anyOf": [{"required": ["image"]}, {"required": ["images"]}],
+                      "properties": {"image": {"oneOf": [image, views]}, "images": views, "question": question,
+                                     **_sampling(limits)}}}},
     }
     tensor = {"type": "object", "required": ["name", "shape", "datatype", "data"],
               "properties": {"name": {"type": "string", "enum": ["image", "text", "max_new_tokens"]},

@@ -3,18 +3,20 @@
 Every query of a request is checked and decoded first (:mod:`serving.inputs`; a bad one fails the whole request
 with HTTP 400 naming the field). Then the queries join the dynamic batcher (:mod:`serving.batcher`), which runs
 concurrent requests' queries through one :func:`deepmedix.model.generate.generate_batch`. Each answer is the raw
-text plus a ``grounding`` object whose boxes are in the ORIGINAL image's pixels
+text plus a ``grounding`` object whose boxes are in the ORIGINAL image's pixels (with several views in one query,
+each box in the pixels of the view it is drawn on, named by ``views``/``box_views``)
 (:meth:`deepmedix.grounding.Frame.from_frame` undoes the model's frame: ``--frame auto``, the one the model folder
 was trained in; ``native``, the processor's grid of each image; or ``squareN``), and on request an overlay PNG with
 the boxes drawn.
 
 v1 ``POST /v1/models/<name>:predict``::
 
-    {"instances": [{"image": "<base64 PNG/JPEG/DICOM or data URL>", "question": "...",
+    {"instances": [{"image": "<base64 PNG/JPEG/DICOM or data URL>" | [one per view], "question": "...",
                     "max_new_tokens": 64, "temperature": 0, "top_p": 1, "overlay": false}]}
     -> {"predictions": [{"text", "grounding": {...}, "usage": {...}, "finish_reason"[, "overlay_png"]}]}
 
-v2 ``POST /v2/models/<name>/infer``: BYTES inputs ``image`` and ``text`` (one element per query), optional
+v2 ``POST /v2/models/<name>/infer``: BYTES inputs ``image`` (shape ``[n]``, or ``[n, views]``) and ``text`` (one
+element per query), optional
 ``max_new_tokens`` tensor, request ``parameters`` as in v1; outputs ``text``, ``grounding`` (JSON per query) and,
 with ``overlay``, ``overlay_png`` (base64).
 """
@@ -76,7 +78,7 @@ class DeepMedixModel(kserve.Model):
                     jobs[k].dead.set()
 
         gens = generate_batch(
-            self.loaded, [[j.query.image] for j in jobs], [j.query.question for j in jobs],
+            self.loaded, [j.query.images for j in jobs], [j.query.question for j in jobs],
             [j.query.max_new_tokens for j in jobs], do_sample=q0.temperature > 0, temperature=q0.temperature or 1.0,
             top_p=q0.top_p, frame=None, systems=[j.query.system for j in jobs], on_token=on_token,
             on_done=lambda k, g: jobs[k].deliver(g), stop_row=lambda k: jobs[k].dead.is_set())
@@ -97,12 +99,12 @@ class DeepMedixModel(kserve.Model):
         return await asyncio.to_thread(parser, payload, self.limits)
 
     def result(self, q: Query, g: Generation) -> dict:
-        ground = grounding_object(g.text, q.size[0], q.size[1], self.frame)
+        ground = grounding_object(g.text, q.sizes, self.frame)
         out = {"text": g.text, "grounding": ground, "finish_reason": g.finish_reason,
                "usage": {"prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens,
                          "total_tokens": g.prompt_tokens + g.completion_tokens}}
         if q.overlay:
-            out["overlay_png"] = overlay_png(q.original, ground, q.size)
+            out["overlay_png"] = overlay_png(q.originals, ground, q.sizes)
         return out
 
     # ------------------------------------------------------------ protocols

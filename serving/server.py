@@ -240,6 +240,7 @@ def add_limit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes)
     p.add_argument("--max-pixels", type=int, default=d.max_pixels, help="decompression-bomb guard")
     p.add_argument("--max-instances", type=int, default=d.max_instances, help="queries per v1/v2 request")
+    p.add_argument("--max-views", type=int, default=d.max_views, help="images per query (the views of one study)")
     p.add_argument("--max-request-bytes", type=int, default=64 << 20, help="request body limit (413 past it)")
     p.add_argument("--api-token-file", default=None,
                    help="require 'Authorization: Bearer <token>' (token read from this file; or DEEPMEDIX_API_TOKEN)")
@@ -259,7 +260,7 @@ def frame_from_args(a: argparse.Namespace) -> Frame:
 def limits_from_args(a: argparse.Namespace) -> Limits:
     return Limits(max_image_bytes=a.max_image_bytes, max_pixels=a.max_pixels, max_new_tokens=a.max_new_tokens,
                   max_new_tokens_limit=max(a.max_new_tokens_limit, a.max_new_tokens), max_instances=a.max_instances,
-                  frame=frame_from_args(a))
+                  max_views=a.max_views, frame=frame_from_args(a))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -76,15 +76,19 @@ class GroundingTransformer(kserve.Model):
         return self._client
 
     def upstream_request(self, q: Query) -> dict:
-        """The chat request the predictor sees: the image sized by the frame, the instruction added."""
-        buf = io.BytesIO()
-        q.image.save(buf, format="PNG")  # already sized by the frame (serving.inputs.make_query)
-        url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        """The chat request the predictor sees: the images sized by the frame (several views named ``Picture N``),
+        the instruction added — :func:`deepmedix.grounding.user_content`, the prompt the HF backend builds."""
+        urls = []
+        for img in q.images:  # already sized by the frame (serving.inputs.make_query)
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            urls.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
+        content = grounding.user_content(q.question, len(urls),
+                                         image_part=lambda i: {"type": "image_url", "image_url": {"url": urls[i]}})
         body = {"model": self.predictor_model, "max_tokens": q.max_new_tokens, "temperature": q.temperature,
                 "top_p": q.top_p, "stream": False,
                 "messages": ([{"role": "system", "content": q.system}] if q.system else []) + [
-                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                 {"type": "text", "text": grounding.build_prompt(q.question)}]}]}
+                    {"role": "user", "content": content}]}
         return body
 
     def admit(self) -> None:
@@ -131,12 +135,12 @@ class GroundingTransformer(kserve.Model):
             text = choice["message"].get("content") or ""
         except (KeyError, IndexError, TypeError, AttributeError):
             raise Unavailable(f"predictor {self.base} answered without choices[0].message", 5) from None
-        ground = grounding_object(text, q.size[0], q.size[1], self.frame)
+        ground = grounding_object(text, q.sizes, self.frame)
         usage = out.get("usage") or {}
         ans = {"text": text, "grounding": ground, "finish_reason": choice.get("finish_reason"),
                "usage": {k: usage.get(k, 0) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}}
         if q.overlay:
-            ans["overlay_png"] = overlay_png(q.original, ground, q.size)
+            ans["overlay_png"] = overlay_png(q.originals, ground, q.sizes)
         return ans
 
     async def predict(self, payload, headers=None, response_headers=None):

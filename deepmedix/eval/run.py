@@ -73,7 +73,7 @@ def predict(cfg: EvalConfig, data_uri: str, model_uri: str, pred_path: Path,
                            "boxes": p.boxes, "format_ok": p.format_ok, "reference": rec.answer,
                            "ref_boxes_frame": frame_boxes(rec, frame), "ref_labels": [b.label for b in rec.boxes],
                            "frame": frame.spec, "frame_size": list(frame_size(rec, frame)),
-                           "image_size": list(rec.image_sizes[0])}
+                           "image_size": list(rec.image_sizes[0]), "n_images": len(rec.images)}
                     f.write(json.dumps(row) + "\n")
                     done[rec.record_id] = row
                 f.flush()

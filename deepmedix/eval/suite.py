@@ -207,7 +207,8 @@ def evaluate_rows(rows: list[dict], rounds: int = 1000, seed: int = 0, meteor: b
                            for r in group], dtype=np.float64)
             entry.update(_mean_subset("accuracy", ok, idx))
         elif task == "grounding":
-            ious = np.array([grounding.mean_matched_iou(grounding.parse(r.get("raw_output") or "").boxes,
+            ious = np.array([grounding.mean_matched_iou(grounding.reference_view_boxes(r.get("raw_output") or "",
+                                                                                       r.get("n_images") or 1),
                                                         [[float(v) for v in b] for b in r.get("ref_boxes_frame") or []])
                              for r in group], dtype=np.float64)
             entry.update(_mean_subset("miou", ious, idx))

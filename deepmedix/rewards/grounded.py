@@ -31,14 +31,16 @@ def ref_boxes(ref: Any, where: str = "boxes") -> list[list[float]]:
 
 
 def grounded_components(output: str, boxes: Any, mode: str = "soft", iou_weight: float = 0.5,
-                        count_weight: float = 0.5, gemex_iou: float = 0.75) -> dict[str, float] | None:
+                        count_weight: float = 0.5, gemex_iou: float = 0.75, n_images: int = 1
+                        ) -> dict[str, float] | None:
     """The reasoning's boxes against the reference boxes (both in the model frame); None without references.
     ``iou`` is the evaluation's mIoU: the matched IoUs summed over the larger of the two counts, so an extra or a
-    missing box counts 0 (spraying boxes cannot raise it)."""
+    missing box counts 0 (spraying boxes cannot raise it). With ``n_images`` views, only the boxes the reasoning
+    puts on the first view (where the references are) count: :func:`deepmedix.grounding.reference_view_boxes`."""
     ref = ref_boxes(boxes)
     if not ref:
         return None
-    pred = grounding.parse(normalise(output or "")).boxes
+    pred = grounding.reference_view_boxes(normalise(output or ""), n_images)
     iou = grounding.mean_matched_iou(pred, ref)
     count = min(len(pred), len(ref)) / max(len(pred), len(ref))
     if mode == "gemex":

@@ -124,22 +124,23 @@ class RewardSpec:
     # -- scoring
 
     def component(self, name: str, output: str, truth: str, boxes: Any = None,
-                  task: str | None = None) -> dict[str, float] | None:
+                  task: str | None = None, n_images: int = 1) -> dict[str, float] | None:
         if name == "paper":
             return paper_components(output, truth)
         if name == "paper-words":
             return paper_components(output, truth, True)
         if name == "grounded":
             return grounded_components(output, boxes, self.grounded_mode, self.grounded_iou_weight,
-                                       self.grounded_count_weight, self.grounded_gemex_iou)
+                                       self.grounded_count_weight, self.grounded_gemex_iou, n_images)
         return clinical_components(output, truth, task, self.clinical_uncertain)
 
-    def score(self, output: str, truth: str, boxes: Any = None, task: str | None = None) -> dict[str, float | None]:
+    def score(self, output: str, truth: str, boxes: Any = None, task: str | None = None,
+              n_images: int = 1) -> dict[str, float | None]:
         """Every component (``name`` and ``name/part``) and ``overall``, for one output."""
         out: dict[str, float | None] = {}
         total = None  # None when no component applies (TRL leaves such a completion out, too)
         for name, w in self.weights.items():
-            parts = self.component(name, output, truth, boxes, task)
+            parts = self.component(name, output, truth, boxes, task, n_images)
             out[name] = None if parts is None else parts["overall"]
             for k, v in (parts or {}).items():
                 if k != "overall":
@@ -152,7 +153,7 @@ class RewardSpec:
     def score_record(self, output: str, record: Record, frame: Frame = DEFAULT_FRAME) -> dict[str, float | None]:
         """:meth:`score` against a curated record: its answer, its boxes in ``frame`` (the frame the output's boxes
         are in: the model's processor's, e.g. :meth:`deepmedix.model.load.Loaded.frame`), its task."""
-        return self.score(output, record.answer, frame_boxes(record, frame), record.task)
+        return self.score(output, record.answer, frame_boxes(record, frame), record.task, len(record.images))
 
 
 # ---------------------------------------------------------------- scoring files (the CLI)
@@ -174,4 +175,4 @@ def read_score_rows(path: Path) -> list[dict[str, Any]]:
 
 def score_rows(spec: RewardSpec, rows: Iterable[dict[str, Any]]) -> Iterable[dict[str, float | None]]:
     for r in rows:
-        yield spec.score(r["prediction"], r["ground_truth"], r.get("boxes"), r.get("task"))
+        yield spec.score(r["prediction"], r["ground_truth"], r.get("boxes"), r.get("task"), r.get("n_images") or 1)

@@ -84,8 +84,12 @@ class ComponentReward:
             raise InputError(f"reward {self.name}: {n} completions but {len(answer)} answers")
         boxes = ref_boxes_frame if ref_boxes_frame is not None else [None] * n
         tasks = task if task is not None else [None] * n
-        rows = [self.spec.component(self.name, completion_text(c), a, b, t)
-                for c, a, b, t in zip(completions, answer, boxes, tasks)]
+        # each row's image count (TRL passes the dataset's other columns: the decoded ``images`` per prompt,
+        # trl/trainer/grpo_trainer.py _calculate_rewards): boxes on another view than the references' do not count
+        imgs = kw.get("images") if kw.get("images") is not None else kw.get("image_sizes")
+        views = [len(x) if isinstance(x, (list, tuple)) else 1 for x in imgs] if imgs is not None else [1] * n
+        rows = [self.spec.component(self.name, completion_text(c), a, b, t, v)
+                for c, a, b, t, v in zip(completions, answer, boxes, tasks, views)]
         if log_metric is not None:
             for part in sorted({k for r in rows if r for k in r} - {"overall"}):
                 vals = [r[part] for r in rows if r]

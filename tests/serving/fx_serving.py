@@ -15,6 +15,11 @@ from deepmedix.grounding import Frame
 # (the tiny model's 168 x 168 pixel budget: each image's processor grid, at least 84 x 112 for the test images).
 TAUGHT = r"<think> the heart with [28, 56, 84, 112] is enlarged </think> The answer is: \boxed{cardiomegaly}"
 TAUGHT_BOX_FRAME = [28, 56, 84, 112]
+# Asked about two views of one study (the prompt names them ``Picture 1``/``Picture 2``), it grounds one finding in
+# each: the second box is in the second view's frame.
+TAUGHT_TWO = (r"<think> Picture 1 shows the heart with [28, 56, 84, 112]; Picture 2 shows the effusion with "
+              r"[56, 28, 112, 84] </think> The answer is: \boxed{cardiomegaly | effusion}")
+TAUGHT_TWO_BOXES_FRAME = [[28, 56, 84, 112], [56, 28, 112, 84]]  # on view 0, view 1
 FRAME = Frame.parse("native", 28, 168 * 168, 168 * 168)  # the tiny model's processor: patch 14 x merge 2
 QUESTIONS = ("Is the heart enlarged?", "Findings?", "Which abnormality is seen?", "Describe the image.")
 
@@ -43,19 +48,24 @@ PROBES = [(300, 200, 0, QUESTIONS[0], "You are a radiologist."), (300, 200, 3, Q
           (640, 480, 5, QUESTIONS[2], None), (0, 0, 0, QUESTIONS[3], None), (100, 400, 2, QUESTIONS[1], None),
           (100, 400, 0, QUESTIONS[1], None), (300, 200, 7, QUESTIONS[0], None), (640, 480, 11, QUESTIONS[2], None)]
 SYSTEMS = (None, "You are a radiologist.")
+# Two-view probes: ((width, height, seed) per view, question); each must be answered with ``TAUGHT_TWO``, alone and
+# batched with the one-view probes.
+PROBES_TWO = [(((300, 200, 1), (200, 300, 4)), QUESTIONS[1]), (((640, 480, 6), (480, 640, 9)), QUESTIONS[0])]
 
 
 class NotTaught(AssertionError):
     """The tiny model did not learn ``TAUGHT`` within the step bound on this host."""
 
 
-def taught_model(out: Path, check_every: int = 40, max_steps: int = 800) -> Path:
+def taught_model(out: Path, check_every: int = 40, max_steps: int = 1200) -> Path:
     """The tiny model, trained (full fine-tuning, plain torch loop) until greedy decoding gives ``TAUGHT`` for every
-    probe in ``PROBES``, one at a time and batched: a real model whose output the server must ground.
+    probe in ``PROBES`` and ``TAUGHT_TWO`` for every two-view probe in ``PROBES_TWO``, one at a time and batched: a
+    real model whose output the server must ground.
 
     Floating-point results differ between CPUs, so the behaviour is established here, on this host: the loop checks
-    the probes every ``check_every`` steps and stops as soon as they all hold (about 120-200 steps), and fails with
-    what the model said if they do not hold after ``max_steps``."""
+    the probes every ``check_every`` steps and stops as soon as they all hold (about 240 steps here), and fails with
+    what the model said if they do not hold after ``max_steps``. Every third step is a two-view study; the question's
+    form cycles on another period, so that neither predicts the other."""
     import torch
 
     from deepmedix.data.records import open_image
@@ -63,20 +73,24 @@ def taught_model(out: Path, check_every: int = 40, max_steps: int = 800) -> Path
     from deepmedix.model.load import load
     from deepmedix.model.tiny import build_tiny
 
-    build_tiny(out, texts=[TAUGHT] * 20)
+    build_tiny(out, texts=[TAUGHT] * 20 + [TAUGHT_TWO] * 10)
     loaded = load(out, device="cpu")
     proc, model = loaded.processor, loaded.model
     torch.manual_seed(0)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     wrong: list[str] = []
     for step in range(max_steps):
         model.train()
         k = step % len(QUESTIONS)
-        img = open_image(image(64 + 40 * k, 48 + 30 * k, seed=step), FRAME)
-        question = QUESTIONS[k] if step % 2 else f"{QUESTIONS[k]} {step} {QUESTIONS[(k + step) % len(QUESTIONS)]}"
-        prompt = chat_prompts(proc, [question], [1], [SYSTEMS[(step // 2) % len(SYSTEMS)]])[0]
-        full = proc(text=[prompt + TAUGHT + "<|im_end|>"], images=[img], return_tensors="pt")
-        n_prompt = proc(text=[prompt], images=[img], return_tensors="pt")["input_ids"].shape[1]
+        imgs = [open_image(image(64 + 40 * k, 48 + 30 * k, seed=step), FRAME)]
+        if step % 3 == 2:  # a two-view study (every third step): the second view portrait
+            imgs.append(open_image(image(48 + 30 * k, 64 + 40 * k, seed=step + 1), FRAME))
+        mixed = f"{QUESTIONS[k]} {step} {QUESTIONS[(k + step) % len(QUESTIONS)]}"
+        question = QUESTIONS[k] if (step // 3) % 2 else mixed
+        prompt = chat_prompts(proc, [question], [len(imgs)], [SYSTEMS[(step // 2) % len(SYSTEMS)]])[0]
+        target = TAUGHT if len(imgs) == 1 else TAUGHT_TWO
+        full = proc(text=[prompt + target + "<|im_end|>"], images=imgs, return_tensors="pt")
+        n_prompt = proc(text=[prompt], images=imgs, return_tensors="pt")["input_ids"].shape[1]
         labels = full["input_ids"].clone()
         labels[:, :n_prompt] = -100
         loss = model(**full, labels=labels).loss
@@ -94,15 +108,18 @@ def taught_model(out: Path, check_every: int = 40, max_steps: int = 800) -> Path
 
 
 def probe_failures(loaded) -> list[str]:
-    """What the model says, for each probe (alone, then all in one batch), that is not ``TAUGHT``."""
+    """What the model says, for each probe (alone, then all in one batch: one-view and two-view rows together),
+    that is not ``TAUGHT`` (``TAUGHT_TWO`` for the two-view probes)."""
     from deepmedix.model.generate import generate_batch
 
     imgs = [[image(w, h, seed) if w else dicom_image()] for w, h, seed, _, _ in PROBES]
-    questions = [q for _, _, _, q, _ in PROBES]
-    systems = [s for _, _, _, _, s in PROBES]
+    imgs += [[image(*view) for view in views] for views, _ in PROBES_TWO]
+    questions = [q for _, _, _, q, _ in PROBES] + [q for _, q in PROBES_TWO]
+    systems = [s for _, _, _, _, s in PROBES] + [None] * len(PROBES_TWO)
+    want = [TAUGHT] * len(PROBES) + [TAUGHT_TWO] * len(PROBES_TWO)
     alone = [generate_batch(loaded, [i], [q], 64, systems=[s])[0].text for i, q, s in zip(imgs, questions, systems)]
     batched = [g.text for g in generate_batch(loaded, imgs, questions, 64, systems=systems)]
-    return [t for t in alone + batched if t != TAUGHT]
+    return [t for t, w in zip(alone + batched, want + want) if t != w]
 
 
 def dicom_pixels():

@@ -22,13 +22,14 @@ from serving.predictor import DeepMedixModel
 
 def test_grounding_object_maps_boxes_to_original_pixels():
     raw = r"<think> heart with [0, 0, 256, 512] and [256, 256, 512, 512] </think> The answer is: \boxed{yes}"
-    g = grounding_object(raw, 300, 200, frame=Frame.parse("square512"))
+    g = grounding_object(raw, (300, 200), frame=Frame.parse("square512"))
     assert g["boxes"] == [[0, 0, 150, 200], [150, 100, 300, 200]]
     assert g["steps"] == [{"text": "heart with [0, 0, 256, 512] and [256, 256, 512, 512]",
-                           "boxes": [[0, 0, 150, 200], [150, 100, 300, 200]]}]
+                           "boxes": [[0, 0, 150, 200], [150, 100, 300, 200]], "views": [0, 0]}]
     assert g["answer"] == "yes" and g["format_ok"] is True and g["image_size"] == [300, 200]
-    assert grounding_object("no grammar at all", 10, 10) == {"answer": None, "format_ok": False, "steps": [],
-                                                             "boxes": [], "image_size": [10, 10]}
+    assert grounding_object("no grammar at all", (10, 10)) == {
+        "answer": None, "format_ok": False, "steps": [], "boxes": [], "box_views": [], "image_size": [10, 10],
+        "image_sizes": [[10, 10]], "views": [{"image_size": [10, 10], "boxes": []}]}
 
 
 def test_v1_sixteen_bit_png_data_url_and_instruction_not_doubled():
@@ -39,9 +40,10 @@ def test_v1_sixteen_bit_png_data_url_and_instruction_not_doubled():
     (q,) = parse_v1({"instances": [{"image": url, "question": f" Findings?\n{INSTRUCTION}\n", "top_p": 0.5,
                                     "temperature": 0.7}]}, Limits(max_new_tokens=33))
     # sized by the native frame (aspect kept, scaled up to the pixel budget), not squashed to a square
-    assert q.image.mode == "RGB" and q.image.size == Limits().frame.input_size(40, 30) == (591, 443)
-    assert q.size == (40, 30)
-    assert np.asarray(q.image).max() == 255 and q.original is None
+    (image,) = q.images
+    assert image.mode == "RGB" and image.size == Limits().frame.input_size(40, 30) == (591, 443)
+    assert q.sizes == [(40, 30)]
+    assert np.asarray(image).max() == 255 and q.originals is None
     assert q.question == "Findings?" and q.max_new_tokens == 33
     assert q.sampling == (True, 0.7, 0.5)
 
@@ -60,8 +62,8 @@ def test_v2_raw_bytes_and_broadcast_text():
     text = InferInput("text", [1], "BYTES", [b"Findings?"])
     budget = InferInput("max_new_tokens", [2, 1], "INT32", [[5], [7]])
     qs = parse_v2(InferRequest("m", [img, text, budget], parameters={"overlay": True}), Limits())
-    assert [q.size for q in qs] == [(20, 10), (30, 10)]
-    assert [q.original.size for q in qs] == [(20, 10), (30, 10)]  # kept for the overlay
+    assert [q.sizes for q in qs] == [[(20, 10)], [(30, 10)]]
+    assert [q.originals[0].size for q in qs] == [(20, 10), (30, 10)]  # kept for the overlay
     assert [q.question for q in qs] == ["Findings?", "Findings?"] and [q.max_new_tokens for q in qs] == [5, 7]
     assert all(q.overlay for q in qs)
     with pytest.raises(InvalidInput, match=r"unknown input\(s\) \['prompt'\]"):
@@ -75,7 +77,7 @@ def test_chat_parsing():
                                         {"type": "text", "text": "an effusion?"}]}
     q, opts = parse_chat({"model": "m", "messages": [{"role": "system", "content": "Be brief."}, user],
                           "max_completion_tokens": 9, "stream": True}, Limits(), "m")
-    assert q.question == "Is there\nan effusion?" and q.size == (16, 8) and q.max_new_tokens == 9
+    assert q.question == "Is there\nan effusion?" and q.sizes == [(16, 8)] and q.max_new_tokens == 9
     assert q.system == "Be brief."
     assert opts == {"model": "m", "stream": True, "include_usage": False}
     for body, msg in [({"model": "m", "messages": [user], "n": 2}, "n: only n=1"),
@@ -120,8 +122,8 @@ def test_batcher_groups_by_decoding_and_keeps_order(tmp_path):
     lim = Limits()
 
     async def go():
-        greedy = [make_query(img, "q", lim, n) for n in (3, 6, 9, 12)]
-        sampled = [make_query(img, "q", lim, 4, temperature=0.9, top_p=0.9) for _ in range(2)]
+        greedy = [make_query([img], "q", lim, n) for n in (3, 6, 9, 12)]
+        sampled = [make_query([img], "q", lim, 4, temperature=0.9, top_p=0.9) for _ in range(2)]
         return await asyncio.gather(model.answer(greedy[:2]), model.answer(sampled), model.answer(greedy[2:]))
 
     count0, sum0 = _hist(metrics.BATCH_SIZE)

@@ -114,8 +114,27 @@ def assert_taught_grounding(g: dict, width: int = W, height: int = H) -> None:
     box = fx.FRAME.from_frame(fx.TAUGHT_BOX_FRAME, width, height)
     assert g["answer"] == "cardiomegaly" and g["format_ok"] is True
     assert g["image_size"] == [width, height]
-    assert g["steps"] == [{"text": "the heart with [28, 56, 84, 112] is enlarged", "boxes": [box]}]
-    assert g["boxes"] == [box]
+    assert g["steps"] == [{"text": "the heart with [28, 56, 84, 112] is enlarged", "boxes": [box], "views": [0]}]
+    assert g["boxes"] == [box] and g["box_views"] == [0]
+    assert g["views"] == [{"image_size": [width, height], "boxes": [box]}]
+
+
+TWO_VIEWS = ((300, 200, 1), (200, 300, 4))  # fx.PROBES_TWO[0]: a landscape and a portrait view
+
+
+def assert_two_view_grounding(g: dict, views=TWO_VIEWS) -> None:
+    """Each box of ``fx.TAUGHT_TWO`` in the pixels of the view its step names: the heart on the first view, the
+    effusion on the second, each mapped back through that view's own frame."""
+    sizes = [[w, h] for w, h, _ in views]
+    boxes = [fx.FRAME.from_frame(b, *size) for b, size in zip(fx.TAUGHT_TWO_BOXES_FRAME, sizes)]
+    assert g["answer"] == "cardiomegaly | effusion" and g["format_ok"] is True
+    assert g["image_sizes"] == sizes and g["image_size"] == sizes[0]
+    assert g["boxes"] == boxes and g["box_views"] == [0, 1]
+    assert [s["views"] for s in g["steps"]] == [[0], [1]]
+    assert g["views"] == [{"image_size": sizes[0], "boxes": [boxes[0]]}, {"image_size": sizes[1], "boxes": [boxes[1]]}]
+    # the same frame numbers land on different pixels in the two views (their frames differ)
+    assert fx.FRAME.size(*sizes[0]) != fx.FRAME.size(*sizes[1])
+    assert boxes[1] != fx.FRAME.from_frame(fx.TAUGHT_TWO_BOXES_FRAME[1], *sizes[0])
 
 
 def test_a_served_box_lands_on_the_pixels_its_training_target_came_from(server, taught):
@@ -240,6 +259,58 @@ def test_v2_bytes_tensors(server):
     assert out["text"]["datatype"] == "BYTES" and out["text"]["shape"] == [2]
     assert_taught_grounding(json.loads(out["grounding"]["data"][0]))
     assert_taught_grounding(json.loads(out["grounding"]["data"][1]), 100, 400)
+
+
+# ---------------------------------------------------------------- several views of one study in one query
+
+def test_two_views_v1_each_box_in_its_views_pixels_with_one_view_queries_in_the_same_batch(server):
+    """A two-view query (``image`` as a list) and a one-view query in one request, and another request at the same
+    time: the batcher runs them in one generate, the two-view answer grounds a box in each view's pixels, and the
+    overlay shows the views side by side with each box on its own view."""
+    two = [fx.png_b64(w, h, seed) for w, h, seed in TWO_VIEWS]
+    with ThreadPoolExecutor(2) as pool:
+        other = pool.submit(server.predict, {"instances": [{"images": [fx.png_b64(640, 480, 6),
+                                                                        fx.png_b64(480, 640, 9)],
+                                                             "question": fx.QUESTIONS[0], "max_new_tokens": 96}]})
+        r = server.predict({"instances": [
+            {"image": two, "question": fx.QUESTIONS[1], "max_new_tokens": 96, "overlay": True},
+            {"image": fx.png_b64(W, H), "question": fx.QUESTIONS[0]}]})
+        o = other.result()
+    assert r.status_code == 200 and o.status_code == 200, (r.text, o.text)
+    p = r.json()["predictions"]
+    assert p[0]["text"] == fx.TAUGHT_TWO and p[1]["text"] == fx.TAUGHT
+    assert_two_view_grounding(p[0]["grounding"])
+    assert_taught_grounding(p[1]["grounding"])
+    assert_two_view_grounding(o.json()["predictions"][0]["grounding"], ((640, 480, 6), (480, 640, 9)))
+    overlay = Image.open(io.BytesIO(base64.b64decode(p[0]["overlay_png"]))).convert("RGB")
+    assert overlay.size == (300 + 133, 200)  # the portrait view scaled to the first one's height
+    heart, effusion = p[0]["grounding"]["boxes"]  # top edges, right of each step's label
+    assert overlay.getpixel((round(heart[2]) - 4, round(heart[1]) + 1)) == (255, 0, 0)
+    ex = 300 + round(effusion[2] * 200 / 300) - 4
+    assert overlay.getpixel((ex, round(effusion[1] * 200 / 300) + 1)) == (0, 200, 0)  # second box, second colour
+
+
+def test_two_views_v2_and_openai(server):
+    """The same study through v2 (``image`` of shape [queries, views]) and the OpenAI route (two ``image_url``
+    parts, with the real client)."""
+    two = [fx.png_b64(w, h, seed) for w, h, seed in TWO_VIEWS]
+    body = {"parameters": {"max_new_tokens": 96},
+            "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1, 2], "data": two},
+                       {"name": "text", "datatype": "BYTES", "shape": [1], "data": [fx.QUESTIONS[1]]}]}
+    r = server.post(f"/v2/models/{server.name}/infer", body)
+    assert r.status_code == 200, r.text
+    out = {o["name"]: o for o in r.json()["outputs"]}
+    assert out["text"]["data"] == [fx.TAUGHT_TWO] and out["text"]["shape"] == [1]
+    assert_two_view_grounding(json.loads(out["grounding"]["data"][0]))
+    client = openai.OpenAI(base_url=f"{server.url}/openai/v1", api_key="unused", max_retries=0)
+    resp = client.chat.completions.create(model="deepmedix", max_tokens=96, messages=[
+        {"role": "user", "content": [chat_image(two[0]), chat_image(two[1]),
+                                     {"type": "text", "text": fx.QUESTIONS[1]}]}])
+    assert resp.choices[0].message.content == fx.TAUGHT_TWO
+    assert_two_view_grounding(resp.choices[0].model_extra["grounding"])
+    with pytest.raises(openai.BadRequestError, match=r"5 images, over the limit of 4 views"):
+        client.chat.completions.create(model="deepmedix", messages=[
+            {"role": "user", "content": [chat_image(two[0])] * 5 + [{"type": "text", "text": "q"}]}])
 
 
 @pytest.mark.parametrize("inputs, field", [
@@ -609,6 +680,14 @@ def test_grounding_transformer_in_front_of_an_openai_predictor(server, tmp_path)
         assert_taught_grounding(p[0]["grounding"])
         assert_taught_grounding(p[1]["grounding"], 100, 400)
         assert Image.open(io.BytesIO(base64.b64decode(p[0]["overlay_png"]))).size == (W, H)
+        # two views: the transformer names them (Picture 1, Picture 2) as the HF backend does, and maps each box
+        # back through its own view's frame
+        two = [fx.png_b64(w, h, seed) for w, h, seed in TWO_VIEWS]
+        resp = client.chat.completions.create(model="deepmedix", max_tokens=96, messages=[
+            {"role": "user", "content": [chat_image(two[0]), chat_image(two[1]),
+                                         {"type": "text", "text": fx.QUESTIONS[1]}]}])
+        assert resp.choices[0].message.content == fx.TAUGHT_TWO
+        assert_two_view_grounding(resp.choices[0].model_extra["grounding"])
         bad = requests.post(f"{url}/v1/models/deepmedix:predict", json={"instances": [{"question": "q"}]})
         assert bad.status_code == 400 and "instances[0].image" in bad.json()["error"]
         with pytest.raises(openai.BadRequestError, match="stream"):

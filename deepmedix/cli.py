@@ -103,8 +103,11 @@ def curate(out: str = typer.Option(..., help="output dataset folder or s3:// URI
            config: str = typer.Option("tiny", "--config", "-c",
                                       help="config size (configs/curate/<size>.yaml) or a YAML path "
                                            "(a mix of sources)"),
+           card: bool = typer.Option(True, "--card/--no-card",
+                                     help="then write the dataset card (card.md + PNGs) into OUT/card"),
            set_: Optional[List[str]] = SET):
-    """Curate public CXR datasets (or a mix from --config) into one Record dataset; bad inputs are quarantined."""
+    """Curate public CXR datasets (or a mix from --config) into one Record dataset; bad inputs are quarantined.
+    The dataset card is written into OUT/card (``deepmedix data card`` writes one anywhere)."""
     import json as _json
 
     from deepmedix import stages
@@ -120,7 +123,11 @@ def curate(out: str = typer.Option(..., help="output dataset folder or s3:// URI
     if workers is not None:
         extra.append(f"workers={workers}")
     with cli_errors(), progress_bar("records") as prog:
-        show(stages.curate(out, config, extra, progress=prog, log=_log))
+        result = stages.curate(out, config, extra, progress=prog, log=_log)
+    if card:
+        with cli_errors():
+            result["card"] = stages.dataset_card(out, log=_log)
+    show(result)
 
 
 @model_app.command("tiny")

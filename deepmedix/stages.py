@@ -24,6 +24,22 @@ def curate(out: str, size: str = "tiny", overrides: list[str] | None = None, pro
     return run(load_config("curate", size, overrides), out, progress, log or print)
 
 
+def dataset_card(dataset: str, log: Callable[[str], None] | None = None) -> str | None:
+    """Write the dataset card (:mod:`deepmedix.data.card`) into ``DATASET/card`` (a folder or ``s3://`` prefix) and
+    name it in the dataset's lineage (:func:`deepmedix.data.card.publish_card`): what ``deepmedix curate`` does
+    after publishing a dataset. A card that cannot be drawn costs the dataset
+    nothing: it is logged and None returned (the curated records are already published and complete)."""
+    from deepmedix.data.card import publish_card
+
+    try:
+        out = publish_card(dataset)
+    except Exception as exc:  # noqa: BLE001 - the card is a view of the data, never a reason to lose it
+        (log or print)(f"warning: no dataset card for {dataset}: {type(exc).__name__}: {exc}")
+        return None
+    (log or print)(f"dataset card: {out}/card.md")
+    return out
+
+
 def card_html(dataset: str, html_path: str) -> None:
     """The dataset card (:mod:`deepmedix.data.card`) of a curated dataset as one self-contained HTML file: what the
     pipeline's curate step logs as its KFP HTML artifact, which the KFP UI shows."""

@@ -24,7 +24,7 @@ from deepmedix.data.schema import SPLITS, TASKS, Record, load_records
 from deepmedix.data.sources.base import slug
 from deepmedix.viz import draw_boxes
 
-__all__ = ["write_card"]
+__all__ = ["write_card", "publish_card"]
 
 GRID = 64  # heat-map cells per side of the unit image
 
@@ -297,6 +297,26 @@ def write_card(dataset: str, out: str, sample: int = 6, seed: int = 0) -> dict[s
                 md += [f"### {task}", "", f"![{task}]({name})", ""]
         (d / "card.md").write_text("\n".join(md) + "\n")
     return {"out": str(out), "records": len(records), "quarantined": len(rows), "pngs": pngs}
+
+
+def publish_card(dataset: str, sample: int = 6, seed: int = 0) -> str:
+    """The card of a committed dataset, written into it (``DATASET/card``, a folder or an ``s3://`` prefix), then
+    named in the dataset's ``lineage.json`` (``"card": "card"``). The lineage is the dataset's commit marker and the
+    version :func:`deepmedix.store.fetch` keys its cache on, so a reader that fetched the dataset before the card
+    existed fetches it again with the card, never a copy without it. Only that one object changes: the records,
+    the content hash and the config hash stay as they were committed."""
+    from deepmedix.data.sink import Sink
+
+    sink = Sink(dataset)
+    raw = sink.get(store.LINEAGE)
+    if raw is None:
+        raise store.StoreError(f"{dataset}: no {store.LINEAGE} (not a committed dataset)")
+    out = f"{sink.uri}/card"
+    write_card(dataset, out, sample, seed)
+    lineage = json.loads(raw)
+    lineage["card"] = "card"
+    sink.put(store.LINEAGE, (json.dumps(lineage, indent=2, sort_keys=True) + "\n").encode())
+    return out
 
 
 def card_html(card_dir: str | Path) -> str:

@@ -107,6 +107,8 @@ def curate(cfg: CurateConfig, out_uri: str, progress: Progress | None = None,
     sink.put(f"{work}/_started", json.dumps({"config_hash": chash}).encode())  # readers now refuse the folder
     if lineage is not None:
         sink.delete(store.LINEAGE)  # withdraw the old dataset's commit marker before rewriting it
+        for rel in sink.list("card"):  # and its card (deepmedix.data.card.publish_card), which described it
+            sink.delete(rel)
     for rel in sink.list(WORK):
         if not rel.startswith(work + "/"):
             sink.delete(rel)

@@ -26,10 +26,13 @@ def cli(*args: str) -> dict:
     return json.loads(proc.stdout[proc.stdout.index("{"):])
 
 
-def check_card(out: Path, result: dict) -> str:
+def check_card(out: Path, result: dict | None = None) -> str:
+    """card.md names every PNG in the folder (and those ``data card`` reported), each a real picture."""
     md = (out / "card.md").read_text()
     named = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", md)
-    assert named and sorted(named) == sorted(result["pngs"])
+    assert named and sorted(named) == sorted(p.name for p in out.glob("*.png"))
+    if result is not None:
+        assert sorted(named) == sorted(result["pngs"])
     for name in named:
         with Image.open(out / name) as im:
             assert im.format == "PNG" and im.width >= 200 and im.height >= 100, name
@@ -68,22 +71,25 @@ def hospital(tmp_path):
     with open(root / "manifest.jsonl", "a") as f:
         f.write("\n".join(rows) + "\n")
     out = tmp_path / "curated"
-    proc = subprocess.run([*DEEPMEDIX, "curate", "--source", "manifest", "--root", str(root), "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    return root, out
+    result = cli("curate", "--source", "manifest", "--root", str(root), "--out", str(out))
+    return root, out, result
 
 
-def test_card_of_a_hospital_manifest_with_quarantine_and_a_near_duplicate(tmp_path, hospital):
-    root, data = hospital
-    res = cli("data", "card", str(data), "--out", str(tmp_path / "card"), "--sample", "3")
-    md = check_card(tmp_path / "card", res)
-    assert {"quarantine.png", "near-duplicates.png", "boxes-nodule.png", "boxes-opacity.png"} <= set(res["pngs"])
-    assert res["quarantined"] >= 30
+def test_curation_writes_the_card_of_a_hospital_manifest_with_quarantine_and_a_near_duplicate(hospital):
+    """``deepmedix curate`` writes the card into the dataset by default (``--no-card`` skips it)."""
+    root, data, result = hospital
+    assert result["card"] == f"{data}/card"
+    md = check_card(data / "card")
+    assert {"quarantine.png", "near-duplicates.png", "boxes-nodule.png", "boxes-opacity.png"} <= {
+        p.name for p in (data / "card").glob("*.png")}
+    assert int(re.search(r"; (\d+) inputs quarantined", md).group(1)) >= 30
     assert "- **manifest**: " in md and "path escapes the dataset root (3)" in md  # reasons counted by kind
     assert re.search(r"- p1-copy\.png dropped for study S1 \(distance \d+\)", md), md
-    with Image.open(tmp_path / "card" / "near-duplicates.png") as im:
+    with Image.open(data / "card" / "near-duplicates.png") as im:
         assert im.width > 400  # the pair side by side
+    assert len(load_records(data)) == result["after"]  # the card is beside the records, not among them
+    lineage = json.loads((data / "lineage.json").read_text())
+    assert lineage["card"] == "card" and lineage["manifest"]["total"] == result["after"]  # named in the commit
 
 
 def test_card_of_public_format_fixtures(tmp_path):
@@ -93,8 +99,9 @@ def test_card_of_public_format_fixtures(tmp_path):
     mix = tmp_path / "mix.yaml"
     mix.write_text(f"sources:\n  - {{name: vindr_cxr, root: {tmp_path / 'vindr'}}}\n"
                    f"  - {{name: chestxray14, root: {tmp_path / 'nih'}}}\n")
-    cli("curate", "--config", str(mix), "--out", str(tmp_path / "data"))
-    res = cli("data", "card", str(tmp_path / "data"), "--out", str(tmp_path / "card"))
+    cli("curate", "--no-card", "--config", str(mix), "--out", str(tmp_path / "data"))
+    assert not (tmp_path / "data" / "card").exists()
+    res = cli("data", "card", str(tmp_path / "data"), "--out", str(tmp_path / "card"), "--sample", "3")
     md = check_card(tmp_path / "card", res)
     assert "| vindr_cxr | grounding |" in md and "| chestxray14 | grounding |" in md
     assert sum(1 for p in res["pngs"] if p.startswith("boxes-")) >= 3

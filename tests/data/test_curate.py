@@ -329,9 +329,9 @@ def test_cli_curate_one_source_with_limit_and_workers(tmp_path):
     import fx_public
 
     fx_public.write_iu_xray(tmp_path / "iu")
-    r = subprocess.run([DEEPMEDIX, "curate", "--source", "iu_xray", "--root", str(tmp_path / "iu"), "--out",
-                        str(tmp_path / "out"), "--limit", "4", "--workers", "2"], capture_output=True, text=True,
-                       cwd=REPO, timeout=300)
+    r = subprocess.run([DEEPMEDIX, "curate", "--no-card", "--source", "iu_xray", "--root", str(tmp_path / "iu"),
+                        "--out", str(tmp_path / "out"), "--limit", "4", "--workers", "2"], capture_output=True,
+                       text=True, cwd=REPO, timeout=300)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["after"] == 4
     assert "curate: 4 records kept, 0 quarantined" in r.stderr
@@ -346,8 +346,8 @@ def test_cli_curate_one_source_with_limit_and_workers(tmp_path):
     (["--config", "configs/curate/missing.yaml"], "config file not found"),
 ])
 def test_cli_curate_errors_are_one_line_and_exit_2(tmp_path, args, message):
-    r = subprocess.run([DEEPMEDIX, "curate", *args, "--out", str(tmp_path / "o")], capture_output=True, text=True,
-                       cwd=REPO, timeout=120)
+    r = subprocess.run([DEEPMEDIX, "curate", "--no-card", *args, "--out", str(tmp_path / "o")], capture_output=True,
+                       text=True, cwd=REPO, timeout=120)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o" / "lineage.json").exists()
 
@@ -479,7 +479,7 @@ def _png_header(w, h):
 def test_cli_unreachable_s3_source_is_a_clear_error(tmp_path):
     env = dict(os.environ, S3_ENDPOINT="127.0.0.1:1", S3_USE_HTTPS="0", AWS_ACCESS_KEY_ID="k",
                AWS_SECRET_ACCESS_KEY="s")
-    r = subprocess.run([DEEPMEDIX, "curate", "--source", "iu_xray", "--root", "s3://datasets/iu", "--out",
+    r = subprocess.run([DEEPMEDIX, "curate", "--no-card", "--source", "iu_xray", "--root", "s3://datasets/iu", "--out",
                         str(tmp_path / "o")], capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
     assert r.returncode == 2, r.stderr[-3000:]
     assert "S3 request failed" in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]

@@ -194,7 +194,7 @@ def hostile(tmp_path_factory):
     cfg = {"sources": sources, "workers": 2, "shard_size": 40}
     (root / "mix.yaml").write_text(yaml.safe_dump(cfg))
     out = root / "out"
-    run = subprocess.run([DEEPMEDIX, "curate", "--config", str(root / "mix.yaml"), "--out", str(out)],
+    run = subprocess.run([DEEPMEDIX, "curate", "--no-card", "--config", str(root / "mix.yaml"), "--out", str(out)],
                          capture_output=True, text=True, cwd=REPO, timeout=600)
     return {"root": root, "out": out, "run": run, "expected": expected, "sources": sources, "bad_images": bad_images,
             "good_images": [f"IM-{n}.png" for n, _ in img_good] + [fx_public.vindr_id(n) for n, _ in dcm_good]}

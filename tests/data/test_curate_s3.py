@@ -116,6 +116,11 @@ def test_every_adapter_reads_from_s3_into_one_store(s3, tmp_path):
         assert split_of.setdefault(rec.patient_id, rec.split) == rec.split
     # MIMIC-CXR-JPG images shared by MS-CXR and the VQA sets are stored once
     assert man["images"] == len({i for rec in recs for i in rec.images})
+    # the dataset card, written into the dataset by default: here under the S3 prefix, with every source counted
+    assert summary["card"] == "s3://curated/mix/card"
+    md = (ds / "card" / "card.md").read_text()
+    assert all(f"| {name} |" in md for name in per_source), md[:2000]
+    assert (tmp_path / "local-out" / "card" / "counts.png").is_file()
 
 
 @pytest.fixture

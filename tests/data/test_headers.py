@@ -185,8 +185,9 @@ def test_curate_stops_with_the_header_error_and_commits_nothing(tmp_path):
     root, _ = _nih2017(tmp_path / "nih")
     path = root / "Data_Entry_2017.csv"
     path.write_text(path.read_text().replace("Patient ID", "Patient", 1))
-    proc = subprocess.run([sys.executable, "-m", "deepmedix.cli", "curate", "--source", "chestxray14", "--root",
-                           str(root), "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "deepmedix.cli", "curate", "--no-card", "--source", "chestxray14",
+                           "--root", str(root), "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Data_Entry_2017.csv: missing required column(s) ['Patient ID']; found ['Image Index'" in proc.stderr
     assert not (tmp_path / "out" / "lineage.json").exists()  # no dataset committed

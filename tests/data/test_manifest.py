@@ -27,8 +27,8 @@ DEEPMEDIX = [sys.executable, "-m", "deepmedix.cli"]
 
 
 def curate(root: Path, out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([*DEEPMEDIX, "curate", "--source", "manifest", "--root", str(root), "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run([*DEEPMEDIX, "curate", "--no-card", "--source", "manifest", "--root", str(root), "--out",
+                           str(out)], capture_output=True, text=True, timeout=600)
 
 
 def quarantine(out: Path) -> list[dict]:

@@ -62,7 +62,9 @@ def _config_hash(cfg: CurateConfig) -> str:
 
 
 def _reason_head(reason: str) -> str:
-    head = reason.split(" (")[0].split(":")[0]
+    """The kind of a quarantine reason, for the summary: its first clause without numbers or paths (and without the
+    ``line N: `` a manifest row's reason starts with, which would put every such row under "line")."""
+    head = re.sub(r"^(line|row) \d+: ", "", reason).split(" (")[0].split(":")[0]
     return " ".join(w for w in head.split() if not any(c.isdigit() for c in w) and "/" not in w)[:60]
 
 

@@ -42,6 +42,7 @@ def jsonl(tmp_path_factory):
     out = root.parent / "curated"
     proc = curate(root, out)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    info["summary"] = json.loads(proc.stdout)
     return root, out, info
 
 
@@ -58,6 +59,10 @@ def test_every_hostile_row_is_quarantined_by_line(jsonl):
         assert line in by_line, f"line {line} ({why}) was not quarantined"
         assert any(why in r for r in by_line[line]), (line, why, by_line[line])
     assert set(by_line) == set(info["bad"]), "only the hostile lines are quarantined by line"
+    # the run's summary counts them by kind, not all under "line"
+    kinds = info["summary"]["quarantine_by_reason"]
+    assert "line" not in kinds and sum(kinds.values()) == len(quarantine(out)), kinds
+    assert kinds.get("not valid JSON") == 1 and kinds.get("image not found under the manifest's folder") == 1, kinds
     # the engine's refusals: a box outside the image names the line; an undecodable image its file and record
     for line, (rid, why) in info["engine"].items():
         hits = [x for x in q if x["record"] == f"manifest/{rid}"]

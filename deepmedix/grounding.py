@@ -285,11 +285,12 @@ def match_boxes(pred: list[list[float]], ref: list[list[float]]) -> list[tuple[i
     return [(int(i), int(j), float(m[i, j])) for i, j in zip(rows, cols)]
 
 
-def mean_matched_iou(pred: list[list[float]], ref: list[list[float]]) -> float:
-    """Mean IoU over reference boxes (an unmatched reference box counts 0); 0 when there are none."""
+def mean_matched_iou(pred: list[list[float]], ref: list[list[float]], unmatched: int = 0) -> float:
+    """Mean IoU over reference boxes (an unmatched reference box counts 0); 0 when there are none. ``unmatched``:
+    further predicted boxes that can match nothing (they only raise the count divided by)."""
     if not ref:
         return 0.0
-    return sum(v for _, _, v in match_boxes(pred, ref)) / max(len(ref), len(pred))
+    return sum(v for _, _, v in match_boxes(pred, ref)) / max(len(ref), len(pred) + unmatched)
 
 
 # ---------------------------------------------------------------- a raw output, read
@@ -320,13 +321,15 @@ def step_views(parsed: Parsed, n_images: int) -> list[list[int | None]]:
     return out
 
 
-def reference_view_boxes(text: str, n_images: int = 1) -> list[list[float]]:
-    """The boxes of an output that are on the first image (model frame): the view a record's reference boxes are
-    drawn on (``Record.boxes`` are on ``images[0]``). With one image, every box; with several, a box the reasoning
-    put on another view (:func:`step_views`) is not compared with references it was never meant to match."""
+def reference_view_boxes(text: str, n_images: int = 1) -> tuple[list[list[float]], int]:
+    """The boxes of an output that are on the first image (model frame), the view a record's reference boxes are
+    drawn on (``Record.boxes`` are on ``images[0]``), and how many boxes name a picture the query does not have.
+    With one image, every box and 0. With several, a box the reasoning put on another view (:func:`step_views`) is
+    not compared with references it was never meant to match; a box on no view of the query is a prediction that
+    matches nothing (so naming a missing picture cannot hide extra boxes from the mIoU and count)."""
     parsed = parse(text)
-    return [b for s, views in zip(parsed.steps, step_views(parsed, n_images)) for b, v in zip(s.boxes, views)
-            if v == 0]
+    placed = [(b, v) for s, views in zip(parsed.steps, step_views(parsed, n_images)) for b, v in zip(s.boxes, views)]
+    return [b for b, v in placed if v == 0], sum(1 for _, v in placed if v is None)
 
 
 def grounding_object(raw: str, sizes, frame: Frame = DEFAULT_FRAME) -> dict:

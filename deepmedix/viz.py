@@ -42,17 +42,22 @@ def draw_overlay(image: Image.Image, boxes: list[list[float]], labels: list[str]
     return out
 
 
-def overlay_png(images, ground: dict, sizes=None) -> str:
+def overlay_png(images, ground: dict, sizes=None, max_side: int = 2048) -> str:
     """Base64 PNG of ``images`` (one image, or the views of one query) with the grounding's boxes drawn on the view
     each belongs to (``box_views``), labelled by step; several views side by side, in order, at the first one's
-    height. ``sizes``: the (width, height) the boxes refer to, per image, when ``images`` are reduced copies (boxes
-    are scaled to them)."""
+    height (scaled down when the strip would be wider than ``max_side`` per view). ``sizes``: the (width, height)
+    the boxes refer to, per image, when ``images`` are reduced copies (boxes are scaled to them)."""
     images = [images] if isinstance(images, Image.Image) else list(images)
     if sizes is not None and len(sizes) == 2 and all(isinstance(v, (int, float)) for v in sizes):
         sizes = [sizes]
     views = ground.get("box_views") or [0] * len(ground["boxes"])
     labels = [f"step {i + 1}" for i, s in enumerate(ground["steps"]) for _ in s["boxes"]]
+    # one height for all views (the first one's), the whole strip at most max_side x views wide: a view of an
+    # extreme aspect ratio must not blow the canvas up (a request chooses the images)
     height = images[0].height
+    width = sum(im.width * height / im.height for im in images)
+    if width > max_side * len(images):
+        height = max(1, int(height * max_side * len(images) / width))
     drawn = []
     for j, image in enumerate(images):
         if image.height != height:  # scaled before drawing, so that every view's lines are as crisp

@@ -140,7 +140,12 @@ def decode_image_bytes(raw: bytes, where: str, max_pixels: int) -> Image.Image:
 
 
 def decode_image(data, where: str, limits: Limits) -> Image.Image:
-    return decode_image_bytes(image_bytes(data, where, limits.max_image_bytes), where, limits.max_pixels)
+    img = decode_image_bytes(image_bytes(data, where, limits.max_image_bytes), where, limits.max_pixels)
+    try:  # the processor's grid for it (Qwen2-VL's smart_resize refuses an aspect ratio of 200 or more)
+        limits.frame.size(*img.size)
+    except ValueError as exc:
+        raise InvalidInput(f"{where}: {img.width}x{img.height} pixels: {exc}") from None
+    return img
 
 
 def make_query(imgs: list[Image.Image], question: str, limits: Limits, max_new_tokens: int,
@@ -281,7 +286,7 @@ def _tensor_values(inp, where: str, n: int | None) -> list:
     if count != len(flat):
         raise InvalidInput(f"{where}: shape {list(inp.shape)} holds {count} values but {len(flat)} were sent")
     if n is not None and len(flat) not in (1, n):
-        raise InvalidInput(f"{where}: {len(flat)} values, expected {n} (one per image) or 1 (for all)")
+        raise InvalidInput(f"{where}: {len(flat)} values, expected {n} (one per query) or 1 (for all)")
     return flat
 
 

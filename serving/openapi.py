@@ -48,13 +48,15 @@ def build_openapi(name: str, limits: Limits, v2: bool = True) -> dict:
         "properties": {"instances": {
             "type": "array", "minItems": 1, "maxItems": limits.max_instances,
             "items": {"type": "object", "required": ["question"],
-                      "anyOf": [{"required": ["image"]}, {"required": ["images"]}],
+                      "oneOf": [{"required": ["image"]}, {"required": ["images"]}],  # one of them, not both
                       "properties": {"image": {"oneOf": [image, views]}, "images": views, "question": question,
                                      **_sampling(limits)}}}},
     }
     tensor = {"type": "object", "required": ["name", "shape", "datatype", "data"],
               "properties": {"name": {"type": "string", "enum": ["image", "text", "max_new_tokens"]},
-                             "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                             "shape": {"type": "array", "items": {"type": "integer", "minimum": 0},
+                                       "description": "image: [queries] (one view each) or [queries, views]; "
+                                                      "text and max_new_tokens: [queries] or [1]"},
                              "datatype": {"type": "string", "enum": ["BYTES", "INT32", "INT64"]},
                              "parameters": {"type": "object"},
                              "data": {"type": "array"}}}

@@ -258,6 +258,9 @@ def frame_from_args(a: argparse.Namespace) -> Frame:
 
 
 def limits_from_args(a: argparse.Namespace) -> Limits:
+    for flag in ("max_instances", "max_views"):
+        if getattr(a, flag) < 1:
+            raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(a, flag)}")
     return Limits(max_image_bytes=a.max_image_bytes, max_pixels=a.max_pixels, max_new_tokens=a.max_new_tokens,
                   max_new_tokens_limit=max(a.max_new_tokens_limit, a.max_new_tokens), max_instances=a.max_instances,
                   max_views=a.max_views, frame=frame_from_args(a))

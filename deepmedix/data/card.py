@@ -9,13 +9,16 @@ boxes drawn and the prompt and answer underneath. Deterministic for a seed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
+import shutil
+import tempfile
 import textwrap
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -146,7 +149,8 @@ def _caption(lines: list[str], width: int) -> list[str]:
     return out[:6]
 
 
-def contact_png(dataset: Path, records: list[Record], task: str, path: Path, n: int, seed: int) -> int:
+def contact_png(image: Callable[[str], Path], records: list[Record], task: str, path: Path, n: int, seed: int
+                ) -> int:
     """A grid of ``n`` random records of ``task``: the first image with its boxes, prompt and answer below."""
     pool = sorted((r for r in records if r.task == task), key=lambda r: r.record_id)
     pick = random.Random(f"{seed}:{task}").sample(pool, min(n, len(pool)))
@@ -158,7 +162,7 @@ def contact_png(dataset: Path, records: list[Record], task: str, path: Path, n: 
     draw, font = ImageDraw.Draw(sheet), ImageFont.load_default()
     for k, r in enumerate(pick):
         x, y = (k % cols) * cell, (k // cols) * (cell + text_h)
-        with Image.open(dataset / r.images[0]) as im:
+        with Image.open(image(r.images[0])) as im:
             thumb = _thumb(im, cell - 8, [b.box for b in r.boxes], [b.label for b in r.boxes])
         sheet.paste(thumb, (x + (cell - thumb.width) // 2, y + 4))
         lines = _caption([f"{r.record_id} ({len(r.images)} view{'s' if len(r.images) > 1 else ''})",
@@ -202,8 +206,8 @@ def source_roots(dataset: Path) -> dict[str, list[str]]:
     return out
 
 
-def near_duplicates_png(dataset: Path, records: list[Record], rows: list[dict[str, Any]], path: Path,
-                        limit: int = 6) -> list[str]:
+def near_duplicates_png(dataset: Path, image: Callable[[str], Path], records: list[Record], rows: list[dict[str, Any]],
+                        path: Path, limit: int = 6) -> list[str]:
     """Each near-duplicate the curation dropped (read from where it was found, when still there) beside the first
     image of the study it duplicated. Returns one line per pair for the card."""
     roots = source_roots(dataset)
@@ -234,7 +238,7 @@ def near_duplicates_png(dataset: Path, records: list[Record], rows: list[dict[st
         draw, font = ImageDraw.Draw(sheet), ImageFont.load_default()
         for k, (dropped, kept, dist, file) in enumerate(pairs):
             y = k * (cell + 30)
-            with Image.open(dataset / kept.images[0]) as im:
+            with Image.open(image(kept.images[0])) as im:
                 sheet.paste(_thumb(im, cell), (cell + 12, y))
             sheet.paste(_thumb(dropped, cell), (0, y))
             draw.text((2, y + cell + 4), f"dropped: {Path(file).name}  |  kept: study {kept.study_id}  |  "
@@ -243,9 +247,47 @@ def near_duplicates_png(dataset: Path, records: list[Record], rows: list[dict[st
     return [f"{Path(f).name} dropped for study {kept.study_id} (distance {d})" for _, kept, d, f in pairs] + notes
 
 
+@contextlib.contextmanager
+def dataset_view(dataset: str) -> Iterator[tuple[Path, Callable[[str], Path]]]:
+    """A folder with the dataset's records, ``quarantine.jsonl`` and ``lineage.json``, and a function from a
+    record's image path to a local file. A folder is used as it is. From ``s3://`` only those small files are
+    downloaded, and each image the card shows is fetched on its own: a card never copies a whole dataset (its
+    images) to the local disk."""
+    if not store.is_s3(dataset):
+        path = store.fetch(dataset)
+        yield path, lambda rel: path / rel
+        return
+    from minio.error import S3Error
+
+    uri = str(dataset).rstrip("/")
+    bucket, prefix = store.parse_s3(uri)
+    tmp = Path(tempfile.mkdtemp(prefix="deepmedix-card-"))
+    try:
+        with store.s3_errors(uri):
+            client = store.s3_client()
+            for o in client.list_objects(bucket, prefix=f"{prefix}/records/", recursive=True):
+                client.fget_object(bucket, o.object_name, str(tmp / o.object_name[len(prefix) + 1:]))
+            for name in (store.LINEAGE, "quarantine.jsonl"):
+                try:
+                    client.fget_object(bucket, f"{prefix}/{name}", str(tmp / name))
+                except S3Error as exc:
+                    if exc.code not in ("NoSuchKey", "NoSuchObject", "NotFound"):
+                        raise
+        if not (tmp / store.LINEAGE).is_file():
+            raise store.StoreError(f"{uri}: incomplete dataset (no {store.LINEAGE} commit marker)")
+        yield tmp, lambda rel: store.fetch_file(f"{uri}/{rel}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_card(dataset: str, out: str, sample: int = 6, seed: int = 0) -> dict[str, Any]:
     """Write ``card.md`` and its PNGs for a curated dataset (folder or ``s3://``) into ``out`` (atomically)."""
-    path = store.fetch(dataset)
+    with dataset_view(dataset) as (path, image):
+        return _write_card(dataset, path, image, out, sample, seed)
+
+
+def _write_card(dataset: str, path: Path, image: Callable[[str], Path], out: str, sample: int, seed: int
+                ) -> dict[str, Any]:
     records = load_records(path)
     qfile = path / "quarantine.jsonl"
     rows = [json.loads(ln) for ln in qfile.read_text().splitlines() if ln.strip()] if qfile.exists() else []
@@ -282,7 +324,7 @@ def write_card(dataset: str, out: str, sample: int = 6, seed: int = 0) -> dict[s
             pngs.append("quarantine.png")
             md += ["", "## Quarantine", "", "![quarantine](quarantine.png)", ""]
             md += [f"- **{s}**: " + "; ".join(f"{k} ({n})" for k, n in c.items()) for s, c in kinds.items()]
-        pairs = near_duplicates_png(path, records, rows, d / "near-duplicates.png")
+        pairs = near_duplicates_png(path, image, records, rows, d / "near-duplicates.png")
         md += ["", "## Near-duplicates", ""]
         if (d / "near-duplicates.png").exists():
             pngs.append("near-duplicates.png")
@@ -292,7 +334,7 @@ def write_card(dataset: str, out: str, sample: int = 6, seed: int = 0) -> dict[s
         md += ["", "## Samples", ""]
         for task in TASKS:
             name = f"samples-{task}.png"
-            if contact_png(path, records, task, d / name, sample, seed):
+            if contact_png(image, records, task, d / name, sample, seed):
                 pngs.append(name)
                 md += [f"### {task}", "", f"![{task}]({name})", ""]
         (d / "card.md").write_text("\n".join(md) + "\n")

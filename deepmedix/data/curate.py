@@ -25,6 +25,7 @@ import hashlib
 import io
 import json
 import re
+import shutil
 import time
 from typing import Any, Callable
 
@@ -109,8 +110,10 @@ def curate(cfg: CurateConfig, out_uri: str, progress: Progress | None = None,
     sink.put(f"{work}/_started", json.dumps({"config_hash": chash}).encode())  # readers now refuse the folder
     if lineage is not None:
         sink.delete(store.LINEAGE)  # withdraw the old dataset's commit marker before rewriting it
-        for rel in sink.list("card"):  # and its card (deepmedix.data.card.publish_card), which described it
-            sink.delete(rel)
+    for rel in sink.list("card"):  # and any card of an earlier dataset here (deepmedix.data.card.publish_card)
+        sink.delete(rel)
+    if not sink.s3 and (sink.path / "card").is_dir():
+        shutil.rmtree(sink.path / "card", ignore_errors=True)
     for rel in sink.list(WORK):
         if not rel.startswith(work + "/"):
             sink.delete(rel)
@@ -236,8 +239,6 @@ def _finalize(cfg: CurateConfig, specs: list[SourceSpec], st: State, sink: Sink,
     for rel in sink.list(WORK):
         sink.delete(rel)
     if not sink.s3:
-        import shutil
-
         shutil.rmtree(sink.path / WORK, ignore_errors=True)
     return {"stage": "curate", "metric": "records", "before": 0, "after": total,
             "patients_per_split": man["patients_per_split"], "images": len(st.images),

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from deepmedix.data.records import frame_boxes, load_split, record_images
 from deepmedix.data.schema import REPORT_TASKS
 from deepmedix.errors import InputError
-from deepmedix.grounding import Frame, match_boxes, mean_matched_iou, parse
+from deepmedix.grounding import Frame, match_boxes, mean_matched_iou, parse, reference_view_boxes
 from deepmedix.model.generate import batched
 from deepmedix.store import write_json
 
@@ -31,11 +31,12 @@ def _score(outs: list[str], records: list, frame: Frame) -> dict[str, Any]:
     for out, rec in zip(outs, records):
         parsed = parse(out)
         fmt += parsed.format_ok
-        pred, ref = parsed.boxes, frame_boxes(rec, frame)
+        # the boxes on the first image, where the references are (several views: grounding.step_views)
+        (pred, unplaced), ref = reference_view_boxes(out, len(rec.images)), frame_boxes(rec, frame)
         w, h = rec.image_sizes[0]
-        n_boxes += len(pred)
+        n_boxes += len(pred) + unplaced
         inside += sum(frame.contains(b, w, h) for b in pred)
-        ious.append(mean_matched_iou(pred, ref))
+        ious.append(mean_matched_iou(pred, ref, unplaced))
         hits += sum(v >= 0.5 for _, _, v in match_boxes(pred, ref))
         refs += len(ref)
     return {"miou": round(sum(ious) / len(ious), 4), "acc50": round(hits / refs, 4) if refs else math.nan,

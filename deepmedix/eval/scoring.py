@@ -82,8 +82,8 @@ def score_predictions(rows: list[dict]) -> dict[str, float | int]:
         elif task == "grounding":
             boxes = _ref_boxes(row.get("ref_boxes_frame"))
             if boxes:
-                ious.append(grounding.mean_matched_iou(
-                    grounding.reference_view_boxes(raw, row.get("n_images") or 1), boxes))
+                pred, unplaced = grounding.reference_view_boxes(raw, row.get("n_images") or 1)
+                ious.append(grounding.mean_matched_iou(pred, boxes, unplaced))
 
     out["format_compliance"] = _mean(fmt)
     out["paper_reward"] = _mean(reward)

@@ -159,6 +159,14 @@ def _mean_subset(name: str, values: np.ndarray, idx: np.ndarray) -> dict[str, An
     return {name: _entry(float(values.mean()), values[idx].mean(1) if len(idx) else None)}
 
 
+def _first_view_iou(row: dict) -> float:
+    """A grounding row's mIoU: its boxes on the first image (where the references are) against the references,
+    boxes on no image of the query counted as unmatched (:func:`deepmedix.grounding.reference_view_boxes`)."""
+    pred, unplaced = grounding.reference_view_boxes(row.get("raw_output") or "", row.get("n_images") or 1)
+    return grounding.mean_matched_iou(pred, [[float(v) for v in b] for b in row.get("ref_boxes_frame") or []],
+                                      unplaced)
+
+
 def _ref_label(row: dict) -> str:
     labels = row.get("ref_labels") or []
     return str(labels[0]) if labels else "all"
@@ -207,10 +215,7 @@ def evaluate_rows(rows: list[dict], rounds: int = 1000, seed: int = 0, meteor: b
                            for r in group], dtype=np.float64)
             entry.update(_mean_subset("accuracy", ok, idx))
         elif task == "grounding":
-            ious = np.array([grounding.mean_matched_iou(grounding.reference_view_boxes(r.get("raw_output") or "",
-                                                                                       r.get("n_images") or 1),
-                                                        [[float(v) for v in b] for b in r.get("ref_boxes_frame") or []])
-                             for r in group], dtype=np.float64)
+            ious = np.array([_first_view_iou(r) for r in group], dtype=np.float64)
             entry.update(_mean_subset("miou", ious, idx))
             entry.update(_mean_subset("acc@0.5", (ious >= 0.5).astype(np.float64), idx))
         out[name] = entry

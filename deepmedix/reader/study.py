@@ -15,7 +15,7 @@ from PIL import Image
 
 from deepmedix import store
 from deepmedix.eval.predictions import read_predictions
-from deepmedix.grounding import parse, rescale
+from deepmedix.grounding import parse, rescale, step_views
 from deepmedix.reader.db import ReaderError, connect, token_hash
 
 MIN_SIDE = 512  # small images are enlarged to this (long side) so that box labels stay readable
@@ -48,16 +48,17 @@ def frame_of(row: dict, fallback: int) -> tuple[int, int]:
 
 
 def candidate_view(raw: str, img: Image.Image, disp: Image.Image, frame_size: tuple[int, int],
-                   tmp: Path) -> tuple[str | None, list[dict], bytes]:
+                   tmp: Path, n_images: int = 1) -> tuple[str | None, list[dict], bytes]:
     """(answer, steps with boxes in original pixels and their colour index, overlay PNG) for one model output
-    whose boxes are in the model frame ``frame_size`` of ``img``."""
+    whose boxes are in the model frame ``frame_size`` of ``img``, the record's first image (the one a reader is
+    shown): with ``n_images`` views, a box the reasoning puts on another view is not drawn on this one."""
     from deepmedix.viz import COLORS, draw_overlay
 
     parsed = parse(raw)
     steps, boxes, labels = [], [], []
-    for i, step in enumerate(parsed.steps, 1):
+    for i, (step, views) in enumerate(zip(parsed.steps, step_views(parsed, n_images)), 1):
         shown = []
-        for b in step.boxes:
+        for b in (b for b, v in zip(step.boxes, views) if v == 0):
             shown.append({"box": [round(v) for v in rescale(b, frame_size, img.size)],
                           "color": len(boxes) % len(COLORS)})
             boxes.append(rescale(b, frame_size, disp.size))
@@ -130,7 +131,7 @@ def create_study(db_path: str | os.PathLike, data_uri: str, predictions: dict[st
                     (rid, rec.prompt, *img.size, png_bytes(disp))).lastrowid)
                 for m, rows in preds.items():
                     answer, steps, overlay = candidate_view(rows[rid]["raw_output"], img, disp,
-                                                            frame_of(rows[rid], frame), Path(tmp))
+                                                            frame_of(rows[rid], frame), Path(tmp), len(rec.images))
                     conn.execute("INSERT INTO candidate VALUES (?, ?, ?, ?, ?)",
                                  (case_ids[-1], model_ids[m], answer, json.dumps(steps), overlay))
             rng = secrets.SystemRandom()  # the blinding: not derivable from the seed, the names or the code

@@ -40,9 +40,9 @@ def grounded_components(output: str, boxes: Any, mode: str = "soft", iou_weight:
     ref = ref_boxes(boxes)
     if not ref:
         return None
-    pred = grounding.reference_view_boxes(normalise(output or ""), n_images)
-    iou = grounding.mean_matched_iou(pred, ref)
-    count = min(len(pred), len(ref)) / max(len(pred), len(ref))
+    pred, unplaced = grounding.reference_view_boxes(normalise(output or ""), n_images)
+    iou = grounding.mean_matched_iou(pred, ref, unplaced)
+    count = min(len(pred) + unplaced, len(ref)) / max(len(pred) + unplaced, len(ref))
     if mode == "gemex":
         value = 1.0 if len(pred) == len(ref) and iou > gemex_iou else 0.0
     else:

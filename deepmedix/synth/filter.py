@@ -8,7 +8,7 @@ from typing import Any
 
 from deepmedix.config import ColdStartConfig
 from deepmedix.data.schema import Record
-from deepmedix.grounding import inside, iou, parse
+from deepmedix.grounding import inside, iou, parse, step_views
 from deepmedix.rewards.paper import ACC_SCALE, accuracy_score, answer_kind, boxed_answer, normalise
 
 _FULL = ACC_SCALE - 1e-9  # the reward's maximum accuracy, less float noise
@@ -40,9 +40,11 @@ def keep_trace(trace: str, rec: Record, *, iou_min: float = 0.1, answer_min: flo
 
     ``grammar``            :func:`grounding.parse` finds no ``<think>...</think> ... \\boxed{...}``
     ``answer``             the boxed answer fails the reward's matcher (see :func:`answer_ok`)
-    ``box_outside_image``  a cited box is not a box inside the record's first image (its pixels, x1 < x2, y1 < y2)
-    ``box_no_overlap``     the record has reference boxes, and the reasoning cites none, or cites one whose IoU
-                           with every reference box is below ``iou_min``
+    ``box_outside_image``  a cited box is not a box inside the image it is on (its pixels, x1 < x2, y1 < y2): the
+                           record's first image, or with several views the one the step names (``Picture N``;
+                           a picture the record does not have is outside every image)
+    ``box_no_overlap``     the record has reference boxes (on its first image), and the reasoning cites none there,
+                           or cites one there whose IoU with every reference box is below ``iou_min``
     ``too_short``          the trace has fewer than ``min_chars`` characters (stripped)
     ``too_long``           the trace has more than ``max_chars`` characters
     ``duplicate``          a kept trace already had the same images, prompt and text (:func:`dedupe_key`);
@@ -53,10 +55,14 @@ def keep_trace(trace: str, rec: Record, *, iou_min: float = 0.1, answer_min: flo
         return "grammar"
     if not answer_ok(trace, rec.answer, answer_min):
         return "answer"
-    if any(not inside(b, *rec.image_sizes[0]) for b in parsed.boxes):
+    # each box in the pixels of the view the trace puts it on (several views: named "Picture N"); the references
+    # are on the first
+    placed = [(b, v) for s, views in zip(parsed.steps, step_views(parsed, len(rec.images)))
+              for b, v in zip(s.boxes, views)]
+    if any(v is None or not inside(b, *rec.image_sizes[v]) for b, v in placed):
         return "box_outside_image"
-    refs = image_boxes(rec)
-    if refs and (not parsed.boxes or any(max(iou(b, r) for r in refs) < iou_min for b in parsed.boxes)):
+    refs, first = image_boxes(rec), [b for b, v in placed if v == 0]
+    if refs and (not first or any(max(iou(b, r) for r in refs) < iou_min for b in first)):
         return "box_no_overlap"
     n = len(trace.strip())
     if n < min_chars:

@@ -93,9 +93,15 @@ def test_only_boxes_on_the_first_view_meet_the_references():
     ref = [[10, 10, 50, 50]]
     on_second = "<think> Picture 2 shows it with [10, 10, 50, 50] </think> The answer is: \\boxed{x}"
     on_first = "<think> Picture 1 shows it with [10, 10, 50, 50] </think> The answer is: \\boxed{x}"
-    assert reference_view_boxes(on_second, 2) == [] and reference_view_boxes(on_second, 1) == ref
+    assert reference_view_boxes(on_second, 2) == ([], 0) and reference_view_boxes(on_second, 1) == (ref, 0)
     assert grounded_components(on_second, ref, n_images=2)["iou"] == 0.0
     assert grounded_components(on_first, ref, n_images=2)["iou"] == 1.0
+    # boxes put on a picture the query does not have are predictions that match nothing: they cost, as extra
+    # boxes do on one image
+    sprayed = on_first.replace("</think>", "; Picture 7 [1, 1, 2, 2]; Picture 8 [3, 3, 4, 4] </think>")
+    assert reference_view_boxes(sprayed, 2) == (ref, 2)
+    assert grounded_components(sprayed, ref, n_images=2)["iou"] == pytest.approx(1 / 3)
+    assert grounded_components(sprayed, ref, n_images=2)["count"] == pytest.approx(1 / 3)
     assert grounded_components(on_second, ref)["iou"] == 1.0  # one image: every box is on it
     reward = ComponentReward(RewardSpec.parse("grounded"), "grounded")
     one, two = [Image.new("RGB", (8, 8))], [Image.new("RGB", (8, 8))] * 2
@@ -104,3 +110,35 @@ def test_only_boxes_on_the_first_view_meet_the_references():
     rows = [{"record_id": str(i), "task": "grounding", "raw_output": out, "reference": "x", "ref_boxes_frame": ref,
              "n_images": n} for i, (out, n) in enumerate(((on_second, 2), (on_first, 2)))]
     assert score_predictions(rows[:1])["grounding_miou"] == 0.0 and score_predictions(rows[1:])["grounding_miou"] == 1.0
+    from deepmedix.eval.suite import evaluate_rows
+
+    rows.append({**rows[1], "record_id": "2", "raw_output": sprayed})
+    suite = [next(v["miou"]["value"] for k, v in evaluate_rows([r], rounds=0).items() if k.endswith("grounding"))
+             for r in rows]  # the evaluation suite's mIoU, one row at a time
+    assert suite == pytest.approx([0.0, 1.0, 1 / 3])
+
+
+def test_teacher_traces_and_reader_overlays_place_boxes_on_their_views(tmp_path):
+    """The cold-start filter checks each cited box against the image its step names, and the reader study (which
+    shows a record's first image) draws only the boxes on that image."""
+    from PIL import Image
+
+    from deepmedix.data.schema import Box, Record
+    from deepmedix.reader.study import candidate_view
+    from deepmedix.synth.filter import keep_trace
+
+    rec = Record(record_id="r", patient_id="p", study_id="s", source="manifest", images=["pa.png", "lat.png"],
+                 image_sizes=[[300, 200], [200, 300]], task="grounding", prompt="Where is the effusion?",
+                 answer="effusion", split="train", boxes=[Box("effusion", [20, 120, 90, 190])]).validate()
+
+    def trace(second: str) -> str:
+        return (f"<think> Picture 1 shows the effusion with [20, 120, 90, 190]; {second} the fluid tracks up with "
+                f"[10, 250, 50, 290] </think> The answer is: \\boxed{{effusion}}")
+    assert keep_trace(trace("Picture 2 shows"), rec) is None  # inside the 200 x 300 lateral view
+    assert keep_trace(trace("Picture 1 shows"), rec) == "box_outside_image"  # below the 300 x 200 frontal one
+    assert keep_trace(trace("Picture 3 shows"), rec) == "box_outside_image"  # no such view
+    img = Image.new("RGB", (300, 200))
+    _, steps, _ = candidate_view(trace("Picture 2 shows"), img, img, (300, 200), tmp_path, n_images=2)
+    assert [len(s["boxes"]) for s in steps] == [1, 0]
+    _, steps, _ = candidate_view(trace("Picture 2 shows"), img, img, (300, 200), tmp_path)
+    assert [len(s["boxes"]) for s in steps] == [1, 1]  # one image: every box is on it

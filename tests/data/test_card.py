@@ -92,6 +92,17 @@ def test_curation_writes_the_card_of_a_hospital_manifest_with_quarantine_and_a_n
     assert lineage["card"] == "card" and lineage["manifest"]["total"] == result["after"]  # named in the commit
 
 
+def test_a_rerun_with_another_config_withdraws_the_old_card(tmp_path):
+    """The card describes the dataset it was drawn from: curating another dataset into the same folder (here
+    without a card) leaves no card of the old one behind."""
+    out = tmp_path / "data"
+    first = cli("curate", "--source", "phantom", "--out", str(out), "--set", "n_patients=4", "--set", "image_size=96")
+    assert first["card"] and (out / "card" / "card.md").is_file()
+    cli("curate", "--no-card", "--source", "phantom", "--out", str(out), "--set", "n_patients=5",
+        "--set", "image_size=96")
+    assert not (out / "card").exists() and "card" not in json.loads((out / "lineage.json").read_text())
+
+
 def test_card_of_public_format_fixtures(tmp_path):
     """VinDr-CXR and ChestX-ray14 fixtures in their native formats, curated as one mix, then carded."""
     fx_public.write_vindr(tmp_path / "vindr")

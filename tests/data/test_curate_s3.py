@@ -100,6 +100,8 @@ def test_every_adapter_reads_from_s3_into_one_store(s3, tmp_path):
     _curate(local_cfg, str(tmp_path / "local-out"))
     r = _curate(s3_cfg, "s3://curated/mix")
     summary = json.loads(r.stdout)
+    # the card was drawn from the records and the few images it shows: the dataset was not copied to the cache
+    assert not (store.cache_root() / "s3" / "curated" / "mix").exists()
     ds = store.fetch("s3://curated/mix")
     recs = load_records(ds)
     assert summary["after"] == len(recs) and summary["quarantined"] == 0

@@ -93,3 +93,15 @@ def test_overlay_draws_each_box_on_its_view_side_by_side():
     half = Image.open(io.BytesIO(base64.b64decode(overlay_png(small, g, sizes))))
     assert half.size == (150 + 67, 100)
     assert half.getpixel((round(x2 / 2) - 3, round(y1 / 2) + 1)) == COLORS[0]
+
+
+def test_overlay_of_views_with_extreme_aspect_ratios_stays_small():
+    """A request chooses its images: a 12 x 2000 view beside a 2000 x 12 one would make a 333000-pixel-wide strip
+    at the first view's height. The strip is capped at 2048 px per view; a view too thin for the processor at all
+    is refused when the request is parsed, naming it."""
+    sizes = [(12, 2000), (2000, 12)]
+    g = grounding_object("<think> Picture 2 [1, 1, 5, 5] </think> \\boxed{x}", sizes, fx.FRAME)
+    out = Image.open(io.BytesIO(base64.b64decode(overlay_png([Image.new("RGB", s) for s in sizes], g, sizes))))
+    assert out.width <= 2 * 2048 and out.height >= 1
+    with pytest.raises(InvalidInput, match=r"instances\[0\]\.image\[1\]: 10x2000 pixels: absolute aspect ratio"):
+        parse_v1({"instances": [{"image": [fx.png_b64(30, 20), fx.png_b64(10, 2000)], "question": "q"}]}, LIM)

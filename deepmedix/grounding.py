@@ -321,14 +321,25 @@ def step_views(parsed: Parsed, n_images: int) -> list[list[int | None]]:
     return out
 
 
+def placed_boxes(parsed: Parsed, n_images: int) -> list[tuple[list[float], int | None]]:
+    """Every box of the reasoning with its view (:func:`step_views`), in order."""
+    return [(b, v) for s, views in zip(parsed.steps, step_views(parsed, n_images)) for b, v in zip(s.boxes, views)]
+
+
+def as_sizes(sizes) -> list[tuple[int, int]]:
+    """One image's (width, height) or a list of them -> a list of (width, height)."""
+    if len(sizes) == 2 and all(isinstance(v, (int, float)) for v in sizes):
+        sizes = [sizes]
+    return [(int(w), int(h)) for w, h in sizes]
+
+
 def reference_view_boxes(text: str, n_images: int = 1) -> tuple[list[list[float]], int]:
     """The boxes of an output that are on the first image (model frame), the view a record's reference boxes are
     drawn on (``Record.boxes`` are on ``images[0]``), and how many boxes name a picture the query does not have.
     With one image, every box and 0. With several, a box the reasoning put on another view (:func:`step_views`) is
     not compared with references it was never meant to match; a box on no view of the query is a prediction that
     matches nothing (so naming a missing picture cannot hide extra boxes from the mIoU and count)."""
-    parsed = parse(text)
-    placed = [(b, v) for s, views in zip(parsed.steps, step_views(parsed, n_images)) for b, v in zip(s.boxes, views)]
+    placed = placed_boxes(parse(text), n_images)
     return [b for b, v in placed if v == 0], sum(1 for _, v in placed if v is None)
 
 
@@ -338,9 +349,7 @@ def grounding_object(raw: str, sizes, frame: Frame = DEFAULT_FRAME) -> dict:
     drawn on (``views``: that image's 0-based index, per box; :func:`step_views`), the answer. ``boxes`` and
     ``box_views`` list every placed box; ``views`` groups them per image; ``unplaced``: boxes whose named picture
     the query did not have (model-frame numbers, as written)."""
-    if len(sizes) == 2 and all(isinstance(v, (int, float)) for v in sizes):
-        sizes = [sizes]
-    sizes = [(int(w), int(h)) for w, h in sizes]
+    sizes = as_sizes(sizes)
     parsed = parse(raw)
     steps, unplaced = [], []
     for i, (s, placed) in enumerate(zip(parsed.steps, step_views(parsed, len(sizes)))):

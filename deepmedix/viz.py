@@ -45,11 +45,9 @@ def draw_overlay(image: Image.Image, boxes: list[list[float]], labels: list[str]
 def overlay_png(images, ground: dict, sizes=None, max_side: int = 2048) -> str:
     """Base64 PNG of ``images`` (one image, or the views of one query) with the grounding's boxes drawn on the view
     each belongs to (``box_views``), labelled by step; several views side by side, in order, at the first one's
-    height (scaled down when the strip would be wider than ``max_side`` per view). ``sizes``: the (width, height)
-    the boxes refer to, per image, when ``images`` are reduced copies (boxes are scaled to them)."""
+    height (scaled down when the strip would be wider than ``max_side`` per view). ``sizes``: a list of the
+    (width, height) the boxes refer to, per image, when ``images`` are reduced copies (boxes are scaled to them)."""
     images = [images] if isinstance(images, Image.Image) else list(images)
-    if sizes is not None and len(sizes) == 2 and all(isinstance(v, (int, float)) for v in sizes):
-        sizes = [sizes]
     views = ground.get("box_views") or [0] * len(ground["boxes"])
     labels = [f"step {i + 1}" for i, s in enumerate(ground["steps"]) for _ in s["boxes"]]
     # one height for all views (the first one's), the whole strip at most max_side x views wide: a view of an

@@ -257,25 +257,19 @@ def dataset_view(dataset: str) -> Iterator[tuple[Path, Callable[[str], Path]]]:
         path = store.fetch(dataset)
         yield path, lambda rel: path / rel
         return
-    from minio.error import S3Error
+    from deepmedix.data.sink import Sink
 
-    uri = str(dataset).rstrip("/")
-    bucket, prefix = store.parse_s3(uri)
+    sink = Sink(dataset)
     tmp = Path(tempfile.mkdtemp(prefix="deepmedix-card-"))
     try:
-        with store.s3_errors(uri):
-            client = store.s3_client()
-            for o in client.list_objects(bucket, prefix=f"{prefix}/records/", recursive=True):
-                client.fget_object(bucket, o.object_name, str(tmp / o.object_name[len(prefix) + 1:]))
-            for name in (store.LINEAGE, "quarantine.jsonl"):
-                try:
-                    client.fget_object(bucket, f"{prefix}/{name}", str(tmp / name))
-                except S3Error as exc:
-                    if exc.code not in ("NoSuchKey", "NoSuchObject", "NotFound"):
-                        raise
+        for rel in [*sink.list("records"), store.LINEAGE, "quarantine.jsonl"]:
+            raw = sink.get(rel)
+            if raw is not None:
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / rel).write_bytes(raw)
         if not (tmp / store.LINEAGE).is_file():
-            raise store.StoreError(f"{uri}: incomplete dataset (no {store.LINEAGE} commit marker)")
-        yield tmp, lambda rel: store.fetch_file(f"{uri}/{rel}")
+            raise store.StoreError(f"{sink.uri}: incomplete dataset (no {store.LINEAGE} commit marker)")
+        yield tmp, lambda rel: store.fetch_file(f"{sink.uri}/{rel}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

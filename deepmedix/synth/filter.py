@@ -8,7 +8,7 @@ from typing import Any
 
 from deepmedix.config import ColdStartConfig
 from deepmedix.data.schema import Record
-from deepmedix.grounding import inside, iou, parse, step_views
+from deepmedix.grounding import inside, iou, parse, placed_boxes
 from deepmedix.rewards.paper import ACC_SCALE, accuracy_score, answer_kind, boxed_answer, normalise
 
 _FULL = ACC_SCALE - 1e-9  # the reward's maximum accuracy, less float noise
@@ -57,8 +57,7 @@ def keep_trace(trace: str, rec: Record, *, iou_min: float = 0.1, answer_min: flo
         return "answer"
     # each box in the pixels of the view the trace puts it on (several views: named "Picture N"); the references
     # are on the first
-    placed = [(b, v) for s, views in zip(parsed.steps, step_views(parsed, len(rec.images)))
-              for b, v in zip(s.boxes, views)]
+    placed = placed_boxes(parsed, len(rec.images))
     if any(v is None or not inside(b, *rec.image_sizes[v]) for b, v in placed):
         return "box_outside_image"
     refs, first = image_boxes(rec), [b for b, v in placed if v == 0]

@@ -7,7 +7,7 @@ RUN_DIR ?= runs/demo
 REGISTRY ?= ghcr.io/deepmedix
 VERSION ?= $(shell sed -n 's/^version *= *"\(.*\)"/\1/p' pyproject.toml)
 
-.PHONY: install tools demo test rehearse vllm-pins compile bench bench-curate bench-metrics bench-serve bench-sft-gpu bench-grpo-gpu images images-smoke clean
+.PHONY: install tools demo test rehearse vllm-pins compile bench bench-curate bench-metrics bench-serve bench-sft-gpu bench-grpo-gpu bench-learning images images-smoke clean
 
 install: $(STAMP)
 
@@ -82,6 +82,13 @@ bench-metrics: $(STAMP) /usr/bin/java /usr/bin/javac
 # (SERVE_BENCH_ARGS: e.g. --model PATH --max-new-tokens 256; on a GPU machine the model runs on the GPU).
 bench-serve: $(STAMP)
 	$(BIN)/python bench/serve_bench.py $(SERVE_BENCH_ARGS)
+
+# Does each stage learn? base -> SFT -> cold start -> GRPO (grounded and paper rewards) on the phantom set
+# (configs/*/bench.yaml), every model on the same held-out test records, bootstrap 95 % intervals, targets met or
+# not (bench/learning_bench.py; runs/bench-learning/learning.{json,md,png}). <= 60 min on 2 cores; not part of
+# `make bench`. LEARNING_BENCH_ARGS: e.g. --device cuda, --fresh.
+bench-learning: $(STAMP)
+	$(BIN)/python bench/learning_bench.py $(LEARNING_BENCH_ARGS)
 
 # Needs a CUDA GPU (H100/H200): SFT of a Qwen2.5-VL-7B-shaped model, tokens/s and MFU. Not part of `make bench`.
 bench-sft-gpu: $(STAMP)

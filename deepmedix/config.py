@@ -197,6 +197,9 @@ class EvalConfig:
     max_pixels: int = 0
     frame: str = "auto"  # as the model was trained: auto (its lineage's, else native) | native | squareN
     #                      (deepmedix eval frame-calibrate tells for a checkpoint that records none)
+    prompt: str = "auto"  # reasoning: the task + the reasoning instruction, answers read from \\boxed{} (the paper's);
+    #                      plain: the task alone, the whole output is the answer (how stage-1 SFT trains);
+    #                      auto: plain for a stage-1 (sft) model folder, else reasoning
     bootstrap_rounds: int = 1000    # resamples for the 95 % intervals (0 = none)
     meteor: bool = True             # METEOR 1.5 (pycocoevalcap's jar; needs Java)
     chexpert_uncertain: str = "positive"  # uncertain CheXpert mentions: positive, negative or ignore

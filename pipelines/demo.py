@@ -92,6 +92,29 @@ def serve_and_ask(model_dir: Path, data_dir: Path, out_png: Path) -> dict[str, A
     return {"record": rec, "prediction": pred, "latency_s": latency, "startup_s": startup}
 
 
+HELD_OUT = (("vqa_accuracy", "VQA accuracy"), ("grounding_miou", "grounding mIoU"),
+            ("format_compliance", "format compliance"), ("paper_reward", "paper reward"))
+
+
+def held_out(run: Path, out: Path) -> list[tuple[str, dict, dict]]:
+    """Each training stage's held-out (test split) scores before and after it: (stage, before, after). The pipeline
+    evaluates the cold-start and final models; the base and stage-1 models are evaluated here with the same eval
+    config (a stage-1 model in the plain prompt it was trained on: eval ``prompt: auto``)."""
+    from deepmedix import stages
+
+    data = str(run / "curate" / "data")
+    scores = {}
+    for name in ("base-model", "sft"):
+        dest = out / f"evaluate-{name}"
+        if dest.exists():
+            shutil.rmtree(dest)
+        scores[name] = stages.evaluate(data, str(run / name / "model"), str(dest), "tiny")["scores"]
+    for name, task in (("coldstart", "evaluate-coldstart"), ("grpo", "evaluate")):
+        scores[name] = json.loads((run / task / "results" / "metrics.json").read_text())["scores"]
+    return [("sft", scores["base-model"], scores["sft"]), ("coldstart", scores["sft"], scores["coldstart"]),
+            ("grpo", scores["coldstart"], scores["grpo"])]
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return "—"
@@ -121,9 +144,14 @@ def main(run_dir: str = "runs/demo") -> None:
     table.add_row("serve", f"{served['startup_s']:.1f}", "request latency (s)", "—", f"{served['latency_s']:.2f}")
     console.print(table)
 
-    cs = json.loads((run / "evaluate-coldstart" / "results" / "metrics.json").read_text())["scores"]
-    console.print("[bold]Cold-start model on the test split:[/] "
-                  + ", ".join(f"{k}={_fmt(v)}" for k, v in cs.items() if k in ("format_compliance", "paper_reward")))
+    console.rule("[bold]Held-out test split, before and after each stage")
+    held = Table(title="Test split: the model before the stage -> after it (make bench-learning: with intervals)")
+    held.add_column("stage")
+    for _, title in HELD_OUT:
+        held.add_column(title, justify="right")
+    for stage, before, after in held_out(run, run_dir_p):
+        held.add_row(stage, *(f"{_fmt(before.get(k))} -> {_fmt(after.get(k))}" for k, _ in HELD_OUT))
+    console.print(held)
     ev = json.loads((run / "evaluate" / "results" / "metrics.json").read_text())["scores"]
     console.print("[bold]Evaluation on the test split:[/] " + ", ".join(f"{k}={_fmt(v)}" for k, v in ev.items()))
     pred, rec = served["prediction"], served["record"]

@@ -3,7 +3,9 @@
 Prediction file (JSONL, one line per record): record_id, task, question_type, source, prompt, raw_output,
 answer (parsed), boxes (parsed, model frame), format_ok, reference, ref_boxes_frame, ref_labels, and the frame:
 frame (``native`` | ``squareN``), frame_size (the model frame's [width, height] of the record's first image) and
-image_size (that image's stored [width, height]); boxes map back to the image per axis by their ratio.
+image_size (that image's stored [width, height]); boxes map back to the image per axis by their ratio;
+n_images and prompt_mode (``reasoning``, or ``plain`` for a stage-1 model asked without the instruction, whose
+whole output is its answer: config ``prompt``).
 
 Outputs: ``predictions.jsonl``; ``metrics.json`` with the flat headline scores and, under ``subsets``, every metric
 per subset (task x source, VQA by question type, grounding by label) with bootstrap 95 % intervals
@@ -21,15 +23,35 @@ from deepmedix import store
 from deepmedix.config import EvalConfig
 from deepmedix.data.records import frame_boxes, frame_size, load_split, record_images
 from deepmedix.errors import InputError
+from deepmedix.eval.scoring import PLAIN
 from deepmedix.grounding import parse
 from deepmedix.model.generate import batched
 from deepmedix.store import write_json
 
+PROMPT_MODES = ("auto", "reasoning", PLAIN)
 
-def resume_key(cfg: EvalConfig, data_uri: str, model_uri: str) -> dict[str, Any]:
+
+def prompt_mode(spec: str, model_uri: str) -> str:
+    """``reasoning`` or ``plain`` for an eval config's ``prompt``: ``auto`` is plain for a model folder whose
+    lineage names stage-1 SFT (trained on the task alone, answering in plain text: ``plain_target``), else the
+    paper's reasoning prompt (a cold-start or GRPO model, a released checkpoint)."""
+    if spec not in PROMPT_MODES:
+        raise InputError(f"eval config: key 'prompt' must be one of {list(PROMPT_MODES)}, got {spec!r}")
+    if spec != "auto":
+        return spec
+    lineage = store.fetch(model_uri) / "lineage.json"
+    try:
+        stage = json.loads(lineage.read_text()).get("stage")
+    except (OSError, ValueError, AttributeError):
+        stage = None
+    return PLAIN if stage == "sft" else "reasoning"
+
+
+def resume_key(cfg: EvalConfig, data_uri: str, model_uri: str, mode: str = "reasoning") -> dict[str, Any]:
     """A partial prediction file is reused only for the same model, data and generation settings."""
     return {"model": store.artifact_hash(model_uri), "data": store.artifact_hash(data_uri), "frame": cfg.frame,
-            "max_new_tokens": cfg.max_new_tokens, "min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels}
+            "max_new_tokens": cfg.max_new_tokens, "min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels,
+            "prompt": mode}
 
 
 def predict(cfg: EvalConfig, data_uri: str, model_uri: str, pred_path: Path,
@@ -41,7 +63,8 @@ def predict(cfg: EvalConfig, data_uri: str, model_uri: str, pred_path: Path,
     root, records = load_split(data_uri, cfg.split, cfg.tasks, None, cfg.max_records, cfg.seed)
     if not records:
         raise InputError(f"{data_uri}: no '{cfg.split}' records for tasks {cfg.tasks}")
-    key = resume_key(cfg, data_uri, model_uri)
+    mode = prompt_mode(cfg.prompt, model_uri)
+    key = resume_key(cfg, data_uri, model_uri, mode)
     meta = pred_path.with_name(pred_path.name + ".meta.json")
     if pred_path.exists() and (not meta.exists() or json.loads(meta.read_text()) != key):
         pred_path.unlink()
@@ -65,7 +88,7 @@ def predict(cfg: EvalConfig, data_uri: str, model_uri: str, pred_path: Path,
         with pred_path.open("a") as f:
             for chunk in batched(todo, cfg.batch_size):
                 outs = generate(loaded, [record_images(root, r, None) for r in chunk], [r.prompt for r in chunk],
-                                max_new_tokens=cfg.max_new_tokens, frame=frame)
+                                max_new_tokens=cfg.max_new_tokens, frame=frame, reasoning=mode != PLAIN)
                 for rec, raw in zip(chunk, outs):
                     p = parse(raw)
                     row = {"record_id": rec.record_id, "task": rec.task, "question_type": rec.question_type,
@@ -73,7 +96,8 @@ def predict(cfg: EvalConfig, data_uri: str, model_uri: str, pred_path: Path,
                            "boxes": p.boxes, "format_ok": p.format_ok, "reference": rec.answer,
                            "ref_boxes_frame": frame_boxes(rec, frame), "ref_labels": [b.label for b in rec.boxes],
                            "frame": frame.spec, "frame_size": list(frame_size(rec, frame)),
-                           "image_size": list(rec.image_sizes[0]), "n_images": len(rec.images)}
+                           "image_size": list(rec.image_sizes[0]), "n_images": len(rec.images),
+                           "prompt_mode": mode}
                     f.write(json.dumps(row) + "\n")
                     done[rec.record_id] = row
                 f.flush()

@@ -37,6 +37,34 @@ def report_text(parsed: grounding.Parsed) -> str:
     return grounding.THINK_RE.sub("", parsed.raw).strip()
 
 
+PLAIN = "plain"  # a prediction row's ``prompt_mode`` when the model was asked without the reasoning instruction
+
+
+def row_answer(row: dict) -> str | None:
+    """The answer of a prediction row: the boxed answer; for a row asked without the reasoning instruction
+    (``prompt_mode: plain``, a stage-1 model, which was trained to answer in plain text) the whole output with any
+    reasoning block removed, as :func:`report_text` reads reports."""
+    parsed = grounding.parse(row.get("raw_output") or "")
+    return report_text(parsed) if row.get("prompt_mode") == PLAIN else parsed.answer
+
+
+def row_boxes(row: dict) -> tuple[list[list[float]], int]:
+    """The boxes of a prediction row on its first image (model frame) and how many name a picture the query
+    lacks (:func:`deepmedix.grounding.reference_view_boxes`). A plain row (a stage-1 model's ``label [x1, y1, x2,
+    y2]`` answer, no reasoning block) has its boxes wherever the output writes them, all on the first image."""
+    raw = row.get("raw_output") or ""
+    if row.get("prompt_mode") == PLAIN:
+        return [[float(v) for v in m.groups()] for m in grounding.BOX_RE.finditer(raw)], 0
+    return grounding.reference_view_boxes(raw, row.get("n_images") or 1)
+
+
+def row_iou(row: dict) -> float:
+    """A grounding row's mIoU: its first-view boxes (:func:`row_boxes`) against its reference boxes, boxes on no
+    image of the query counted as unmatched."""
+    pred, unplaced = row_boxes(row)
+    return grounding.mean_matched_iou(pred, _ref_boxes(row.get("ref_boxes_frame")), unplaced)
+
+
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)
 
@@ -71,19 +99,17 @@ def score_predictions(rows: list[dict]) -> dict[str, float | int]:
         fmt.append(1.0 if parsed.format_ok else 0.0)
         reward.append(paper_components(raw, ref)["overall"])
         if task in REPORT_TASKS:
-            rep_pred.append(report_text(parsed))
+            rep_pred.append(report_text(parsed))  # (a plain row's output is its report either way)
             rep_ref.append(ref)
         elif task == "vqa":
-            ok = vqa_correct(parsed.answer, ref)
+            ok = vqa_correct(row_answer(row), ref)
             vqa.append(ok)
             qt = row.get("question_type") or ""
             if qt:
                 vqa_by.setdefault(qt, []).append(ok)
         elif task == "grounding":
-            boxes = _ref_boxes(row.get("ref_boxes_frame"))
-            if boxes:
-                pred, unplaced = grounding.reference_view_boxes(raw, row.get("n_images") or 1)
-                ious.append(grounding.mean_matched_iou(pred, boxes, unplaced))
+            if _ref_boxes(row.get("ref_boxes_frame")):
+                ious.append(row_iou(row))
 
     out["format_compliance"] = _mean(fmt)
     out["paper_reward"] = _mean(reward)

@@ -26,7 +26,7 @@ import numpy as np
 from deepmedix import clinical, grounding
 from deepmedix.data.schema import REPORT_TASKS
 from deepmedix.errors import InputError
-from deepmedix.eval.scoring import report_text, vqa_correct
+from deepmedix.eval.scoring import report_text, row_answer, row_iou, vqa_correct
 
 
 def _ci(samples: np.ndarray) -> tuple[float, float]:
@@ -159,14 +159,6 @@ def _mean_subset(name: str, values: np.ndarray, idx: np.ndarray) -> dict[str, An
     return {name: _entry(float(values.mean()), values[idx].mean(1) if len(idx) else None)}
 
 
-def _first_view_iou(row: dict) -> float:
-    """A grounding row's mIoU: its boxes on the first image (where the references are) against the references,
-    boxes on no image of the query counted as unmatched (:func:`deepmedix.grounding.reference_view_boxes`)."""
-    pred, unplaced = grounding.reference_view_boxes(row.get("raw_output") or "", row.get("n_images") or 1)
-    return grounding.mean_matched_iou(pred, [[float(v) for v in b] for b in row.get("ref_boxes_frame") or []],
-                                      unplaced)
-
-
 def _ref_label(row: dict) -> str:
     labels = row.get("ref_labels") or []
     return str(labels[0]) if labels else "all"
@@ -211,11 +203,10 @@ def evaluate_rows(rows: list[dict], rounds: int = 1000, seed: int = 0, meteor: b
         if task in REPORT_TASKS:
             entry.update(_report_subset(group, idx, meteor, uncertain, extra))
         elif task == "vqa":
-            ok = np.array([vqa_correct(grounding.parse(r.get("raw_output") or "").answer, r.get("reference") or "")
-                           for r in group], dtype=np.float64)
+            ok = np.array([vqa_correct(row_answer(r), r.get("reference") or "") for r in group], dtype=np.float64)
             entry.update(_mean_subset("accuracy", ok, idx))
         elif task == "grounding":
-            ious = np.array([_first_view_iou(r) for r in group], dtype=np.float64)
+            ious = np.array([row_iou(r) for r in group], dtype=np.float64)
             entry.update(_mean_subset("miou", ious, idx))
             entry.update(_mean_subset("acc@0.5", (ious >= 0.5).astype(np.float64), idx))
         out[name] = entry

@@ -17,12 +17,13 @@ from deepmedix.grounding import Frame, user_message
 from deepmedix.model.load import Loaded
 
 
-def chat_prompts(processor, questions: list[str], n_images: list[int], systems: list[str | None] | None = None
-                 ) -> list[str]:
-    """Chat-template prompts; ``systems[i]`` (when given) replaces the template's default system prompt."""
+def chat_prompts(processor, questions: list[str], n_images: list[int], systems: list[str | None] | None = None,
+                 reasoning: bool = True) -> list[str]:
+    """Chat-template prompts; ``systems[i]`` (when given) replaces the template's default system prompt;
+    ``reasoning=False`` leaves the reasoning instruction out (the prompt stage-1 SFT trains on)."""
     systems = systems or [None] * len(questions)
     return [processor.apply_chat_template(([{"role": "system", "content": [{"type": "text", "text": sys_}]}]
-                                           if sys_ else []) + [user_message(q, n)],
+                                           if sys_ else []) + [user_message(q, n, reasoning)],
                                           add_generation_prompt=True, tokenize=False)
             for q, n, sys_ in zip(questions, n_images, systems)]
 
@@ -102,7 +103,7 @@ class _Rows:
 def generate_batch(loaded: Loaded, images: list[list[Image.Image]], questions: list[str],
                    max_new_tokens: int | list[int] = 256, do_sample: bool = False, temperature: float = 1.0,
                    top_p: float = 1.0, frame: Frame | str | None = "auto", systems: list[str | None] | None = None,
-                   on_token=None, on_done=None, stop_row=None) -> list[Generation]:
+                   on_token=None, on_done=None, stop_row=None, reasoning: bool = True) -> list[Generation]:
     """One batched ``generate`` over several queries (each one or more images and a task text; the instruction
     is added). ``max_new_tokens`` may be one budget per query: each row stops at its own budget (the batch runs
     until every row has ended). ``on_token(row, token_id)`` streams; ``on_done(row, Generation)`` reports a row
@@ -114,7 +115,7 @@ def generate_batch(loaded: Loaded, images: list[list[Image.Image]], questions: l
 
     budgets = [int(max_new_tokens)] * len(questions) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     proc = loaded.processor
-    texts = chat_prompts(proc, questions, [len(i) for i in images], systems)
+    texts = chat_prompts(proc, questions, [len(i) for i in images], systems, reasoning)
     # bound to this processor's patch size and pixel budget; None: the images are sized already (serving sizes a
     # request's image once, when it is parsed — EasyR1's resize is not idempotent, so it must run exactly once)
     fr = loaded.frame(frame) if frame is not None else None
@@ -134,10 +135,12 @@ def generate_batch(loaded: Loaded, images: list[list[Image.Image]], questions: l
 
 
 def generate(loaded: Loaded, images: list[list[Image.Image]], questions: list[str], max_new_tokens: int = 256,
-             do_sample: bool = False, temperature: float = 1.0, frame: Frame | str = "auto") -> list[str]:
-    """One batched ``generate``: each query is one or more images and a task text (the instruction is added)."""
+             do_sample: bool = False, temperature: float = 1.0, frame: Frame | str = "auto",
+             reasoning: bool = True) -> list[str]:
+    """One batched ``generate``: each query is one or more images and a task text (the instruction is added
+    unless ``reasoning=False``)."""
     return [g.text for g in generate_batch(loaded, images, questions, max_new_tokens, do_sample=do_sample,
-                                           temperature=temperature, frame=frame)]
+                                           temperature=temperature, frame=frame, reasoning=reasoning)]
 
 
 def batched(items: list, n: int):

@@ -7,7 +7,8 @@ hands the loss is compared with what our rewards say about the very completions 
 * the completion mask covers exactly the generated tokens (through the first end-of-sequence token, nothing after)
   and those tokens decode to the text the reward scored;
 * the reward sees boxes in the frame the targets are in: the image the policy sees is the frame's grid
-  (``image_grid_thw`` x patch size) and the reference boxes are the record's boxes in that frame.
+  (``image_grid_thw`` x patch size) and the reference boxes are the record's boxes in that frame;
+* a one-prompt run drives its reward to the maximum (the policy's greedy answer becomes the right trace).
 """
 
 from __future__ import annotations
@@ -172,3 +173,98 @@ def test_the_reward_sees_boxes_in_the_frame_the_policy_sees_the_image_in(rollout
     w, h = rec.image_sizes[0]
     if frame.size(w, h) != (w, h):
         assert grounded_components(stored, ref, iou_weight=1.0, count_weight=0.0)["iou"] < got
+
+
+# the other answer a one-prompt run starts from, for the short VQA answers of the phantom set
+OTHER = {"mild": "moderate", "moderate": "severe", "severe": "mild", "yes": "no", "no": "yes", "PA": "AP", "AP": "PA"}
+
+
+def test_one_prompt_grpo_drives_its_reward_to_the_maximum(small_data, base_model_dir, tmp_path):
+    """GRPO on one prompt reaches the reward's maximum. The tiny model is first taught the prompt's grounded trace
+    with the WRONG answer three times for each time with the right one, until its greedy answer is the wrong trace
+    (on this host: a bound, not a step count): a policy below the maximum whose samples sometimes hold it. TRL's
+    GRPOTrainer with our paper reward must then make the right trace the greedy answer within a bound of 100 steps,
+    and raise the sampled reward: accuracy and format at their maxima (1.5 and 1), the coordinate bonus that of the
+    reference trace (the release's reward adds 0.05 per in-frame box up to three, without checking them; a trace
+    citing one box gets 1.5 of the 1.6 that three boxes would)."""
+    from transformers import TrainerCallback
+    from trl import GRPOTrainer
+
+    from deepmedix.data.records import record_images, trace_in_frame
+    from deepmedix.model.generate import chat_prompts, generate
+    from deepmedix.rewards import paper
+    from deepmedix.synth.template import template_trace
+
+    cfg = load_config("grpo", "tiny", ["tasks=[vqa]", "max_completion_length=160", "temperature=0.7",
+                                       "reward=paper", "learning_rate=0.001", "max_steps=100",
+                                       "per_device_train_batch_size=8", "num_generations=8", "logging_steps=1",
+                                       "beta=0.0", "warmup_ratio=0", "lr_scheduler_type=constant",
+                                       "rollout_samples=0"])
+    cfg = dataclasses.replace(cfg, frame=resolve_frame(cfg.frame, base_model_dir))
+    root, recs = load_split(str(small_data), "train", ["vqa"], None, None, 0)
+    loaded = load(base_model_dir, device="cpu", dtype="float32", min_pixels=cfg.min_pixels,
+                  max_pixels=cfg.max_pixels)
+    frame, proc, model = loaded.frame(cfg.frame), loaded.processor, loaded.model
+    spec = RewardSpec.from_config(cfg)
+    # the shortest reference trace among the prompts with a short answer (a long one breaks often enough under
+    # sampling that GRPO settles on a right answer with broken boxes: the coordinate bonus is small)
+    target, right = min(((r, trace_in_frame(template_trace(r), r, frame)) for r in recs if r.answer in OTHER),
+                        key=lambda rt: len(rt[1]))
+    wrong = right.replace(f"\\boxed{{{target.answer}}}", f"\\boxed{{{OTHER[target.answer]}}}")
+    best = spec.score(right, target.answer, None, "vqa")["overall"]
+    assert wrong != right and spec.score(wrong, target.answer, None, "vqa")["overall"] < best
+    parts = paper.paper_components(right, target.answer)
+    assert parts["accuracy"] == paper.ACC_SCALE and parts["format"] == 1.0  # both at their maxima
+
+    def greedy() -> tuple[float, str]:
+        model.eval()
+        out = generate(loaded, [record_images(root, target, None)], [target.prompt], max_new_tokens=160,
+                       frame=frame)[0]
+        model.train()
+        return spec.score(out, target.answer, None, "vqa")["overall"], out
+
+    imgs = record_images(root, target, frame)
+    prompt = chat_prompts(proc, [target.prompt], [1])[0]
+    n_prompt = proc(text=[prompt], images=imgs, return_tensors="pt")["input_ids"].shape[1]
+    batches = []
+    for text in (wrong, right):
+        full = proc(text=[prompt + text + "<|im_end|>"], images=imgs, return_tensors="pt")
+        labels = full["input_ids"].clone()
+        labels[:, :n_prompt] = -100
+        batches.append((full, labels))
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    model.train()
+    for step in range(1, 801):  # at least 150 steps (a sharp policy: samples keep the grammar), at most 800
+        full, labels = batches[1 if step % 4 == 0 else 0]
+        loss = model(**full, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step >= 150 and step % 10 == 0 and greedy()[1].strip() == wrong.strip():
+            break
+    else:
+        pytest.fail(f"after 800 steps the greedy answer is not the wrong trace on this host: {greedy()[1]!r}")
+    start = greedy()[0]
+    assert start < best
+
+    reached: list[int] = []
+
+    class AtMaximum(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if greedy()[0] >= best - 1e-9:
+                reached.append(state.global_step)
+                control.should_training_stop = True
+
+    funcs, weights = trl_reward_functions(spec)
+    rows, _ = grpo.make_rows(root, [target], cfg, proc, frame)
+    trainer = grpo.ratio_logged(GRPOTrainer)(
+        model=model, reward_funcs=funcs, args=grpo.trl_args(cfg, tmp_path / "t", weights),
+        train_dataset=lazy_image_dataset(rows * 800, frame), processing_class=proc, callbacks=[AtMaximum()])
+    trainer.train()
+    rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
+    assert reached, f"GRPO did not reach the maximum {best} in 100 steps: greedy {greedy()}, rewards {rewards}"
+    assert greedy()[1].strip() == right.strip()  # the right trace, box and all
+    parts = paper.paper_components(greedy()[1], target.answer)
+    assert parts["accuracy"] == paper.ACC_SCALE and parts["format"] == 1.0
+    assert rewards[-1] > rewards[0], rewards  # the sampled reward rose too

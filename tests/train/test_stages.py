@@ -157,10 +157,13 @@ def test_evaluate_resumes_from_partial_predictions(small_data, sft_model, tmp_pa
 
     cfg = load_config("eval", "tiny")
     first = load_split(str(small_data), "test", cfg.tasks, None, 3, cfg.seed)[1][0]
-    from deepmedix.eval.run import resume_key
+    from deepmedix.eval.run import prompt_mode, resume_key
 
     overrides = ["max_records=3", "max_new_tokens=4"]
-    key = resume_key(load_config("eval", "tiny", overrides), str(small_data), str(sft_model[0]))
+    cfg = load_config("eval", "tiny", overrides)
+    # a stage-1 model is asked without the reasoning instruction (prompt: auto)
+    assert prompt_mode(cfg.prompt, str(sft_model[0])) == "plain"
+    key = resume_key(cfg, str(small_data), str(sft_model[0]), "plain")
     kept = json.dumps({"record_id": first.record_id, "task": first.task, "question_type": "",
                        "raw_output": "kept from before", "answer": None, "boxes": [],
                        "format_ok": False, "reference": first.answer, "ref_boxes_frame": []})

@@ -1,0 +1,211 @@
+"""Learning benchmark (``make bench-learning``): does each stage of the recipe learn what it is meant to learn?
+
+One command runs the recipe on a phantom configuration chosen for it (``configs/<stage>/bench.yaml``: curation,
+model, SFT, cold start, GRPO, evaluation) — curate -> base model -> stage-1 SFT -> cold start (template traces, SFT)
+-> GRPO twice from the cold-start model, once with the ``grounded`` reward and once with the ``paper`` reward —
+then evaluates every stage's model on the same held-out test split (``deepmedix`` evaluation, greedy) and prints one
+table with bootstrap 95 % intervals (:mod:`deepmedix.eval.learning`):
+
+* VQA accuracy, overall and by question type, against the majority answer of each question type in the train split;
+* grounding mIoU and Acc@0.5, against a label prior that predicts each label's mean train box;
+* format compliance, the paper reward and the grounded reward.
+
+Then the targets, each judged on a 95 % bound over the test records (differences: paired bootstrap over the same
+records): SFT beats the majority baseline's VQA accuracy by >= 0.15 and the label prior's mIoU; cold start reaches
+>= 0.95 format compliance without losing SFT's VQA accuracy (the intervals overlap, or better); GRPO with the
+grounded reward raises test mIoU over the cold-start model and GRPO with the paper reward raises the test paper
+reward. A target not met is printed as not met with its numbers; the exit status is 0 either way (1 on an error).
+
+Writes ``--out`` (default ``runs/bench-learning``): every stage's artifact, ``learning.json`` (``table``,
+``targets``: ``{"name", "met", "value", "ci_low", "ci_high", ...}``, ``config``, wall times), ``learning.md`` and
+``learning.png``. A stage whose artifact is already there (from an interrupted run with the same ``--out``) is
+reused; ``--fresh`` starts over. ``--device cuda`` runs the same on a GPU; ``--device cpu`` (the default) hides any.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MODELS = ("base", "sft", "coldstart", "grpo_grounded", "grpo_paper")
+COLUMNS = ("baseline",) + MODELS
+HEADLINE = ("vqa_accuracy", "grounding_miou", "grounding_acc@0.5", "format_compliance", "paper_reward",
+            "grounded_reward")
+
+
+def log(msg: str) -> None:
+    print(f"[bench-learning {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run_stages(out: Path, size: str, walls: dict[str, float]) -> dict[str, Path]:
+    """The recipe, each stage skipped when its artifact exists (stages publish atomically: a folder that is there
+    is complete). Returns each model's folder."""
+    from deepmedix import stages
+
+    def step(name: str, path: Path, fn) -> None:
+        if path.exists():
+            log(f"{name}: reusing {path}")
+            return
+        log(f"{name} ...")
+        t0 = time.time()
+        result = fn()
+        walls[name] = time.time() - t0
+        shown = {k: result.get(k) for k in ("metric", "before", "after", "steps") if k in result}
+        log(f"{name}: done in {walls[name]:.0f} s {shown}")
+
+    data = out / "data"
+    models = {m: out / m for m in MODELS}
+    step("curate", data, lambda: stages.curate(str(data), size, ["workers=2"], log=lambda s: None))
+    step("base_model", models["base"], lambda: stages.base_model(str(data), str(models["base"]), size))
+    step("sft", models["sft"], lambda: stages.sft(str(data), str(models["base"]), str(models["sft"]), size))
+    traces = out / "traces"
+    step("coldstart_synth", traces, lambda: stages.coldstart_synth(str(data), str(traces), size))
+    step("coldstart_sft", models["coldstart"],
+         lambda: stages.coldstart_sft(str(traces), str(models["sft"]), str(models["coldstart"]), size))
+    # the grounded reward scores boxes against reference boxes: the grounding prompts (a VQA prompt's study boxes
+    # are not what its answer is about); the paper reward: the config's tasks
+    for reward, extra in (("grounded", ["tasks=[grounding]"]), ("paper", [])):
+        dest = models[f"grpo_{reward}"]
+        step(f"grpo ({reward} reward)", dest,
+             lambda dest=dest, reward=reward, extra=extra: stages.grpo(str(data), str(models["coldstart"]), str(dest),
+                                                                      size, [f"reward={reward}", *extra]))
+    return models
+
+
+def evaluate_all(out: Path, size: str, models: dict[str, Path], walls: dict[str, float]) -> dict[str, list[dict]]:
+    from deepmedix import stages
+
+    rows = {}
+    for name, folder in models.items():
+        dest = out / "eval" / name
+        if not dest.exists():
+            log(f"evaluate {name} on the test split ...")
+            t0 = time.time()
+            stages.evaluate(str(out / "data"), str(folder), str(dest), size,
+                            progress=lambda done, total: print(f"\r  {done}/{total} records", end="", flush=True))
+            print(flush=True)
+            walls[f"evaluate {name}"] = time.time() - t0
+        rows[name] = [json.loads(x) for x in (dest / "predictions.jsonl").read_text().splitlines() if x.strip()]
+    return rows
+
+
+def _cell(e: dict | None) -> str:
+    if not e or e.get("n", 0) == 0:
+        return "—"
+    return f"{e['value']:.3f} [{e['ci_low']:.3f}, {e['ci_high']:.3f}]"
+
+
+def markdown(tab: dict, tgts: list[dict], n_test: dict[str, int], wall_s: float) -> str:
+    lines = ["# Learning benchmark (test split, 95 % bootstrap intervals)", "",
+             "| metric | n | " + " | ".join(COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
+    for metric, cells in tab.items():
+        n = max((e["n"] for e in cells.values()), default=0)
+        lines.append(f"| {metric} | {n} | " + " | ".join(_cell(cells.get(c)) for c in COLUMNS) + " |")
+    lines += ["", "baseline: the majority answer of each question type (train split) for VQA; each label's mean "
+              "train box for grounding.", "", "## Targets", "", "| target | rule | value [95 % interval] | met |",
+              "|---|---|---|---|"]
+    for t in tgts:
+        lines.append(f"| {t['name']} | {t['rule']} | {_cell(t)} | {'MET' if t['met'] else 'NOT MET'} |")
+    lines += ["", f"Test records: {n_test}. Wall time: {wall_s / 60:.1f} min.", ""]
+    return "\n".join(lines)
+
+
+def write_png(tab: dict, tgts: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in HEADLINE if m in tab]
+    fig, axes = plt.subplots(1, len(metrics) + 1, figsize=(3.2 * (len(metrics) + 1), 3.6))
+    colours = dict(zip(COLUMNS, ("#888888", "#c7c7c7", "#1f77b4", "#2ca02c", "#d62728", "#9467bd")))
+    for ax, metric in zip(axes, metrics):
+        cols = [c for c in COLUMNS if c in tab[metric]]
+        for i, c in enumerate(cols):
+            e = tab[metric][c]
+            ax.errorbar([i], [e["value"]], yerr=[[e["value"] - e["ci_low"]], [e["ci_high"] - e["value"]]], fmt="o",
+                        color=colours[c], capsize=4)
+        ax.set_xticks(range(len(cols)), [c.replace("_", "\n") for c in cols], fontsize=7)
+        ax.set_title(metric, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    ax = axes[-1]
+    for i, t in enumerate(tgts):
+        ax.errorbar([t["value"]], [i], xerr=[[t["value"] - t["ci_low"]], [t["ci_high"] - t["value"]]], fmt="o",
+                    color="#2ca02c" if t["met"] else "#d62728", capsize=4)
+    ax.set_yticks(range(len(tgts)), [t["name"].replace("_", " ")[:34] for t in tgts], fontsize=6)
+    ax.yaxis.tick_right()
+    ax.axvline(0, color="black", lw=0.6)
+    ax.set_title("targets (green: met)", fontsize=9)
+    fig.suptitle("DeepMedix learning benchmark: held-out test split, bootstrap 95 % intervals", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="runs/bench-learning", help="output folder (default runs/bench-learning)")
+    ap.add_argument("--config", default="bench", help="config size: configs/<stage>/<size>.yaml (default bench)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--rounds", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fresh", action="store_true", help="remove --out first (default: reuse finished stages)")
+    args = ap.parse_args(argv)
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch is imported: the stages pick cuda when they see one
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench-learning: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        return 1
+    from deepmedix.config import load_config
+    from deepmedix.data.schema import load_records
+    from deepmedix.eval import learning
+
+    # every stage's config now: a missing or bad one fails before any work
+    cfgs = {stage: load_config(stage, args.config) for stage in ("curate", "model", "sft", "coldstart", "grpo", "eval")}
+    out = Path(args.out).resolve()
+    if args.fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    walls: dict[str, float] = {}
+    models = run_stages(out, args.config, walls)
+    rows = evaluate_all(out, args.config, models, walls)
+    values = {name: learning.record_values(r) for name, r in rows.items()}
+    ids = {tuple(sorted(r["record_id"] for r in rs)) for rs in rows.values()}
+    if len(ids) != 1:
+        print("bench-learning: the models were evaluated on different test records", file=sys.stderr)
+        return 1
+    values["baseline"] = learning.baseline_values(rows["sft"], load_records(out / "data", "train"))
+    tab = learning.table({c: values[c] for c in COLUMNS}, args.rounds, args.seed)
+    tgts = learning.targets(values, args.rounds, args.seed)
+    n_test = {}
+    for r in rows["sft"]:
+        n_test[r["task"]] = n_test.get(r["task"], 0) + 1
+    wall = time.time() - t0
+    result = {"table": tab, "targets": tgts, "n_test": n_test, "wall_s": wall, "stage_wall_s": walls,
+              "device": args.device, "rounds": args.rounds, "config_size": args.config,
+              "config": {k: v.__dict__ for k, v in cfgs.items()}}
+    (out / "learning.json").write_text(json.dumps(result, indent=2, default=str))
+    md = markdown(tab, tgts, n_test, wall)
+    (out / "learning.md").write_text(md)
+    write_png(tab, tgts, out / "learning.png")
+    print(md)
+    met = sum(t["met"] for t in tgts)
+    print(f"{met} of {len(tgts)} targets met. Wrote {out / 'learning.json'}, {out / 'learning.md'}, "
+          f"{out / 'learning.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

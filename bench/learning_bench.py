@@ -19,7 +19,8 @@ reward. A target not met is printed as not met with its numbers; the exit status
 Writes ``--out`` (default ``runs/bench-learning``): every stage's artifact, ``learning.json`` (``table``,
 ``targets``: ``{"name", "met", "value", "ci_low", "ci_high", ...}``, ``config``, wall times), ``learning.md`` and
 ``learning.png``. A stage whose artifact is already there (from an interrupted run with the same ``--out``) is
-reused; ``--fresh`` starts over. ``--device cuda`` runs the same on a GPU; ``--device cpu`` (the default) hides any.
+reused; ``--fresh`` starts over. ``--set STAGE.KEY=VALUE`` overrides one config key (repeatable). ``--device cuda``
+runs the same on a GPU; ``--device cpu`` (the default) hides any.
 """
 
 from __future__ import annotations
@@ -45,7 +46,28 @@ def log(msg: str) -> None:
     print(f"[bench-learning {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def run_stages(out: Path, size: str, walls: dict[str, float]) -> dict[str, Path]:
+STAGES = ("curate", "model", "sft", "coldstart", "grpo", "eval")
+# The GRPO run with the grounded reward: the grounding prompts (it scores boxes against a record's reference boxes,
+# and a VQA prompt's study boxes are not what its answer is about), advantages r - group mean (Dr. GRPO's
+# scale_rewards none: IoUs that differ by a hair are not blown up to +-1; TRL's grpo_trainer.py subtracts the group
+# mean and divides by the std only when scale_rewards != "none") over 8 rollouts at temperature 1.0.
+# What each setting did is in configs/grpo/bench.yaml; the paper-reward run takes that file as it is.
+GROUNDED_RUN = ["tasks=[grounding]", "scale_rewards=none", "temperature=1.0", "num_generations=8"]
+
+
+def parse_sets(items: list[str]) -> dict[str, list[str]]:
+    """``--set STAGE.KEY=VALUE`` items as each stage's ``KEY=VALUE`` overrides; a bad item exits with its name."""
+    out: dict[str, list[str]] = {s: [] for s in STAGES}
+    for item in items:
+        stage, dot, rest = item.partition(".")
+        if not dot or stage not in out or "=" not in rest:
+            raise SystemExit(f"bench-learning: --set {item!r}: expected STAGE.KEY=VALUE with STAGE one of "
+                             f"{', '.join(STAGES)}")
+        out[stage].append(rest)
+    return out
+
+
+def run_stages(out: Path, size: str, walls: dict[str, float], sets: dict[str, list[str]]) -> dict[str, Path]:
     """The recipe, each stage skipped when its artifact exists (stages publish atomically: a folder that is there
     is complete). Returns each model's folder."""
     from deepmedix import stages
@@ -63,24 +85,27 @@ def run_stages(out: Path, size: str, walls: dict[str, float]) -> dict[str, Path]
 
     data = out / "data"
     models = {m: out / m for m in MODELS}
-    step("curate", data, lambda: stages.curate(str(data), size, ["workers=2"], log=lambda s: None))
-    step("base_model", models["base"], lambda: stages.base_model(str(data), str(models["base"]), size))
-    step("sft", models["sft"], lambda: stages.sft(str(data), str(models["base"]), str(models["sft"]), size))
+    step("curate", data, lambda: stages.curate(str(data), size, ["workers=2", *sets["curate"]], log=lambda s: None))
+    step("base_model", models["base"], lambda: stages.base_model(str(data), str(models["base"]), size,
+                                                                 sets["model"]))
+    step("sft", models["sft"], lambda: stages.sft(str(data), str(models["base"]), str(models["sft"]), size,
+                                                  sets["sft"]))
     traces = out / "traces"
-    step("coldstart_synth", traces, lambda: stages.coldstart_synth(str(data), str(traces), size))
+    step("coldstart_synth", traces, lambda: stages.coldstart_synth(str(data), str(traces), size, sets["coldstart"]))
     step("coldstart_sft", models["coldstart"],
-         lambda: stages.coldstart_sft(str(traces), str(models["sft"]), str(models["coldstart"]), size))
-    # the grounded reward scores boxes against reference boxes: the grounding prompts (a VQA prompt's study boxes
-    # are not what its answer is about); the paper reward: the config's tasks
-    for reward, extra in (("grounded", ["tasks=[grounding]"]), ("paper", [])):
+         lambda: stages.coldstart_sft(str(traces), str(models["sft"]), str(models["coldstart"]), size,
+                                      sets["coldstart"]))
+    for reward, extra in (("grounded", GROUNDED_RUN), ("paper", [])):
         dest = models[f"grpo_{reward}"]
         step(f"grpo ({reward} reward)", dest,
              lambda dest=dest, reward=reward, extra=extra: stages.grpo(str(data), str(models["coldstart"]), str(dest),
-                                                                      size, [f"reward={reward}", *extra]))
+                                                                      size, [*sets["grpo"], f"reward={reward}",
+                                                                             *extra]))
     return models
 
 
-def evaluate_all(out: Path, size: str, models: dict[str, Path], walls: dict[str, float]) -> dict[str, list[dict]]:
+def evaluate_all(out: Path, size: str, models: dict[str, Path], walls: dict[str, float],
+                 overrides: list[str]) -> dict[str, list[dict]]:
     from deepmedix import stages
 
     rows = {}
@@ -89,7 +114,7 @@ def evaluate_all(out: Path, size: str, models: dict[str, Path], walls: dict[str,
         if not dest.exists():
             log(f"evaluate {name} on the test split ...")
             t0 = time.time()
-            stages.evaluate(str(out / "data"), str(folder), str(dest), size,
+            stages.evaluate(str(out / "data"), str(folder), str(dest), size, overrides,
                             progress=lambda done, total: print(f"\r  {done}/{total} records", end="", flush=True))
             print(flush=True)
             walls[f"evaluate {name}"] = time.time() - t0
@@ -125,7 +150,9 @@ def write_png(tab: dict, tgts: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     metrics = [m for m in HEADLINE if m in tab]
-    fig, axes = plt.subplots(1, len(metrics) + 1, figsize=(3.2 * (len(metrics) + 1), 3.6))
+    fig = plt.figure(figsize=(13, 11))
+    grid = fig.add_gridspec(3, 3, height_ratios=(1, 1, 0.9))
+    axes = [fig.add_subplot(grid[i // 3, i % 3]) for i in range(len(metrics))]
     colours = dict(zip(COLUMNS, ("#888888", "#c7c7c7", "#1f77b4", "#2ca02c", "#d62728", "#9467bd")))
     for ax, metric in zip(axes, metrics):
         cols = [c for c in COLUMNS if c in tab[metric]]
@@ -133,17 +160,19 @@ def write_png(tab: dict, tgts: list[dict], path: Path) -> None:
             e = tab[metric][c]
             ax.errorbar([i], [e["value"]], yerr=[[e["value"] - e["ci_low"]], [e["ci_high"] - e["value"]]], fmt="o",
                         color=colours[c], capsize=4)
-        ax.set_xticks(range(len(cols)), [c.replace("_", "\n") for c in cols], fontsize=7)
-        ax.set_title(metric, fontsize=9)
+        ax.set_xticks(range(len(cols)), [c.replace("_", "\n") for c in cols], fontsize=8)
+        ax.set_title(metric, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-    ax = axes[-1]
+    ax = fig.add_subplot(grid[2, 1:])
     for i, t in enumerate(tgts):
         ax.errorbar([t["value"]], [i], xerr=[[t["value"] - t["ci_low"]], [t["ci_high"] - t["value"]]], fmt="o",
                     color="#2ca02c" if t["met"] else "#d62728", capsize=4)
-    ax.set_yticks(range(len(tgts)), [t["name"].replace("_", " ")[:34] for t in tgts], fontsize=6)
-    ax.yaxis.tick_right()
-    ax.axvline(0, color="black", lw=0.6)
-    ax.set_title("targets (green: met)", fontsize=9)
+        if t.get("threshold") is not None and t["threshold"] == t["threshold"]:
+            ax.plot([t["threshold"]], [i], marker="|", color="black", markersize=14)
+    ax.set_yticks(range(len(tgts)), [t["name"].replace("_", " ") for t in tgts], fontsize=8)
+    ax.axvline(0, color="grey", lw=0.5)
+    ax.set_title("targets: value and 95 % interval, | the threshold the rule compares a bound with\n"
+                 "(green: met, red: not met)", fontsize=10)
     fig.suptitle("DeepMedix learning benchmark: held-out test split, bootstrap 95 % intervals", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -158,7 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2000, help="bootstrap resamples (default 2000)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fresh", action="store_true", help="remove --out first (default: reuse finished stages)")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                    help="override one config key of one stage (curate, model, sft, coldstart, grpo, eval); "
+                         "repeatable, e.g. --set sft.max_steps=500")
     args = ap.parse_args(argv)
+    sets = parse_sets(args.sets)
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch is imported: the stages pick cuda when they see one
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -172,15 +205,23 @@ def main(argv: list[str] | None = None) -> int:
     from deepmedix.eval import learning
 
     # every stage's config now: a missing or bad one fails before any work
-    cfgs = {stage: load_config(stage, args.config) for stage in ("curate", "model", "sft", "coldstart", "grpo", "eval")}
+    cfgs = {stage: load_config(stage, args.config, sets[stage]) for stage in STAGES}
     out = Path(args.out).resolve()
     if args.fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    # finished stages are reused only for the same settings: another config or --set needs --fresh or another --out
+    settings = {"config": args.config, "sets": args.sets, "configs": {k: v.__dict__ for k, v in cfgs.items()}}
+    marker = out / "bench-settings.json"
+    if marker.exists() and json.loads(marker.read_text()) != json.loads(json.dumps(settings, default=str)):
+        print(f"bench-learning: {out} holds a run with other settings ({marker}); pass --fresh to start over "
+              f"there, or another --out", file=sys.stderr)
+        return 2
+    marker.write_text(json.dumps(settings, indent=2, default=str))
     t0 = time.time()
     walls: dict[str, float] = {}
-    models = run_stages(out, args.config, walls)
-    rows = evaluate_all(out, args.config, models, walls)
+    models = run_stages(out, args.config, walls, sets)
+    rows = evaluate_all(out, args.config, models, walls, sets["eval"])
     values = {name: learning.record_values(r) for name, r in rows.items()}
     ids = {tuple(sorted(r["record_id"] for r in rs)) for rs in rows.values()}
     if len(ids) != 1:
@@ -194,8 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         n_test[r["task"]] = n_test.get(r["task"], 0) + 1
     wall = time.time() - t0
     result = {"table": tab, "targets": tgts, "n_test": n_test, "wall_s": wall, "stage_wall_s": walls,
-              "device": args.device, "rounds": args.rounds, "config_size": args.config,
-              "config": {k: v.__dict__ for k, v in cfgs.items()}}
+              "device": args.device, "rounds": args.rounds, "config_size": args.config, "sets": args.sets,
+              "config": settings["configs"]}
     (out / "learning.json").write_text(json.dumps(result, indent=2, default=str))
     md = markdown(tab, tgts, n_test, wall)
     (out / "learning.md").write_text(md)

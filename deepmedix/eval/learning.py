@@ -133,9 +133,10 @@ def paired(before: dict[str, float], after: dict[str, float], rounds: int = 1000
     return interval({k: after[k] - before[k] for k in common}, rounds, seed)
 
 
-def _target(name: str, rule: str, met: bool, stats: dict[str, float], **extra) -> dict[str, Any]:
+def _target(name: str, rule: str, met: bool, stats: dict[str, float], threshold: float, **extra) -> dict[str, Any]:
+    """One target: ``threshold`` is what the rule compares the interval's bound with."""
     return {"name": name, "met": bool(met), "value": stats["value"], "ci_low": stats["ci_low"],
-            "ci_high": stats["ci_high"], "n": stats["n"], "rule": rule, **extra}
+            "ci_high": stats["ci_high"], "n": stats["n"], "rule": rule, "threshold": threshold, **extra}
 
 
 def targets(values: dict[str, Values], rounds: int = 1000, seed: int = 0, vqa_margin: float = 0.15,
@@ -148,20 +149,22 @@ def targets(values: dict[str, Values], rounds: int = 1000, seed: int = 0, vqa_ma
     out = []
     d = paired(get("baseline", "vqa_accuracy"), get("sft", "vqa_accuracy"), rounds, seed)
     out.append(_target("sft_vqa_accuracy_minus_majority_baseline", f"ci_low >= {vqa_margin}",
-                       d["ci_low"] >= vqa_margin, d))
+                       d["ci_low"] >= vqa_margin, d, vqa_margin))
     d = paired(get("baseline", "grounding_miou"), get("sft", "grounding_miou"), rounds, seed)
-    out.append(_target("sft_grounding_miou_minus_label_prior", "ci_low > 0", d["ci_low"] > 0, d))
+    out.append(_target("sft_grounding_miou_minus_label_prior", "ci_low > 0", d["ci_low"] > 0, d, 0.0))
     f = interval(get("coldstart", "format_compliance"), rounds, seed)
-    out.append(_target("coldstart_format_compliance", f"ci_low >= {format_min}", f["ci_low"] >= format_min, f))
+    out.append(_target("coldstart_format_compliance", f"ci_low >= {format_min}", f["ci_low"] >= format_min, f,
+                       format_min))
     cs = interval(get("coldstart", "vqa_accuracy"), rounds, seed)
     sft = interval(get("sft", "vqa_accuracy"), rounds, seed)
     out.append(_target("coldstart_vqa_accuracy_keeps_sft", "ci_high >= SFT's ci_low (the intervals overlap, or better)",
-                       cs["ci_high"] >= sft["ci_low"], cs, sft={k: sft[k] for k in ("value", "ci_low", "ci_high")},
+                       cs["ci_high"] >= sft["ci_low"], cs, sft["ci_low"],
+                       sft={k: sft[k] for k in ("value", "ci_low", "ci_high")},
                        difference=paired(get("sft", "vqa_accuracy"), get("coldstart", "vqa_accuracy"), rounds, seed)))
     d = paired(get("coldstart", "grounding_miou"), get("grpo_grounded", "grounding_miou"), rounds, seed)
-    out.append(_target("grpo_grounded_test_miou_minus_coldstart", "ci_low > 0", d["ci_low"] > 0, d))
+    out.append(_target("grpo_grounded_test_miou_minus_coldstart", "ci_low > 0", d["ci_low"] > 0, d, 0.0))
     d = paired(get("coldstart", "paper_reward"), get("grpo_paper", "paper_reward"), rounds, seed)
-    out.append(_target("grpo_paper_test_paper_reward_minus_coldstart", "ci_low > 0", d["ci_low"] > 0, d))
+    out.append(_target("grpo_paper_test_paper_reward_minus_coldstart", "ci_low > 0", d["ci_low"] > 0, d, 0.0))
     for t in out:  # a target with no records to judge it on is not met
         t["met"] = t["met"] and t["n"] > 0
     return out

@@ -110,7 +110,8 @@ def test_targets_met_and_not_met():
              "grpo_grounded_test_miou_minus_coldstart", "grpo_paper_test_paper_reward_minus_coldstart"]
     good = learning.targets(_values(0.8, 1.0, 0.8, 0.05, 0.1))
     assert [t["name"] for t in good] == names and all(t["met"] for t in good), good
-    assert all(set(t) >= {"name", "met", "value", "ci_low", "ci_high"} for t in good)
+    assert all(set(t) >= {"name", "met", "value", "ci_low", "ci_high", "threshold", "rule"} for t in good)
+    assert [t["threshold"] for t in good][:3] == [0.15, 0.0, 0.95]
     json.dumps(good)  # learning.json takes them as they are
     bad = {t["name"]: t for t in learning.targets(_values(0.5, 0.9, 0.3, 0.0, -0.1))}
     assert not any(t["met"] for n, t in bad.items() if n != "sft_grounding_miou_minus_label_prior")

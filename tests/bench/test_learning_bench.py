@@ -1,0 +1,60 @@
+"""``make bench-learning`` end to end on a miniature setting (the real one takes up to an hour): every stage runs,
+every model is evaluated on the same test records, the table and the targets come out as text, JSON and PNG, a
+rerun reuses the finished stages, and a rerun with other settings into the same folder is refused."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from PIL import Image
+
+MINI = ["--set", "curate.n_patients=10", "--set", "sft.max_steps=4", "--set", "coldstart.max_steps=4",
+        "--set", "grpo.max_steps=1", "--set", "grpo.per_device_train_batch_size=4", "--set", "eval.max_records=10",
+        "--set", "eval.max_new_tokens=24", "--set", "grpo.max_completion_length=24", "--rounds", "50"]
+
+
+def run(args, tmp_path):
+    return subprocess.run([sys.executable, "bench/learning_bench.py", "--out", str(tmp_path / "b"), *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_learning_bench_runs_every_stage_and_reports_every_target(tmp_path):
+    r = run(MINI, tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = tmp_path / "b"
+    result = json.loads((out / "learning.json").read_text())
+    names = [t["name"] for t in result["targets"]]
+    assert names == ["sft_vqa_accuracy_minus_majority_baseline", "sft_grounding_miou_minus_label_prior",
+                     "coldstart_format_compliance", "coldstart_vqa_accuracy_keeps_sft",
+                     "grpo_grounded_test_miou_minus_coldstart", "grpo_paper_test_paper_reward_minus_coldstart"]
+    for t in result["targets"]:
+        assert isinstance(t["met"], bool) and t["ci_low"] <= t["value"] <= t["ci_high"], t
+    # every model and the baseline in the table, on the same records
+    assert set(result["table"]["vqa_accuracy"]) == {"baseline", "base", "sft", "coldstart", "grpo_grounded",
+                                                     "grpo_paper"}
+    assert len({e["n"] for e in result["table"]["vqa_accuracy"].values()}) == 1
+    assert result["n_test"]["vqa"] == result["table"]["vqa_accuracy"]["sft"]["n"]
+    for stage in ("base", "sft", "coldstart", "grpo_grounded", "grpo_paper"):
+        assert (out / stage / "config.json").exists() and (out / "eval" / stage / "predictions.jsonl").exists()
+    # the stage-1 model was asked in the plain prompt it was trained on, the others with the instruction
+    modes = {s: json.loads((out / "eval" / s / "predictions.jsonl").read_text().splitlines()[0])["prompt_mode"]
+             for s in ("sft", "coldstart")}
+    assert modes == {"sft": "plain", "coldstart": "reasoning"}
+    # the GRPO runs used the reward they are named for
+    for reward in ("grounded", "paper"):
+        lineage = json.loads((out / f"grpo_{reward}" / "lineage.json").read_text())
+        assert lineage["config"]["reward"] == reward
+    assert "| target | rule |" in r.stdout and ("NOT MET" in r.stdout or "MET" in r.stdout)
+    assert f"of {len(names)} targets met" in r.stdout
+    assert (out / "learning.md").read_text() in r.stdout
+    with Image.open(out / "learning.png") as im:
+        assert im.width > 800 and im.height > 600
+    # a rerun reuses every finished stage; other settings into the same folder are refused
+    again = run(MINI, tmp_path)
+    assert again.returncode == 0 and again.stdout.count("reusing") == 7, again.stdout[-2000:]
+    other = run(MINI + ["--set", "sft.max_steps=5"], tmp_path)
+    assert other.returncode == 2 and "--fresh" in other.stderr
+    bad = run(["--set", "sft:max_steps=5"], tmp_path)
+    assert bad.returncode != 0 and "STAGE.KEY=VALUE" in bad.stderr

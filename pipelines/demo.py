@@ -115,6 +115,10 @@ def held_out(run: Path, out: Path) -> list[tuple[str, dict, dict]]:
             ("grpo", scores["coldstart"], scores["grpo"])]
 
 
+def _num(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, (int, float)) else "—"
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return "—"
@@ -145,12 +149,12 @@ def main(run_dir: str = "runs/demo") -> None:
     console.print(table)
 
     console.rule("[bold]Held-out test split, before and after each stage")
-    held = Table(title="Test split: the model before the stage -> after it (make bench-learning: with intervals)")
+    held = Table(title="Test split: the model before the stage -> after it")
     held.add_column("stage")
     for _, title in HELD_OUT:
         held.add_column(title, justify="right")
     for stage, before, after in held_out(run, run_dir_p):
-        held.add_row(stage, *(f"{_fmt(before.get(k))} -> {_fmt(after.get(k))}" for k, _ in HELD_OUT))
+        held.add_row(stage, *(f"{_num(before.get(k))} -> {_num(after.get(k))}" for k, _ in HELD_OUT))
     console.print(held)
     ev = json.loads((run / "evaluate" / "results" / "metrics.json").read_text())["scores"]
     console.print("[bold]Evaluation on the test split:[/] " + ", ".join(f"{k}={_fmt(v)}" for k, v in ev.items()))

@@ -126,3 +126,20 @@ def test_table_lists_every_model_that_has_the_metric():
     assert list(tab)[:2] == ["vqa_accuracy", "grounding_miou"]
     assert set(tab["vqa_accuracy"]) == {"baseline", "sft", "coldstart"}
     assert tab["vqa_accuracy"]["sft"]["value"] == pytest.approx(0.8)
+
+
+def test_prompt_mode_follows_the_model_folders_stage(tmp_path):
+    from deepmedix.errors import InputError
+    from deepmedix.eval.run import prompt_mode
+
+    for stage, mode in (("sft", "plain"), ("coldstart", "reasoning"), ("grpo", "reasoning"),
+                        ("base_model", "reasoning")):
+        folder = tmp_path / stage
+        folder.mkdir()
+        (folder / "lineage.json").write_text(json.dumps({"stage": stage}))
+        assert prompt_mode("auto", str(folder)) == mode
+        assert prompt_mode("reasoning", str(folder)) == "reasoning" and prompt_mode("plain", str(folder)) == "plain"
+    (tmp_path / "released").mkdir()  # a checkpoint without lineage: the paper's prompt
+    assert prompt_mode("auto", str(tmp_path / "released")) == "reasoning"
+    with pytest.raises(InputError, match="key 'prompt' must be one of"):
+        prompt_mode("thinking", str(tmp_path / "released"))

@@ -179,7 +179,24 @@ def write_png(tab: dict, tgts: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _write(path: Path, text: str) -> None:
+    """Write a result file whole or not at all (a temporary file beside it, then renamed over it)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from deepmedix.errors import DeepMedixError
+
+    try:
+        return run(argv)
+    except DeepMedixError as exc:  # a bad config, --set value or input: its message names it
+        print(f"bench-learning: {exc}", file=sys.stderr)
+        return 1
+
+
+def run(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/bench-learning", help="output folder (default runs/bench-learning)")
     ap.add_argument("--config", default="bench", help="config size: configs/<stage>/<size>.yaml (default bench)")
@@ -237,10 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     result = {"table": tab, "targets": tgts, "n_test": n_test, "wall_s": wall, "stage_wall_s": walls,
               "device": args.device, "rounds": args.rounds, "config_size": args.config, "sets": args.sets,
               "config": settings["configs"]}
-    (out / "learning.json").write_text(json.dumps(result, indent=2, default=str))
+    _write(out / "learning.json", json.dumps(result, indent=2, default=str))
     md = markdown(tab, tgts, n_test, wall)
-    (out / "learning.md").write_text(md)
-    write_png(tab, tgts, out / "learning.png")
+    _write(out / "learning.md", md)
+    write_png(tab, tgts, out / "learning.tmp.png")
+    os.replace(out / "learning.tmp.png", out / "learning.png")
     print(md)
     met = sum(t["met"] for t in tgts)
     print(f"{met} of {len(tgts)} targets met. Wrote {out / 'learning.json'}, {out / 'learning.md'}, "

@@ -181,14 +181,32 @@ class WeedS3:
         (self.root / "s3.json").write_text(json.dumps({"identities": [{
             "name": "admin", "credentials": [{"accessKey": "testkey", "secretKey": "testsecret"}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        self._pick_ports()
+        self.proc = None
+        self.client = None
+        self.data = None
+
+    def _pick_ports(self) -> None:
         self.ports = [_free_pair() for _ in range(4)]
         self.env = {"S3_ENDPOINT": f"127.0.0.1:{self.ports[3]}", "S3_USE_HTTPS": "0",
                     "AWS_ACCESS_KEY_ID": "testkey", "AWS_SECRET_ACCESS_KEY": "testsecret",
                     "DEEPMEDIX_CACHE": str(self.root / "cache")}
-        self.proc = None
-        self.client = None
 
     def start(self) -> "WeedS3":
+        """Start the server. A port picked free can be taken before weed binds it (an outgoing connection's
+        ephemeral port on a busy machine): weed then exits with "address already in use", and it is started again
+        on other ports, three times at most."""
+        for attempt in range(3):
+            try:
+                return self._start()
+            except RuntimeError as exc:
+                if "address already in use" not in str(exc) or attempt == 2:
+                    raise
+                self.kill()
+                self._pick_ports()
+        raise AssertionError("unreachable")
+
+    def _start(self) -> "WeedS3":
         import socket
         import subprocess
         import time
@@ -197,8 +215,11 @@ class WeedS3:
 
         self.log = (self.root / "weed.log").open("a")
         p = self.ports
+        # a fresh folder for each first try (no state naming a failed try's ports); a restart keeps its data
+        data = self.data or self.root / f"data-{p[0]}"
+        data.mkdir(exist_ok=True)
         self.proc = subprocess.Popen(
-            [str(self.weed), "server", f"-dir={self.root}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            [str(self.weed), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
              f"-master.port={p[0]}", f"-volume.port={p[1]}", f"-filer.port={p[2]}", "-s3", f"-s3.port={p[3]}",
              "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={self.root / 's3.json'}", "-volume.max=8",
              "-master.telemetry=false", "-volume.preStopSeconds=0", "-master.raftBootstrap"],
@@ -226,6 +247,7 @@ class WeedS3:
                 if time.time() > deadline or self.proc.poll() is not None:
                     raise RuntimeError(f"weed S3 not ready: {(self.root / 'weed.log').read_text()[-2000:]}") from exc
                 time.sleep(0.5)
+        self.data = data
         return self
 
     def kill(self) -> None:

@@ -11,7 +11,7 @@ import sys
 from PIL import Image
 
 MINI = ["--set", "curate.n_patients=10", "--set", "sft.max_steps=4", "--set", "coldstart.max_steps=4",
-        "--set", "grpo.max_steps=1", "--set", "grpo.per_device_train_batch_size=4", "--set", "eval.max_records=10",
+        "--set", "grpo.max_steps=1", "--set", "grpo.per_device_train_batch_size=8", "--set", "eval.max_records=10",
         "--set", "eval.max_new_tokens=24", "--set", "grpo.max_completion_length=24", "--rounds", "50"]
 
 
@@ -58,3 +58,6 @@ def test_learning_bench_runs_every_stage_and_reports_every_target(tmp_path):
     assert other.returncode == 2 and "--fresh" in other.stderr
     bad = run(["--set", "sft:max_steps=5"], tmp_path)
     assert bad.returncode != 0 and "STAGE.KEY=VALUE" in bad.stderr
+    typo = run(["--set", "sft.max_steps=lots"], tmp_path / "other")
+    assert typo.returncode == 1 and "max_steps" in typo.stderr and "Traceback" not in typo.stderr, typo.stderr
+    assert not (tmp_path / "other" / "b").exists()  # refused before any work

@@ -39,10 +39,9 @@ def prompt_mode(spec: str, model_uri: str) -> str:
         raise InputError(f"eval config: key 'prompt' must be one of {list(PROMPT_MODES)}, got {spec!r}")
     if spec != "auto":
         return spec
-    lineage = store.fetch(model_uri) / "lineage.json"
     try:
-        stage = json.loads(lineage.read_text()).get("stage")
-    except (OSError, ValueError, AttributeError):
+        stage = store.read_lineage(model_uri).get("stage")
+    except (store.StoreError, ValueError, AttributeError):  # no lineage (a released checkpoint), or not an object
         stage = None
     return PLAIN if stage == "sft" else "reasoning"
 

@@ -43,14 +43,23 @@ def warm_up(loaded, root, recs, frame, steps: int) -> None:
         rec = recs[step % len(recs)]
         imgs = record_images(root, rec, frame)
         prompt = chat_prompts(proc, [rec.prompt], [len(imgs)])[0]
-        target = trace_in_frame(template_trace(rec), rec, frame)
-        full = proc(text=[prompt + target + "<|im_end|>"], images=imgs, return_tensors="pt")
-        labels = full["input_ids"].clone()
-        labels[:, :proc(text=[prompt], images=imgs, return_tensors="pt")["input_ids"].shape[1]] = -100
-        loss = model(**full, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        sft_step(model, opt, sft_batch(proc, prompt, imgs, trace_in_frame(template_trace(rec), rec, frame)))
+
+
+def sft_batch(proc, prompt: str, imgs, target: str) -> tuple[dict, torch.Tensor]:
+    """One SFT example: the chat prompt and the target through the processor, the loss on the target only."""
+    full = proc(text=[prompt + target + "<|im_end|>"], images=imgs, return_tensors="pt")
+    labels = full["input_ids"].clone()
+    labels[:, :proc(text=[prompt], images=imgs, return_tensors="pt")["input_ids"].shape[1]] = -100
+    return full, labels
+
+
+def sft_step(model, opt, batch: tuple[dict, torch.Tensor]) -> None:
+    full, labels = batch
+    loss = model(**full, labels=labels).loss
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
 
 
 def varied_groups(scores: dict, spec: RewardSpec, g: int) -> torch.Tensor:
@@ -225,22 +234,12 @@ def test_one_prompt_grpo_drives_its_reward_to_the_maximum(small_data, base_model
 
     imgs = record_images(root, target, frame)
     prompt = chat_prompts(proc, [target.prompt], [1])[0]
-    n_prompt = proc(text=[prompt], images=imgs, return_tensors="pt")["input_ids"].shape[1]
-    batches = []
-    for text in (wrong, right):
-        full = proc(text=[prompt + text + "<|im_end|>"], images=imgs, return_tensors="pt")
-        labels = full["input_ids"].clone()
-        labels[:, :n_prompt] = -100
-        batches.append((full, labels))
+    batches = [sft_batch(proc, prompt, imgs, text) for text in (wrong, right)]
     torch.manual_seed(0)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     model.train()
     for step in range(1, 801):  # at least 150 steps (a sharp policy: samples keep the grammar), at most 800
-        full, labels = batches[1 if step % 4 == 0 else 0]
-        loss = model(**full, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        sft_step(model, opt, batches[1 if step % 4 == 0 else 0])
         if step >= 150 and step % 10 == 0 and greedy()[1].strip() == wrong.strip():
             break
     else:

@@ -81,8 +81,8 @@ def ratings(pos: int) -> dict[str, str]:
 
 
 def test_browser_sign_in_rate_revisit_and_readers_apart(server, browser, tmp_path):
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.expected_conditions import staleness_of
     from selenium.webdriver.support.ui import WebDriverWait
 
     url, tokens, db = server
@@ -91,7 +91,23 @@ def test_browser_sign_in_rate_revisit_and_readers_apart(server, browser, tmp_pat
         """Click a form's submit button and wait for the page it leads to."""
         before = d.find_element(By.TAG_NAME, "html")
         d.find_element(By.ID, button).click()
-        WebDriverWait(d, 10).until(staleness_of(before))
+
+        def left(_) -> bool:
+            # Selenium's staleness_of only catches StaleElementReferenceException, but chromedriver sometimes answers
+            # a query on a node of the page being replaced with "unhandled inspector error: Node with given id does
+            # not belong to the document" (SeleniumHQ/selenium#15401): that node is just as gone.
+            try:
+                before.is_enabled()
+                return False
+            except StaleElementReferenceException:
+                return True
+            except WebDriverException as e:
+                if "does not belong to the document" in (e.msg or "") or "No node with given id" in (e.msg or ""):
+                    return True
+                raise
+
+        WebDriverWait(d, 10).until(left)
+        WebDriverWait(d, 10).until(lambda _: d.execute_script("return document.readyState") == "complete")
         assert d.current_url == url + expected
 
     def sign_in(d, token: str) -> None:

@@ -102,7 +102,7 @@ def test_browser_sign_in_rate_revisit_and_readers_apart(server, browser, tmp_pat
             except StaleElementReferenceException:
                 return True
             except WebDriverException as e:
-                if "does not belong to the document" in (e.msg or "") or "No node with given id" in (e.msg or ""):
+                if any(m in (e.msg or "") for m in ("does not belong to the document", "No node with given id")):
                     return True
                 raise
 

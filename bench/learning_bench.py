@@ -231,12 +231,12 @@ def run(argv: list[str] | None = None) -> int:
     # finished stages are reused only for the same settings: another config or --set needs --fresh or another --out
     settings = {"config": args.config, "sets": args.sets, "configs": {k: v.__dict__ for k, v in cfgs.items()},
                 "grounded_run": GROUNDED_RUN}
-    marker = out / "bench-settings.json"
-    if marker.exists() and json.loads(marker.read_text()) != json.loads(json.dumps(settings, default=str)):
+    marker, text = out / "bench-settings.json", json.dumps(settings, indent=2, default=str)
+    if marker.exists() and json.loads(marker.read_text()) != json.loads(text):
         print(f"bench-learning: {out} holds a run with other settings ({marker}); pass --fresh to start over "
               f"there, or another --out", file=sys.stderr)
         return 2
-    marker.write_text(json.dumps(settings, indent=2, default=str))
+    _write(marker, text)
     t0 = time.time()
     walls: dict[str, float] = {}
     models = run_stages(out, args.config, walls, sets)

@@ -110,9 +110,10 @@ def iter_studies(n_patients: int = 40, studies_per_patient: tuple[int, int] = (1
                      prompt=text.pick(rng, text.IMPRESSION_PROMPTS), answer=text.impression_text(rng, specs),
                      boxes=list(boxes), **common),
             ]
-            for q, (qt, question, ans) in enumerate(text.vqa_items(rng, specs, view, vqa_per_study)):
+            # a VQA record's boxes are its evidence: the regions of the findings its answer rests on
+            for q, (qt, question, ans, ev) in enumerate(text.vqa_items(rng, specs, view, vqa_per_study)):
                 recs.append(dict(record_id=f"{sid}-vqa-{q}", task="vqa", question_type=qt, prompt=question,
-                                 answer=ans, boxes=list(boxes), **common))
+                                 answer=ans, boxes=[b for b in boxes if b.label in ev], **common))
             for i, spec in enumerate(specs):
                 recs.append(dict(record_id=f"{sid}-grounding-{i}", task="grounding",
                                  prompt=text.grounding_prompt(spec.label), answer=spec.label,

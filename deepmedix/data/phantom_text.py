@@ -230,13 +230,13 @@ def _presence(rng, specs):
     q = pick(rng, (f"Is there {art} {c}?", f"Does this chest X-ray show {art} {c}?", f"Is {art} {c} present?"))
     if c in ("cardiomegaly", "consolidation", "atelectasis"):
         q = pick(rng, (f"Is there {c}?", f"Does this chest X-ray show {c}?", f"Is {c} present?"))
-    return q, ans
+    return q, ans, tuple(lab for lab in CONCEPTS.get(c, (c,)) if lab in present)
 
 
 def _abnormality(rng, specs):
     q = pick(rng, ("What abnormalities are seen in this image?", "Which findings are present in this chest X-ray?",
                     "List the abnormalities in this chest radiograph."))
-    return q, " | ".join(s.label for s in specs) if specs else "no finding"
+    return q, " | ".join(s.label for s in specs) if specs else "no finding", tuple(s.label for s in specs)
 
 
 def _location(rng, specs):
@@ -245,20 +245,20 @@ def _location(rng, specs):
     q = pick(rng, (f"Where is the {name}?", f"Where is the {name} located?", f"In which region is the {name}?"))
     if spec.label.endswith("pleural effusion") and sum(s.label.endswith("effusion") for s in specs) > 1:
         q = f"Where is the {spec.label}?"
-    return q, location(spec)
+    return q, location(spec), (spec.label,)
 
 
 def _level(rng, specs):
     spec = pick(rng, specs)
     q = pick(rng, (f"How severe is the {spec.label}?", f"What is the severity of the {spec.label}?",
                     f"What is the level of the {spec.label}?"))
-    return q, spec.severity
+    return q, spec.severity, (spec.label,)
 
 
 def _view(rng, view):
     q = pick(rng, ("What is the view of this chest X-ray?", "Is this a PA or AP radiograph?",
                     "Which projection is this chest radiograph?"))
-    return q, view
+    return q, view, ()
 
 
 def _type(rng, specs):
@@ -270,11 +270,14 @@ def _type(rng, specs):
         q = pick(rng, (f"What type of opacity is seen in the {loc}?", f"What kind of opacity is in the {loc}?"))
     else:
         q = pick(rng, (f"What type of abnormality is seen in the {loc}?", f"What is the finding in the {loc}?"))
-    return q, TYPE_WORD[spec.label]
+    return q, TYPE_WORD[spec.label], (spec.label,)
 
 
-def vqa_items(rng: np.random.Generator, specs: list[FindingSpec], view: str, k: int) -> list[tuple[str, str, str]]:
-    """k (question_type, question, answer) triples; types drawn without repeat until the available ones run out."""
+def vqa_items(rng: np.random.Generator, specs: list[FindingSpec], view: str,
+              k: int) -> list[tuple[str, str, str, tuple[str, ...]]]:
+    """k (question_type, question, answer, evidence) items; types drawn without repeat until the available ones run
+    out. The evidence is the labels of the findings the answer rests on: the one asked about (location, level,
+    type, a present finding), every finding (the abnormality list), none (the view, an absent finding)."""
     avail = ["presence", "abnormality", "view"]
     if specs:
         avail.append("level")
@@ -292,19 +295,19 @@ def vqa_items(rng: np.random.Generator, specs: list[FindingSpec], view: str, k: 
         qt = order.pop(0)
         for _ in range(4):  # avoid asking the same question twice in a study where possible
             if qt == "presence":
-                q, a = _presence(rng, specs)
+                q, a, ev = _presence(rng, specs)
             elif qt == "abnormality":
-                q, a = _abnormality(rng, specs)
+                q, a, ev = _abnormality(rng, specs)
             elif qt == "location":
-                q, a = _location(rng, specs)
+                q, a, ev = _location(rng, specs)
             elif qt == "level":
-                q, a = _level(rng, specs)
+                q, a, ev = _level(rng, specs)
             elif qt == "view":
-                q, a = _view(rng, view)
+                q, a, ev = _view(rng, view)
             else:
-                q, a = _type(rng, specs)
+                q, a, ev = _type(rng, specs)
             if q not in seen:
                 break
         seen.add(q)
-        out.append((qt, q, a))
+        out.append((qt, q, a, ev))
     return out

@@ -11,7 +11,7 @@ from PIL import Image
 
 from deepmedix.data.phantom import assign_splits, generate
 from deepmedix.data.phantom_render import render_study
-from deepmedix.data.phantom_text import FINDINGS, SEVERITIES, FindingSpec
+from deepmedix.data.phantom_text import FINDINGS, SEVERITIES, TYPE_WORD, FindingSpec
 from deepmedix.data.schema import QUESTION_TYPES, SPLITS, TASKS
 
 SIZE = 256
@@ -203,10 +203,27 @@ def test_every_task_and_study_structure(dataset):
             if r.task == "grounding":
                 assert r.answer in findings and r.prompt == f"Locate the {r.answer} in this image."
                 assert r.boxes and all(b.label == r.answer for b in r.boxes)
+            elif r.task == "vqa":
+                assert r.boxes == [b for b in study_boxes if b.label in vqa_evidence(r)], r
             else:
                 assert r.boxes == study_boxes
         n_normal += not findings
     assert 0 < n_normal < len(by_study)
+
+
+def vqa_evidence(r) -> set[str]:
+    """The findings a phantom VQA answer rests on, read back from the question and answer: the record's boxes must
+    be exactly theirs (so a grounded trace cites only what the question is about)."""
+    if r.question_type == "abnormality":
+        return set(r.findings)
+    if r.question_type == "view" or r.answer == "no":
+        return set()
+    if r.question_type == "type":  # the finding of that type at the place asked (an effusion: the side asked)
+        return {f for f in r.findings
+                if TYPE_WORD[f] == r.answer and (not f.endswith("effusion") or f.split()[0] in r.prompt.split())}
+    # presence "yes", location, level: the finding the question names (an unsided effusion: both sides present)
+    named = {f for f in r.findings if f in r.prompt}
+    return named or {f for f in r.findings if f.endswith("pleural effusion") and "pleural effusion" in r.prompt}
 
 
 def test_vqa_answers(dataset):
@@ -300,3 +317,4 @@ def test_landmarks_are_the_anatomy_drawn():
     again = []
     render_study(np.random.default_rng(3), [], size=SIZE, landmarks=again)
     assert [b.box for b in again] == [b.box for b in marks]
+

@@ -45,6 +45,9 @@ def test_template_teacher_traces_pass_the_filter_and_cite_only_reference_boxes(s
         p = parse(trace)
         assert p.answer == rec.answer
         cited = rec.boxes or rec.landmarks
+        # a step names its finding first, so a trace never commits to "there is a finding" before naming one (the
+        # phantom's VQA records carry only the boxes their answer rests on: tests/data/test_phantom.py)
+        assert all(f"; {b.label} is seen in this region" in trace.replace("<think> ", "; ") for b in rec.boxes)
         assert rec.landmarks and set(map(tuple, p.boxes)) == {tuple(round(v) for v in b.box) for b in cited}
         target = trace_in_frame(trace, rec, tiny)
         w, h = rec.image_sizes[0]

@@ -6,7 +6,9 @@ model, SFT, cold start, GRPO, evaluation) — curate -> base model -> stage-1 SF
 then evaluates every stage's model on the same held-out test split (``deepmedix`` evaluation, greedy) and prints one
 table with bootstrap 95 % intervals (:mod:`deepmedix.eval.learning`):
 
-* VQA accuracy, overall and by question type, against the majority answer of each question type in the train split;
+* VQA accuracy, overall and by question type, against the majority answer of each question type in the train split
+  (and, outside the targets, against the train split's majority answer to the same question text: ``text_only``,
+  what reading the question alone gets);
 * grounding mIoU and Acc@0.5, against a label prior that predicts each label's mean train box;
 * format compliance, the paper reward and the grounded reward.
 
@@ -37,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 MODELS = ("base", "sft", "coldstart", "grpo_grounded", "grpo_paper")
-COLUMNS = ("baseline",) + MODELS
+COLUMNS = ("baseline", "text_only") + MODELS
 HEADLINE = ("vqa_accuracy", "grounding_miou", "grounding_acc@0.5", "format_compliance", "paper_reward",
             "grounded_reward")
 
@@ -47,10 +49,12 @@ def log(msg: str) -> None:
 
 
 STAGES = ("curate", "model", "sft", "coldstart", "grpo", "eval")
-# The GRPO run with the grounded reward: the grounding prompts (it scores boxes against a record's reference boxes,
-# and a VQA prompt's study boxes are not what its answer is about), advantages r - group mean (Dr. GRPO's
-# scale_rewards none: IoUs that differ by a hair are not blown up to +-1; TRL's grpo_trainer.py subtracts the group
-# mean and divides by the std only when scale_rewards != "none") over 8 rollouts at temperature 0.5, 300 steps.
+WALLS = "stage-walls.json"  # each finished stage's and evaluation's wall time, kept for a rerun that reuses them
+# The GRPO run with the grounded reward: the grounding prompts (the target is grounding mIoU; a phantom VQA record
+# has no boxes for a view or an absent finding, so the reward has nothing to score there), advantages r - group
+# mean (Dr. GRPO's scale_rewards none: IoUs that differ by a hair are not blown up to +-1; TRL's grpo_trainer.py
+# subtracts the group mean and divides by the std only when scale_rewards != "none") over 8 rollouts at temperature
+# 0.5, 300 steps.
 # What each setting did is in configs/grpo/bench.yaml; the paper-reward run takes that file as it is. --set grpo.KEY
 # wins over these (both runs take it); they are part of the settings a rerun must share.
 GROUNDED_RUN = ["tasks=[grounding]", "scale_rewards=none", "temperature=0.5", "num_generations=8", "max_steps=300"]
@@ -81,6 +85,7 @@ def run_stages(out: Path, size: str, walls: dict[str, float], sets: dict[str, li
         t0 = time.time()
         result = fn()
         walls[name] = time.time() - t0
+        _write(out / WALLS, json.dumps(walls, indent=2))
         shown = {k: result.get(k) for k in ("metric", "before", "after", "steps") if k in result}
         log(f"{name}: done in {walls[name]:.0f} s {shown}")
 
@@ -119,6 +124,7 @@ def evaluate_all(out: Path, size: str, models: dict[str, Path], walls: dict[str,
                             progress=lambda done, total: print(f"\r  {done}/{total} records", end="", flush=True))
             print(flush=True)
             walls[f"evaluate {name}"] = time.time() - t0
+            _write(out / WALLS, json.dumps(walls, indent=2))
         rows[name] = [json.loads(x) for x in (dest / "predictions.jsonl").read_text().splitlines() if x.strip()]
     return rows
 
@@ -129,18 +135,20 @@ def _cell(e: dict | None) -> str:
     return f"{e['value']:.3f} [{e['ci_low']:.3f}, {e['ci_high']:.3f}]"
 
 
-def markdown(tab: dict, tgts: list[dict], n_test: dict[str, int], wall_s: float) -> str:
+def markdown(tab: dict, tgts: list[dict], n_test: dict[str, int], wall_s: float, stages_s: float) -> str:
     lines = ["# Learning benchmark (test split, 95 % bootstrap intervals)", "",
              "| metric | n | " + " | ".join(COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
     for metric, cells in tab.items():
         n = max((e["n"] for e in cells.values()), default=0)
         lines.append(f"| {metric} | {n} | " + " | ".join(_cell(cells.get(c)) for c in COLUMNS) + " |")
     lines += ["", "baseline: the majority answer of each question type (train split) for VQA; each label's mean "
-              "train box for grounding.", "", "## Targets", "", "| target | rule | value [95 % interval] | met |",
-              "|---|---|---|---|"]
+              "train box for grounding. text_only: the majority answer to the same question text (train split; VQA "
+              "only, not a target's baseline).", "", "## Targets", "",
+              "| target | rule | value [95 % interval] | met |", "|---|---|---|---|"]
     for t in tgts:
         lines.append(f"| {t['name']} | {t['rule']} | {_cell(t)} | {'MET' if t['met'] else 'NOT MET'} |")
-    lines += ["", f"Test records: {n_test}. Wall time: {wall_s / 60:.1f} min.", ""]
+    lines += ["", f"Test records: {n_test}. Wall time: {wall_s / 60:.1f} min (this run); the stages and evaluations "
+              f"took {stages_s / 60:.1f} min when they ran.", ""]
     return "\n".join(lines)
 
 
@@ -154,7 +162,7 @@ def write_png(tab: dict, tgts: list[dict], path: Path) -> None:
     fig = plt.figure(figsize=(13, 11))
     grid = fig.add_gridspec(3, 3, height_ratios=(1, 1, 0.9))
     axes = [fig.add_subplot(grid[i // 3, i % 3]) for i in range(len(metrics))]
-    colours = dict(zip(COLUMNS, ("#888888", "#c7c7c7", "#1f77b4", "#2ca02c", "#d62728", "#9467bd")))
+    colours = dict(zip(COLUMNS, ("#888888", "#bcbd22", "#c7c7c7", "#1f77b4", "#2ca02c", "#d62728", "#9467bd")))
     for ax, metric in zip(axes, metrics):
         cols = [c for c in COLUMNS if c in tab[metric]]
         for i, c in enumerate(cols):
@@ -238,7 +246,8 @@ def run(argv: list[str] | None = None) -> int:
         return 2
     _write(marker, text)
     t0 = time.time()
-    walls: dict[str, float] = {}
+    # a stage a rerun reuses keeps the wall time it took when it ran
+    walls: dict[str, float] = json.loads((out / WALLS).read_text()) if (out / WALLS).exists() else {}
     models = run_stages(out, args.config, walls, sets)
     rows = evaluate_all(out, args.config, models, walls, sets["eval"])
     values = {name: learning.record_values(r) for name, r in rows.items()}
@@ -246,7 +255,9 @@ def run(argv: list[str] | None = None) -> int:
     if len(ids) != 1:
         print("bench-learning: the models were evaluated on different test records", file=sys.stderr)
         return 1
-    values["baseline"] = learning.baseline_values(rows["sft"], load_records(out / "data", "train"))
+    train = load_records(out / "data", "train")
+    values["baseline"] = learning.baseline_values(rows["sft"], train)
+    values["text_only"] = learning.text_only_values(rows["sft"], train)
     tab = learning.table({c: values[c] for c in COLUMNS}, args.rounds, args.seed)
     tgts = learning.targets(values, args.rounds, args.seed)
     n_test = {}
@@ -257,7 +268,7 @@ def run(argv: list[str] | None = None) -> int:
               "device": args.device, "rounds": args.rounds, "config_size": args.config, "sets": args.sets,
               "config": settings["configs"]}
     _write(out / "learning.json", json.dumps(result, indent=2, default=str))
-    md = markdown(tab, tgts, n_test, wall)
+    md = markdown(tab, tgts, n_test, wall, sum(walls.values()))
     _write(out / "learning.md", md)
     write_png(tab, tgts, out / "learning.tmp.png")
     os.replace(out / "learning.tmp.png", out / "learning.png")

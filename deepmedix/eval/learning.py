@@ -5,7 +5,9 @@ recipe raise, on held-out records, what it is meant to raise?
   correctness (overall and per question type), grounding IoU and accuracy at IoU 0.5, format compliance, the paper
   reward and the grounded reward — keyed by record id, so that two models are compared on the same records.
 * Two baselines that see no image, as prediction rows scored like any model's: the majority answer of each question
-  type in the train split (:func:`majority_answers`) and each label's mean train box (:func:`label_prior`).
+  type in the train split (:func:`majority_answers`) and each label's mean train box (:func:`label_prior`). A third,
+  for VQA only and outside the targets, reads the whole question: the train split's majority answer to the same
+  question text (:func:`question_answers`, :func:`text_only_values`), what a model that reads no image can reach.
 * :func:`interval` (percentile bootstrap over records) and :func:`paired` (the paired bootstrap of a difference:
   both models' values on the same resampled records).
 * :func:`targets`: the benchmark's targets, each judged on a lower (or, for "no loss", upper) 95 % bound.
@@ -61,13 +63,28 @@ def record_values(rows: Iterable[dict[str, Any]]) -> Values:
     return out
 
 
-def majority_answers(train: Iterable[Record]) -> dict[str, str]:
-    """The most common answer of each VQA question type in the train split (ties: the first in sorted order)."""
+def _fold(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def _majority(train: Iterable[Record], key) -> dict[str, str]:
     counts: dict[str, Counter] = {}
     for rec in train:
         if rec.task == "vqa":
-            counts.setdefault(rec.question_type or "", Counter())[" ".join(rec.answer.lower().split())] += 1
-    return {qt: sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[0][0] for qt, c in counts.items()}
+            counts.setdefault(key(rec), Counter())[_fold(rec.answer)] += 1
+    return {k: sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[0][0] for k, c in counts.items()}
+
+
+def majority_answers(train: Iterable[Record]) -> dict[str, str]:
+    """The most common answer of each VQA question type in the train split (ties: the first in sorted order)."""
+    return _majority(train, lambda rec: rec.question_type or "")
+
+
+def question_answers(train: Iterable[Record]) -> dict[str, str]:
+    """The most common answer to each VQA question text in the train split (case and spacing folded; ties: the
+    first in sorted order). On the phantom set the text alone tells much: "Where is the right pleural effusion?"
+    is always "right base"."""
+    return _majority(train, lambda rec: _fold(rec.prompt))
 
 
 def label_prior(train: Iterable[Record]) -> dict[str, list[float]]:
@@ -86,14 +103,17 @@ def label_prior(train: Iterable[Record]) -> dict[str, list[float]]:
 
 
 def baseline_rows(test_rows: Iterable[dict[str, Any]], answers: dict[str, str],
-                  prior: dict[str, list[float]]) -> list[dict[str, Any]]:
+                  prior: dict[str, list[float]], by_question: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """The two baselines as prediction rows on the same records (plain answers): a VQA row answers its question
     type's majority answer, a grounding row names its label with the label's prior box in the row's model frame
-    (``frame_size``). Other tasks are left out; a type or label the train split lacks answers nothing."""
+    (``frame_size``). Other tasks are left out; a type or label the train split lacks answers nothing. With
+    ``by_question`` (:func:`question_answers`), a VQA row whose question text the train split has answers that
+    text's majority answer instead."""
     out = []
     for row in test_rows:
         if row.get("task") == "vqa":
-            raw = answers.get(row.get("question_type") or "", "")
+            raw = ((by_question or {}).get(_fold(row.get("prompt") or ""))
+                   or answers.get(row.get("question_type") or "", ""))
         elif row.get("task") == "grounding":
             label = (row.get("ref_labels") or [""])[0]
             w, h = row.get("frame_size") or [1, 1]
@@ -110,6 +130,14 @@ def baseline_values(test_rows: Iterable[dict[str, Any]], train: list[Record]) ->
     rewards are not a model's and are left out)."""
     rows = baseline_rows(test_rows, majority_answers(train), label_prior(train))
     return {m: v for m, v in record_values(rows).items() if m.split("/")[0] in BASELINE_METRICS}
+
+
+def text_only_values(test_rows: Iterable[dict[str, Any]], train: list[Record]) -> Values:
+    """The question-text baseline's per-record VQA values on the records of ``test_rows`` (a question text the train
+    split lacks falls back to its type's majority answer)."""
+    rows = [r for r in test_rows if r.get("task") == "vqa"]
+    rows = baseline_rows(rows, majority_answers(train), {}, question_answers(train))
+    return {m: v for m, v in record_values(rows).items() if m.split("/")[0] == "vqa_accuracy"}
 
 
 def _draws(n: int, rounds: int, seed: int) -> np.ndarray:

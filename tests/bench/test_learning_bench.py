@@ -32,8 +32,9 @@ def test_learning_bench_runs_every_stage_and_reports_every_target(tmp_path):
     for t in result["targets"]:
         assert isinstance(t["met"], bool) and t["ci_low"] <= t["value"] <= t["ci_high"], t
     # every model and the baseline in the table, on the same records
-    assert set(result["table"]["vqa_accuracy"]) == {"baseline", "base", "sft", "coldstart", "grpo_grounded",
-                                                     "grpo_paper"}
+    assert set(result["table"]["vqa_accuracy"]) == {"baseline", "text_only", "base", "sft", "coldstart",
+                                                     "grpo_grounded", "grpo_paper"}
+    assert "text_only" not in result["table"]["grounding_miou"]  # the question-text baseline answers VQA only
     assert len({e["n"] for e in result["table"]["vqa_accuracy"].values()}) == 1
     assert result["n_test"]["vqa"] == result["table"]["vqa_accuracy"]["sft"]["n"]
     for stage in ("base", "sft", "coldstart", "grpo_grounded", "grpo_paper"):
@@ -54,6 +55,10 @@ def test_learning_bench_runs_every_stage_and_reports_every_target(tmp_path):
     # a rerun reuses every finished stage; other settings into the same folder are refused
     again = run(MINI, tmp_path)
     assert again.returncode == 0 and again.stdout.count("reusing") == 7, again.stdout[-2000:]
+    # ...and keeps the wall times those stages took when they ran
+    rerun = json.loads((out / "learning.json").read_text())
+    assert rerun["stage_wall_s"] == result["stage_wall_s"] and len(result["stage_wall_s"]) == 12
+    assert rerun["wall_s"] < sum(rerun["stage_wall_s"].values())
     other = run(MINI + ["--set", "sft.max_steps=5"], tmp_path)
     assert other.returncode == 2 and "--fresh" in other.stderr
     bad = run(["--set", "sft:max_steps=5"], tmp_path)

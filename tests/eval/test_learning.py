@@ -21,9 +21,9 @@ def row(rid, task, raw, reference="", qt="", refs=None, mode="reasoning", labels
             "prompt_mode": mode}
 
 
-def rec(rid, task, answer, qt="", boxes=(), size=(256, 128)):
+def rec(rid, task, answer, qt="", boxes=(), size=(256, 128), prompt="q"):
     return Record(record_id=rid, patient_id="p", study_id="s", source="phantom", images=["i.png"],
-                  image_sizes=[list(size)], task=task, prompt="q", answer=answer, split="train", question_type=qt,
+                  image_sizes=[list(size)], task=task, prompt=prompt, answer=answer, split="train", question_type=qt,
                   boxes=[Box(label, list(b)) for label, b in boxes])
 
 
@@ -72,6 +72,25 @@ def test_the_baselines_see_no_image():
     assert v["vqa_accuracy"] == {"t1": 1.0, "t2": 0.0, "t3": 0.0, "t4": 0.0}  # an unseen type answers nothing
     assert v["grounding_miou"] == {"t5": 1.0}
     assert "format_compliance" not in v and "paper_reward" not in v
+
+
+def test_the_question_text_baseline_answers_what_the_train_split_answers_to_that_question():
+    """It reads the whole question (no image): "Where is the right pleural effusion?" has one answer on the phantom
+    set, which the question-type majority misses."""
+    q = "Where is the right pleural effusion?"
+    train = [rec("1", "vqa", "right base", "location", prompt=q), rec("2", "vqa", "Right  base", "location", prompt=q),
+             rec("3", "vqa", "left apex", "location", prompt="Where is the pneumothorax?"),
+             rec("4", "vqa", "left apex", "location", prompt="Where is the pneumothorax located?"),
+             rec("5", "vqa", "left apex", "location", prompt="In which region is the pneumothorax?")]
+    assert learning.question_answers(train)[q.lower()] == "right base"
+    test = [{**row("t1", "vqa", "x", "right base", "location"), "prompt": "where is the RIGHT pleural effusion?"},
+            {**row("t2", "vqa", "x", "left apex", "location"), "prompt": "A question the train split never asked"},
+            {**row("t3", "vqa", "x", "right base", "location"), "prompt": q},
+            row("t4", "grounding", "x", "cardiomegaly", refs=[[192, 128, 320, 384]], labels=["cardiomegaly"])]
+    assert learning.baseline_values(test, train)["vqa_accuracy"] == {"t1": 0.0, "t2": 1.0, "t3": 0.0}
+    v = learning.text_only_values(test, train)
+    assert v == {"vqa_accuracy": {"t1": 1.0, "t2": 1.0, "t3": 1.0},  # an unseen text: its type's majority
+                 "vqa_accuracy/location": {"t1": 1.0, "t2": 1.0, "t3": 1.0}}
 
 
 def test_intervals_and_the_paired_bootstrap():

@@ -30,11 +30,12 @@ from deepmedix.train.checkpoints import committed_checkpoints
 
 BIN = Path(sys.executable).parent
 BOX = re.compile(r"\[\s*\d+\s*,\s*\d+\s*,\s*\d+\s*,\s*\d+\s*\]")
-# The learning run: grounding prompts, the paper's reward plus grounding against the reference boxes. At this
-# learning rate the per-step reward and IoU rise with a slope of about 4.7 standard errors on the development host
-# (at 2e-4, about 2.8 and 2.1: too close to the noise to assert on another host).
-LEARN = ["tasks=[grounding]", "reward=grounded_paper", "max_steps=80", "learning_rate=0.0005", "logging_steps=1",
-         "per_device_train_batch_size=16", "eval_records=8"]
+# The learning run: grounding prompts, the paper's reward plus grounding against the reference boxes, advantages
+# r - group mean (scale_rewards none) at temperature 0.5, lr 3e-4. From the cold start whose steps name their finding
+# first, on the development host: reward t = 5.5, IoU t = 2.8 (slope / its standard error). Group-std advantages at
+# temperature 0.7 and lr 5e-4 (the setting before) diverged there (KL up to 65, reward 0.57 -> 0.51); at lr 2e-4 flat.
+LEARN = ["tasks=[grounding]", "reward=grounded_paper", "max_steps=80", "learning_rate=0.0003", "logging_steps=1",
+         "per_device_train_batch_size=16", "eval_records=8", "scale_rewards=none", "temperature=0.5"]
 
 
 def trend(values: list[float]) -> tuple[float, float]:
@@ -140,7 +141,7 @@ def test_grpo_learns_on_phantom_data_from_the_cold_start_model(coldstart_chain, 
         print(f"{key}: slope {slope:.5f} per step, t = {t:.2f}")
         assert t >= 2.0, f"{key} does not rise clearly: slope {slope:.5f} per step, t = {t:.2f}"
     # the held-out greedy reward is generated before and after on the validate split (8 prompts): it is computed
-    # and real, but at this size GRPO does not raise it (0.92 -> 0.89 on 24 prompts here), so no rise is asserted
+    # and real, but at this size GRPO does not raise it (1.06 -> 0.86 on 8 prompts here), so no rise is asserted
     assert m["before"] >= 0 and m["after"] >= 0 and m["n_val"] == 8
 
     logged = {k for h in hist for k in h}

@@ -22,9 +22,8 @@ def template_trace(rec: Record) -> str:
     model commit to *some* finding before naming one, and on an abnormality list a finding it then imagines is a
     wrong answer. (With "there is" steps that cited every finding of the study, the learning benchmark's cold start
     fell from 0.46 to 0.29 on abnormality lists; naming first, on the phantom's evidence-only VQA boxes, kept
-    0.46.) Without
-    reference boxes it reviews the anatomy, pointing at the record's own landmarks where it has them (the
-    phantom's lungs and heart, drawn with the image), else at nothing."""
+    0.46.) Without reference boxes it reviews the anatomy, pointing at the record's own landmarks where it has them
+    (the phantom's lungs and heart, drawn with the image), else at nothing."""
     marks = {b.label: list(b.box) for b in rec.landmarks}
     steps: list[Step] = []
     if rec.task == "vqa" and rec.question_type == "view":

@@ -317,4 +317,3 @@ def test_landmarks_are_the_anatomy_drawn():
     again = []
     render_study(np.random.default_rng(3), [], size=SIZE, landmarks=again)
     assert [b.box for b in again] == [b.box for b in marks]
-

@@ -33,14 +33,16 @@ PROMPT_MODES = ("auto", "reasoning", PLAIN)
 
 def prompt_mode(spec: str, model_uri: str) -> str:
     """``reasoning`` or ``plain`` for an eval config's ``prompt``: ``auto`` is plain for a model folder whose
-    lineage names stage-1 SFT (trained on the task alone, answering in plain text: ``plain_target``), else the
-    paper's reasoning prompt (a cold-start or GRPO model, a released checkpoint)."""
+    lineage names stage-1 SFT (trained on the task alone, answering in plain text: ``plain_target``) or is a
+    checkpoint an SFT run published (``source_stage``), else the paper's reasoning prompt (a cold-start or GRPO
+    model, a released checkpoint)."""
     if spec not in PROMPT_MODES:
         raise InputError(f"eval config: key 'prompt' must be one of {list(PROMPT_MODES)}, got {spec!r}")
     if spec != "auto":
         return spec
     try:
-        stage = store.read_lineage(model_uri).get("stage")
+        lineage = store.read_lineage(model_uri)
+        stage = lineage.get("source_stage") if lineage.get("stage") == "checkpoint" else lineage.get("stage")
     except (store.StoreError, ValueError, AttributeError):  # no lineage (a released checkpoint), or not an object
         stage = None
     return PLAIN if stage == "sft" else "reasoning"

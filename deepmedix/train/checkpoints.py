@@ -240,7 +240,10 @@ def start_run(stage: str, cfg: TrainConfig, data_uri: str, model_uri: str, out_u
     return ckpt_uri, run, work, start
 
 
-def publisher(uri: str, keep: int, stage: str, run: str):
+def publisher(uri: str, keep: int, stage: str, run: str, frame: str = ""):
+    """The callback that publishes each checkpoint. Its lineage names the stage that wrote it (``source_stage``) and
+    the box frame the run trains in (``config.frame``), so that evaluating a checkpoint with ``auto`` settings
+    prompts and reads boxes as the stage does (an SFT checkpoint: plain answers, its frame)."""
     from transformers import TrainerCallback
 
     class Publish(TrainerCallback):
@@ -252,7 +255,8 @@ def publisher(uri: str, keep: int, stage: str, run: str):
                 src = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 if src.is_dir():
                     dest = publish_checkpoint(src, uri, keep, {"step": state.global_step, "of": state.max_steps,
-                                                               "source_stage": stage, "run": run})
+                                                               "source_stage": stage, "run": run,
+                                                               "config": {"frame": frame}})
                     print(f"checkpoint: step {state.global_step} -> {dest}", flush=True)
             barrier()
             return control

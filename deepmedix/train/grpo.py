@@ -376,8 +376,8 @@ def train_grpo(cfg: GRPOConfig, data_uri: str, model_uri: str, out_uri: str, res
     frozen = freeze_vision(loaded.model, cfg.freeze_vision, cfg.freeze_merger) \
         if cfg.freeze_vision or cfg.freeze_merger else 0
     loaded.model.train()
-    callbacks = [rollouts.callback(), ck.publisher(ckpt_uri, cfg.save_total_limit, "grpo", run)] if cfg.save_steps \
-        else None
+    callbacks = ([rollouts.callback(), ck.publisher(ckpt_uri, cfg.save_total_limit, "grpo", run, cfg.frame)]
+                 if cfg.save_steps else None)
     trainer = ck.trainer_class(ratio_logged(GRPOTrainer), preloaded=start is not None and init is start)(
         model=loaded.model, reward_funcs=funcs, args=args, train_dataset=dataset,
         processing_class=loaded.processor, callbacks=callbacks)

@@ -170,7 +170,7 @@ def train_sft(stage: str, cfg: TrainConfig, data_uri: str, model_uri: str, out_u
                          model=model, args=args, train_dataset=train_ds,
                          eval_dataset=val_ds, processing_class=loaded.processor,
                          peft_config=lora_config(cfg) if cfg.lora else None,
-                         callbacks=[ck.publisher(ckpt_uri, cfg.save_total_limit, stage, run)]
+                         callbacks=[ck.publisher(ckpt_uri, cfg.save_total_limit, stage, run, cfg.frame)]
                          if cfg.save_steps else None)
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters() if p.requires_grad)
     # (DeepSpeed below ZeRO-3 cannot evaluate before its engine exists: the "before" loss is not measured there)

@@ -158,6 +158,11 @@ def test_prompt_mode_follows_the_model_folders_stage(tmp_path):
         (folder / "lineage.json").write_text(json.dumps({"stage": stage}))
         assert prompt_mode("auto", str(folder)) == mode
         assert prompt_mode("reasoning", str(folder)) == "reasoning" and prompt_mode("plain", str(folder)) == "plain"
+    for source, mode in (("sft", "plain"), ("coldstart", "reasoning"), ("grpo", "reasoning")):
+        folder = tmp_path / f"checkpoint-of-{source}"  # a checkpoint a run published: prompted as its stage
+        folder.mkdir()
+        (folder / "lineage.json").write_text(json.dumps({"stage": "checkpoint", "source_stage": source, "step": 2}))
+        assert prompt_mode("auto", str(folder)) == mode
     (tmp_path / "released").mkdir()  # a checkpoint without lineage: the paper's prompt
     assert prompt_mode("auto", str(tmp_path / "released")) == "reasoning"
     with pytest.raises(InputError, match="key 'prompt' must be one of"):

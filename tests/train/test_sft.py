@@ -16,7 +16,9 @@ from conftest import cli, kill_at_first_checkpoint
 from deepmedix import stages
 from deepmedix.config import load_config
 from deepmedix.data.records import load_split, plain_target
+from deepmedix.eval.run import prompt_mode
 from deepmedix.model.load import load
+from deepmedix.model.processor import recorded_frame
 from deepmedix.train.checkpoints import committed_checkpoints
 from deepmedix.train.common import LoadImages, sft_row
 from deepmedix.train.sft import sample_length
@@ -107,6 +109,9 @@ def test_sigkill_then_resume_ends_with_the_weights_of_an_uninterrupted_run(small
     stages.sft(str(small_data), str(base_model_dir), str(whole), "tiny", sets)
     ckpts = tmp_path / "whole-checkpoints"
     assert [n for _, n in committed_checkpoints(str(ckpts))] == ["checkpoint-9", "checkpoint-12"]  # the last two
+    # evaluated with auto settings, a checkpoint is prompted and framed as the run trains (plain answers, its frame)
+    assert prompt_mode("auto", str(ckpts / "checkpoint-12")) == "plain"
+    assert recorded_frame(ckpts / "checkpoint-12") == recorded_frame(whole) == load_config("sft", "tiny").frame
 
     out, ck = tmp_path / "killed", str(tmp_path / "killed-checkpoints")
     cli = [str(BIN / "deepmedix"), "train", "sft", "--data", str(small_data), "--model", str(base_model_dir),

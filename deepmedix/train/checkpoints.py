@@ -240,7 +240,7 @@ def start_run(stage: str, cfg: TrainConfig, data_uri: str, model_uri: str, out_u
     return ckpt_uri, run, work, start
 
 
-def publisher(uri: str, keep: int, stage: str, run: str, frame: str = ""):
+def publisher(uri: str, keep: int, stage: str, run: str, frame: str):
     """The callback that publishes each checkpoint. Its lineage names the stage that wrote it (``source_stage``) and
     the box frame the run trains in (``config.frame``), so that evaluating a checkpoint with ``auto`` settings
     prompts and reads boxes as the stage does (an SFT checkpoint: plain answers, its frame)."""

@@ -148,6 +148,10 @@ def markdown(tab: dict, tgts: list[dict], n_test: dict[str, int], wall_s: float,
               "| target | rule | value [95 % interval] | met |", "|---|---|---|---|"]
     for t in tgts:
         lines.append(f"| {t['name']} | {t['rule']} | {_cell(t)} | {'MET' if t['met'] else 'NOT MET'} |")
+    for t in tgts:
+        if t.get("terms"):  # overall = 0.9 accuracy + 0.1 format + coordinate
+            lines += ["", f"{t['name']}, by term (paired difference, unweighted): "
+                      + "; ".join(f"{k} {_cell(e)}" for k, e in t["terms"].items()) + "."]
     lines += ["", f"Test records: {n_test}. Wall time: {wall_s / 60:.1f} min (this run); the stages and evaluations "
               f"took {stages_s / 60:.1f} min when they ran.", ""]
     return "\n".join(lines)

@@ -26,17 +26,21 @@ from deepmedix.grounding import box_str, parse
 from deepmedix.rewards.grounded import grounded_components
 from deepmedix.rewards.paper import paper_components
 
-# the benchmark's metrics, in table order (VQA accuracy per question type is added as vqa_accuracy/<type>)
+# the benchmark's metrics, in table order (VQA accuracy per question type is added as vqa_accuracy/<type>, the paper
+# reward's terms as paper_reward/<term>)
 METRICS = ("vqa_accuracy", "grounding_miou", "grounding_acc@0.5", "format_compliance", "paper_reward",
            "grounded_reward")
 BASELINE_METRICS = ("vqa_accuracy", "grounding_miou", "grounding_acc@0.5")
+# overall = 0.9 accuracy + 0.1 format + coordinate (rewards/paper.py): the terms, to show which one a change moved
+PAPER_TERMS = ("accuracy", "format", "coordinate")
 Values = dict[str, dict[str, float]]  # metric -> record id -> value
 
 
 def record_values(rows: Iterable[dict[str, Any]]) -> Values:
     """Per-record values of one model's prediction rows. VQA rows give ``vqa_accuracy`` and
     ``vqa_accuracy/<question type>``; grounding rows with reference boxes give ``grounding_miou`` and
-    ``grounding_acc@0.5``; every row gives ``format_compliance`` and ``paper_reward``; rows with reference boxes
+    ``grounding_acc@0.5``; every row gives ``format_compliance``, ``paper_reward`` and its terms
+    (``paper_reward/accuracy``, ``/format``, ``/coordinate``, unweighted); rows with reference boxes
     (any task) give ``grounded_reward`` (the ``grounded`` reward's default soft mode, as GRPO scores it)."""
     out: Values = {}
 
@@ -56,7 +60,10 @@ def record_values(rows: Iterable[dict[str, Any]]) -> Values:
             put("grounding_miou", rid, iou)
             put("grounding_acc@0.5", rid, iou >= 0.5)
         put("format_compliance", rid, parse(raw).format_ok)
-        put("paper_reward", rid, paper_components(raw, row.get("reference") or "")["overall"])
+        paper = paper_components(raw, row.get("reference") or "")
+        put("paper_reward", rid, paper["overall"])
+        for term in PAPER_TERMS:
+            put(f"paper_reward/{term}", rid, paper[term])
         grounded = grounded_components(raw, refs, n_images=row.get("n_images") or 1)
         if grounded is not None:
             put("grounded_reward", rid, grounded["overall"])
@@ -192,15 +199,19 @@ def targets(values: dict[str, Values], rounds: int = 1000, seed: int = 0, vqa_ma
     d = paired(get("coldstart", "grounding_miou"), get("grpo_grounded", "grounding_miou"), rounds, seed)
     out.append(_target("grpo_grounded_test_miou_minus_coldstart", "ci_low > 0", d["ci_low"] > 0, d, 0.0))
     d = paired(get("coldstart", "paper_reward"), get("grpo_paper", "paper_reward"), rounds, seed)
-    out.append(_target("grpo_paper_test_paper_reward_minus_coldstart", "ci_low > 0", d["ci_low"] > 0, d, 0.0))
+    terms = {t: paired(get("coldstart", f"paper_reward/{t}"), get("grpo_paper", f"paper_reward/{t}"), rounds, seed)
+             for t in PAPER_TERMS}  # which term moved: the answers, or the boxes the coordinate term counts
+    out.append(_target("grpo_paper_test_paper_reward_minus_coldstart", "ci_low > 0", d["ci_low"] > 0, d, 0.0,
+                       terms=terms))
     for t in out:  # a target with no records to judge it on is not met
         t["met"] = t["met"] and t["n"] > 0
     return out
 
 
 def table(values: dict[str, Values], rounds: int = 1000, seed: int = 0) -> dict[str, dict[str, dict[str, float]]]:
-    """``{metric: {model: interval}}`` for every metric any model has (VQA per question type after the
-    headline metrics)."""
+    """``{metric: {model: interval}}`` for every metric any model has (the paper reward's terms and VQA per question
+    type after the headline metrics)."""
     names = [m for m in METRICS if any(m in v for v in values.values())]
+    names += [f"paper_reward/{t}" for t in PAPER_TERMS if any(f"paper_reward/{t}" in v for v in values.values())]
     names += sorted({m for v in values.values() for m in v if m.startswith("vqa_accuracy/")})
     return {m: {model: interval(v[m], rounds, seed) for model, v in values.items() if m in v} for m in names}

@@ -48,6 +48,10 @@ def test_learning_bench_runs_every_stage_and_reports_every_target(tmp_path):
         lineage = json.loads((out / f"grpo_{reward}" / "lineage.json").read_text())
         assert lineage["config"]["reward"] == reward
     assert "| target | rule |" in r.stdout and ("NOT MET" in r.stdout or "MET" in r.stdout)
+    # the paper-reward target's difference, term by term, in the JSON and the text
+    paper = result["targets"][-1]
+    assert set(paper["terms"]) == {"accuracy", "format", "coordinate"} and "paper_reward/coordinate" in result["table"]
+    assert "grpo_paper_test_paper_reward_minus_coldstart, by term" in r.stdout
     assert f"of {len(names)} targets met" in r.stdout
     assert (out / "learning.md").read_text() in r.stdout
     with Image.open(out / "learning.png") as im:

@@ -50,6 +50,13 @@ def test_record_values_per_record_and_per_question_type():
     assert v["grounding_miou"] == {"g1": 1.0, "g2": 0.0} and v["grounding_acc@0.5"] == {"g1": 1.0, "g2": 0.0}
     assert v["format_compliance"] == {"v1": 1.0, "v2": 1.0, "g1": 1.0, "g2": 1.0}
     assert set(v["paper_reward"]) == {"v1", "v2", "g1", "g2"} and v["paper_reward"]["v1"] > v["paper_reward"]["v2"]
+    # its terms, unweighted: the answer (exact match x 1.5), the format, 0.05 per box of the reasoning block
+    assert v["paper_reward/accuracy"]["v1"] == 1.5 and v["paper_reward/accuracy"]["v2"] == 0.0
+    assert v["paper_reward/format"]["v2"] == 1.0
+    assert v["paper_reward/coordinate"] == {"v1": 0.05, "v2": 0.05, "g1": 0.05, "g2": 0.0}  # g2 cites no box
+    for k, total in v["paper_reward"].items():
+        assert total == pytest.approx(0.9 * v["paper_reward/accuracy"][k] + 0.1 * v["paper_reward/format"][k]
+                                      + v["paper_reward/coordinate"][k])
     # the grounded reward only where there are reference boxes; one box matched exactly: iou 1, counts agree
     assert v["grounded_reward"] == {"v1": 1.0, "g1": 1.0, "g2": 0.0}
 
@@ -135,6 +142,14 @@ def test_targets_met_and_not_met():
     bad = {t["name"]: t for t in learning.targets(_values(0.5, 0.9, 0.3, 0.0, -0.1))}
     assert not any(t["met"] for n, t in bad.items() if n != "sft_grounding_miou_minus_label_prior")
     assert bad["sft_vqa_accuracy_minus_majority_baseline"]["value"] == pytest.approx(0.1)
+    # the paper-reward difference is split into its terms: here all of it is the coordinate term
+    vals = _values(0.8, 1.0, 0.8, 0.05, 0.1)
+    ids = list(vals["coldstart"]["paper_reward"])
+    for model, coord in (("coldstart", 0.0), ("grpo_paper", 0.1)):
+        vals[model].update({"paper_reward/accuracy": dict.fromkeys(ids, 1.0), "paper_reward/format": dict.fromkeys(
+            ids, 1.0), "paper_reward/coordinate": dict.fromkeys(ids, coord)})
+    terms = learning.targets(vals, rounds=100)[-1]["terms"]
+    assert {k: round(e["value"], 6) for k, e in terms.items()} == {"accuracy": 0.0, "format": 0.0, "coordinate": 0.1}
     # a stage that was not evaluated meets nothing
     missing = learning.targets({"baseline": _values(0.8, 1, 0.8, 0.1, 0.1)["baseline"]})
     assert not any(t["met"] for t in missing) and all(t["n"] == 0 for t in missing)

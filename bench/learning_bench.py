@@ -20,14 +20,18 @@ reward. A target not met is printed as not met with its numbers; the exit status
 
 Writes ``--out`` (default ``runs/bench-learning``): every stage's artifact, ``learning.json`` (``table``,
 ``targets``: ``{"name", "met", "value", "ci_low", "ci_high", ...}``, ``config``, wall times), ``learning.md`` and
-``learning.png``. A stage whose artifact is already there (from an interrupted run with the same ``--out``) is
-reused; ``--fresh`` starts over. ``--set STAGE.KEY=VALUE`` overrides one config key (repeatable). ``--device cuda``
-runs the same on a GPU; ``--device cpu`` (the default) hides any.
+``learning.png``. A stage whose artifact is already there is reused when its settings and those of every stage it
+starts from are the ones it ran with (``bench-settings.json`` keeps a fingerprint per stage and evaluation); one
+whose settings changed is run again, and so is everything downstream of it: ``--set grpo.beta=0.05`` reruns the two
+GRPO runs and their evaluations, not the hour before them. ``--fresh`` starts over. ``--set STAGE.KEY=VALUE``
+overrides one config key (repeatable). ``--device cuda`` runs the same on a GPU; ``--device cpu`` (the default)
+hides any.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -73,22 +77,82 @@ def parse_sets(items: list[str]) -> dict[str, list[str]]:
     return out
 
 
-def run_stages(out: Path, size: str, walls: dict[str, float], sets: dict[str, list[str]]) -> dict[str, Path]:
-    """The recipe, each stage skipped when its artifact exists (stages publish atomically: a folder that is there
-    is complete). Returns each model's folder."""
+def _fingerprint(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+MADE_BY = {"base": "base_model", "sft": "sft", "coldstart": "coldstart_sft", "grpo_grounded": "grpo (grounded reward)",
+           "grpo_paper": "grpo (paper reward)"}
+# what each stage and evaluation starts from (the names the stages log under)
+DEPENDS = {"curate": (), "base_model": ("curate",), "sft": ("base_model",), "coldstart_synth": ("curate",),
+           "coldstart_sft": ("sft", "coldstart_synth"), "grpo (grounded reward)": ("coldstart_sft",),
+           "grpo (paper reward)": ("coldstart_sft",),
+           **{f"evaluate {m}": (MADE_BY[m], "curate") for m in MODELS}}
+
+
+def fingerprints(cfgs: dict) -> dict[str, str]:
+    """Each stage's and evaluation's fingerprint: its own settings and the fingerprints of what it starts from
+    (``DEPENDS``), so a change anywhere upstream changes everything below it."""
+    own = {k: v.__dict__ for k, v in cfgs.items()}
+    settings = {"curate": own["curate"], "base_model": own["model"], "sft": own["sft"],
+                "coldstart_synth": own["coldstart"], "coldstart_sft": own["coldstart"],
+                "grpo (grounded reward)": [own["grpo"], "grounded", GROUNDED_RUN],
+                "grpo (paper reward)": [own["grpo"], "paper", []], **{f"evaluate {m}": own["eval"] for m in MODELS}}
+    fp: dict[str, str] = {}
+    for name, deps in DEPENDS.items():  # upstream first
+        fp[name] = _fingerprint(settings[name], [fp[d] for d in deps])
+    return fp
+
+
+class Ledger:
+    """Which finished stages a rerun may reuse: ``bench-settings.json`` maps each stage to the fingerprint of the
+    settings it ran with, written after the stage has published (atomically: a folder that is there is complete).
+    A folder with no fingerprint or another one, or one made from a stage that ran again in this run, is stale: it
+    is removed and the stage runs again."""
+
+    def __init__(self, out: Path, current: dict[str, str], walls: dict[str, float]):
+        self.out, self.current, self.walls = out, current, walls
+        self.path = out / "bench-settings.json"
+        self.done: dict[str, str] = json.loads(self.path.read_text())["stages"] if self.path.exists() else {}
+        self.ran: set[str] = set()
+
+    def run(self, name: str, path: Path, fn):
+        """``fn()`` unless ``path`` is there from a run with the same settings; returns its result or None."""
+        if path.exists():
+            upstream = [d for d in DEPENDS[name] if d in self.ran]
+            if self.done.get(name) == self.current[name] and not upstream:
+                log(f"{name}: reusing {path}")
+                return None
+            why = f"{', '.join(upstream)} ran again" if upstream else "it was made with other settings"
+            log(f"{name}: running it again ({why}; replacing {path})")
+            shutil.rmtree(path)
+        self.done.pop(name, None)
+        self._save()
+        t0 = time.time()
+        result = fn()
+        self.walls[name] = time.time() - t0
+        _write(self.out / WALLS, json.dumps(self.walls, indent=2))
+        self.done[name] = self.current[name]
+        self.ran.add(name)
+        self._save()
+        return result
+
+    def _save(self) -> None:
+        _write(self.path, json.dumps({"stages": self.done}, indent=2, sort_keys=True))
+
+
+def run_stages(out: Path, size: str, ledger: Ledger, sets: dict[str, list[str]]) -> dict[str, Path]:
+    """The recipe, each stage skipped when the ledger says its artifact is current. Returns each model's folder."""
     from deepmedix import stages
 
     def step(name: str, path: Path, fn) -> None:
-        if path.exists():
-            log(f"{name}: reusing {path}")
-            return
-        log(f"{name} ...")
-        t0 = time.time()
-        result = fn()
-        walls[name] = time.time() - t0
-        _write(out / WALLS, json.dumps(walls, indent=2))
-        shown = {k: result.get(k) for k in ("metric", "before", "after", "steps") if k in result}
-        log(f"{name}: done in {walls[name]:.0f} s {shown}")
+        def logged():
+            log(f"{name} ...")
+            return fn()
+        result = ledger.run(name, path, logged)
+        if result is not None:
+            shown = {k: result.get(k) for k in ("metric", "before", "after", "steps") if k in result}
+            log(f"{name}: done in {ledger.walls[name]:.0f} s {shown}")
 
     data = out / "data"
     models = {m: out / m for m in MODELS}
@@ -111,21 +175,22 @@ def run_stages(out: Path, size: str, walls: dict[str, float], sets: dict[str, li
     return models
 
 
-def evaluate_all(out: Path, size: str, models: dict[str, Path], walls: dict[str, float],
+def evaluate_all(out: Path, size: str, models: dict[str, Path], ledger: Ledger,
                  overrides: list[str]) -> dict[str, list[dict]]:
     from deepmedix import stages
+
+    def evaluate(folder: Path, dest: Path) -> dict:
+        log(f"evaluate {dest.name} on the test split ...")
+        result = stages.evaluate(str(out / "data"), str(folder), str(dest), size, overrides,
+                                 progress=lambda done, total: print(f"\r  {done}/{total} records", end="",
+                                                                    flush=True))
+        print(flush=True)
+        return result
 
     rows = {}
     for name, folder in models.items():
         dest = out / "eval" / name
-        if not dest.exists():
-            log(f"evaluate {name} on the test split ...")
-            t0 = time.time()
-            stages.evaluate(str(out / "data"), str(folder), str(dest), size, overrides,
-                            progress=lambda done, total: print(f"\r  {done}/{total} records", end="", flush=True))
-            print(flush=True)
-            walls[f"evaluate {name}"] = time.time() - t0
-            _write(out / WALLS, json.dumps(walls, indent=2))
+        ledger.run(f"evaluate {name}", dest, lambda folder=folder, dest=dest: evaluate(folder, dest))
         rows[name] = [json.loads(x) for x in (dest / "predictions.jsonl").read_text().splitlines() if x.strip()]
     return rows
 
@@ -193,6 +258,25 @@ def write_png(tab: dict, tgts: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _adopt_global_marker(marker: Path, settings: dict, current: dict[str, str]) -> bool:
+    """A folder from the bench before per-stage fingerprints holds one settings object for the whole run: the same
+    settings as now make every stage current; other ones cannot be told apart stage by stage (False: refuse)."""
+    if not marker.exists():
+        return True
+    old = json.loads(marker.read_text())
+    if "stages" in old:
+        return True
+    if old != json.loads(json.dumps(settings, default=str)):
+        return False
+    _write(marker, json.dumps({"stages": {k: v for k, v in current.items() if k in _walls_of(marker.parent)}},
+                              indent=2, sort_keys=True))
+    return True
+
+
+def _walls_of(out: Path) -> dict[str, float]:
+    return json.loads((out / WALLS).read_text()) if (out / WALLS).exists() else {}
+
+
 def _write(path: Path, text: str) -> None:
     """Write a result file whole or not at all (a temporary file beside it, then renamed over it)."""
     tmp = path.with_name(path.name + ".tmp")
@@ -241,20 +325,20 @@ def run(argv: list[str] | None = None) -> int:
     if args.fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    # finished stages are reused only for the same settings: another config or --set needs --fresh or another --out
     settings = {"config": args.config, "sets": args.sets, "configs": {k: v.__dict__ for k, v in cfgs.items()},
                 "grounded_run": GROUNDED_RUN}
-    marker, text = out / "bench-settings.json", json.dumps(settings, indent=2, default=str)
-    if marker.exists() and json.loads(marker.read_text()) != json.loads(text):
-        print(f"bench-learning: {out} holds a run with other settings ({marker}); pass --fresh to start over "
-              f"there, or another --out", file=sys.stderr)
+    # finished stages are reused only under the settings they ran with (and those of every stage upstream)
+    current = fingerprints(cfgs)
+    if not _adopt_global_marker(out / "bench-settings.json", settings, current):
+        print(f"bench-learning: {out} holds a run from an older bench with other settings "
+              f"({out / 'bench-settings.json'}); pass --fresh to start over there, or another --out", file=sys.stderr)
         return 2
-    _write(marker, text)
     t0 = time.time()
     # a stage a rerun reuses keeps the wall time it took when it ran
     walls: dict[str, float] = json.loads((out / WALLS).read_text()) if (out / WALLS).exists() else {}
-    models = run_stages(out, args.config, walls, sets)
-    rows = evaluate_all(out, args.config, models, walls, sets["eval"])
+    ledger = Ledger(out, current, walls)
+    models = run_stages(out, args.config, ledger, sets)
+    rows = evaluate_all(out, args.config, models, ledger, sets["eval"])
     values = {name: learning.record_values(r) for name, r in rows.items()}
     ids = {tuple(sorted(r["record_id"] for r in rs)) for rs in rows.values()}
     if len(ids) != 1:

@@ -1,10 +1,13 @@
 """``make bench-learning`` end to end on a miniature setting (the real one takes up to an hour): every stage runs,
 every model is evaluated on the same test records, the table and the targets come out as text, JSON and PNG, a
-rerun reuses the finished stages, and a rerun with other settings into the same folder is refused."""
+rerun reuses the finished stages, and a rerun with other settings runs again only the stages those settings (or a
+stage that ran again) feed."""
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 
@@ -13,6 +16,11 @@ from PIL import Image
 MINI = ["--set", "curate.n_patients=10", "--set", "sft.max_steps=4", "--set", "coldstart.max_steps=4",
         "--set", "grpo.max_steps=1", "--set", "grpo.per_device_train_batch_size=8", "--set", "eval.max_records=10",
         "--set", "eval.max_new_tokens=24", "--set", "grpo.max_completion_length=24", "--rounds", "50"]
+
+
+def reused(proc) -> set[str]:
+    """The stages and evaluations a bench run logged as reused."""
+    return {m.group(1) for m in re.finditer(r"\] (.+?): reusing ", proc.stdout)}
 
 
 def run(args, tmp_path):
@@ -56,15 +64,34 @@ def test_learning_bench_runs_every_stage_and_reports_every_target(tmp_path):
     assert (out / "learning.md").read_text() in r.stdout
     with Image.open(out / "learning.png") as im:
         assert im.width > 800 and im.height > 600
-    # a rerun reuses every finished stage; other settings into the same folder are refused
+    # a rerun reuses every finished stage and evaluation...
     again = run(MINI, tmp_path)
-    assert again.returncode == 0 and again.stdout.count("reusing") == 7, again.stdout[-2000:]
+    assert again.returncode == 0 and reused(again) == set(result["stage_wall_s"]), again.stdout[-2000:]
     # ...and keeps the wall times those stages took when they ran
     rerun = json.loads((out / "learning.json").read_text())
     assert rerun["stage_wall_s"] == result["stage_wall_s"] and len(result["stage_wall_s"]) == 12
     assert rerun["wall_s"] < sum(rerun["stage_wall_s"].values())
-    other = run(MINI + ["--set", "sft.max_steps=5"], tmp_path)
-    assert other.returncode == 2 and "--fresh" in other.stderr
+    # another GRPO setting runs the two GRPO runs and their evaluations again, and nothing upstream
+    grpo = {"grpo (grounded reward)", "grpo (paper reward)", "evaluate grpo_grounded", "evaluate grpo_paper"}
+    other = run(MINI + ["--set", "grpo.beta=0.2"], tmp_path)
+    assert other.returncode == 0 and reused(other) == set(result["stage_wall_s"]) - grpo, other.stdout[-2000:]
+    assert "made with other settings" in other.stdout
+    for reward in ("grounded", "paper"):
+        assert json.loads((out / f"grpo_{reward}" / "lineage.json").read_text())["config"]["beta"] == 0.2
+    walls = json.loads((out / "learning.json").read_text())["stage_wall_s"]
+    assert {k: v for k, v in walls.items() if k not in grpo} == {k: v for k, v in result["stage_wall_s"].items()
+                                                                 if k not in grpo}
+    # a stage that runs again (its folder gone) takes everything made from it along, though no setting changed
+    shutil.rmtree(out / "coldstart")
+    redo = run(MINI + ["--set", "grpo.beta=0.2"], tmp_path)
+    assert redo.returncode == 0 and "coldstart_sft ran again" in redo.stdout, redo.stdout[-2000:]
+    assert reused(redo) == set(result["stage_wall_s"]) - grpo - {"coldstart_sft", "evaluate coldstart"}
+    # a folder from the bench before per-stage fingerprints is reused only under the very settings it recorded
+    old = tmp_path / "old" / "b"
+    old.mkdir(parents=True)
+    (old / "bench-settings.json").write_text(json.dumps({"config": "bench", "sets": ["sft.max_steps=5"]}))
+    refused = run(MINI, tmp_path / "old")
+    assert refused.returncode == 2 and "--fresh" in refused.stderr and not (old / "data").exists()
     bad = run(["--set", "sft:max_steps=5"], tmp_path)
     assert bad.returncode != 0 and "STAGE.KEY=VALUE" in bad.stderr
     typo = run(["--set", "sft.max_steps=lots"], tmp_path / "other")

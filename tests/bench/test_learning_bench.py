@@ -64,7 +64,12 @@ def test_learning_bench_runs_every_stage_and_reports_every_target(tmp_path):
     assert (out / "learning.md").read_text() in r.stdout
     with Image.open(out / "learning.png") as im:
         assert im.width > 800 and im.height > 600
-    # a rerun reuses every finished stage and evaluation...
+    # a rerun reuses every finished stage and evaluation, also from a folder an older bench wrote (one settings
+    # object for the whole run)...
+    marker = out / "bench-settings.json"
+    assert set(json.loads(marker.read_text())["stages"]) == set(result["stage_wall_s"])
+    marker.write_text(json.dumps({"config": "bench", "sets": MINI[1:16:2], "configs": result["config"],
+                                  "grounded_run": result["grounded_run"]}))
     again = run(MINI, tmp_path)
     assert again.returncode == 0 and reused(again) == set(result["stage_wall_s"]), again.stdout[-2000:]
     # ...and keeps the wall times those stages took when they ran
@@ -89,7 +94,7 @@ def test_learning_bench_runs_every_stage_and_reports_every_target(tmp_path):
     # a folder from the bench before per-stage fingerprints is reused only under the very settings it recorded
     old = tmp_path / "old" / "b"
     old.mkdir(parents=True)
-    (old / "bench-settings.json").write_text(json.dumps({"config": "bench", "sets": ["sft.max_steps=5"]}))
+    (old / "bench-settings.json").write_text(json.dumps({"config": "bench", "sets": ["sft.max_steps=5"]}))  # no configs
     refused = run(MINI, tmp_path / "old")
     assert refused.returncode == 2 and "--fresh" in refused.stderr and not (old / "data").exists()
     bad = run(["--set", "sft:max_steps=5"], tmp_path)

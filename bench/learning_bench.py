@@ -126,7 +126,8 @@ class Ledger:
             if self.done.get(name) == self.current[name] and not upstream:
                 log(f"{name}: reusing {path}")
                 return None
-            why = f"{', '.join(upstream)} ran again" if upstream else "it was made with other settings"
+            why = (f"{', '.join(upstream)} ran again" if upstream else "it was made with other settings"
+                   if name in self.done else "no record of the settings it was made with")
             log(f"{name}: running it again ({why}; replacing {path})")
             shutil.rmtree(path)
         self.done.pop(name, None)

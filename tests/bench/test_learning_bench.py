@@ -91,7 +91,7 @@ def test_learning_bench_runs_every_stage_and_reports_every_target(tmp_path):
     redo = run(MINI + ["--set", "grpo.beta=0.2"], tmp_path)
     assert redo.returncode == 0 and "coldstart_sft ran again" in redo.stdout, redo.stdout[-2000:]
     assert reused(redo) == set(result["stage_wall_s"]) - grpo - {"coldstart_sft", "evaluate coldstart"}
-    # a folder from the bench before per-stage fingerprints is reused only under the very settings it recorded
+    # an older bench's settings file without every stage's config cannot be read stage by stage: refused, no work
     old = tmp_path / "old" / "b"
     old.mkdir(parents=True)
     (old / "bench-settings.json").write_text(json.dumps({"config": "bench", "sets": ["sft.max_steps=5"]}))  # no configs

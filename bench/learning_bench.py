@@ -262,6 +262,11 @@ def write_png(tab: dict, tgts: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def read_walls(out: Path) -> dict[str, float]:
+    """The wall time of each finished stage and evaluation in ``out`` (none yet: empty)."""
+    return json.loads((out / WALLS).read_text()) if (out / WALLS).exists() else {}
+
+
 def _adopt_global_marker(marker: Path) -> bool:
     """A folder from the bench before per-stage fingerprints holds one settings object for the whole run (every
     stage's config and the grounded run's overrides): each finished stage (one with a wall time) gets the
@@ -273,8 +278,7 @@ def _adopt_global_marker(marker: Path) -> bool:
         return True
     if not isinstance(old.get("configs"), dict) or set(old["configs"]) != set(STAGES) or "grounded_run" not in old:
         return False
-    walls = json.loads((marker.parent / WALLS).read_text()) if (marker.parent / WALLS).exists() else {}
-    ran = fingerprints(old["configs"], old["grounded_run"])
+    ran, walls = fingerprints(old["configs"], old["grounded_run"]), read_walls(marker.parent)
     _write(marker, json.dumps({"stages": {k: v for k, v in ran.items() if k in walls}}, indent=2, sort_keys=True))
     return True
 
@@ -337,8 +341,7 @@ def run(argv: list[str] | None = None) -> int:
         return 2
     t0 = time.time()
     # a stage a rerun reuses keeps the wall time it took when it ran
-    walls: dict[str, float] = json.loads((out / WALLS).read_text()) if (out / WALLS).exists() else {}
-    ledger = Ledger(out, current, walls)
+    ledger = Ledger(out, current, read_walls(out))
     models = run_stages(out, args.config, ledger, sets)
     rows = evaluate_all(out, args.config, models, ledger, sets["eval"])
     values = {name: learning.record_values(r) for name, r in rows.items()}
@@ -355,11 +358,11 @@ def run(argv: list[str] | None = None) -> int:
     for r in rows["sft"]:
         n_test[r["task"]] = n_test.get(r["task"], 0) + 1
     wall = time.time() - t0
-    result = {"table": tab, "targets": tgts, "n_test": n_test, "wall_s": wall, "stage_wall_s": walls,
+    result = {"table": tab, "targets": tgts, "n_test": n_test, "wall_s": wall, "stage_wall_s": ledger.walls,
               "device": args.device, "rounds": args.rounds, "config_size": args.config, "sets": args.sets,
               "config": settings["configs"], "grounded_run": GROUNDED_RUN}
     _write(out / "learning.json", json.dumps(result, indent=2, default=str))
-    md = markdown(tab, tgts, n_test, wall, sum(walls.values()))
+    md = markdown(tab, tgts, n_test, wall, sum(ledger.walls.values()))
     _write(out / "learning.md", md)
     write_png(tab, tgts, out / "learning.tmp.png")
     os.replace(out / "learning.tmp.png", out / "learning.png")

@@ -53,6 +53,7 @@ def log(msg: str) -> None:
 
 
 STAGES = ("curate", "model", "sft", "coldstart", "grpo", "eval")
+SETTINGS = "bench-settings.json"  # each finished stage's and evaluation's settings fingerprint (Ledger)
 WALLS = "stage-walls.json"  # each finished stage's and evaluation's wall time, kept for a rerun that reuses them
 # The GRPO run with the grounded reward: the grounding prompts (the target is grounding mIoU; a phantom VQA record
 # has no boxes for a view or an absent finding, so the reward has nothing to score there), advantages r - group
@@ -115,7 +116,7 @@ class Ledger:
 
     def __init__(self, out: Path, current: dict[str, str], walls: dict[str, float]):
         self.out, self.current, self.walls = out, current, walls
-        self.path = out / "bench-settings.json"
+        self.path = out / SETTINGS
         self.done: dict[str, str] = json.loads(self.path.read_text())["stages"] if self.path.exists() else {}
         self.ran: set[str] = set()
 
@@ -331,13 +332,12 @@ def run(argv: list[str] | None = None) -> int:
     if args.fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"config": args.config, "sets": args.sets, "configs": {k: v.__dict__ for k, v in cfgs.items()},
-                "grounded_run": GROUNDED_RUN}
+    configs = {k: v.__dict__ for k, v in cfgs.items()}
     # finished stages are reused only under the settings they ran with (and those of every stage upstream)
-    current = fingerprints(settings["configs"], GROUNDED_RUN)
-    if not _adopt_global_marker(out / "bench-settings.json"):
+    current = fingerprints(configs, GROUNDED_RUN)
+    if not _adopt_global_marker(out / SETTINGS):
         print(f"bench-learning: {out} holds a run whose settings file cannot be read stage by stage "
-              f"({out / 'bench-settings.json'}); pass --fresh to start over there, or another --out", file=sys.stderr)
+              f"({out / SETTINGS}); pass --fresh to start over there, or another --out", file=sys.stderr)
         return 2
     t0 = time.time()
     # a stage a rerun reuses keeps the wall time it took when it ran
@@ -360,7 +360,7 @@ def run(argv: list[str] | None = None) -> int:
     wall = time.time() - t0
     result = {"table": tab, "targets": tgts, "n_test": n_test, "wall_s": wall, "stage_wall_s": ledger.walls,
               "device": args.device, "rounds": args.rounds, "config_size": args.config, "sets": args.sets,
-              "config": settings["configs"], "grounded_run": GROUNDED_RUN}
+              "config": configs, "grounded_run": GROUNDED_RUN}
     _write(out / "learning.json", json.dumps(result, indent=2, default=str))
     md = markdown(tab, tgts, n_test, wall, sum(ledger.walls.values()))
     _write(out / "learning.md", md)
